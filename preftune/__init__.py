@@ -1,0 +1,24 @@
+"""preftune: preference fine-tuning (DPO and its family) for causal language models.
+
+    from preftune import TrainConfig, train, sft
+    result = train(TrainConfig(model="path/to/sft-model", data="prefs.jsonl", output_dir="runs/dpo"))
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from preftune.config import TrainConfig
+from preftune.errors import PreftuneError
+
+__version__ = "0.1.0"
+__all__ = ["PreftuneError", "RunResult", "TrainConfig", "sft", "train"]
+
+
+def __getattr__(name: str) -> Any:
+    # The training stack imports torch and transformers; `preftune --help` and config checks should not wait for them.
+    if name in ("train", "sft", "RunResult"):
+        from preftune import loop as _loop
+
+        return getattr(_loop, name)
+    raise AttributeError(f"module 'preftune' has no attribute {name!r}")

@@ -1,0 +1,666 @@
+"""`preftune inspect`: an audit of a preference data set before (or instead of) training on it.
+
+It answers the questions that decide whether a DPO run can work, from the same loader and the same
+tokenization as `preftune train`:
+
+* what was loaded and what was dropped (invalid rows by reason), exact and near duplicates, prompts that
+  carry many pairs;
+* length distributions (tokens with a tokenizer, else whitespace words) and how many pairs ``max_length`` /
+  ``max_prompt_length`` would truncate or drop;
+* length bias: how often chosen is longer than rejected. DPO rewards whatever separates chosen from rejected,
+  and length is the easiest thing to learn (Park et al., 2024, "Disentangling Length from Quality in DPO");
+* with a model: how often it already prefers chosen, by summed and per-token log-probability. At the start of
+  DPO the policy equals the reference, so these margins ``log pi(y_w|x) - log pi(y_l|x)`` are the model's own
+  preference before any training: near 100% means little left to learn, near or below 50% noisy or swapped
+  labels (Rafailov et al., 2023).
+
+`audit` returns a JSON-able dict, `format_audit` renders it for the terminal, `write_audit` writes the JSON
+and a PNG (histograms) or a self-contained HTML page embedding that PNG.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from preftune.data.load import LoadedData, load_records
+from preftune.errors import PreftuneError
+
+REPORT_VERSION = 1
+LENGTH_BIAS_HIGH = 0.65
+LENGTH_BIAS_LOW = 0.35
+TOO_EASY = 0.9
+TOO_NOISY = 0.4
+TRUNCATION_WARN = 0.05  # warn when more than this share of pairs would lose tokens
+TOP_PROMPTS = 5
+TOP_MARGINS = 10
+HIST_BINS = 30
+SNIPPET = 80
+
+
+def audit(
+    source: Any,
+    *,
+    tokenizer: Any = None,
+    model: Any = None,
+    max_length: int = 1024,
+    max_prompt_length: int = 512,
+    batch_size: int = 8,
+    **load_kwargs: Any,
+) -> dict:
+    """Audit preference data; returns a JSON-able report dict (see `format_audit` for its sections).
+
+    ``source`` is anything `load_records` accepts, or an already loaded `LoadedData`; ``load_kwargs`` go to
+    `load_records` (field names, format, split), with ``skip_invalid=True`` so that bad rows are reported,
+    not raised. ``tokenizer`` (a transformers tokenizer) gives token lengths measured exactly as training
+    tokenizes (answers include the EOS that training appends); without it lengths are whitespace words.
+    ``model`` (a causal LM, needs ``tokenizer``) adds the model's preference margins via
+    `preftune.logprobs.score_pairs` with the same ``max_length`` / ``max_prompt_length`` truncation.
+    """
+    if max_length < 2 or max_prompt_length < 1 or max_prompt_length >= max_length:
+        raise PreftuneError(
+            f"max_prompt_length ({max_prompt_length}) must be at least 1 and below max_length ({max_length})"
+        )
+    if model is not None and tokenizer is None:
+        raise PreftuneError("auditing with a model needs its tokenizer too")
+    if isinstance(source, LoadedData):
+        data = source
+    else:
+        load_kwargs.setdefault("skip_invalid", True)
+        data = load_records(source, **load_kwargs)
+    if data.kind != "preference":
+        raise PreftuneError("inspect audits preference data (prompt/chosen/rejected); this data is SFT data")
+    records = data.records
+    origins = data.origins or [f"record {i + 1}" for i in range(len(records))]
+
+    report: dict[str, Any] = {
+        "version": REPORT_VERSION,
+        "sources": list(data.sources),
+        "format": data.format,
+        "conversational": bool(data.conversational),
+        "rows_read": sum(data.rows_per_source.values()) or len(records) + len(data.invalid),
+        "pairs": len(records),
+        "summary": data.summary(),
+    }
+    report["invalid"] = {
+        "count": len(data.invalid),
+        "by_reason": dict(Counter(r.category for r in data.invalid).most_common()),
+        "first": [str(r) for r in data.invalid[:10]],
+    }
+    report["duplicates"] = _duplicates(records, origins)
+    report["prompts"] = _prompt_counts(records)
+
+    lengths = _lengths(records, tokenizer)
+    report["lengths"] = {
+        "unit": lengths["unit"],
+        "note": lengths["note"],
+        **{part: _describe(lengths[part]) for part in ("prompt", "chosen", "rejected")},
+        "histograms": {part: _histogram(lengths[part]) for part in ("prompt", "chosen", "rejected")},
+    }
+    report["truncation"] = _truncation(lengths, max_length, max_prompt_length)
+    report["length_bias"] = _length_bias(lengths)
+    report["model"] = None
+    if model is not None:
+        report["model"] = _model_margins(
+            model, tokenizer, records, origins, max_length, max_prompt_length, batch_size
+        )
+    report["warnings"] = _warnings(report)
+    return report
+
+
+# ---------------------------------------------------------------------------------------------- sections
+
+
+def _text_of(value: str | list[dict]) -> str:
+    if isinstance(value, str):
+        return value
+    return "\n".join(f"{m['role']}: {m['content']}" for m in value)
+
+
+def _snippet(value: str | list[dict], width: int = SNIPPET) -> str:
+    text = " ".join(_text_of(value).split())
+    return text[:width] + ("..." if len(text) > width else "")
+
+
+def _normalise(value: str | list[dict]) -> str:
+    return " ".join(_text_of(value).lower().split())
+
+
+def _key(value: str | list[dict]) -> str:
+    return value if isinstance(value, str) else json.dumps(value, sort_keys=True, ensure_ascii=False)
+
+
+def _duplicates(records: Sequence[dict], origins: Sequence[str]) -> dict:
+    """Exact duplicates: same (prompt, chosen, rejected); counted as copies beyond the first.
+
+    Near duplicates: equal after lower-casing and collapsing whitespace but not exact duplicates; counted the
+    same way (copies beyond the first of a normalised group, minus the exact copies already counted).
+    Near-identical pairs: chosen and rejected equal after that normalisation (no preference signal).
+    """
+    exact_first: dict[tuple[str, str, str], int] = {}
+    exact_examples: list[str] = []
+    exact = 0
+    norm_seen: set[tuple[str, str, str]] = set()
+    norm_copies = 0
+    identical = 0
+    identical_examples: list[str] = []
+    for i, rec in enumerate(records):
+        key = (_key(rec["prompt"]), _key(rec["chosen"]), _key(rec["rejected"]))
+        if key in exact_first:
+            exact += 1
+            if len(exact_examples) < 5:
+                exact_examples.append(f"{origins[i]} repeats {origins[exact_first[key]]}")
+        else:
+            exact_first[key] = i
+        nkey = (_normalise(rec["prompt"]), _normalise(rec["chosen"]), _normalise(rec["rejected"]))
+        if nkey in norm_seen:
+            norm_copies += 1
+        else:
+            norm_seen.add(nkey)
+        if nkey[1] == nkey[2]:
+            identical += 1
+            if len(identical_examples) < 5:
+                identical_examples.append(origins[i])
+    return {
+        "exact": exact,
+        "exact_examples": exact_examples,
+        "near": norm_copies - exact,
+        "near_identical_pairs": identical,
+        "near_identical_examples": identical_examples,
+    }
+
+
+def _prompt_counts(records: Sequence[dict]) -> dict:
+    counts = Counter(_key(r["prompt"]) for r in records)
+    first: dict[str, str | list[dict]] = {}
+    for r in records:
+        first.setdefault(_key(r["prompt"]), r["prompt"])
+    top = [{"prompt": _snippet(first[k]), "pairs": n} for k, n in counts.most_common(TOP_PROMPTS)]
+    return {
+        "distinct": len(counts),
+        "mean_pairs_per_prompt": round(len(records) / len(counts), 3) if counts else 0.0,
+        "top": top,
+    }
+
+
+def _lengths(records: Sequence[dict], tokenizer: Any) -> dict:
+    """Per-pair lengths [prompt], [chosen], [rejected] and which answers would be empty after tokenizing."""
+    if tokenizer is None:
+        words = [[len(_text_of(r[k]).split()) for r in records] for k in ("prompt", "chosen", "rejected")]
+        return {
+            "unit": "words",
+            "note": "whitespace words, not tokens (pass a model/tokenizer for token counts)",
+            "prompt": words[0],
+            "chosen": words[1],
+            "rejected": words[2],
+            "empty": [i for i in range(len(records)) if words[1][i] == 0 or words[2][i] == 0],
+        }
+    from preftune.data.formats import render_texts
+    from preftune.data.tokenize import tokenize_records
+
+    texts = [render_texts(tokenizer, r) for r in records]
+    # Untruncated lengths from the training tokenizer; truncation is then counted from these lengths with the
+    # rules tokenize_records applies (prompt cut to max_prompt_length, answers to what is left of max_length).
+    huge = 1 << 62
+    pairs, stats = tokenize_records(tokenizer, texts, max_length=huge, max_prompt_length=huge - 1)
+    prompt = [0] * len(records)
+    chosen = [0] * len(records)
+    rejected = [0] * len(records)
+    for p in pairs:
+        prompt[p.index], chosen[p.index], rejected[p.index] = (
+            len(p.prompt_ids),
+            len(p.chosen_ids),
+            len(p.rejected_ids),
+        )
+    kept = [p.index for p in pairs]
+    return {
+        "unit": "tokens",
+        "note": "tokens as training tokenizes them; answers include the EOS training appends",
+        "prompt": [prompt[i] for i in kept],
+        "chosen": [chosen[i] for i in kept],
+        "rejected": [rejected[i] for i in kept],
+        "empty": list(stats.dropped_empty),
+    }
+
+
+def _quantile(sorted_values: Sequence[float], q: float) -> float:
+    """Linear interpolation between closest ranks (numpy's default): position q * (n - 1)."""
+    pos = q * (len(sorted_values) - 1)
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(sorted_values) - 1)
+    return float(sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo))
+
+
+def _describe(
+    values: Sequence[float], quantiles: Sequence[tuple[str, float]] = (("median", 0.5), ("p95", 0.95))
+) -> dict:
+    if not values:
+        return {"count": 0}
+    s = sorted(values)
+    out = {"count": len(s), "min": _num(s[0])}
+    out.update({name: _num(_quantile(s, q)) for name, q in quantiles})
+    out["max"] = _num(s[-1])
+    out["mean"] = _num(sum(s) / len(s))
+    return out
+
+
+def _num(x: float) -> float | int:
+    x = float(x)
+    return int(x) if x.is_integer() and abs(x) < 2**53 else round(x, 4)
+
+
+def _histogram(values: Sequence[float], bins: int = HIST_BINS) -> dict:
+    """Counts over `bins` equal-width bins from min to max (the last bin includes max); integer values
+    spanning fewer than `bins` values get one unit-wide bin each."""
+    if not values:
+        return {"edges": [], "counts": []}
+    lo, hi = float(min(values)), float(max(values))
+    if all(float(v).is_integer() for v in values) and hi - lo < bins:
+        # integer lengths: one bar per value, centred on it
+        counts = [0] * int(hi - lo + 1)
+        for v in values:
+            counts[int(v - lo)] += 1
+        return {"edges": [lo - 0.5 + i for i in range(len(counts) + 1)], "counts": counts}
+    if hi == lo:
+        return {"edges": [lo - 0.5, hi + 0.5], "counts": [len(values)]}
+    width = (hi - lo) / bins
+    counts = [0] * bins
+    for v in values:
+        counts[min(int((v - lo) / width), bins - 1)] += 1
+    return {"edges": [round(lo + i * width, 6) for i in range(bins + 1)], "counts": counts}
+
+
+def _truncation(lengths: dict, max_length: int, max_prompt_length: int) -> dict:
+    """Pairs that training's truncation would touch, counted per pair (a pair counts once per kind).
+
+    prompt truncated: prompt > max_prompt_length. completion truncated: the longer answer does not fit in
+    max_length - min(prompt, max_prompt_length). dropped: an answer would be empty (no token of its own).
+    """
+    prompt_truncated = completion_truncated = 0
+    for p, c, r in zip(lengths["prompt"], lengths["chosen"], lengths["rejected"]):
+        prompt_truncated += p > max_prompt_length
+        completion_truncated += max(c, r) > max_length - min(p, max_prompt_length)
+    return {
+        "unit": lengths["unit"],
+        "max_length": max_length,
+        "max_prompt_length": max_prompt_length,
+        "prompt_truncated": prompt_truncated,
+        "completion_truncated": completion_truncated,
+        "dropped_empty": len(lengths["empty"]),
+    }
+
+
+def _length_bias(lengths: dict) -> dict:
+    c, r = lengths["chosen"], lengths["rejected"]
+    n = len(c)
+    if not n:
+        return {"unit": lengths["unit"], "pairs": 0}
+    longer = sum(a > b for a, b in zip(c, r))
+    shorter = sum(a < b for a, b in zip(c, r))
+    return {
+        "unit": lengths["unit"],
+        "pairs": n,
+        "chosen_longer": _num(longer / n),
+        "chosen_shorter": _num(shorter / n),
+        "equal": _num((n - longer - shorter) / n),
+        "mean_difference": _num(sum(a - b for a, b in zip(c, r)) / n),
+    }
+
+
+def _model_margins(
+    model: Any,
+    tokenizer: Any,
+    records: Sequence[dict],
+    origins: Sequence[str],
+    max_length: int,
+    max_prompt_length: int,
+    batch_size: int,
+) -> dict:
+    """Margins m = log pi(chosen|x) - log pi(rejected|x) (summed) and the per-token version
+    log pi(chosen|x)/|chosen| - log pi(rejected|x)/|rejected|, over the pairs training would keep."""
+    from preftune.logprobs import score_pairs
+
+    out = score_pairs(
+        model,
+        tokenizer,
+        records,
+        max_length=max_length,
+        max_prompt_length=max_prompt_length,
+        batch_size=batch_size,
+    )
+    cl, rl = out["chosen_logps"].tolist(), out["rejected_logps"].tolist()
+    cn, rn = out["chosen_lengths"].tolist(), out["rejected_lengths"].tolist()
+    kept = list(out["kept"])
+    n = len(kept)
+    if not n:
+        return {"scored": 0}
+    margin = [a - b for a, b in zip(cl, rl)]
+    per_token = [a / max(x, 1) - b / max(y, 1) for a, b, x, y in zip(cl, rl, cn, rn)]
+    quantiles = (("p5", 0.05), ("p25", 0.25), ("median", 0.5), ("p75", 0.75), ("p95", 0.95))
+    order = sorted(range(n), key=lambda j: -abs(margin[j]))[:TOP_MARGINS]
+    largest = []
+    for j in order:
+        rec = records[kept[j]]
+        largest.append(
+            {
+                "where": origins[kept[j]],
+                "margin": _num(margin[j]),
+                "margin_per_token": _num(per_token[j]),
+                "verdict": "prefers chosen" if margin[j] > 0 else "prefers rejected",
+                "prompt": _snippet(rec["prompt"]),
+                "chosen": _snippet(rec["chosen"]),
+                "rejected": _snippet(rec["rejected"]),
+            }
+        )
+    return {
+        "scored": n,
+        "prefers_chosen": _num(sum(m > 0 for m in margin) / n),
+        "prefers_chosen_per_token": _num(sum(m > 0 for m in per_token) / n),
+        "margin": _describe(margin, quantiles),
+        "margin_per_token": _describe(per_token, quantiles),
+        "histogram": _histogram(margin),
+        "largest": largest,
+    }
+
+
+def _share(n: int, total: int) -> str:
+    return f"{n:,} of {total:,} ({100 * n / total:.1f}%)" if total else f"{n:,}"
+
+
+def _warnings(report: dict) -> list[str]:
+    out: list[str] = []
+    n = report["pairs"]
+    inv = report["invalid"]["count"]
+    if inv:
+        out.append(f"{inv:,} invalid rows were dropped; training refuses them unless --skip-invalid is given")
+    dup = report["duplicates"]
+    if dup["exact"]:
+        out.append(
+            f"{dup['exact']:,} exact duplicate pairs: they weigh those examples double; deduplicate them"
+        )
+    if dup["near_identical_pairs"]:
+        out.append(
+            f"{dup['near_identical_pairs']:,} pairs whose chosen and rejected differ only in case/whitespace "
+            "carry almost no preference signal"
+        )
+    top = report["prompts"]["top"]
+    if top and n >= 20 and top[0]["pairs"] > 0.1 * n:
+        out.append(f"one prompt carries {_share(top[0]['pairs'], n)} of the pairs")
+    bias = report["length_bias"]
+    if bias.get("pairs"):
+        share = bias["chosen_longer"]
+        if share > LENGTH_BIAS_HIGH or share < LENGTH_BIAS_LOW:
+            which = "longer" if share > LENGTH_BIAS_HIGH else "shorter"
+            out.append(
+                f"length bias: chosen is longer than rejected in {100 * share:.1f}% of pairs; "
+                f"DPO may learn to make answers {which} rather than better "
+                "(consider length-normalised losses or balancing the data)"
+            )
+    tr = report["truncation"]
+    unit = tr["unit"]
+    for key, what, flag in (
+        ("prompt_truncated", "prompts", "--max-prompt-length"),
+        ("completion_truncated", "answers", "--max-length"),
+    ):
+        if n and tr[key] > TRUNCATION_WARN * n:
+            out.append(
+                f"{_share(tr[key], n)} pairs would have their {what} truncated ({unit}); "
+                f"consider raising {flag}"
+            )
+    if tr["dropped_empty"]:
+        out.append(f"{tr['dropped_empty']:,} pairs would be dropped: an answer adds no token of its own")
+    m = report.get("model")
+    if m and m.get("scored"):
+        share = m["prefers_chosen"]
+        if share > TOO_EASY:
+            out.append(
+                f"the model already prefers chosen in {100 * share:.1f}% of pairs: the data may be too easy "
+                "to teach it much"
+            )
+        elif share < TOO_NOISY:
+            out.append(
+                f"the model prefers chosen in only {100 * share:.1f}% of pairs: the labels may be noisy or "
+                "swapped (check the largest negative margins)"
+            )
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- rendering
+
+
+def _fmt_stats(d: dict) -> str:
+    if not d.get("count"):
+        return "-"
+    keys = [k for k in d if k not in ("count",)]
+    return "  ".join(f"{k} {d[k]:,}" if isinstance(d[k], int) else f"{k} {d[k]:.3g}" for k in keys)
+
+
+def format_audit(report: dict) -> str:
+    """The report as terminal text: one section per question, warnings last."""
+    lines: list[str] = []
+    add = lines.append
+    n = report["pairs"]
+    add(f"data: {', '.join(report['sources'])}")
+    add(f"  {report['summary']}")
+    add(
+        f"  format {report['format']}{' (message lists)' if report['conversational'] else ''}; "
+        f"{report['rows_read']:,} rows read, {n:,} valid pairs"
+    )
+    inv = report["invalid"]
+    if inv["count"]:
+        add(f"invalid rows: {inv['count']:,}")
+        for reason, count in inv["by_reason"].items():
+            add(f"  {count:>7,}  {reason}")
+        for row in inv["first"]:
+            add(f"    {row}")
+    dup = report["duplicates"]
+    add(
+        f"duplicates: {dup['exact']:,} exact, {dup['near']:,} near (case/whitespace), "
+        f"{dup['near_identical_pairs']:,} pairs with chosen ~ rejected"
+    )
+    for text in dup["exact_examples"]:
+        add(f"    {text}")
+    pr = report["prompts"]
+    add(
+        f"prompts: {pr['distinct']:,} distinct, {pr['mean_pairs_per_prompt']:.2f} pairs per prompt on average"
+    )
+    for item in pr["top"]:
+        if item["pairs"] > 1:
+            add(f"  {item['pairs']:>7,}  {item['prompt']}")
+    ln = report["lengths"]
+    add(f"lengths ({ln['note']}):")
+    for part in ("prompt", "chosen", "rejected"):
+        add(f"  {part:<9}{_fmt_stats(ln[part])}")
+    tr = report["truncation"]
+    add(
+        f"truncation at max_length {tr['max_length']:,} / max_prompt_length {tr['max_prompt_length']:,} "
+        f"({tr['unit']}): {_share(tr['prompt_truncated'], n)} prompts truncated, "
+        f"{_share(tr['completion_truncated'], n)} answers truncated, {tr['dropped_empty']:,} pairs dropped"
+    )
+    lb = report["length_bias"]
+    if lb.get("pairs"):
+        add(
+            f"length bias ({lb['unit']}): chosen longer in {100 * lb['chosen_longer']:.1f}%, shorter in "
+            f"{100 * lb['chosen_shorter']:.1f}%, equal in {100 * lb['equal']:.1f}%; mean chosen - rejected "
+            f"{lb['mean_difference']:+.2f}"
+        )
+    m = report.get("model")
+    if m and m.get("scored"):
+        add(
+            f"model preference over {m['scored']:,} pairs: "
+            f"prefers chosen in {100 * m['prefers_chosen']:.1f}% "
+            f"(summed log-prob), {100 * m['prefers_chosen_per_token']:.1f}% (per token)"
+        )
+        add(f"  margin log p(chosen) - log p(rejected): {_fmt_stats(m['margin'])}")
+        add(f"  per-token margin:                       {_fmt_stats(m['margin_per_token'])}")
+        add("  largest |margin|:")
+        for item in m["largest"]:
+            add(f"    {item['margin']:+9.2f}  {item['verdict']:<16} {item['where']}: {item['prompt'][:50]}")
+    if report["warnings"]:
+        add("warnings:")
+        for w in report["warnings"]:
+            add(f"  ! {w}")
+    else:
+        add("no warnings")
+    return "\n".join(lines)
+
+
+def _figure_png(report: dict) -> bytes:
+    # The object-oriented API with an explicit Agg canvas: no pyplot, so no global backend is switched for
+    # the process that imports us (a notebook keeps its own backend).
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    hists = report["lengths"]["histograms"]
+    panels = [
+        (f"{part} length ({report['lengths']['unit']})", hists[part])
+        for part in ("prompt", "chosen", "rejected")
+    ]
+    m = report.get("model")
+    if m and m.get("scored"):
+        panels.append(("margin log p(chosen) - log p(rejected)", m["histogram"]))
+    fig = Figure(figsize=(4.2 * len(panels), 3.2), dpi=100)
+    FigureCanvasAgg(fig)
+    for i, (title, hist) in enumerate(panels, start=1):
+        ax = fig.add_subplot(1, len(panels), i)
+        if hist["counts"]:
+            ax.stairs(hist["counts"], hist["edges"], fill=True, alpha=0.7)
+        if title.startswith("margin"):
+            ax.axvline(0.0, color="black", linewidth=1)
+        ax.set_title(title, fontsize=9)
+        ax.set_ylabel("pairs", fontsize=8)
+        ax.tick_params(labelsize=7)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def _html(report: dict, png: bytes) -> str:
+    esc = html.escape
+    rows = "".join(f"<li>{esc(w)}</li>" for w in report["warnings"]) or "<li>none</li>"
+    img = base64.b64encode(png).decode("ascii")
+    body = [
+        "<!doctype html><html><head><meta charset='utf-8'><title>preftune data audit</title>",
+        "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}"
+        "td,th{border:1px solid #ccc;padding:2px 8px;text-align:left}pre{background:#f6f6f6;padding:1em;"
+        "white-space:pre-wrap}</style></head><body>",
+        f"<h1>Data audit: {esc(', '.join(report['sources']))}</h1>",
+        f"<p>{esc(report['summary'])}</p>",
+        f"<h2>Warnings</h2><ul>{rows}</ul>",
+        f"<img alt='length and margin histograms' src='data:image/png;base64,{img}'>",
+    ]
+    ln = report["lengths"]
+    table = (
+        "<tr><th></th>" + "".join(f"<th>{k}</th>" for k in ("min", "median", "p95", "max", "mean")) + "</tr>"
+    )
+    for part in ("prompt", "chosen", "rejected"):
+        d = ln[part]
+        table += (
+            f"<tr><th>{part}</th>"
+            + "".join(f"<td>{d.get(k, '-')}</td>" for k in ("min", "median", "p95", "max", "mean"))
+            + "</tr>"
+        )
+    body.append(f"<h2>Lengths ({esc(ln['note'])})</h2><table>{table}</table>")
+    m = report.get("model")
+    if m and m.get("scored"):
+        columns = ("margin", "per token", "verdict", "where", "prompt", "chosen", "rejected")
+        head = "<tr>" + "".join(f"<th>{c}</th>" for c in columns) + "</tr>"
+        cells = "".join(
+            "<tr>"
+            + "".join(
+                f"<td>{esc(str(item[k]))}</td>"
+                for k in ("margin", "margin_per_token", "verdict", "where", "prompt", "chosen", "rejected")
+            )
+            + "</tr>"
+            for item in m["largest"]
+        )
+        body.append(f"<h2>Largest margins</h2><table>{head}{cells}</table>")
+    body.append(f"<h2>Full report</h2><pre>{esc(format_audit(report))}</pre></body></html>")
+    return "\n".join(body)
+
+
+def write_audit(
+    report: dict,
+    output_json: str | Path,
+    output_html_or_png: str | Path | Sequence[str | Path] | None = None,
+) -> None:
+    """Write the report as JSON and, optionally, the histograms as a PNG and/or a self-contained HTML page
+    (each extra path's suffix picks which: .png or .html/.htm; pass a list for both)."""
+    output_json = Path(output_json)
+    if output_html_or_png is None:
+        extras: list[Path] = []
+    elif isinstance(output_html_or_png, (str, Path)):
+        extras = [Path(output_html_or_png)]
+    else:
+        extras = [Path(p) for p in output_html_or_png]
+    for extra in extras:
+        if extra.suffix.lower() not in (".png", ".html", ".htm"):
+            raise PreftuneError(f"cannot write the audit figure to {extra}: use a .png or .html file name")
+    try:
+        output_json.parent.mkdir(parents=True, exist_ok=True)
+        output_json.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        png = _figure_png(report) if extras else b""
+        for extra in extras:
+            extra.parent.mkdir(parents=True, exist_ok=True)
+            if extra.suffix.lower() == ".png":
+                extra.write_bytes(png)
+            else:
+                extra.write_text(_html(report, png), encoding="utf-8")
+    except OSError as e:
+        raise PreftuneError(f"cannot write the audit report: {e}") from None
+
+
+def run_inspect(args: Any) -> int:
+    """`preftune inspect DATA... [--model M] [--max-length N] [--output report.json]`: print the audit and,
+    with --output, write report.json plus report.png and report.html beside it. Returns the exit status (0).
+
+    Reads from `args`: data (one or more paths), model, max_length, max_prompt_length, batch_size, format,
+    prompt_field, chosen_field, rejected_field, output; a missing attribute takes the CLI default.
+    """
+    data = list(args.data) if isinstance(args.data, (list, tuple)) else args.data
+    if isinstance(data, list) and len(data) == 1:
+        data = data[0]  # one argument may be a glob or a folder
+    output = getattr(args, "output", None)
+    if output and Path(output).suffix.lower() in (".png", ".html", ".htm"):
+        raise PreftuneError(
+            f"--output takes the JSON file name ({output} given); the PNG and HTML go beside it"
+        )
+    model = tokenizer = None
+    if getattr(args, "model", None):
+        import torch
+
+        from preftune.modeling.load import load_model_and_tokenizer
+
+        model, tokenizer = load_model_and_tokenizer(args.model)
+        if torch.cuda.is_available():
+            model = model.to("cuda")
+        model.eval()
+    report = audit(
+        data,
+        tokenizer=tokenizer,
+        model=model,
+        max_length=getattr(args, "max_length", 1024),
+        max_prompt_length=getattr(args, "max_prompt_length", 512),
+        batch_size=getattr(args, "batch_size", 8),
+        format=getattr(args, "format", "auto"),
+        prompt_field=getattr(args, "prompt_field", "prompt"),
+        chosen_field=getattr(args, "chosen_field", "chosen"),
+        rejected_field=getattr(args, "rejected_field", "rejected"),
+    )
+    print(format_audit(report))
+    if output:
+        out = Path(output)
+        if not out.suffix:
+            out = out.with_suffix(".json")
+        extras = [out.with_suffix(".png"), out.with_suffix(".html")]
+        write_audit(report, out, extras)
+        print(f"wrote {out}, {extras[0]} and {extras[1]}")
+    return 0

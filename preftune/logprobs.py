@@ -1,0 +1,247 @@
+"""Forward paths: a batch of pairs → per-sequence summed log-probs of the answers and their token counts.
+
+Every loss is a function of these statistics only, so all paths below must give the same numbers:
+
+- plain: each prompt+answer as its own right-padded row (what TRL does), full-vocabulary logits.
+- prefix-shared (default): the prompt runs once per pair; both answers continue from its KV cache, so
+  the prompt's activations (and, in backward, their gradients) are computed once instead of twice.
+- chunked projection (default): the decoder's hidden states are gathered at the answer positions only,
+  then projected to the vocabulary and log-softmaxed a chunk of tokens at a time under activation
+  checkpointing, so `[tokens, vocab]` logits never exist for the whole batch and prompt positions never
+  get logits at all.
+
+The exactness of each against the plain path is tested in tests/test_logprobs.py.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from preftune.data.collate import Batch, collate
+from preftune.data.tokenize import tokenize_records
+
+
+@dataclass
+class SequenceLogps:
+    """Summed answer log-probs and answer token counts, shape [B] each (rejected_* None for SFT)."""
+
+    chosen_logps: torch.Tensor
+    chosen_lengths: torch.Tensor
+    rejected_logps: torch.Tensor | None = None
+    rejected_lengths: torch.Tensor | None = None
+
+
+def causal_lm(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers *ForCausalLM under DDP/FSDP/accelerate and PEFT wrappers."""
+    m = model
+    while not hasattr(m, "get_output_embeddings") and hasattr(m, "module"):
+        m = m.module
+    if hasattr(m, "get_base_model"):  # peft.PeftModel: LoRA layers are injected in place, so the base sees them
+        m = m.get_base_model()
+    return m
+
+
+def supports_chunked_head(lm: torch.nn.Module) -> bool:
+    """Chunking re-implements `lm_head(hidden)`; models that post-process logits need their own forward."""
+    cfg = lm.config
+    return (
+        lm.get_output_embeddings() is not None
+        and not getattr(cfg, "final_logit_softcapping", None)
+        and getattr(cfg, "logit_scale", None) in (None, 1, 1.0)
+        and hasattr(lm, "get_decoder")
+    )
+
+
+def _cache_kwarg(module: torch.nn.Module) -> str:
+    # transformers 5.x renamed `past_key_values` to `cache`; older releases only know the first.
+    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
+
+
+def _states(lm, full_logits: bool, keep_last_only: bool = False, cache=None, **kwargs):
+    """Decoder output states at every position: logits when full_logits, else final hidden states."""
+    module = lm if full_logits else lm.get_decoder()
+    if cache is not None:
+        kwargs[_cache_kwarg(module)] = cache
+    out = module(**kwargs, logits_to_keep=1 if keep_last_only else 0) if full_logits else module(**kwargs)
+    new_cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+    return (out.logits if full_logits else out.last_hidden_state), new_cache
+
+
+def _head_logps(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    logits = head(hidden).float()
+    return logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def token_logps(lm, states: torch.Tensor, targets: torch.Tensor, full_logits: bool, chunk_size: int) -> torch.Tensor:
+    """log p(target) for N predicting states [N, H] (or logits [N, V]) and targets [N] → [N], fp32."""
+    if full_logits:
+        return torch.log_softmax(states.float(), dim=-1).gather(-1, targets[:, None]).squeeze(-1)
+    head = lm.get_output_embeddings()
+    out = []
+    for s in range(0, states.shape[0], chunk_size):
+        h, t = states[s:s + chunk_size], targets[s:s + chunk_size]
+        if torch.is_grad_enabled():
+            # Recompute this chunk's logits in backward instead of keeping [chunk, vocab] alive.
+            out.append(checkpoint(_head_logps, head, h, t, use_reentrant=False))
+        else:
+            out.append(_head_logps(head, h, t))
+    return torch.cat(out) if out else states.new_zeros(0, dtype=torch.float32)
+
+
+def _answers(batch: Batch) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    sides = [(batch.chosen_ids, batch.chosen_mask)]
+    if batch.rejected_ids is not None:
+        sides.append((batch.rejected_ids, batch.rejected_mask))
+    return sides
+
+
+def _plain(lm, batch: Batch, full_logits: bool, chunk_size: int) -> torch.Tensor:
+    """Each prompt+answer its own right-padded row. Returns sums [S*B] ordered side-major (c0..cB, r0..rB)."""
+    prompt_lens = batch.prompt_mask.sum(-1).tolist()
+    rows, predict_at, targets, seg = [], [], [], []
+    tp = batch.prompt_ids.shape[1]
+    for ids, mask in _answers(batch):
+        lens = mask.sum(-1).tolist()
+        for i, (lp, la) in enumerate(zip(prompt_lens, lens)):
+            r = len(rows)
+            rows.append(torch.cat([batch.prompt_ids[i, tp - lp:], ids[i, :la]]))
+            predict_at.append(torch.stack([torch.full((la,), r), torch.arange(lp - 1, lp + la - 1)], 1))
+            targets.append(ids[i, :la])
+            seg.append(torch.full((la,), r))
+    width = max(len(r) for r in rows)
+    device = batch.prompt_ids.device
+    input_ids = torch.zeros(len(rows), width, dtype=torch.long, device=device)
+    attn = torch.zeros_like(input_ids)
+    for r, row in enumerate(rows):
+        input_ids[r, :len(row)] = row
+        attn[r, :len(row)] = 1
+    states, _ = _states(lm, full_logits, input_ids=input_ids, attention_mask=attn, use_cache=False)
+    at = torch.cat(predict_at).to(device)
+    logps = token_logps(lm, states[at[:, 0], at[:, 1]], torch.cat(targets), full_logits, chunk_size)
+    return torch.zeros(len(rows), device=device, dtype=torch.float32).index_add_(0, torch.cat(seg).to(device), logps)
+
+
+def _prefix_shared(lm, batch: Batch, full_logits: bool, chunk_size: int) -> torch.Tensor:
+    """Prompt once with a KV cache, then every answer against it. Returns sums [S*B] side-major."""
+    sides = _answers(batch)
+    n_sides, b = len(sides), len(batch)
+    pmask = batch.prompt_mask
+    ppos = (pmask.cumsum(-1) - 1).clamp(min=0)
+    pstates, cache = _states(lm, full_logits, keep_last_only=True, input_ids=batch.prompt_ids, attention_mask=pmask,
+                             position_ids=ppos, use_cache=True)
+    last = pstates[:, -1]  # left padding puts every prompt's last token in the last column
+    width = max(ids.shape[1] for ids, _ in sides)
+    # Interleave rows (c0, r0, c1, r1, ...) so the cache can be repeated with repeat_interleave.
+    ids = torch.stack([F.pad(i, (0, width - i.shape[1])) for i, _ in sides], 1).reshape(n_sides * b, width)
+    amask = torch.stack([F.pad(m, (0, width - m.shape[1])) for _, m in sides], 1).reshape(n_sides * b, width)
+    if n_sides > 1:
+        cache.batch_repeat_interleave(n_sides)
+    attn = torch.cat([pmask.repeat_interleave(n_sides, 0), amask], 1)
+    pos = pmask.sum(-1).repeat_interleave(n_sides, 0)[:, None] + torch.arange(width, device=ids.device)
+    astates, _ = _states(lm, full_logits, input_ids=ids, attention_mask=attn, position_ids=pos,
+                         cache=cache, use_cache=True)
+    # The state predicting answer token j is the prompt's last state for j = 0, else answer state j-1.
+    predictors = torch.cat([last.repeat_interleave(n_sides, 0)[:, None], astates[:, :-1]], 1)
+    sel = amask.bool()
+    logps = token_logps(lm, predictors[sel], ids[sel], full_logits, chunk_size)
+    seg = torch.arange(n_sides * b, device=ids.device)[:, None].expand_as(sel)[sel]
+    sums = torch.zeros(n_sides * b, device=ids.device, dtype=torch.float32).index_add_(0, seg, logps)
+    return sums.view(b, n_sides).t().reshape(-1)  # back to side-major
+
+
+def forward_logps(model: torch.nn.Module, batch: Batch, *, prefix_sharing: bool = True,
+                  chunk_size: int = 1024) -> SequenceLogps:
+    """Summed answer log-probs of a batch under `model`.
+
+    Args:
+        model: a causal LM, possibly wrapped (PEFT, DDP, accelerate).
+        batch: from `collate`; B pairs (or SFT examples when `rejected_ids` is None).
+        prefix_sharing: run each prompt once for both answers (exact; off → one row per answer).
+        chunk_size: tokens per chunk of the vocabulary projection; 0 → full logits from the model's forward.
+    Returns:
+        SequenceLogps with [B] tensors (fp32).
+    """
+    lm = causal_lm(model)
+    full_logits = chunk_size <= 0 or not supports_chunked_head(lm)
+    # Gradient checkpointing drops the KV cache in training, which the shared-prefix path relies on.
+    checkpointing = getattr(lm, "is_activation_checkpointing", None)
+    if checkpointing is None:
+        checkpointing = lm.is_gradient_checkpointing
+    if checkpointing and lm.training and torch.is_grad_enabled():
+        prefix_sharing = False
+    run = _prefix_shared if prefix_sharing else _plain
+    sums = run(lm, batch, full_logits, chunk_size)
+    b = len(batch)
+    chosen_lengths = batch.chosen_mask.sum(-1).float()
+    if batch.rejected_ids is None:
+        return SequenceLogps(sums[:b], chosen_lengths)
+    return SequenceLogps(sums[:b], chosen_lengths, sums[b:], batch.rejected_mask.sum(-1).float())
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.inference_mode()
+def score_pairs(model: torch.nn.Module, tokenizer, records: Sequence[dict], *, max_length: int = 1024,
+                max_prompt_length: int = 512, batch_size: int = 8) -> dict:
+    """Summed log-probs of both answers of each record (standard or conversational) under `model`.
+
+    Returns a dict of 1-D fp32 CPU tensors `chosen_logps`, `rejected_logps`, `chosen_lengths`,
+    `rejected_lengths` (one entry per kept pair) and `kept`, the record indices they belong to
+    (pairs whose answer tokenizes to nothing are left out).
+    """
+    from preftune.data.formats import render_texts
+
+    texts = [render_texts(tokenizer, r) for r in records]
+    pairs, _ = tokenize_records(tokenizer, texts, max_length=max_length, max_prompt_length=max_prompt_length)
+    return _score(model, tokenizer, pairs, batch_size)
+
+
+@torch.inference_mode()
+def score_completions(model: torch.nn.Module, tokenizer, prompts: Sequence[str], completions: Sequence[str], *,
+                      batch_size: int = 16, max_length: int = 100_000,
+                      max_prompt_length: int = 99_999) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-prob (EOS appended) and token count of each completion given its prompt: ([N], [N]).
+
+    An empty completion scores only its EOS token.
+    """
+    texts = list(zip(prompts, completions))
+    pairs, stats = tokenize_records(tokenizer, texts, max_length=max_length, max_prompt_length=max_prompt_length)
+    if stats.dropped_empty:  # an empty answer is still a valid sample: the model chose to stop at once
+        from preftune.data.tokenize import TokenizedPair, tokenize_texts
+
+        for i in stats.dropped_empty:
+            prompt_ids, _ = tokenize_texts(tokenizer, prompts[i], [""])
+            pairs.append(TokenizedPair(prompt_ids or [tokenizer.eos_token_id], [tokenizer.eos_token_id], None, i))
+        pairs.sort(key=lambda p: p.index)
+    out = _score(model, tokenizer, pairs, batch_size)
+    return out["chosen_logps"], out["chosen_lengths"]
+
+
+def _score(model: torch.nn.Module, tokenizer, pairs, batch_size: int) -> dict:
+    was_training = model.training
+    model.eval()
+    device = _device(model)
+    cols: dict[str, list[torch.Tensor]] = {}
+    # Similar lengths together: less padding; results are put back in order via `kept`.
+    order = sorted(range(len(pairs)), key=lambda i: -pairs[i].padded_length)
+    for s in range(0, len(order), batch_size):
+        idx = order[s:s + batch_size]
+        batch = collate([pairs[i] for i in idx], idx, tokenizer.pad_token_id).to(device)
+        out = forward_logps(model, batch)
+        for k, v in vars(out).items():
+            if v is not None:
+                cols.setdefault(k, []).append(v.float().cpu())
+    model.train(was_training)
+    inverse = torch.empty(len(order), dtype=torch.long)
+    inverse[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))
+    result = {k: torch.cat(v)[inverse] for k, v in cols.items()}
+    result["kept"] = [p.index for p in pairs]
+    return result

@@ -1,0 +1,106 @@
+"""Load a causal LM and its tokenizer from a local folder or a hub name, safely.
+
+Safety defaults: weights load from safetensors only (pickle files can run code) unless `allow_pickle`,
+and model code shipped in the folder never runs unless `trust_remote_code`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from preftune.errors import PreftuneError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _check_local_folder(path: Path, allow_pickle: bool) -> None:
+    if not path.is_dir():
+        raise PreftuneError(f"model path {path} is a file, not a folder; pass the folder that holds config.json.")
+    if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
+        raise PreftuneError(f"model folder {path} has no config.json; pass a Hugging Face model folder "
+                            "(one written by save_pretrained).")
+    has_safetensors = any(path.glob("*.safetensors"))
+    has_pickle = any(path.glob("*.bin")) or any(path.glob("*.pt")) or any(path.glob("*.pth"))
+    if not has_safetensors and has_pickle and not allow_pickle:
+        raise PreftuneError(f"model folder {path} only has pickle weights (.bin/.pt), which can run code when loaded; "
+                            "convert them to safetensors or pass --allow-pickle if you trust the folder.")
+
+
+def resolve_model_path(name: str, allow_pickle: bool = False) -> str:
+    """Check a local folder; anything that is not an existing path is treated as a hub name."""
+    if not name:
+        raise PreftuneError("no model given; pass --model PATH (a Hugging Face model folder or a hub name).")
+    path = Path(name).expanduser()
+    if path.exists():
+        _check_local_folder(path, allow_pickle)
+        return str(path)
+    if name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name:
+        raise PreftuneError(f"model folder {name} does not exist; check the path.")
+    return name
+
+
+def load_tokenizer(name: str, *, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    from preftune.data.tokenize import check_tokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise PreftuneError(f"could not load a tokenizer from {name} ({str(e).splitlines()[0]}); "
+                            "the folder needs tokenizer files (tokenizer.json or tokenizer_config.json).") from None
+    check_tokenizer(tok)
+    return tok
+
+
+def load_model(name: str, *, dtype: str = "float32", attn_implementation: str | None = None,
+               trust_remote_code: bool = False, allow_pickle: bool = False) -> torch.nn.Module:
+    """Any AutoModelForCausalLM, in `dtype`, from a folder or hub name."""
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model_path(name, allow_pickle)
+    kwargs = {"dtype": DTYPES[dtype], "trust_remote_code": trust_remote_code, "use_safetensors": not allow_pickle}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise PreftuneError(f"could not load model {name} ({first}).") from None
+    return model
+
+
+def load_model_and_tokenizer(name: str, *, dtype: str = "float32", attn_implementation: str | None = None,
+                             trust_remote_code: bool = False, allow_pickle: bool = False):
+    """(model, tokenizer) for a folder or hub name; the tokenizer gets a pad token if it has none."""
+    model = load_model(name, dtype=dtype, attn_implementation=attn_implementation,
+                       trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+    tokenizer = load_tokenizer(resolve_model_path(name, allow_pickle), trust_remote_code=trust_remote_code)
+    return model, tokenizer
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """DPO's log-ratios compare two forwards of the same tokens; dropout would add noise to both."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    cfg = getattr(model, "config", None)
+    for key in ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"):
+        if cfg is not None and isinstance(getattr(cfg, key, None), float):
+            setattr(cfg, key, 0.0)
+
+
+def add_lora(model: torch.nn.Module, *, r: int, alpha: int, dropout: float, target_modules) -> torch.nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    targets = target_modules
+    if isinstance(targets, str) and targets != "all-linear":
+        targets = [t.strip() for t in targets.split(",") if t.strip()]
+    cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM")
+    try:
+        return get_peft_model(model, cfg)
+    except ValueError as e:
+        raise PreftuneError(f"could not add LoRA adapters ({str(e).splitlines()[0]}); "
+                            "check lora_target_modules against the model's module names.") from None

@@ -1,0 +1,1 @@
+"""What a run leaves behind: the run folder, metrics, checkpoints and the final model."""

@@ -1,0 +1,28 @@
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+# Tests never reach a hub: a hub lookup fails at once instead of retrying for seconds.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from helpers import build_tiny_model, make_pairs, write_jsonl  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny_model"))
+
+
+@pytest.fixture(scope="session")
+def pairs_file(tmp_path_factory) -> Path:
+    return write_jsonl(tmp_path_factory.mktemp("data") / "pairs.jsonl", make_pairs(64, seed=1))
+
+
+@pytest.fixture(scope="session")
+def eval_pairs_file(tmp_path_factory) -> Path:
+    return write_jsonl(tmp_path_factory.mktemp("eval") / "eval.jsonl", make_pairs(48, seed=2))

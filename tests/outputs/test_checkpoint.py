@@ -1,0 +1,104 @@
+"""Checkpoints: kill -9 at a random step and resume = the uninterrupted run; SIGTERM saves; atomic writes."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from preftune.errors import PreftuneError
+from preftune.outputs.checkpoint import list_checkpoints, save_checkpoint
+
+TIMING = {"pairs_per_s", "tokens_per_s"}
+
+
+def _argv(model, data, out, *extra):
+    return [sys.executable, "-m", "preftune", "train", "--model", str(model), "--data", str(data),
+            "--output-dir", str(out), "--max-steps", "8", "--batch-size", "4", "--learning-rate", "1e-3",
+            "--max-length", "64", "--max-prompt-length", "32", "--save-steps", "1", "--save-total-limit", "2",
+            "--progress", "false", "--seed", "5", "--loss", "sigmoid+bco_pair", *extra]
+
+
+def _metrics(out):
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
+
+
+def _wait_for_lines(path, n, proc, timeout=240):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if path.is_file() and len(path.read_text().splitlines()) >= n:
+            return
+        if proc.poll() is not None:
+            raise AssertionError(proc.stderr.read())
+        time.sleep(0.05)
+    raise AssertionError("training made no progress")
+
+
+def test_sigkill_then_resume_equals_uninterrupted(tiny_model_dir, pairs_file, tmp_path):
+    """bco_pair is in the loss so the running reward shift must be restored too, not only weights/optimizer."""
+    full = tmp_path / "full"
+    subprocess.run(_argv(tiny_model_dir, pairs_file, full), check=True, capture_output=True, timeout=300)
+
+    killed = tmp_path / "killed"
+    kill_after = random.Random().randint(2, 6)
+    proc = subprocess.Popen(_argv(tiny_model_dir, pairs_file, killed), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    _wait_for_lines(killed / "metrics.jsonl", kill_after, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "final").exists()
+    subprocess.run(_argv(tiny_model_dir, pairs_file, killed, "--resume"), check=True, capture_output=True,
+                   timeout=300)
+
+    assert _metrics(killed) == _metrics(full), f"killed after {kill_after} logged steps"
+    steps = [r["step"] for r in _metrics(killed)]
+    assert steps == list(range(1, 9))
+    a = load_file(str(full / "final" / "model.safetensors"))
+    b = load_file(str(killed / "final" / "model.safetensors"))
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=0)
+    assert len(list_checkpoints(killed)) == 2  # save_total_limit
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny_model_dir, pairs_file, tmp_path):
+    out = tmp_path / "run"
+    argv = _argv(tiny_model_dir, pairs_file, out)
+    argv[argv.index("--save-steps") + 1] = "0"
+    argv[argv.index("--max-steps") + 1] = "400"
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for_lines(out / "metrics.jsonl", 2, proc)
+    proc.send_signal(signal.SIGTERM)
+    stdout, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0
+    assert "continue with --resume" in stdout
+    (ckpt,) = list_checkpoints(out)
+    assert json.loads((ckpt / "trainer_state.json").read_text())["step"] == len(_metrics(out))
+
+
+def test_full_disk_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    import errno
+
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.AdamW(model.parameters())
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    kw = dict(model=model, optimizer=opt, scheduler=sched, trainer_state={}, reference_cache=None, keep=3)
+    first = save_checkpoint(tmp_path, 1, **kw)
+
+    def full_disk(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(PreftuneError, match="disk filled.*previous checkpoint is intact"):
+        save_checkpoint(tmp_path, 2, **kw)
+    assert list_checkpoints(tmp_path) == [first]
+    assert not any(p.name.startswith(".tmp") for p in (tmp_path / "checkpoints").iterdir())
+    assert os.path.isfile(first / "trainable.safetensors")

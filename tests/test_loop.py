@@ -1,0 +1,146 @@
+"""The training loop end to end on a tiny Llama: first-step loss, accumulation, learning, LoRA, references, SFT."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from preftune import TrainConfig, sft, train
+from preftune.outputs.metrics import read_metrics
+
+
+def _cfg(model, data, out, **kw) -> TrainConfig:
+    base = dict(model=str(model), data=str(data), output_dir=str(out), max_steps=2, batch_size=4,
+                learning_rate=1e-3, warmup_ratio=0.0, lr_scheduler="constant", progress=False, seed=3,
+                max_length=64, max_prompt_length=32)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_first_step_loss_is_ln2_with_zero_rewards(tiny_model_dir, pairs_file, tmp_path):
+    """Policy == reference at step 1: every log-ratio is 0, so loss = -log σ(0) = ln 2 = 0.693147, rewards 0."""
+    train(_cfg(tiny_model_dir, pairs_file, tmp_path / "run", max_steps=1))
+    first = read_metrics(tmp_path / "run")[0]
+    assert first["step"] == 1 and first["split"] == "train"
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-5)
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "kl"):
+        assert first[key] == pytest.approx(0.0, abs=1e-5)
+    for key in ("grad_norm", "lr", "pairs_per_s", "tokens_per_s", "logps/chosen", "logps/rejected",
+                "rewards/accuracies"):
+        assert key in first
+
+
+def test_accumulation_4x2_equals_batch_8(tiny_model_dir, pairs_file, tmp_path):
+    """Two optimizer steps of 8 pairs, as 4 micro-batches of 2 or 1 batch of 8: same losses and weights (fp32)."""
+    a = train(_cfg(tiny_model_dir, pairs_file, tmp_path / "a", batch_size=2, gradient_accumulation_steps=4))
+    b = train(_cfg(tiny_model_dir, pairs_file, tmp_path / "b", batch_size=8, gradient_accumulation_steps=1))
+    for ra, rb in zip(read_metrics(a.output_dir), read_metrics(b.output_dir)):
+        assert ra["loss"] == pytest.approx(rb["loss"], abs=1e-5)
+    wa = load_file(str(a.final_dir / "model.safetensors"))
+    wb = load_file(str(b.final_dir / "model.safetensors"))
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], atol=1e-5, rtol=0)
+
+
+def test_sixty_steps_raise_heldout_accuracy_above_0_9(tiny_model_dir, tmp_path):
+    from helpers import make_pairs, write_jsonl
+
+    data = write_jsonl(tmp_path / "train.jsonl", make_pairs(256, seed=11))
+    held = write_jsonl(tmp_path / "held.jsonl", make_pairs(64, seed=12))
+    res = train(_cfg(tiny_model_dir, data, tmp_path / "run", max_steps=60, batch_size=8, eval_data=str(held),
+                     eval_steps=30, beta=0.1, logging_steps=10))
+    evals = [r for r in read_metrics(res.output_dir) if r["split"] == "eval"]
+    assert [r["step"] for r in evals] == [30, 60]
+    assert res.eval_metrics["rewards/accuracies"] > 0.9
+    assert res.eval_metrics["rewards/margins"] > 0
+    # final/ is a folder transformers loads directly
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    AutoModelForCausalLM.from_pretrained(res.final_dir)
+    AutoTokenizer.from_pretrained(res.final_dir)
+    assert (res.output_dir / "config.yaml").is_file()
+
+
+def test_lora_leaves_base_weights_unchanged(tiny_model_dir, pairs_file, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    res = train(_cfg(tiny_model_dir, pairs_file, tmp_path / "run", lora=True, lora_r=4, reference="lora_disabled",
+                     max_steps=3))
+    assert (res.final_dir / "adapter_config.json").is_file()
+    original = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), res.final_dir)
+    base_after = {n.replace("base_model.model.", "").replace(".base_layer", ""): p
+                  for n, p in tuned.named_parameters() if "lora_" not in n}
+    for name, p in original.named_parameters():
+        torch.testing.assert_close(base_after[name], p, atol=0, rtol=0)
+    # ... while the adapters did learn something (lora_B starts at zero)
+    assert any(p.abs().sum() > 0 for n, p in tuned.named_parameters() if "lora_B" in n)
+
+
+def test_lora_merge_writes_a_plain_model(tiny_model_dir, pairs_file, tmp_path):
+    res = train(_cfg(tiny_model_dir, pairs_file, tmp_path / "run", lora=True, lora_r=4, merge_lora=True, max_steps=1))
+    assert (res.final_dir / "model.safetensors").is_file() and not (res.final_dir / "adapter_config.json").exists()
+
+
+@pytest.mark.parametrize("live", ["copy", "lora_disabled"])
+def test_precomputed_reference_matches_live_reference(tiny_model_dir, pairs_file, tmp_path, live):
+    lora = live == "lora_disabled"
+    pre = train(_cfg(tiny_model_dir, pairs_file, tmp_path / "pre", reference="precomputed", lora=lora, max_steps=3))
+    liv = train(_cfg(tiny_model_dir, pairs_file, tmp_path / "live", reference=live, lora=lora, max_steps=3))
+    mp, ml = read_metrics(pre.output_dir), read_metrics(liv.output_dir)
+    assert len(mp) == len(ml) == 3
+    for a, b in zip(mp, ml):
+        for key in ("loss", "rewards/chosen", "rewards/rejected", "kl"):
+            assert a[key] == pytest.approx(b[key], abs=1e-6), key
+    assert list((pre.output_dir / "reference_logps").glob("train-*.safetensors"))
+
+
+def test_reference_cache_is_reused_on_rerun(tiny_model_dir, pairs_file, tmp_path):
+    out = tmp_path / "run"
+    train(_cfg(tiny_model_dir, pairs_file, out, max_steps=1))
+    cache = next((out / "reference_logps").glob("train-*.safetensors"))
+    stamp = cache.stat().st_mtime_ns
+    train(_cfg(tiny_model_dir, pairs_file, out, max_steps=1, overwrite=True, reference="precomputed"))
+    assert [p.name for p in (out / "reference_logps").glob("train-*.safetensors")] == [cache.name]
+    assert cache.stat().st_mtime_ns == stamp  # read back, not recomputed
+    # a different tokenization is a different key: a new file, the old one untouched
+    train(_cfg(tiny_model_dir, pairs_file, out, max_steps=1, overwrite=True, max_prompt_length=8))
+    assert len(list((out / "reference_logps").glob("train-*.safetensors"))) == 2
+
+
+def test_sft_masks_the_prompt(tiny_model_dir, tmp_path):
+    """The first logged SFT loss is the token-mean NLL of the completion tokens only (EOS included), which we
+    recompute by hand with an unpadded forward of the initial model."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    rows = [{"prompt": "question: red cat answer:", "completion": " yes good dog"},
+            {"prompt": "question: blue answer:", "completion": " no bad tree river"}]
+    data = tmp_path / "sft.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    res = sft(_cfg(tiny_model_dir, data, tmp_path / "run", max_steps=1, batch_size=2))
+    first = read_metrics(res.output_dir)[0]
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for r in rows:
+            p = tok(r["prompt"])["input_ids"]
+            full = tok(r["prompt"] + r["completion"])["input_ids"] + [tok.eos_token_id]
+            lp = torch.log_softmax(model(input_ids=torch.tensor([full])).logits[0, :-1], -1)
+            tgt = torch.tensor(full[1:])
+            tok_lp = lp.gather(-1, tgt[:, None]).squeeze(-1)[len(p) - 1:]
+            nll -= float(tok_lp.sum())
+            count += len(full) - len(p)
+    assert first["loss"] == pytest.approx(nll / count, abs=1e-4)
+
+
+def test_sft_on_preference_file_uses_chosen(tiny_model_dir, pairs_file, tmp_path):
+    res = sft(_cfg(tiny_model_dir, pairs_file, tmp_path / "run", max_steps=2))
+    assert "preference-chosen" in res.data_summary
+    assert read_metrics(res.output_dir)[-1]["step"] == 2

@@ -1,0 +1,442 @@
+"""Tests for preftune.losses: every formula against values worked out by hand.
+
+Notation: σ is the logistic function, sp(z) = log(1 + e^z) = -logσ(-z).
+Reference numbers used below (6 decimals):
+    ln2 = 0.693147, sp(-1) = -logσ(1) = 0.313262, sp(1) = -logσ(-1) = 1.313262,
+    sp(-2) = -logσ(2) = 0.126928, sp(-1.5) = 0.201413, sp(0.5) = 0.974077,
+    σ(1) = 0.731059, σ(-1) = 0.268941, σ(2) = 0.880797.
+Useful identity: sp(z) - sp(-z) = z, so -(1-ε)logσ(z) - ε logσ(-z) = sp(-z) + ε·z.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from preftune.errors import PreftuneError
+from preftune.losses import (
+    LOSS_TYPES,
+    REFERENCE_FREE,
+    LossConfig,
+    LossOutput,
+    RewardShift,
+    apo_down_loss,
+    apo_zero_loss,
+    bco_pair_loss,
+    dpop_loss,
+    hinge_loss,
+    ipo_loss,
+    nca_pair_loss,
+    nll_loss,
+    preference_loss,
+    robust_loss,
+    sft_loss,
+    sigmoid_loss,
+    sigmoid_norm_loss,
+    simpo_loss,
+)
+
+LN2 = 0.693147
+SP_M1 = 0.313262  # -logσ(1)
+SP_P1 = 1.313262  # -logσ(-1)
+SP_M2 = 0.126928  # -logσ(2)
+
+
+def t(*values: float) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float64)
+
+
+def close(actual: torch.Tensor, expected: list[float] | torch.Tensor) -> None:
+    """Compare with the 6-decimal hand values."""
+    exp = expected if isinstance(expected, torch.Tensor) else torch.tensor(expected, dtype=actual.dtype)
+    assert_close(actual, exp.to(actual.dtype), atol=1e-6, rtol=0)
+
+
+def run(config: LossConfig, pc, pr, rc, rr, lc=None, lr=None, reward_shift: float = 0.0) -> LossOutput:
+    ones = torch.ones_like(pc)
+    return preference_loss(
+        pc,
+        pr,
+        rc,
+        rr,
+        ones if lc is None else lc,
+        ones if lr is None else lr,
+        config,
+        reward_shift=reward_shift,
+    )
+
+
+# --------------------------------------------------------------------------------------------- sigmoid
+
+
+def test_sigmoid_hand_values():
+    """β=0.5, h=[0, 2, -2]: βh=[0, 1, -1]; -logσ = [ln2, 0.313262, 1.313262]."""
+    out = sigmoid_loss(t(0.0, 1.0, -1.0), t(0.0, -1.0, 1.0), beta=0.5)
+    close(out, [LN2, SP_M1, SP_P1])
+
+
+def test_sigmoid_step_one_identity():
+    """policy == reference → every logratio 0 → loss ln2 = 0.693147 for each pair, rewards 0."""
+    logps_c, logps_r = t(-12.5, -3.0, -40.0), t(-7.0, -9.25, -1.0)
+    out = run(LossConfig(), logps_c, logps_r, logps_c.clone(), logps_r.clone())
+    close(out.losses, [LN2, LN2, LN2])
+    close(out.chosen_rewards, [0.0, 0.0, 0.0])
+    close(out.rejected_rewards, [0.0, 0.0, 0.0])
+
+
+def test_sigmoid_label_smoothing():
+    """β=1, h=[1, 0], ε=0.1: 0.9·sp(-1) + 0.1·sp(1) = 0.313262 + 0.1 = 0.413262; h=0 → ln2 (symmetric)."""
+    out = sigmoid_loss(t(1.0, 0.0), t(0.0, 0.0), beta=1.0, label_smoothing=0.1)
+    close(out, [0.413262, LN2])
+    via_config = run(
+        LossConfig(label_smoothing=0.1, beta=1.0), t(1.0, 0.0), t(0.0, 0.0), t(0.0, 0.0), t(0.0, 0.0)
+    )
+    close(via_config.losses, [0.413262, LN2])
+
+
+def test_sigmoid_is_stable_for_huge_margins():
+    """β=1, h=±1000: -logσ(1000) ≈ 0 and -logσ(-1000) = 1000 exactly-ish; never inf/nan."""
+    out = sigmoid_loss(t(1000.0, -1000.0), t(0.0, 0.0), beta=1.0)
+    close(out, [0.0, 1000.0])
+
+
+def test_dpo_gradient_matches_closed_form():
+    """β=0.5, h=[0, 2, -2] (ε=0): dL/d pc = -β·σ(-βh), dL/d pr = +β·σ(-βh), reference gets none.
+
+    σ(-βh) = σ([0, -1, 1]) = [0.5, 0.268941, 0.731059] → β·σ = [0.25, 0.134471, 0.365529].
+    """
+    pc = t(-1.0, 1.0, -3.0).requires_grad_()
+    pr = t(-2.0, -2.0, -2.0).requires_grad_()
+    rc, rr = t(-1.0, -1.0, -1.0), t(-2.0, -2.0, -2.0)  # chosen_logratios [0, 2, -2], rejected 0
+    out = run(LossConfig(beta=0.5), pc, pr, rc, rr)
+    out.losses.sum().backward()
+    expected = [0.25, 0.134471, 0.365529]
+    close(pc.grad, [-e for e in expected])
+    close(pr.grad, expected)
+    assert not out.chosen_rewards.requires_grad and not out.rejected_rewards.requires_grad
+    # Rewards are β·logratios: 0.5·[0, 2, -2] and 0.5·[0, 0, 0].
+    close(out.chosen_rewards, [0.0, 1.0, -1.0])
+    close(out.rejected_rewards, [0.0, 0.0, 0.0])
+
+
+# --------------------------------------------------------------------------------------------- robust
+
+
+def test_robust_divides_by_one_minus_two_eps():
+    """β=1, h=1, ε=0.1: [0.9·sp(-1) - 0.1·sp(1)] / 0.8 = (0.281936 - 0.131326)/0.8 = 0.188262.
+
+    (= sp(-1) - 0.125, using sp(1) = sp(-1) + 1.)  At ε=0 robust equals sigmoid: h=[1, -2], β=1 →
+    [0.313262, sp(2) = 2.126928].
+    """
+    close(robust_loss(t(1.0), t(0.0), beta=1.0, label_smoothing=0.1), [0.188262])
+    close(robust_loss(t(1.0, -2.0), t(0.0, 0.0), beta=1.0), [SP_M1, 2.126928])
+    out = run(
+        LossConfig(loss_types=("robust",), beta=1.0, label_smoothing=0.1), t(1.0), t(0.0), t(0.0), t(0.0)
+    )
+    close(out.losses, [0.188262])
+
+
+# --------------------------------------------------------------------------------------------- ipo
+
+
+def test_ipo_length_normalised():
+    """β=0.5 → 1/(2β) = 1.
+    pair 1: c_lr=4, |c|=2 → 2;  r_lr=-3, |r|=3 → -1;  h_norm=3 → (3-1)² = 4
+    pair 2: c_lr=0, r_lr=0, lengths 1 → h_norm=0 → (0-1)² = 1
+    pair 3: c_lr=2, |c|=4 → 0.5; r_lr=-1, |r|=2 → -0.5; h_norm=1 → 0
+    """
+    c_lr, r_lr = t(4.0, 0.0, 2.0), t(-3.0, 0.0, -1.0)
+    lc, lr = t(2.0, 1.0, 4.0), t(3.0, 1.0, 2.0)
+    close(ipo_loss(c_lr, r_lr, lc, lr, beta=0.5), [4.0, 1.0, 0.0])
+    zeros = t(0.0, 0.0, 0.0)
+    out = run(LossConfig(loss_types=("ipo",), beta=0.5), c_lr, r_lr, zeros, zeros, lc, lr)
+    close(out.losses, [4.0, 1.0, 0.0])
+
+
+# --------------------------------------------------------------------------------------------- hinge
+
+
+def test_hinge():
+    """β=0.5, h=[0, 2, 4, -2]: 1 - βh = [1, 0, -1, 2] → relu = [1, 0, 0, 2]."""
+    close(hinge_loss(t(0.0, 2.0, 3.0, -2.0), t(0.0, 0.0, -1.0, 0.0), beta=0.5), [1.0, 0.0, 0.0, 2.0])
+
+
+# --------------------------------------------------------------------------------------------- sigmoid_norm
+
+
+def test_sigmoid_norm():
+    """β=0.5. pair 1: c_lr=4, |c|=4 → 1; r_lr=-2, |r|=2 → -1; h_norm=2; βh=1 → 0.313262.
+    pair 2: c_lr=3, |c|=3 → 1; r_lr=5, |r|=5 → 1; h_norm=0 → ln2 (unnormalised h=-2 would give 1.313262).
+    With ε=0.1, pair 1: sp(-1) + 0.1·1 = 0.413262; pair 2 stays ln2.
+    """
+    c_lr, r_lr, lc, lr = t(4.0, 3.0), t(-2.0, 5.0), t(4.0, 3.0), t(2.0, 5.0)
+    close(sigmoid_norm_loss(c_lr, r_lr, lc, lr, beta=0.5), [SP_M1, LN2])
+    close(sigmoid_norm_loss(c_lr, r_lr, lc, lr, beta=0.5, label_smoothing=0.1), [0.413262, LN2])
+
+
+# --------------------------------------------------------------------------------------------- simpo
+
+
+def test_simpo_reference_free():
+    """β=2, γ=0.5.
+    pair 1: pc=-4, |c|=4 → -1; pr=-6, |r|=3 → -2; margin 1; z = 2·1 - 0.5 = 1.5 → sp(-1.5) = 0.201413
+    pair 2: pc=-2, |c|=2 → -1; pr=-1, |r|=1 → -1; margin 0; z = -0.5 → sp(0.5) = 0.974077
+    Rewards β·p/|p|: chosen [-2, -2], rejected [-4, -2].  ε=0.2, pair 1: sp(-1.5) + 0.2·1.5 = 0.501413.
+    """
+    pc, pr, lc, lr = t(-4.0, -2.0), t(-6.0, -1.0), t(4.0, 2.0), t(3.0, 1.0)
+    close(simpo_loss(pc, pr, lc, lr, beta=2.0, gamma=0.5), [0.201413, 0.974077])
+    close(simpo_loss(pc[:1], pr[:1], lc[:1], lr[:1], beta=2.0, gamma=0.5, label_smoothing=0.2), [0.501413])
+    config = LossConfig(loss_types=("simpo",), beta=2.0, simpo_gamma=0.5)
+    assert not config.needs_reference
+    out = preference_loss(pc, pr, None, None, lc, lr, config)
+    close(out.losses, [0.201413, 0.974077])
+    close(out.chosen_rewards, [-2.0, -2.0])
+    close(out.rejected_rewards, [-4.0, -2.0])
+
+
+# --------------------------------------------------------------------------------------------- apo
+
+
+def test_apo_zero():
+    """β=0.5. pair 1: c_lr=r_lr=0 → 1 - 0.5 + 0.5 = 1.
+    pair 2: c_lr=2, r_lr=-2 → 1 - σ(1) + σ(-1) = 1 - 0.731059 + 0.268941 = 0.537883.
+    """
+    close(apo_zero_loss(t(0.0, 2.0), t(0.0, -2.0), beta=0.5), [1.0, 0.537883])
+
+
+def test_apo_down():
+    """β=0.5. pair 1: c=r=0 → σ(0) + 1 - σ(0) = 1.
+    pair 2: c=2, r=-2, h=4 → σ(1) + 1 - σ(2) = 0.731059 + 1 - 0.880797 = 0.850262.
+    """
+    close(apo_down_loss(t(0.0, 2.0), t(0.0, -2.0), beta=0.5), [1.0, 0.850262])
+
+
+# --------------------------------------------------------------------------------------------- nca
+
+
+def test_nca_pair():
+    """β=1. pair 1: c=r=0 → ln2 + ½ln2 + ½ln2 = 2ln2 = 1.386294.
+    pair 2: c=1, r=-1 → sp(-1) + ½·sp(1) + ½·sp(-1) = 0.313262 + 0.656631 + 0.156631 = 1.126523.
+    """
+    close(nca_pair_loss(t(0.0, 1.0), t(0.0, -1.0), beta=1.0), [1.386294, 1.126523])
+
+
+# --------------------------------------------------------------------------------------------- bco
+
+
+def test_bco_pair_with_shift():
+    """β=1, c=1, r=-1.  δ=0: -logσ(1) - logσ(1) = 2·0.313262 = 0.626523.
+    δ=1: -logσ(1-1) - logσ(-(-1-1)) = ln2 + sp(-2) = 0.693147 + 0.126928 = 0.820075.
+    """
+    close(bco_pair_loss(t(1.0), t(-1.0), beta=1.0), [0.626523])
+    close(bco_pair_loss(t(1.0), t(-1.0), beta=1.0, reward_shift=1.0), [0.820075])
+    out = run(
+        LossConfig(loss_types=("bco_pair",), beta=1.0), t(1.0), t(-1.0), t(0.0), t(0.0), reward_shift=1.0
+    )
+    close(out.losses, [0.820075])
+
+
+def test_reward_shift_running_mean_and_resume():
+    """update([1,2],[3,6]) → 12/4 = 3;  update([0],[-4]) → 8/6 = 1.333333.  Empty → 0."""
+    shift = RewardShift()
+    assert shift.value == 0.0
+    shift.update(t(1.0, 2.0), t(3.0, 6.0))
+    assert shift.value == pytest.approx(3.0)
+    shift.update(t(0.0), t(-4.0))
+    assert shift.value == pytest.approx(8.0 / 6.0)
+    assert shift.count == 6
+
+    resumed = RewardShift()
+    resumed.load_state_dict(shift.state_dict())
+    assert resumed.value == shift.value
+    shift.update(t(10.0), t(0.5))
+    resumed.update(t(10.0), t(0.5))
+    assert resumed.state_dict() == shift.state_dict()
+    assert resumed.value == pytest.approx((8.0 + 10.5) / 8.0)
+
+
+def test_reward_shift_equals_plain_mean_over_all_elements():
+    """Many uneven float32 batches: value equals torch's float64 mean of everything concatenated."""
+    gen = torch.Generator().manual_seed(0)
+    shift, seen = RewardShift(), []
+    for n in (3, 1, 7, 4, 8):
+        c = torch.randn(n, generator=gen) * 5 + 1
+        r = torch.randn(n, generator=gen) * 5 - 1
+        shift.update(c.requires_grad_(), r)  # must detach by itself
+        seen += [c.detach(), r]
+    assert shift.value == pytest.approx(torch.cat(seen).double().mean().item(), abs=1e-12)
+
+
+# --------------------------------------------------------------------------------------------- dpop
+
+
+def test_dpop():
+    """β=1, λ=2.
+    pair 1: pc=-1 > rc=-2 → penalty 0; c_lr=1, r_lr=-1, h=2 → sp(-2) = 0.126928 (plain DPO).
+    pair 2: pc=-3 < rc=-2 → penalty 1; c_lr=-1, r_lr=-3, h=2; 2 - 2·1 = 0 → ln2.
+    Default λ=50 on pair 2: 2 - 50 = -48 → 48 + sp(-48) ≈ 48.0.
+    """
+    pc, rc = t(-1.0, -3.0), t(-2.0, -2.0)
+    c_lr, r_lr = pc - rc, t(-1.0, -3.0)
+    close(dpop_loss(c_lr, r_lr, beta=1.0, dpop_lambda=2.0), [SP_M2, LN2])
+    out = run(LossConfig(loss_types=("dpop",), beta=1.0, dpop_lambda=2.0), pc, r_lr, rc, t(0.0, 0.0))
+    close(out.losses, [SP_M2, LN2])
+    close(dpop_loss(c_lr, r_lr, beta=1.0), [SP_M2, 48.0])
+
+
+# --------------------------------------------------------------------------------------------- sft / nll
+
+
+def test_sft_weight_adds_per_token_nll():
+    """β=1, policy == reference → sigmoid part ln2 per pair.
+    pc=[-6, -1], |c|=[3, 4] → -pc/|c| = [2, 0.25]; α=0.5 → +[1, 0.125]; total [1.693147, 0.818147].
+    """
+    pc, pr, lc = t(-6.0, -1.0), t(-2.0, -5.0), t(3.0, 4.0)
+    close(sft_loss(pc, lc), [2.0, 0.25])
+    out = run(LossConfig(beta=1.0, sft_weight=0.5), pc, pr, pc.clone(), pr.clone(), lc=lc)
+    close(out.losses, [1.693147, 0.818147])
+
+
+def test_nll_loss_token_level_mean():
+    """logps=[-6, -2], lengths=[3, 1] → -(-8)/4 = 2 (mean of per-sequence means would be 2 too, so add
+    a third: logps=-1, length=4 → 9/8 = 1.125, whereas the mean of means is (2+2+0.25)/3 = 1.416667)."""
+    out = nll_loss(t(-6.0, -2.0, -1.0), t(3.0, 1.0, 4.0))
+    assert out.shape == ()
+    close(out, torch.tensor(1.125, dtype=torch.float64))
+
+
+# --------------------------------------------------------------------------------------------- combination
+
+
+def test_weighted_combination_equals_weighted_sum_of_singles():
+    """sigmoid(w=1) + ipo(w=0.5) + sft(α=0.25) == the three pieces computed alone."""
+    gen = torch.Generator().manual_seed(1)
+    pc, pr, rc, rr = (torch.randn(4, generator=gen, dtype=torch.float64) * 3 - 10 for _ in range(4))
+    lc, lr = t(3.0, 5.0, 1.0, 8.0), t(2.0, 6.0, 4.0, 7.0)
+    combo = preference_loss(
+        pc,
+        pr,
+        rc,
+        rr,
+        lc,
+        lr,
+        LossConfig(loss_types=("sigmoid", "ipo"), loss_weights=(1.0, 0.5), sft_weight=0.25),
+    )
+    sig = preference_loss(pc, pr, rc, rr, lc, lr, LossConfig(loss_types=("sigmoid",)))
+    ipo = preference_loss(pc, pr, rc, rr, lc, lr, LossConfig(loss_types=("ipo",)))
+    assert_close(combo.losses, sig.losses + 0.5 * ipo.losses + 0.25 * (-pc / lc))
+    assert_close(combo.chosen_rewards, sig.chosen_rewards)
+
+
+def test_simpo_combined_with_reference_loss_uses_reference_rewards():
+    """simpo + sigmoid needs a reference; rewards are then β·logratios (β=1: [1] and [-1])."""
+    config = LossConfig(loss_types=("simpo", "sigmoid"), beta=1.0)
+    assert config.needs_reference
+    out = run(config, t(-1.0), t(-3.0), t(-2.0), t(-2.0))
+    close(out.chosen_rewards, [1.0])
+    close(out.rejected_rewards, [-1.0])
+    # simpo: margin -1 - (-3) = 2, z = 2 - 0.5 = 1.5 → 0.201413; sigmoid: h=2 → 0.126928.
+    close(out.losses, [0.201413 + SP_M2])
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_dispatch_matches_single_function(loss_type):
+    """preference_loss(loss_type) equals calling that loss's own function directly; grads are finite."""
+    gen = torch.Generator().manual_seed(2)
+    pc, pr, rc, rr = (torch.randn(3, generator=gen, dtype=torch.float64) - 5 for _ in range(4))
+    lc, lr = t(2.0, 3.0, 5.0), t(4.0, 1.0, 2.0)
+    beta = 0.3
+    c_lr, r_lr = pc - rc, pr - rr
+    direct = {
+        "sigmoid": lambda: sigmoid_loss(c_lr, r_lr, beta),
+        "robust": lambda: robust_loss(c_lr, r_lr, beta),
+        "ipo": lambda: ipo_loss(c_lr, r_lr, lc, lr, beta),
+        "hinge": lambda: hinge_loss(c_lr, r_lr, beta),
+        "sigmoid_norm": lambda: sigmoid_norm_loss(c_lr, r_lr, lc, lr, beta),
+        "simpo": lambda: simpo_loss(pc, pr, lc, lr, beta, 0.5),
+        "apo_zero": lambda: apo_zero_loss(c_lr, r_lr, beta),
+        "apo_down": lambda: apo_down_loss(c_lr, r_lr, beta),
+        "nca_pair": lambda: nca_pair_loss(c_lr, r_lr, beta),
+        "bco_pair": lambda: bco_pair_loss(c_lr, r_lr, beta, 0.2),
+        "dpop": lambda: dpop_loss(c_lr, r_lr, beta, 50.0),
+    }[loss_type]()
+    pc_g = pc.clone().requires_grad_()
+    out = preference_loss(
+        pc_g, pr, rc, rr, lc, lr, LossConfig(loss_types=(loss_type,), beta=beta), reward_shift=0.2
+    )
+    assert out.losses.shape == (3,)
+    assert_close(out.losses.detach(), direct)
+    out.losses.sum().backward()
+    assert torch.isfinite(pc_g.grad).all()
+
+
+def test_low_precision_inputs_are_computed_in_float32():
+    """bf16 statistics are upcast: loss dtype float32, and policy == reference still gives ln2."""
+    x = torch.tensor([-3.0, -5.0], dtype=torch.bfloat16)
+    out = preference_loss(x, x, x, x, t(1.0, 1.0).float(), t(1.0, 1.0).float(), LossConfig())
+    assert out.losses.dtype == torch.float32
+    close(out.losses, [LN2, LN2])
+
+
+# --------------------------------------------------------------------------------------------- config
+
+
+def test_needs_reference():
+    assert REFERENCE_FREE == frozenset({"simpo"})
+    assert "sft" not in LOSS_TYPES
+    assert LossConfig().needs_reference
+    assert not LossConfig(loss_types=("simpo",)).needs_reference
+    assert LossConfig(loss_types=("simpo", "dpop")).needs_reference
+
+
+def test_missing_reference_raises_value_error():
+    with pytest.raises(ValueError, match="reference"):
+        preference_loss(t(-1.0), t(-2.0), None, None, t(1.0), t(1.0), LossConfig())
+
+
+def test_shape_mismatch_raises_value_error():
+    with pytest.raises(ValueError, match="shape"):
+        preference_loss(
+            t(-1.0, -2.0), t(-2.0), t(-1.0, -2.0), t(-2.0, -1.0), t(1.0, 1.0), t(1.0, 1.0), LossConfig()
+        )
+
+
+def test_config_normalises_lists_and_strings():
+    config = LossConfig(loss_types=["sigmoid", "ipo"], loss_weights=[1, 2])  # type: ignore[arg-type]
+    assert config.loss_types == ("sigmoid", "ipo") and config.loss_weights == (1.0, 2.0)
+    assert LossConfig(loss_types="hinge").loss_types == ("hinge",)  # type: ignore[arg-type]
+    assert hash(config) == hash(LossConfig(loss_types=("sigmoid", "ipo"), loss_weights=(1.0, 2.0)))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"beta": 0.0}, r"beta must be > 0.*closer to the reference.*0\.1"),
+        ({"beta": -0.1}, "beta must be > 0"),
+        ({"beta": float("nan")}, "beta must be a finite number"),
+        ({"label_smoothing": 0.5}, r"label_smoothing must be in \[0, 0\.5\)"),
+        ({"label_smoothing": -0.1}, r"label_smoothing must be in \[0, 0\.5\)"),
+        ({"loss_types": ("ipo",), "label_smoothing": 0.1}, "no effect on loss type.*ipo"),
+        ({"loss_types": ("sigmoid", "hinge"), "label_smoothing": 0.1}, "no effect on loss type.*hinge"),
+        ({"loss_types": ("sigmod",)}, "Unknown loss type 'sigmod'; did you mean 'sigmoid'"),
+        ({"loss_types": ()}, "loss_types is empty"),
+        ({"loss_types": ("sft",)}, "sft_weight"),
+        ({"loss_types": ("sigmoid", "sigmoid")}, "more than once"),
+        (
+            {"loss_types": ("sigmoid", "ipo"), "loss_weights": (1.0,)},
+            "loss_weights has 1 entries but loss_types has 2",
+        ),
+        ({"loss_weights": (-1.0,)}, "loss_weights must all be >= 0"),
+        ({"sft_weight": -0.5}, "sft_weight must be >= 0"),
+        ({"dpop_lambda": -1.0}, "dpop_lambda must be >= 0"),
+    ],
+)
+def test_config_validation_errors(kwargs, match):
+    with pytest.raises(PreftuneError, match=match):
+        LossConfig(**kwargs)
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "robust", "sigmoid_norm", "simpo"])
+def test_label_smoothing_allowed_where_used(loss_type):
+    assert LossConfig(loss_types=(loss_type,), label_smoothing=0.2).label_smoothing == 0.2
