@@ -86,6 +86,7 @@ class TrainConfig:
     num_epochs: float = _f(1.0, "Passes over the training data (ignored when max_steps > 0).")
     max_steps: int = _f(0, "Optimizer steps to run (0 = derive from num_epochs).")
     mixed_precision: str = _f("no", "Autocast: no, bf16 or fp16 (weights stay in their dtype).")
+    on_nonfinite: str = _f("stop", "A NaN/infinite loss or gradient: stop (naming the step and examples) or skip the step.")
     seed: int = _f(42, "Seed for data order, initialisation and dropout.")
     disable_dropout: bool = _f(True, "Turn dropout off in policy and reference (DPO's log-ratios assume it).")
 
@@ -158,6 +159,7 @@ class TrainConfig:
         need(self.lora_r >= 1, f"lora_r must be at least 1 (got {self.lora_r}).")
         for name, allowed in (("dtype", ("float32", "bfloat16", "float16")),
                               ("mixed_precision", ("no", "bf16", "fp16")),
+                              ("on_nonfinite", ("stop", "skip")),
                               ("lr_scheduler", ("cosine", "linear", "constant")),
                               ("reference", ("auto", "copy", "lora_disabled", "precomputed", "none")),
                               ("format", ("auto", "standard", "conversational", "implicit"))):

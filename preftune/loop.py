@@ -69,7 +69,10 @@ def _as_config(config: TrainConfig | dict | str | Path) -> TrainConfig:
 # ----------------------------------------------------------------------------- run folder
 
 def prepare_output_dir(cfg: TrainConfig) -> Path:
-    """Refuse a non-empty folder unless resuming or --overwrite; never touch files we did not write."""
+    """Refuse a non-empty folder unless resuming or --overwrite; never touch files we did not write.
+
+    Only checks: the folder is created once the data has passed validation, so bad input leaves nothing behind.
+    """
     if not cfg.output_dir:
         raise PreftuneError("no output_dir given; pass --output-dir PATH for the run's files.")
     out = Path(cfg.output_dir).expanduser()
@@ -78,7 +81,6 @@ def prepare_output_dir(cfg: TrainConfig) -> Path:
     if out.is_dir() and any(out.iterdir()) and not (cfg.resume or cfg.overwrite):
         raise PreftuneError(f"output_dir {out} is not empty; pass --resume to continue that run, "
                             "--overwrite to replace its run files, or another --output-dir.")
-    out.mkdir(parents=True, exist_ok=True)
     return out
 
 
@@ -262,6 +264,7 @@ def run(cfg: TrainConfig, task: str = "dpo") -> RunResult:
     tokenizer = load_tokenizer(model_path, trust_remote_code=cfg.trust_remote_code)
     train_split, eval_split = load_splits(cfg, tokenizer, task)
     say(train_split.summary)
+    out_dir.mkdir(parents=True, exist_ok=True)
     if checkpoint is None and cfg.overwrite:
         _clear_run_files(out_dir)
     if accelerator.is_main_process:
@@ -397,6 +400,7 @@ def run(cfg: TrainConfig, task: str = "dpo") -> RunResult:
     bar = tqdm(total=total_steps, initial=start_step, disable=not (cfg.progress and accelerator.is_main_process),
                desc=task, dynamic_ncols=True)
     epoch_cache: dict[int, list] = {}
+    skipped = 0
     with _StopRequest() as stop:
         for step in range(start_step, total_steps):
             epoch, pos = divmod(step, steps_per_epoch)
@@ -409,6 +413,7 @@ def run(cfg: TrainConfig, task: str = "dpo") -> RunResult:
                 sum(len(pairs[i].chosen_ids) for m in micro for i in m)
             denominator = float(accelerator.reduce(torch.tensor(float(denominator), device=accelerator.device),
                                                    reduction="sum")) / n_proc
+            bad: str | None = None
             for k, idx in enumerate(micro):
                 batch = collate([pairs[i] for i in idx], idx, tokenizer.pad_token_id).to(accelerator.device)
                 sync = accelerator.no_sync(model) if k < len(micro) - 1 and n_proc > 1 else _nullcontext()
@@ -417,19 +422,28 @@ def run(cfg: TrainConfig, task: str = "dpo") -> RunResult:
                         pol = forward_logps(model, batch, **fwd)
                     loss = step_loss(pol, batch, window, reference, update_shift=True) / denominator
                     if not torch.isfinite(loss):
-                        ids = [pairs[i].index for i in idx]
-                        raise PreftuneError(f"the loss became {float(loss)} at step {step + 1} on examples {ids}; "
-                                            "lower the learning rate or check those examples"
-                                            + (" (the last checkpoint is intact)." if cfg.save_steps else "."))
+                        bad = f"the loss became {float(loss.detach())} at step {step + 1} on examples " \
+                              f"{[pairs[i].index for i in idx]} (positions in the data file)"
+                        break
                     accelerator.backward(loss)
             grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else 1e12)
-            if not torch.isfinite(torch.as_tensor(grad_norm)):
-                raise PreftuneError(f"the gradient became non-finite at step {step + 1}; lower the learning rate "
-                                    "or use fp32 / bf16 instead of fp16.")
+            if bad is None and not torch.isfinite(torch.as_tensor(grad_norm)):
+                bad = f"the gradient became non-finite at step {step + 1} on examples " \
+                      f"{[pairs[i].index for m in micro for i in m]}"
+            if bad is not None:
+                if cfg.on_nonfinite == "stop":
+                    last = "; the last checkpoint is intact" if cfg.save_steps else ""
+                    raise PreftuneError(f"{bad}{last}; lower the learning rate, check those examples, or pass "
+                                        "--on-nonfinite skip to skip such steps.")
+                # Skip: drop this step's gradients, keep the schedule and data position moving.
+                optimizer.zero_grad(set_to_none=True)
+                skipped += 1
+                grad_norm = torch.tensor(0.0)
             window.grad_norm += float(grad_norm)
             window.steps += 1
             lr = scheduler.get_last_lr()[0]
-            optimizer.step()
+            if bad is None:
+                optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             done = step + 1
@@ -438,6 +452,8 @@ def run(cfg: TrainConfig, task: str = "dpo") -> RunResult:
             if done % cfg.logging_steps == 0 or done == total_steps:
                 row = {**window.mean(task), "grad_norm": window.grad_norm / max(window.steps, 1), "lr": lr,
                        **window.rates(), "epoch": round(step / steps_per_epoch, 4)}
+                if skipped:
+                    row["skipped_steps"] = skipped
                 if accelerator.is_main_process:
                     last_train = metrics.write(done, "train", row)
                 bar.set_postfix({k: f"{row[k]:.4g}" for k in ("loss", "rewards/accuracies") if k in row})

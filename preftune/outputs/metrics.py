@@ -14,7 +14,9 @@ class MetricsWriter:
 
     def write(self, step: int, split: str, values: dict[str, float]) -> dict[str, Any]:
         row: dict[str, Any] = {"step": step, "split": split}
-        row.update({k: (round(v, 6) if isinstance(v, float) and math.isfinite(v) else v) for k, v in values.items()})
+        # Non-finite values become null so every line stays strict JSON.
+        row.update({k: ((round(v, 6) if math.isfinite(v) else None) if isinstance(v, float) else v)
+                    for k, v in values.items()})
         with self.path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
         return row

@@ -1,0 +1,145 @@
+"""Every kind of bad input: one sentence naming the thing, exit status 2, no traceback, nothing written."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from preftune import TrainConfig, train
+from preftune.cli import main
+from preftune.errors import PreftuneError
+
+GOOD = {"prompt": "question: red answer:", "chosen": " yes good", "rejected": " no bad"}
+
+
+def _train_cli(model, data, out, *extra):
+    return main(["train", "--model", str(model), "--data", str(data), "--output-dir", str(out), "--max-steps", "1",
+                 "--max-length", "64", "--max-prompt-length", "32", "--progress", "false", *extra])
+
+
+def _expect(capsys, code, *needles):
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "Traceback" not in err
+    for n in needles:
+        assert n in err, err
+    return err
+
+
+def _jsonl(path, rows):
+    path.write_bytes(b"".join((r if isinstance(r, bytes) else json.dumps(r).encode()) + b"\n" for r in rows))
+    return path
+
+
+@pytest.mark.parametrize("rows, needles", [
+    ([GOOD, b'{"prompt": "x", "chosen": ', GOOD], ["line 2", "not valid JSON"]),
+    ([GOOD, {"prompt": "p", "chosen": "c"}], ["line 2", "missing field 'rejected'"]),
+    ([GOOD, {"prompt": 3, "chosen": "c", "rejected": "r"}], ["line 2", "'prompt' is int"]),
+    ([GOOD, GOOD, {"prompt": "p", "chosen": "", "rejected": "r"}], ["line 3", "'chosen' is empty"]),
+    ([GOOD, {"prompt": "p", "chosen": "same", "rejected": "same"}], ["line 2", "identical"]),
+    ([GOOD, b'{"prompt": "caf\xe9", "chosen": "a", "rejected": "b"}'], ["line 2", "UTF-8"]),
+    ([GOOD, {"prompt": "x" * 1_000_001, "chosen": "a", "rejected": "b"}], ["line 2", "long"]),
+], ids=["bad-json", "missing-field", "wrong-type", "empty-chosen", "identical", "invalid-utf8", "huge-row"])
+def test_bad_rows(tmp_path, tiny_model_dir, capsys, rows, needles):
+    data = _jsonl(tmp_path / "d.jsonl", rows)
+    out = tmp_path / "out"
+    _expect(capsys, _train_cli(tiny_model_dir, data, out), *needles, "--skip-invalid")
+    assert not out.exists()
+
+
+def test_skip_invalid_drops_and_trains(tmp_path, tiny_model_dir, capsys):
+    data = _jsonl(tmp_path / "d.jsonl", [GOOD] * 4 + [b"not json", {"prompt": "p"}])
+    assert _train_cli(tiny_model_dir, data, tmp_path / "out", "--skip-invalid", "--batch-size", "2") == 0
+    assert "dropped 2 invalid rows" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("content, needle", [
+    (b"", "empty"),
+    (b"\x00\x01\x02\xff\xfe binary \x00" * 50, "does not look like"),
+])
+def test_empty_and_binary_files(tmp_path, tiny_model_dir, capsys, content, needle):
+    data = tmp_path / "d.jsonl"
+    data.write_bytes(content)
+    _expect(capsys, _train_cli(tiny_model_dir, data, tmp_path / "out"), needle)
+    assert not (tmp_path / "out").exists()
+
+
+def test_model_folder_without_config(tmp_path, pairs_file, capsys):
+    (tmp_path / "m").mkdir()
+    _expect(capsys, _train_cli(tmp_path / "m", pairs_file, tmp_path / "out"), "no config.json")
+
+
+def test_tokenizer_without_eos(tmp_path, pairs_file, capsys):
+    from helpers import build_tiny_model
+    from transformers import AutoTokenizer
+
+    folder = build_tiny_model(tmp_path / "m")
+    tok = AutoTokenizer.from_pretrained(folder)
+    tok.eos_token = None
+    tok.save_pretrained(folder)
+    _expect(capsys, _train_cli(folder, pairs_file, tmp_path / "out"), "no EOS token")
+
+
+def test_out_of_range_and_unknown_keys(tmp_path, tiny_model_dir, pairs_file, capsys):
+    _expect(capsys, _train_cli(tiny_model_dir, pairs_file, tmp_path / "o", "--label-smoothing", "0.7"),
+            "label_smoothing must be in [0, 0.5)")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"model: {tiny_model_dir}\ndata: {pairs_file}\noutput_dir: {tmp_path / 'o'}\nbeat: 0.1\n")
+    _expect(capsys, main(["train", str(cfg)]), "unknown config key 'beat'", "did you mean 'beta'")
+    assert not (tmp_path / "o").exists()
+
+
+def test_resume_without_checkpoint(tmp_path, tiny_model_dir, pairs_file, capsys):
+    _expect(capsys, _train_cli(tiny_model_dir, pairs_file, tmp_path / "o", "--resume"), "found no checkpoint")
+
+
+class _NaNAt:
+    """Wraps forward_logps so that its n-th training call returns NaN log-probs."""
+
+    def __init__(self, real, n):
+        self.real, self.n, self.calls = real, n, 0
+
+    def __call__(self, *a, **k):
+        out = self.real(*a, **k)
+        if torch.is_grad_enabled():
+            self.calls += 1
+            if self.calls == self.n:
+                out.chosen_logps = out.chosen_logps * float("nan")
+        return out
+
+
+def test_nan_loss_stops_naming_step_and_examples(tmp_path, tiny_model_dir, pairs_file, monkeypatch):
+    import preftune.loop as loop
+
+    monkeypatch.setattr(loop, "forward_logps", _NaNAt(loop.forward_logps, 2))
+    cfg = TrainConfig(model=str(tiny_model_dir), data=str(pairs_file), output_dir=str(tmp_path / "o"), max_steps=3,
+                      batch_size=4, progress=False, max_length=64, max_prompt_length=32)
+    with pytest.raises(PreftuneError, match=r"loss became nan at step 2 on examples \[\d+, \d+, \d+, \d+\]"):
+        train(cfg)
+
+
+def test_nan_loss_skip_option_counts(tmp_path, tiny_model_dir, pairs_file, monkeypatch):
+    import preftune.loop as loop
+    from preftune.outputs.metrics import read_metrics
+
+    monkeypatch.setattr(loop, "forward_logps", _NaNAt(loop.forward_logps, 2))
+    cfg = TrainConfig(model=str(tiny_model_dir), data=str(pairs_file), output_dir=str(tmp_path / "o"), max_steps=3,
+                      batch_size=4, progress=False, max_length=64, max_prompt_length=32, on_nonfinite="skip")
+    res = train(cfg)
+    rows = read_metrics(res.output_dir)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert rows[1]["loss"] is None and rows[2]["skipped_steps"] == 1
+    assert res.final_dir.is_dir()
+
+
+def test_run_writes_only_inside_output_dir(tmp_path, tiny_model_dir, pairs_file):
+    """Everything a run writes lies under output_dir (the data and model folders are untouched)."""
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")}
+    model_before = {p: p.stat().st_mtime_ns for p in tiny_model_dir.rglob("*")}
+    out = tmp_path / "o"
+    assert _train_cli(tiny_model_dir, pairs_file, out, "--save-steps", "1") == 0
+    after = {p for p in tmp_path.rglob("*")}
+    assert all(str(p).startswith(str(out)) for p in after - set(before))
+    assert {p: p.stat().st_mtime_ns for p in tiny_model_dir.rglob("*")} == model_before
