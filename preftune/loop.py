@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import random
+import shutil
 import signal
 import time
 from dataclasses import dataclass, field
@@ -85,8 +86,6 @@ def prepare_output_dir(cfg: TrainConfig) -> Path:
 
 
 def _clear_run_files(out: Path) -> None:
-    import shutil
-
     for name in RUN_FILES:  # only what a run writes: a user's other files in the folder stay
         p = out / name
         if p.is_dir():
@@ -236,6 +235,19 @@ class _StopRequest:
             signal.signal(sig, old)
 
 
+def _accelerator(mixed_precision: str):
+    """A fresh Accelerator per run. accelerate keeps one global state per process; several runs from one
+    Python process (SFT then DPO, or tests) may ask for different precisions, which is only safe to reset
+    when this process is the whole job."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    if AcceleratorState._shared_state and PartialState().num_processes == 1:
+        AcceleratorState._reset_state()
+        GradientState._reset_state()
+    return Accelerator(mixed_precision=mixed_precision)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -244,7 +256,6 @@ def seed_everything(seed: int) -> None:
 
 def run(cfg: TrainConfig, task: str = "dpo") -> RunResult:
     import transformers
-    from accelerate import Accelerator
     from tqdm.auto import tqdm
     from transformers import get_scheduler
 
@@ -256,7 +267,7 @@ def run(cfg: TrainConfig, task: str = "dpo") -> RunResult:
     out_dir = prepare_output_dir(cfg)
     checkpoint = find_checkpoint(out_dir, cfg.resume)
     model_path = resolve_model_path(cfg.model, cfg.allow_pickle)
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
+    accelerator = _accelerator(cfg.mixed_precision)
     say = accelerator.print
     seed_everything(cfg.seed)
 
@@ -350,6 +361,8 @@ def run(cfg: TrainConfig, task: str = "dpo") -> RunResult:
                                 scheduler=scheduler)
         start_step = state["step"]
         reward_shift.load_state_dict(state["reward_shift"])
+        if (checkpoint / "metrics.jsonl").is_file():
+            shutil.copy2(checkpoint / "metrics.jsonl", metrics.path)
         metrics.truncate_after(start_step)
         say(f"resumed from {checkpoint} at step {start_step}")
 
@@ -464,7 +477,8 @@ def run(cfg: TrainConfig, task: str = "dpo") -> RunResult:
                 if accelerator.is_main_process:
                     save_checkpoint(out_dir, done, model=accelerator.unwrap_model(model), optimizer=optimizer,
                                     scheduler=scheduler, trainer_state={"reward_shift": reward_shift.state_dict()},
-                                    reference_cache=reference_cache, keep=cfg.save_total_limit)
+                                    reference_cache=reference_cache, keep=cfg.save_total_limit,
+                                    copies=(metrics.path, out_dir / "config.yaml"))
                 accelerator.wait_for_everyone()
             if stop.signal is not None:
                 bar.close()

@@ -144,3 +144,15 @@ def test_sft_on_preference_file_uses_chosen(tiny_model_dir, pairs_file, tmp_path
     res = sft(_cfg(tiny_model_dir, pairs_file, tmp_path / "run", max_steps=2))
     assert "preference-chosen" in res.data_summary
     assert read_metrics(res.output_dir)[-1]["step"] == 2
+
+
+@pytest.mark.parametrize("kw", [{"gradient_checkpointing": True}, {"mixed_precision": "bf16"},
+                                {"reference": "copy", "dtype": "bfloat16", "learning_rate": 1e-2}],
+                         ids=["grad-checkpointing", "bf16-autocast", "bf16-weights"])
+def test_precision_and_memory_options_start_at_ln2(tiny_model_dir, pairs_file, tmp_path, kw):
+    """Whatever the precision or recomputation, policy == reference at step 1: loss ln 2 (bf16: within 1e-2)."""
+    res = train(_cfg(tiny_model_dir, pairs_file, tmp_path / "run", max_steps=2, **kw))
+    first, second = read_metrics(res.output_dir)[:2]
+    tol = 1e-5 if kw.get("gradient_checkpointing") else 1e-2
+    assert first["loss"] == pytest.approx(math.log(2), abs=tol)
+    assert math.isfinite(second["loss"]) and math.isfinite(second["grad_norm"])

@@ -49,7 +49,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(run_dir: Path, step: int, *, model: torch.nn.Module, optimizer, scheduler,
-                    trainer_state: dict[str, Any], reference_cache: Path | None, keep: int) -> Path:
+                    trainer_state: dict[str, Any], reference_cache: Path | None, keep: int,
+                    copies: tuple[Path, ...] = ()) -> Path:
     root = run_dir / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:07d}"
@@ -61,6 +62,9 @@ def save_checkpoint(run_dir: Path, step: int, *, model: torch.nn.Module, optimiz
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()},
                    tmp / "state.pt")
         (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **trainer_state}, indent=1))
+        for f in copies:  # metrics so far and the resolved config: small, and a resume restores them
+            if f.is_file():
+                shutil.copy2(f, tmp / f.name)
         if reference_cache is not None and reference_cache.is_file():
             try:
                 os.link(reference_cache, tmp / reference_cache.name)
