@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -121,7 +122,8 @@ def _run(argv: Sequence[str] | None) -> int:
 
         cfg = config_from_args(args)
         result = (loop.train if args.command == "train" else loop.sft)(cfg)
-        print(f"done: {result.steps} steps; model in {result.final_dir}; metrics in {result.output_dir / 'metrics.jsonl'}")
+        if os.environ.get("RANK", "0") == "0":  # one line per job, not per process
+            print(f"done: {result.steps} steps; model in {result.final_dir}; metrics in {result.output_dir / 'metrics.jsonl'}")
         return 0
     if args.command == "inspect":
         from preftune.inspect import run_inspect

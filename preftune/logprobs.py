@@ -184,6 +184,19 @@ def forward_logps(model: torch.nn.Module, batch: Batch, *, prefix_sharing: bool 
     return SequenceLogps(sums[:b], chosen_lengths, sums[b:], batch.rejected_mask.sum(-1).float())
 
 
+class LogpsModel(torch.nn.Module):
+    """`forward_logps` as a module, so DDP/FSDP wrap *this* and their forward hooks (gradient sync,
+    parameter gathering) run around the whole computation even though it calls the decoder directly."""
+
+    def __init__(self, model: torch.nn.Module, *, prefix_sharing: bool = True, chunk_size: int = 1024):
+        super().__init__()
+        self.model = model
+        self.prefix_sharing, self.chunk_size = prefix_sharing, chunk_size
+
+    def forward(self, batch: Batch) -> SequenceLogps:
+        return forward_logps(self.model, batch, prefix_sharing=self.prefix_sharing, chunk_size=self.chunk_size)
+
+
 def _device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 

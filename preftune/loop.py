@@ -25,7 +25,7 @@ from preftune.config import TrainConfig, check_keys
 from preftune.data.collate import batch_order, collate
 from preftune.data.tokenize import TokenizedPair, tokenize_records
 from preftune.errors import PreftuneError
-from preftune.logprobs import forward_logps
+from preftune.logprobs import LogpsModel
 from preftune.losses import RewardShift, nll_loss, preference_loss
 from preftune.modeling import reference as refs
 from preftune.modeling.load import add_lora, disable_dropout, load_model, load_tokenizer, resolve_model_path
@@ -188,6 +188,17 @@ class Window:
         if ref is not None:
             s["kl_sum"] = s.get("kl_sum", 0.0) + float((out.chosen_logps.detach() - ref.chosen_logps).sum())
 
+    def sync(self, accelerator) -> None:
+        """Sum the window over all processes, so logged figures cover the whole global batch."""
+        if accelerator.num_processes == 1:
+            return
+        keys = sorted(self.sums)
+        t = torch.tensor([self.sums[k] for k in keys] + [self.pairs, self.tokens, self.chosen_tokens],
+                         dtype=torch.float64, device=accelerator.device)
+        t = accelerator.reduce(t, reduction="sum").tolist()
+        self.sums = dict(zip(keys, t[:len(keys)]))
+        self.pairs, self.tokens, self.chosen_tokens = int(t[-3]), int(t[-2]), t[-1]
+
     def mean(self, task: str) -> dict[str, float]:
         s, n = self.sums, max(self.pairs, 1)
         m: dict[str, float] = {}
@@ -275,12 +286,13 @@ def run(cfg: TrainConfig, task: str = "dpo") -> RunResult:
     tokenizer = load_tokenizer(model_path, trust_remote_code=cfg.trust_remote_code)
     train_split, eval_split = load_splits(cfg, tokenizer, task)
     say(train_split.summary)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if checkpoint is None and cfg.overwrite:
-        _clear_run_files(out_dir)
     if accelerator.is_main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if checkpoint is None and cfg.overwrite:
+            _clear_run_files(out_dir)
         (out_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         (out_dir / "data_summary.txt").write_text(train_split.summary + "\n")
+    accelerator.wait_for_everyone()
     metrics = MetricsWriter(out_dir / "metrics.jsonl")
 
     # --- model
@@ -325,7 +337,8 @@ def run(cfg: TrainConfig, task: str = "dpo") -> RunResult:
                 say(f"reference log-probs for {len(split.pairs):,} {name} pairs → {cache_file.relative_to(out_dir)}")
                 caches.append(refs.precompute(ref_model, split.pairs, cache_file=cache_file,
                                               pad_id=tokenizer.pad_token_id, batch_size=bs,
-                                              autocast=accelerator.autocast, progress=cfg.progress, **fwd))
+                                              autocast=accelerator.autocast, progress=cfg.progress,
+                                              save=accelerator.is_main_process, **fwd))
                 if name == "train":
                     reference_cache = cache_file
             reference, eval_reference = caches
@@ -352,24 +365,25 @@ def run(cfg: TrainConfig, task: str = "dpo") -> RunResult:
     warmup = cfg.warmup_steps or int(round(cfg.warmup_ratio * total_steps))
     scheduler = get_scheduler(cfg.lr_scheduler if cfg.lr_scheduler != "constant" else "constant_with_warmup",
                               optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    policy, optimizer = accelerator.prepare(LogpsModel(model, **fwd), optimizer)
     reward_shift = RewardShift()
 
     start_step = 0
     if checkpoint is not None:
-        state = load_checkpoint(checkpoint, model=accelerator.unwrap_model(model), optimizer=optimizer,
+        state = load_checkpoint(checkpoint, model=model, optimizer=optimizer,
                                 scheduler=scheduler)
         start_step = state["step"]
         reward_shift.load_state_dict(state["reward_shift"])
-        if (checkpoint / "metrics.jsonl").is_file():
-            shutil.copy2(checkpoint / "metrics.jsonl", metrics.path)
-        metrics.truncate_after(start_step)
+        if accelerator.is_main_process:
+            if (checkpoint / "metrics.jsonl").is_file():
+                shutil.copy2(checkpoint / "metrics.jsonl", metrics.path)
+            metrics.truncate_after(start_step)
         say(f"resumed from {checkpoint} at step {start_step}")
 
     def evaluate(step: int) -> dict[str, Any]:
         if eval_split is None:
             return {}
-        model.eval()
+        policy.eval()
         win = Window()
         bs = cfg.eval_batch_size or 2 * cfg.batch_size
         pairs = eval_split.pairs
@@ -379,9 +393,10 @@ def run(cfg: TrainConfig, task: str = "dpo") -> RunResult:
                 idx = order[s:s + bs]
                 batch = collate([pairs[i] for i in idx], idx, tokenizer.pad_token_id).to(accelerator.device)
                 with accelerator.autocast():
-                    pol = forward_logps(model, batch, **fwd)
+                    pol = policy(batch)
                 step_loss(pol, batch, win, eval_reference, update_shift=False)
-        model.train()
+        policy.train()
+        win.sync(accelerator)
         row = {**win.mean(task)}
         if accelerator.is_main_process:
             metrics.write(step, "eval", row)
@@ -405,7 +420,7 @@ def run(cfg: TrainConfig, task: str = "dpo") -> RunResult:
         return total
 
     # --- the loop
-    model.train()
+    policy.train()
     pairs = train_split.pairs
     window = Window()
     last_train: dict[str, Any] = {}
@@ -429,10 +444,10 @@ def run(cfg: TrainConfig, task: str = "dpo") -> RunResult:
             bad: str | None = None
             for k, idx in enumerate(micro):
                 batch = collate([pairs[i] for i in idx], idx, tokenizer.pad_token_id).to(accelerator.device)
-                sync = accelerator.no_sync(model) if k < len(micro) - 1 and n_proc > 1 else _nullcontext()
+                sync = accelerator.no_sync(policy) if k < len(micro) - 1 and n_proc > 1 else _nullcontext()
                 with sync:
                     with accelerator.autocast():
-                        pol = forward_logps(model, batch, **fwd)
+                        pol = policy(batch)
                     loss = step_loss(pol, batch, window, reference, update_shift=True) / denominator
                     if not torch.isfinite(loss):
                         bad = f"the loss became {float(loss.detach())} at step {step + 1} on examples " \
@@ -463,6 +478,7 @@ def run(cfg: TrainConfig, task: str = "dpo") -> RunResult:
             bar.update(1)
 
             if done % cfg.logging_steps == 0 or done == total_steps:
+                window.sync(accelerator)
                 row = {**window.mean(task), "grad_norm": window.grad_norm / max(window.steps, 1), "lr": lr,
                        **window.rates(), "epoch": round(step / steps_per_epoch, 4)}
                 if skipped:
@@ -475,7 +491,7 @@ def run(cfg: TrainConfig, task: str = "dpo") -> RunResult:
                 last_eval = evaluate(done)
             if (cfg.save_steps and done % cfg.save_steps == 0) or stop.signal is not None:
                 if accelerator.is_main_process:
-                    save_checkpoint(out_dir, done, model=accelerator.unwrap_model(model), optimizer=optimizer,
+                    save_checkpoint(out_dir, done, model=model, optimizer=optimizer,
                                     scheduler=scheduler, trainer_state={"reward_shift": reward_shift.state_dict()},
                                     reference_cache=reference_cache, keep=cfg.save_total_limit,
                                     copies=(metrics.path, out_dir / "config.yaml"))
@@ -489,7 +505,7 @@ def run(cfg: TrainConfig, task: str = "dpo") -> RunResult:
     last_eval = evaluate(total_steps) or last_eval
     final_dir = out_dir / "final"
     if accelerator.is_main_process:
-        final_dir = save_final(out_dir, accelerator.unwrap_model(model), tokenizer, merge_lora=cfg.merge_lora)
+        final_dir = save_final(out_dir, model, tokenizer, merge_lora=cfg.merge_lora)
     accelerator.wait_for_everyone()
     if last_eval:
         say("eval: " + ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items() if isinstance(v, float)))

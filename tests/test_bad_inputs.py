@@ -111,9 +111,9 @@ class _NaNAt:
 
 
 def test_nan_loss_stops_naming_step_and_examples(tmp_path, tiny_model_dir, pairs_file, monkeypatch):
-    import preftune.loop as loop
+    import preftune.logprobs as logprobs
 
-    monkeypatch.setattr(loop, "forward_logps", _NaNAt(loop.forward_logps, 2))
+    monkeypatch.setattr(logprobs, "forward_logps", _NaNAt(logprobs.forward_logps, 2))
     cfg = TrainConfig(model=str(tiny_model_dir), data=str(pairs_file), output_dir=str(tmp_path / "o"), max_steps=3,
                       batch_size=4, progress=False, max_length=64, max_prompt_length=32)
     with pytest.raises(PreftuneError, match=r"loss became nan at step 2 on examples \[\d+, \d+, \d+, \d+\]"):
@@ -121,10 +121,10 @@ def test_nan_loss_stops_naming_step_and_examples(tmp_path, tiny_model_dir, pairs
 
 
 def test_nan_loss_skip_option_counts(tmp_path, tiny_model_dir, pairs_file, monkeypatch):
-    import preftune.loop as loop
+    import preftune.logprobs as logprobs
     from preftune.outputs.metrics import read_metrics
 
-    monkeypatch.setattr(loop, "forward_logps", _NaNAt(loop.forward_logps, 2))
+    monkeypatch.setattr(logprobs, "forward_logps", _NaNAt(logprobs.forward_logps, 2))
     cfg = TrainConfig(model=str(tiny_model_dir), data=str(pairs_file), output_dir=str(tmp_path / "o"), max_steps=3,
                       batch_size=4, progress=False, max_length=64, max_prompt_length=32, on_nonfinite="skip")
     res = train(cfg)

@@ -96,7 +96,7 @@ def model_identity(path: str) -> str:
 @torch.inference_mode()
 def precompute(model: torch.nn.Module, pairs: Sequence[TokenizedPair], *, cache_file: Path, pad_id: int,
                batch_size: int, prefix_sharing: bool, chunk_size: int, autocast=None,
-               progress: bool = False) -> Precomputed:
+               progress: bool = False, save: bool = True) -> Precomputed:
     """Reference log-probs for all pairs, loaded from `cache_file` when it exists, else computed and saved."""
     if cache_file.is_file():
         t = load_file(str(cache_file))
@@ -119,6 +119,8 @@ def precompute(model: torch.nn.Module, pairs: Sequence[TokenizedPair], *, cache_
         chosen[idx] = out.chosen_logps.float().cpu()
         rejected[idx] = out.rejected_logps.float().cpu()
     model.train(was_training)
+    if not save:  # another process of the same job writes it
+        return Precomputed(chosen, rejected)
     cache_file.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache_file.with_suffix(".tmp")
     save_file({"chosen": chosen, "rejected": rejected}, str(tmp))
