@@ -105,7 +105,7 @@ def audit(
         "histograms": {part: _histogram(lengths[part]) for part in ("prompt", "chosen", "rejected")},
     }
     report["truncation"] = _truncation(lengths, max_length, max_prompt_length)
-    report["length_bias"] = _length_bias(lengths)
+    report["length_bias"] = length_bias(lengths)
     report["model"] = None
     if model is not None:
         report["model"] = _model_margins(
@@ -297,7 +297,7 @@ def _truncation(lengths: dict, max_length: int, max_prompt_length: int) -> dict:
     }
 
 
-def _length_bias(lengths: dict) -> dict:
+def length_bias(lengths: dict) -> dict:
     c, r = lengths["chosen"], lengths["rejected"]
     n = len(c)
     if not n:
@@ -311,7 +311,20 @@ def _length_bias(lengths: dict) -> dict:
         "chosen_shorter": _num(shorter / n),
         "equal": _num((n - longer - shorter) / n),
         "mean_difference": _num(sum(a - b for a, b in zip(c, r)) / n),
+        # Equal-length pairs teach nothing about length, so the bias is judged among the others.
+        "chosen_longer_among_unequal": _num(longer / (longer + shorter)) if longer + shorter else None,
     }
+
+
+def length_bias_warning(bias: dict) -> str | None:
+    """A warning when chosen is mostly the longer (or mostly the shorter) answer, else None."""
+    share = bias.get("chosen_longer_among_unequal")
+    if share is None or LENGTH_BIAS_LOW <= share <= LENGTH_BIAS_HIGH:
+        return None
+    which = "longer" if share > LENGTH_BIAS_HIGH else "shorter"
+    return (f"length bias: where the answers differ in length, chosen is the longer one in {100 * share:.1f}% of "
+            f"pairs; DPO may learn to make answers {which} rather than better "
+            "(consider length-normalised losses or balancing the data)")
 
 
 def _model_margins(
@@ -393,16 +406,9 @@ def _warnings(report: dict) -> list[str]:
     top = report["prompts"]["top"]
     if top and n >= 20 and top[0]["pairs"] > 0.1 * n:
         out.append(f"one prompt carries {_share(top[0]['pairs'], n)} of the pairs")
-    bias = report["length_bias"]
-    if bias.get("pairs"):
-        share = bias["chosen_longer"]
-        if share > LENGTH_BIAS_HIGH or share < LENGTH_BIAS_LOW:
-            which = "longer" if share > LENGTH_BIAS_HIGH else "shorter"
-            out.append(
-                f"length bias: chosen is longer than rejected in {100 * share:.1f}% of pairs; "
-                f"DPO may learn to make answers {which} rather than better "
-                "(consider length-normalised losses or balancing the data)"
-            )
+    warning = length_bias_warning(report["length_bias"])
+    if warning:
+        out.append(warning)
     tr = report["truncation"]
     unit = tr["unit"]
     for key, what, flag in (

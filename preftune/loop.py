@@ -133,12 +133,25 @@ def load_splits(cfg: TrainConfig, tokenizer, task: str) -> tuple[Split, Split | 
 
     train_pairs, s = tok(train_records, "train")
     lines.append(s)
+    if task == "dpo":
+        lines.append(_length_bias_line(train_pairs))
     eval_split = None
     if eval_records:
         eval_pairs, s = tok(eval_records, "eval")
         lines.append(s)
         eval_split = Split(eval_pairs, s)
     return Split(train_pairs, "\n".join(lines)), eval_split
+
+
+def _length_bias_line(pairs: list[TokenizedPair]) -> str:
+    """DPO learns "longer is better" from data where chosen is usually the longer answer: say so up front."""
+    from preftune.inspect import length_bias, length_bias_warning
+
+    b = length_bias({"chosen": [len(p.chosen_ids) for p in pairs], "rejected": [len(p.rejected_ids) for p in pairs],
+                     "unit": "tokens"})
+    return length_bias_warning(b) or (f"length bias: chosen is longer in {b['chosen_longer']:.0%} and shorter in "
+                                      f"{b['chosen_shorter']:.0%} of pairs (mean difference "
+                                      f"{b['mean_difference']:+.1f} tokens)")
 
 
 def micro_batches(pairs: list[TokenizedPair], cfg: TrainConfig, epoch: int, num_processes: int,

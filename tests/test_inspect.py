@@ -91,7 +91,9 @@ def test_audit_figures_in_words(data_file):
     assert "2 invalid rows were dropped" in warnings
     assert "1 exact duplicate pairs" in warnings
     assert "1 pairs whose chosen and rejected differ only in case/whitespace" in warnings
-    assert "length bias: chosen is longer than rejected in 66.7% of pairs" in warnings
+    # 4 longer, 1 shorter, 1 equal: among the 5 unequal pairs chosen is longer in 4/5 = 80%
+    assert lb["chosen_longer_among_unequal"] == 0.8
+    assert "chosen is the longer one in 80.0% of pairs" in warnings
     assert "1 of 6 (16.7%) pairs would have their prompts truncated" in warnings
     assert "4 of 6 (66.7%) pairs would have their answers truncated" in warnings
     assert len(r["warnings"]) == 6
@@ -110,7 +112,7 @@ def test_audit_is_json_and_writes_png_and_html(data_file, tmp_path):
     start = page.index("data:image/png;base64,") + len("data:image/png;base64,")
     png = base64.b64decode(page[start : page.index("'", start)])
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "length bias: chosen is longer than rejected in 66.7% of pairs" in page
+    assert "chosen is the longer one in 80.0% of pairs" in page
     write_audit(r, tmp_path / "report.json", tmp_path / "hist.png")
     assert (tmp_path / "hist.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(PreftuneError, match="use a .png or .html file name"):
