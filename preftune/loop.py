@@ -299,14 +299,6 @@ def run(cfg: TrainConfig, task: str = "dpo") -> RunResult:
     tokenizer = load_tokenizer(model_path, trust_remote_code=cfg.trust_remote_code)
     train_split, eval_split = load_splits(cfg, tokenizer, task)
     say(train_split.summary)
-    if accelerator.is_main_process:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        if checkpoint is None and cfg.overwrite:
-            _clear_run_files(out_dir)
-        (out_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        (out_dir / "data_summary.txt").write_text(train_split.summary + "\n")
-    accelerator.wait_for_everyone()
-    metrics = MetricsWriter(out_dir / "metrics.jsonl")
 
     # --- model
     model = load_model(model_path, dtype=cfg.dtype, attn_implementation=cfg.attn_implementation,
@@ -318,6 +310,16 @@ def run(cfg: TrainConfig, task: str = "dpo") -> RunResult:
     model.config.use_cache = False
     model.to(accelerator.device)
     fwd = dict(prefix_sharing=cfg.prefix_sharing, chunk_size=cfg.logits_chunk_size)
+
+    # --- run folder: written only now that data, tokenizer and model have all loaded
+    if accelerator.is_main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if checkpoint is None and cfg.overwrite:
+            _clear_run_files(out_dir)
+        (out_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        (out_dir / "data_summary.txt").write_text(train_split.summary + "\n")
+    accelerator.wait_for_everyone()
+    metrics = MetricsWriter(out_dir / "metrics.jsonl")
 
     # --- reference (decided before LoRA wraps the model: precompute and copy both use the bare model)
     strategy = cfg.reference
