@@ -69,7 +69,8 @@ def _states(lm, full_logits: bool, keep_last_only: bool = False, cache=None, **k
     if cache is not None:
         kwargs[_cache_kwarg(module)] = cache
     out = module(**kwargs, logits_to_keep=1 if keep_last_only else 0) if full_logits else module(**kwargs)
-    new_cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+    # Read the field this transformers version has; touching the deprecated alias would warn.
+    new_cache = out.cache if hasattr(out, "cache") else getattr(out, "past_key_values", None)
     return (out.logits if full_logits else out.last_hidden_state), new_cache
 
 

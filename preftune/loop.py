@@ -272,6 +272,25 @@ def _accelerator(mixed_precision: str):
     return Accelerator(mixed_precision=mixed_precision)
 
 
+def lr_schedule(optimizer: torch.optim.Optimizer, kind: str, warmup: int, total: int):
+    """Linear warmup to the peak, then cosine or linear decay to 0, or constant.
+
+    (transformers' get_scheduler does the same but importing it costs seconds at start-up.)
+    """
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if kind == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total - warmup)
+        if kind == "linear":
+            return max(0.0, 1.0 - progress)
+        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -281,7 +300,6 @@ def seed_everything(seed: int) -> None:
 def run(cfg: TrainConfig, task: str = "dpo") -> RunResult:
     import transformers
     from tqdm.auto import tqdm
-    from transformers import get_scheduler
 
     # Our own bar and summary lines say what happens; transformers' per-file bars would drown them.
     transformers.utils.logging.disable_progress_bar()
@@ -378,8 +396,7 @@ def run(cfg: TrainConfig, task: str = "dpo") -> RunResult:
     steps_per_epoch = len(micro_batches(train_split.pairs, cfg, 0, n_proc, rank))
     total_steps = cfg.max_steps or max(1, math.ceil(steps_per_epoch * cfg.num_epochs))
     warmup = cfg.warmup_steps or int(round(cfg.warmup_ratio * total_steps))
-    scheduler = get_scheduler(cfg.lr_scheduler if cfg.lr_scheduler != "constant" else "constant_with_warmup",
-                              optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+    scheduler = lr_schedule(optimizer, cfg.lr_scheduler, warmup, total_steps)
     policy, optimizer = accelerator.prepare(LogpsModel(model, **fwd), optimizer)
     reward_shift = RewardShift()
 

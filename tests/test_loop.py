@@ -156,3 +156,23 @@ def test_precision_and_memory_options_start_at_ln2(tiny_model_dir, pairs_file, t
     tol = 1e-5 if kw.get("gradient_checkpointing") else 1e-2
     assert first["loss"] == pytest.approx(math.log(2), abs=tol)
     assert math.isfinite(second["loss"]) and math.isfinite(second["grad_norm"])
+
+
+@pytest.mark.parametrize("kind, expected", [
+    ("cosine", [1 / 3, 2 / 3, 1.0, 0.853553, 0.5, 0.146447]),
+    ("linear", [1 / 3, 2 / 3, 1.0, 0.75, 0.5, 0.25]),
+    ("constant", [1 / 3, 2 / 3, 1.0, 1.0, 1.0, 1.0]),
+])
+def test_lr_schedule(kind, expected):
+    """warmup 2, total 6: warmup factors (s+1)/(w+1) = 1/3, 2/3; then progress p = (s-2)/4 = 0, 1/4, 1/2, 3/4;
+    cosine 0.5(1+cos πp) = 1, 0.853553, 0.5, 0.146447; linear 1-p = 1, 0.75, 0.5, 0.25."""
+    from preftune.loop import lr_schedule
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2.0)
+    sched = lr_schedule(opt, kind, warmup=2, total=6)
+    got = []
+    for _ in range(6):
+        got.append(sched.get_last_lr()[0] / 2.0)
+        opt.step()
+        sched.step()
+    assert got == pytest.approx(expected, abs=1e-6)
