@@ -36,7 +36,9 @@ def test_ddp_two_processes_equal_one_process(tiny_model_dir, pairs_file, tmp_pat
     a, b = read_metrics(tmp_path / "ddp"), read_metrics(tmp_path / "one")
     assert [(r["step"], r["split"]) for r in a] == [(r["step"], r["split"]) for r in b]
     for ra, rb in zip(a, b):  # logged figures cover the global batch, not rank 0's half
-        for key in ("loss", "rewards/chosen", "rewards/accuracies", "kl"):
+        # At step 1 policy == reference: margins are float noise around 0, so accuracy there is a coin toss.
+        keys = ("loss", "rewards/chosen", "kl") + (("rewards/accuracies",) if ra["step"] > 1 else ())
+        for key in keys:
             assert ra[key] == pytest.approx(rb[key], abs=1e-5), (ra["step"], ra["split"], key)
     wa = load_file(str(tmp_path / "ddp" / "final" / "model.safetensors"))
     wb = load_file(str(tmp_path / "one" / "final" / "model.safetensors"))
