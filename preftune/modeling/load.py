@@ -58,8 +58,11 @@ def load_tokenizer(name: str, *, trust_remote_code: bool = False):
 def load_model(name: str, *, dtype: str = "float32", attn_implementation: str | None = None,
                trust_remote_code: bool = False, allow_pickle: bool = False) -> torch.nn.Module:
     """Any AutoModelForCausalLM, in `dtype`, from a folder or hub name."""
+    import transformers
     from transformers import AutoModelForCausalLM
 
+    # preftune prints what it loads; transformers' per-file bars would only add noise.
+    transformers.utils.logging.disable_progress_bar()
     path = resolve_model_path(name, allow_pickle)
     kwargs = {"dtype": DTYPES[dtype], "trust_remote_code": trust_remote_code, "use_safetensors": not allow_pickle}
     if attn_implementation:
