@@ -130,7 +130,7 @@ def _run(argv: Sequence[str] | None) -> int:
 
         return run_inspect(args)
     if args.command == "demo":
-        from preftune.demo import run_demo
+        from preftune.demo.pipeline import run_demo
 
         run_demo(output_dir=args.output_dir, from_scratch=args.from_scratch, n_eval=args.eval_articles,
                  judge=args.judge, seed=args.seed, quick=args.quick, overwrite=args.overwrite)

@@ -1,0 +1,109 @@
+"""The demo's judge: does a summary state the article's key facts, only those, and briefly?
+
+A judge is a plain function ``judge(article, summary) -> JudgeResult``. The default, `judge_summary`,
+checks three things against the facts the generator put in the article (`Article.facts`):
+
+* factual: every key fact appears (organisation, number, what, place, date "Month Day"), and no wrong fact
+  does: no other number than the key number and the day, no other organisation, place or month that the
+  generator knows of;
+* concise: the word count lies in the reference's range (`Article.length_range`, 60%..150%);
+* good: factual and concise.
+
+Replace it with your own by passing ``module:function`` (`load_judge`), e.g. a function that calls a
+larger model; it may return a `JudgeResult` or a mapping with the keys "factual", "concise" and "good".
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from preftune.demo.news import MONTHS, ORGS, PLACES, Article, count_words
+from preftune.errors import PreftuneError
+
+
+@dataclass(frozen=True)
+class JudgeResult:
+    """A verdict on one summary; `reasons` names each missing or wrong fact and a length problem."""
+
+    factual: bool
+    concise: bool
+    good: bool
+    reasons: tuple[str, ...] = field(default_factory=tuple)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["reasons"] = list(self.reasons)
+        return d
+
+
+Judge = Callable[[Article, str], Any]
+
+
+def _mentions(text: str, phrase: str) -> bool:
+    # Whole words only, so that "30" is not found inside "300" nor "Porto" inside "Portoviejo".
+    return re.search(rf"(?<![\w]){re.escape(phrase)}(?![\w])", text, flags=re.IGNORECASE) is not None
+
+
+def judge_summary(article: Article, summary: str) -> JudgeResult:
+    """Judge `summary` of `article`: factual, concise, and good = both (see the module docstring)."""
+    f = article.facts
+    reasons: list[str] = []
+    for key in ("org", "number", "what", "place"):
+        if not _mentions(summary, f[key]):
+            reasons.append(f"missing {key} {f[key]!r}")
+    if not re.search(rf"\b{re.escape(f['month'])}\s+{f['day']}\b", summary, flags=re.IGNORECASE):
+        reasons.append(f"missing date {f['date']!r}")
+    allowed_numbers = {f["number"], f["day"]}
+    for num in re.findall(r"\d+", summary):
+        if num not in allowed_numbers:
+            reasons.append(f"wrong number {num!r}")
+    for key, known in (("org", ORGS), ("place", PLACES), ("month", MONTHS)):
+        for name in known:
+            if name != f[key] and _mentions(summary, name):
+                reasons.append(f"wrong {key} {name!r}")
+    factual = not reasons
+    lo, hi = article.length_range
+    n_words = count_words(summary)
+    concise = lo <= n_words <= hi
+    if not concise:
+        reasons.append(f"{n_words} words, outside {lo}..{hi}")
+    return JudgeResult(factual=factual, concise=concise, good=factual and concise, reasons=tuple(reasons))
+
+
+def as_judge_result(value: Any) -> JudgeResult:
+    """A `JudgeResult` from what a judge returned: a JudgeResult, or a mapping with factual/concise/good."""
+    if isinstance(value, JudgeResult):
+        return value
+    if isinstance(value, Mapping) and all(k in value for k in ("factual", "concise", "good")):
+        return JudgeResult(factual=bool(value["factual"]), concise=bool(value["concise"]),
+                           good=bool(value["good"]), reasons=tuple(value.get("reasons", ())))
+    raise PreftuneError(
+        f"a judge must return a JudgeResult or a mapping with keys factual, concise and good, "
+        f"got {type(value).__name__}.")
+
+
+def load_judge(spec: str | Judge | None) -> Judge:
+    """The judge named by `spec`: None for `judge_summary`, a callable as is, or ``"module:function"``."""
+    if spec is None:
+        return judge_summary
+    if callable(spec):
+        return spec
+    if not isinstance(spec, str) or spec.count(":") != 1 or not all(spec.split(":")):
+        raise PreftuneError(f"a judge is named as 'module:function' (e.g. 'mypkg.judges:judge'), got {spec!r}.")
+    module_name, func_name = spec.split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise PreftuneError(
+            f"cannot import the judge's module {module_name!r} ({e}); check the name and that it is on "
+            f"PYTHONPATH.") from e
+    func = getattr(module, func_name, None)
+    if func is None:
+        raise PreftuneError(f"module {module_name!r} has no function {func_name!r} for the judge.")
+    if not callable(func):
+        raise PreftuneError(f"the judge {spec!r} is not a function (it is a {type(func).__name__}).")
+    return func

@@ -1,0 +1,128 @@
+"""The demo's judge on hand-written summaries of one hand-written article, and load_judge's errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from preftune.demo.judge import JudgeResult, as_judge_result, judge_summary, load_judge
+from preftune.demo.news import Article
+from preftune.errors import PreftuneError
+
+FACTS = {"org": "Redfern Company", "verb": "open", "what": "sports halls", "number": "300", "place": "Krakow",
+         "month": "March", "day": "12", "date": "March 12", "topic": "sport",
+         "distractor_number": "460", "distractor_place": "Tallinn"}
+ARTICLE = Article(
+    id="hand-1", split="heldout",
+    text=("Redfern Company said on March 12 that it will open 300 sports halls in Krakow.\n\n"
+          "Coaches said 460 children had joined waiting lists for local teams. "
+          "Officials praised a similar investment in Tallinn that doubled attendance."),
+    facts=FACTS, reference="Redfern Company will open 300 sports halls in Krakow, it said on March 12.",
+    filler=("Coaches said 460 children had joined waiting lists for local teams.",
+            "Officials praised a similar investment in Tallinn that doubled attendance."))
+
+
+def test_reference_range_is_60_to_150_percent_of_14_words():
+    """The reference has 14 words: round(0.6*14)=8, round(1.5*14)=21."""
+    assert ARTICLE.length_range == (8, 21)
+
+
+@pytest.mark.parametrize("summary", [
+    "Redfern Company will open 300 sports halls in Krakow, it said on March 12.",
+    "On March 12, Redfern Company said it would open 300 sports halls in Krakow.",
+    "redfern company will open 300 sports halls in krakow, announced march 12.",
+])
+def test_good_summaries(summary):
+    r = judge_summary(ARTICLE, summary)
+    assert (r.factual, r.concise, r.good, r.reasons) == (True, True, True, ())
+
+
+def test_verbose_is_factual_but_not_concise():
+    """14 + 16 + 16 = 46 words > 21."""
+    s = (ARTICLE.reference + " This is a very important development that many people in the area have been "
+         "waiting for. It is expected to have a significant impact on the local community in the coming years.")
+    r = judge_summary(ARTICLE, s)
+    assert (r.factual, r.concise, r.good) == (True, False, False)
+    assert r.reasons == ("46 words, outside 8..21",)
+
+
+def test_vague_misses_every_fact():
+    r = judge_summary(ARTICLE, "A local organisation announced new plans for sport in a city.")
+    assert (r.factual, r.concise, r.good) == (False, True, False)
+    assert r.reasons == ("missing org 'Redfern Company'", "missing number '300'", "missing what 'sports halls'",
+                         "missing place 'Krakow'", "missing date 'March 12'")
+
+
+@pytest.mark.parametrize("summary, reasons", [
+    ("Redfern Company will open 460 sports halls in Krakow, it said on March 12.",
+     ("missing number '300'", "wrong number '460'")),
+    ("Redfern Company will open 300 sports halls in Tallinn, it said on March 12.",
+     ("missing place 'Krakow'", "wrong place 'Tallinn'")),
+    ("Northwind Group will open 300 sports halls in Krakow, it said on March 12.",
+     ("missing org 'Redfern Company'", "wrong org 'Northwind Group'")),
+    ("Redfern Company will open 300 sports halls in Krakow, it said on April 12.",
+     ("missing date 'March 12'", "wrong month 'April'")),
+    # "30" must not count as present inside "300", nor "300" inside "3000".
+    ("Redfern Company will open 30 sports halls in Krakow, it said on March 12.",
+     ("missing number '300'", "wrong number '30'")),
+])
+def test_wrong_facts(summary, reasons):
+    r = judge_summary(ARTICLE, summary)
+    assert (r.factual, r.concise, r.good) == (False, True, False)
+    assert r.reasons == reasons
+
+
+def test_copied_filler_misses_facts_and_has_a_wrong_number():
+    r = judge_summary(ARTICLE, "Coaches said 460 children had joined waiting lists for local teams.")
+    assert not r.factual and not r.good
+    assert "wrong number '460'" in r.reasons and "missing org 'Redfern Company'" in r.reasons
+
+
+def test_too_short_is_not_concise():
+    """'Redfern Company in Krakow.' has 4 words < 8 (the facts alone take 8 words, so a factual summary is
+    never too short)."""
+    r = judge_summary(ARTICLE, "Redfern Company in Krakow.")
+    assert (r.factual, r.concise, r.good) == (False, False, False)
+    assert r.reasons[-1] == "4 words, outside 8..21"
+
+
+def my_judge(article, summary):
+    return {"factual": True, "concise": len(summary) < 10, "good": len(summary) < 10}
+
+
+@pytest.fixture
+def user_module(tmp_path, monkeypatch):
+    """A user's own module on PYTHONPATH, with a judge function and a constant."""
+    (tmp_path / "my_judges.py").write_text(
+        "def short(article, summary):\n    return {'factual': True, 'concise': True, 'good': len(summary) < 10}\n"
+        "NOT_A_FUNCTION = 3\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return "my_judges"
+
+
+def test_load_judge_default_callable_and_module_function(user_module):
+    assert load_judge(None) is judge_summary
+    assert load_judge(my_judge) is my_judge
+    assert load_judge("preftune.demo.judge:judge_summary") is judge_summary
+    short = load_judge(f"{user_module}:short")
+    assert short(ARTICLE, "tiny")["good"] and not short(ARTICLE, ARTICLE.reference)["good"]
+
+
+@pytest.mark.parametrize("spec, match", [
+    ("judge_summary", "module:function"),
+    ("a:b:c", "module:function"),
+    (":judge", "module:function"),
+    ("no_such_module_xyz:judge", "cannot import"),
+    ("preftune.demo.judge:nothing_here", "has no function"),
+    ("my_judges:NOT_A_FUNCTION", "not a function"),
+])
+def test_load_judge_errors(spec, match, user_module):
+    with pytest.raises(PreftuneError, match=match):
+        load_judge(spec)
+
+
+def test_as_judge_result_accepts_mappings_and_refuses_other_values():
+    assert as_judge_result(my_judge(ARTICLE, "short")) == JudgeResult(True, True, True)
+    r = JudgeResult(False, True, False, ("x",))
+    assert as_judge_result(r) is r
+    with pytest.raises(PreftuneError, match="JudgeResult or a mapping"):
+        as_judge_result(True)
