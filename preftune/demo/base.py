@@ -7,13 +7,15 @@
     -> `preftune sft` on full articles with the mixture of good and bad summaries (`news.build_sft_records`)
 
 The briefs stage is a curriculum step: a model this small learns to find and copy the facts (an
-"induction" pattern: after "plant", write what followed "plant" in the article) within ~1,000 steps
-on a 40-token lead (~500 steps of 32), but takes several times longer when the lead is buried in 140 tokens of filler
-with distractors. Once it can copy, the full articles teach it the newsroom's mixture of styles.
+"induction" pattern: after "plant", write what followed "plant" in the article) in ~500 steps of 32 on a
+40-token lead, while on full articles, where the lead is buried in 140 tokens of filler with distractors,
+it had not started copying numbers after 2,700 steps of 16. Once it can copy, the full articles teach it
+the newsroom's mixture of styles.
 
-Training it takes longer than the demo's five-minute budget on a laptop CPU, so its result is shipped in
-`preftune/demo/assets/base` (safetensors and tokenizer files, about 4 MB) and `preftune demo` starts from
-there; `preftune demo --from-scratch` runs `build_base` first. Rebuild the shipped copy with
+The build takes about 15 minutes on 2 CPU cores (600 + 2,500 steps), three times the demo's budget, so its
+result is shipped in `preftune/demo/assets/base` (safetensors and tokenizer files, 1.6 MB) and
+`preftune demo` starts from there; `preftune demo --from-scratch` runs `build_base` first. Rebuild the
+shipped copy with
 
     python -m preftune.demo.base --output preftune/demo/assets/base
 """
@@ -155,6 +157,9 @@ def build_base(output_dir: str | Path, recipe: BaseRecipe = BaseRecipe(), *, wor
             batch_size=recipe.batch_size, learning_rate=lr, lr_scheduler="cosine", warmup_ratio=0.05,
             adam_beta2=0.99, max_length=256, max_prompt_length=224, seed=recipe.seed,
             logging_steps=max(1, steps // 20), progress=progress, overwrite=True))
+        if res.steps < steps:  # stopped by a signal: its final/ does not exist, and a half-trained base must not ship
+            raise PreftuneError(f"the base's SFT stage {stage!r} stopped after {res.steps} of {steps} steps; "
+                                "run the build again.")
         start, losses[stage] = res.final_dir, res.train_metrics.get("loss")
     out.mkdir(parents=True, exist_ok=True)
     for name in MODEL_FILES:

@@ -1,8 +1,9 @@
 """A synthetic news corpus for the demo: articles, reference summaries, bad summaries, and training sets.
 
 Every article reports one event. Its lead sentence carries the key facts (who, what, how many, where,
-when); a few paragraphs of filler follow, and the filler deliberately mentions a *distractor* number and a
-*distractor* place, so that a summary has to pick the right facts rather than any facts.
+when); three paragraphs of filler follow, which name the organisation or the place again (as news does)
+and deliberately mention a *distractor* number and a *distractor* place, so that a summary has to pick
+the right facts rather than any facts.
 
     Northwind Group said on March 3 that it will open 240 charging stations in Lisbon. ...
     -> reference: "Northwind Group will open 240 charging stations in Lisbon, it said on March 3."
@@ -21,11 +22,13 @@ fixed by a hash of the pair and independent of the seed, so a held-out article n
 with a place that any training article (of any seed) paired it with. Organisations, places, topics and
 numbers themselves are shared, as they would be in real news.
 
-The SFT mixture imitates a newsroom whose desks write differently: each topic has a *house style* (its
-most frequent kind of summary), good for some topics and one of the bad kinds for the others. A model
-fine-tuned on it learns both styles, and greedy decoding reproduces the dominant style of the article's
-topic, so the SFT model writes crisp factual summaries for some topics and bad ones for the rest.
-Preference pairs always prefer the reference over a bad summary, which is what DPO has to generalise.
+The SFT mixture imitates a newsroom whose desks write differently: each topic has a *house style* (70%
+of its summaries), good for three topics and one of the bad kinds for the other five. A model fine-tuned
+on it learns all the styles, and greedy decoding reproduces the house style of the article's topic, so
+the SFT model writes crisp factual summaries for some topics and long, vague or wrong ones for the rest.
+Each bad kind leaves the reference at a single word (the first, the number, or the end), so that a habit
+the model learned is also what greedy decoding picks. Preference pairs prefer the reference over a bad
+summary the article's desk would write, which is what DPO has to generalise to held-out articles.
 
 Everything is deterministic for a given seed (`random.Random` seeded with a string, which does not
 depend on PYTHONHASHSEED).
@@ -170,14 +173,16 @@ _GENERIC_FILLER = (
     "Observers in {place} noted that the plan follows months of negotiations behind closed doors.",
 )
 
-# Padding appended by the `verbose` rule: fluent, fact-free, and long. (The shipped base in assets/ was
-# trained on exactly these sentences: its vocabulary is built from them.)
+# Padding appended by the `verbose` rule: fluent, fact-free, and long. All start with "It" so that the
+# verbose habit is one choice right after the reference (see `wrong_fact` for why that matters): with five
+# different first words, greedy decoding of a model that learned the habit would still stop after the
+# reference, since each continuation alone is less likely than the end of the summary.
 _PADDING = (
-    "This is a very important development that many people in the area have been waiting for.",
+    "It is a very important development that many people in the area have been waiting for.",
     "It is expected to have a significant impact on the local community in the coming years.",
-    "The decision reflects a broader trend that has been observed in many places around the world.",
-    "Officials said that more information would be shared with the public at a later stage.",
-    "Experts believe that this kind of initiative could serve as a model for others in the future.",
+    "It reflects a broader trend that has been observed in many places around the world.",
+    "It means that more information will be shared with the public at a later stage.",
+    "It could serve as a model for others in the future, according to several experts.",
 )
 # All start with "A" so that the vague habit is one choice at the first word (see `wrong_fact` for why).
 _VAGUE = (

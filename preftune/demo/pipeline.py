@@ -41,8 +41,12 @@ class DemoSettings:
     n_pairs: int = 2000            # DPO training pairs, from training articles
     dpo_steps: int = 125           # optimizer steps (batch_size pairs each: 1 epoch of n_pairs)
     batch_size: int = 16
-    learning_rate: float = 1e-4    # a from-scratch 0.4M-parameter model moves slowly at LLM-sized rates
-    beta: float = 0.1
+    learning_rate: float = 3e-4
+    # A rejected summary differs from the chosen one in a few tokens. With the usual beta = 0.1 the loss
+    # keeps pushing those down long after the pair is ranked right (rejected log-probs fall to -90 nats) and
+    # sampled text drifts (beta 0.1, lr 1e-4: good 86.5%, KL to SFT 1.7 nats/token). beta = 1 saturates at
+    # a margin of a few nats (beta 1, lr 3e-4: good 99%, KL 0.08), measured on the shipped base with seed 0.
+    beta: float = 1.0
     max_new_tokens: int = 64       # a verbose summary is ~45 words; a good one ~17 tokens
     gen_batch_size: int = 64
     n_show: int = 3                # articles in the before/after table
@@ -50,8 +54,8 @@ class DemoSettings:
 
     @classmethod
     def quick(cls) -> DemoSettings:
-        # 20 steps instead of 125: a larger step size covers the same ground.
-        return cls(n_pairs=320, dpo_steps=20, learning_rate=5e-4, base=BaseRecipe.quick())
+        # 20 steps instead of 125: a larger step size covers the same ground (45.8% -> 89.6% good on 48 articles).
+        return cls(n_pairs=320, dpo_steps=20, learning_rate=1e-3, base=BaseRecipe.quick())
 
 
 def run_demo(output_dir: str | Path = "runs/demo", *, from_scratch: bool = False, n_eval: int = 200,

@@ -58,14 +58,15 @@ def test_refuses_bad_input_before_any_work(tmp_path):
 
 def test_quick_demo_dpo_beats_sft(tmp_path, capsys):
     """The shortened demo (shipped SFT base, 20 DPO steps, 48 held-out articles) still shows the story:
-    DPO's good rate is well above SFT's, the held-out pairs are ranked right, and DPO stays near SFT."""
+    DPO's good rate is well above SFT's, the held-out pairs are ranked right, and DPO stays near SFT.
+    Measured: good 45.8% -> 89.6%, preference accuracy 100%, KL 0.12 nats/token; the bounds leave room."""
     out = tmp_path / "demo"
     res = run_demo(out, quick=True, n_eval=48, progress=False)
     m = res["metrics"]
     assert m["n_eval"] == 48
-    assert m["dpo"]["good_rate"] >= m["sft"]["good_rate"] + 0.2
-    assert m["preference_accuracy"] >= 0.8
-    assert 0.0 < m["kl_dpo_sft_per_token"] < 2.0
+    assert m["dpo"]["good_rate"] >= m["sft"]["good_rate"] + 0.3 and m["dpo"]["good_rate"] >= 0.8
+    assert m["preference_accuracy"] >= 0.95
+    assert 0.0 < m["kl_dpo_sft_per_token"] < 1.0
     assert json.loads((out / "demo.json").read_text()) == json.loads(json.dumps(res))
     assert len((out / "summaries.jsonl").read_text().splitlines()) == 48
     printed = capsys.readouterr().out
