@@ -12,7 +12,7 @@ The briefs stage is a curriculum step: a model this small learns to find and cop
 it had not started copying numbers after 2,700 steps of 16. Once it can copy, the full articles teach it
 the newsroom's mixture of styles.
 
-The build takes about 15 minutes on 2 CPU cores (600 + 2,500 steps), three times the demo's budget, so its
+The build takes about 11 minutes on 2 CPU cores (600 + 2,500 steps), twice the demo's budget, so its
 result is shipped in `preftune/demo/assets/base` (safetensors and tokenizer files, 1.6 MB) and
 `preftune demo` starts from there; `preftune demo --from-scratch` runs `build_base` first. Rebuild the
 shipped copy with
