@@ -110,11 +110,11 @@ def child_preftune(job: dict) -> dict:
     created just before the first step (train_begin); `save_final` is called right after the last (end).
     """
     _set_threads(job["threads"])
-    # Import up front what train() imports lazily (transformers.get_scheduler alone pulls in peft and costs
-    # seconds): the TRL run has all of its imports done before its clock starts too.
+    # Import up front what train() imports lazily: the TRL run has all of its imports done before its clock
+    # starts too.
     import accelerate  # noqa: F401
     import tqdm.auto  # noqa: F401
-    from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler  # noqa: F401
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
 
     import preftune.data.formats  # noqa: F401
     import preftune.data.load  # noqa: F401

@@ -122,7 +122,8 @@ def _run(argv: Sequence[str] | None) -> int:
 
         cfg = config_from_args(args)
         result = (loop.train if args.command == "train" else loop.sft)(cfg)
-        if os.environ.get("RANK", "0") == "0":  # one line per job, not per process
+        # One line per job, not per process; a stopped run has already said how to resume it.
+        if os.environ.get("RANK", "0") == "0" and not result.interrupted:
             print(f"done: {result.steps} steps; model in {result.final_dir}; metrics in {result.output_dir / 'metrics.jsonl'}")
         return 0
     if args.command == "inspect":

@@ -45,6 +45,7 @@ class RunResult:
     eval_metrics: dict[str, Any] = field(default_factory=dict)   # the final evaluation (empty without eval data)
     data_summary: str = ""
     steps: int = 0
+    interrupted: bool = False  # stopped by SIGTERM/SIGINT: checkpointed, but final_dir was not written
 
 
 def train(config: TrainConfig | dict | str | Path) -> RunResult:
@@ -301,8 +302,6 @@ def run(cfg: TrainConfig, task: str = "dpo") -> RunResult:
     import transformers
     from tqdm.auto import tqdm
 
-    # Our own bar and summary lines say what happens; transformers' per-file bars would drown them.
-    transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
     loss_cfg = cfg.loss_config()
     needs_reference = task == "dpo" and loss_cfg.needs_reference
@@ -531,7 +530,8 @@ def run(cfg: TrainConfig, task: str = "dpo") -> RunResult:
             if stop.signal is not None:
                 bar.close()
                 say(f"stopped by signal {stop.signal} after step {done}; checkpoint saved; continue with --resume")
-                return RunResult(out_dir, out_dir / "final", last_train, last_eval, train_split.summary, done)
+                return RunResult(out_dir, out_dir / "final", last_train, last_eval, train_split.summary, done,
+                                 interrupted=True)
     bar.close()
 
     last_eval = evaluate(total_steps) or last_eval

@@ -121,6 +121,8 @@ def run_demo(output_dir: str | Path = "runs/demo", *, from_scratch: bool = False
         batch_size=settings.batch_size, learning_rate=settings.learning_rate, lr_scheduler="cosine",
         warmup_ratio=0.1, beta=settings.beta, loss="sigmoid", max_length=256, max_prompt_length=224, seed=seed,
         logging_steps=max(1, settings.dpo_steps // 5), progress=progress, overwrite=True))
+    if res.interrupted:
+        raise PreftuneError(f"DPO was stopped after {res.steps} of {settings.dpo_steps} steps; run the demo again.")
     dpo_dir = res.final_dir
     stage("dpo", t0)
 

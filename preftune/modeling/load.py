@@ -61,7 +61,8 @@ def load_model(name: str, *, dtype: str = "float32", attn_implementation: str | 
     import transformers
     from transformers import AutoModelForCausalLM
 
-    # preftune prints what it loads; transformers' per-file bars would only add noise.
+    # preftune prints what it loads and saves; transformers' per-file bars (load, and save_pretrained later
+    # in the process) would only add noise.
     transformers.utils.logging.disable_progress_bar()
     path = resolve_model_path(name, allow_pickle)
     kwargs = {"dtype": DTYPES[dtype], "trust_remote_code": trust_remote_code, "use_safetensors": not allow_pickle}

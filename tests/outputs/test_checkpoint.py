@@ -80,6 +80,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny_model_dir, pairs_file
     stdout, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0
     assert "continue with --resume" in stdout
+    assert "model in" not in stdout and not (out / "final").exists()  # no claim of a final model it never wrote
     (ckpt,) = list_checkpoints(out)
     assert json.loads((ckpt / "trainer_state.json").read_text())["step"] == len(_metrics(out))
 
