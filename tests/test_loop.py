@@ -95,8 +95,11 @@ def test_precomputed_reference_matches_live_reference(tiny_model_dir, pairs_file
     mp, ml = read_metrics(pre.output_dir), read_metrics(liv.output_dir)
     assert len(mp) == len(ml) == 3
     for a, b in zip(mp, ml):
+        # Precomputed and live reference log-probs come from batches of different composition and padding, so
+        # fp32 sums round differently (seen: ~1e-7 on the tiny model); 1e-5 is far above that and far below
+        # what a wrong reference would change (losses move by ~1e-3 per step here).
         for key in ("loss", "rewards/chosen", "rewards/rejected", "kl"):
-            assert a[key] == pytest.approx(b[key], abs=1e-6), key
+            assert a[key] == pytest.approx(b[key], abs=1e-5), key
     assert list((pre.output_dir / "reference_logps").glob("train-*.safetensors"))
 
 

@@ -14,8 +14,10 @@ class MetricsWriter:
 
     def write(self, step: int, split: str, values: dict[str, float]) -> dict[str, Any]:
         row: dict[str, Any] = {"step": step, "split": split}
+        # Full precision (json writes the shortest repr that reads back to the same float): rounding hid a
+        # learning rate of 1e-6 as 0.0 and made runs compare equal or not by where the 6th decimal fell.
         # Non-finite values become null so every line stays strict JSON.
-        row.update({k: ((round(v, 6) if math.isfinite(v) else None) if isinstance(v, float) else v)
+        row.update({k: ((v if math.isfinite(v) else None) if isinstance(v, float) else v)
                     for k, v in values.items()})
         with self.path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
