@@ -127,7 +127,7 @@ def _run(argv: Sequence[str] | None) -> int:
             print(f"done: {result.steps} steps; model in {result.final_dir}; metrics in {result.output_dir / 'metrics.jsonl'}")
         return 0
     if args.command == "inspect":
-        from preftune.inspect import run_inspect
+        from preftune.audit import run_inspect
 
         return run_inspect(args)
     if args.command == "demo":

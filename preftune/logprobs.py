@@ -16,15 +16,13 @@ The exactness of each against the plain path is tested in tests/test_logprobs.py
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from preftune.data.collate import Batch, collate
-from preftune.data.tokenize import tokenize_records
+from preftune.data.collate import Batch
 
 
 @dataclass
@@ -196,66 +194,3 @@ class LogpsModel(torch.nn.Module):
 
     def forward(self, batch: Batch) -> SequenceLogps:
         return forward_logps(self.model, batch, prefix_sharing=self.prefix_sharing, chunk_size=self.chunk_size)
-
-
-def _device(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-@torch.inference_mode()
-def score_pairs(model: torch.nn.Module, tokenizer, records: Sequence[dict], *, max_length: int = 1024,
-                max_prompt_length: int = 512, batch_size: int = 8) -> dict:
-    """Summed log-probs of both answers of each record (standard or conversational) under `model`.
-
-    Returns a dict of 1-D fp32 CPU tensors `chosen_logps`, `rejected_logps`, `chosen_lengths`,
-    `rejected_lengths` (one entry per kept pair) and `kept`, the record indices they belong to
-    (pairs whose answer tokenizes to nothing are left out).
-    """
-    from preftune.data.formats import render_texts
-
-    texts = [render_texts(tokenizer, r) for r in records]
-    pairs, _ = tokenize_records(tokenizer, texts, max_length=max_length, max_prompt_length=max_prompt_length)
-    return _score(model, tokenizer, pairs, batch_size)
-
-
-@torch.inference_mode()
-def score_completions(model: torch.nn.Module, tokenizer, prompts: Sequence[str], completions: Sequence[str], *,
-                      batch_size: int = 16, max_length: int = 100_000,
-                      max_prompt_length: int = 99_999) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed log-prob (EOS appended) and token count of each completion given its prompt: ([N], [N]).
-
-    An empty completion scores only its EOS token.
-    """
-    texts = list(zip(prompts, completions))
-    pairs, stats = tokenize_records(tokenizer, texts, max_length=max_length, max_prompt_length=max_prompt_length)
-    if stats.dropped_empty:  # an empty answer is still a valid sample: the model chose to stop at once
-        from preftune.data.tokenize import TokenizedPair, tokenize_texts
-
-        for i in stats.dropped_empty:
-            prompt_ids, _ = tokenize_texts(tokenizer, prompts[i], [""])
-            pairs.append(TokenizedPair(prompt_ids or [tokenizer.eos_token_id], [tokenizer.eos_token_id], None, i))
-        pairs.sort(key=lambda p: p.index)
-    out = _score(model, tokenizer, pairs, batch_size)
-    return out["chosen_logps"], out["chosen_lengths"]
-
-
-def _score(model: torch.nn.Module, tokenizer, pairs, batch_size: int) -> dict:
-    was_training = model.training
-    model.eval()
-    device = _device(model)
-    cols: dict[str, list[torch.Tensor]] = {}
-    # Similar lengths together: less padding; results are put back in order via `kept`.
-    order = sorted(range(len(pairs)), key=lambda i: -pairs[i].padded_length)
-    for s in range(0, len(order), batch_size):
-        idx = order[s:s + batch_size]
-        batch = collate([pairs[i] for i in idx], idx, tokenizer.pad_token_id).to(device)
-        out = forward_logps(model, batch)
-        for k, v in vars(out).items():
-            if v is not None:
-                cols.setdefault(k, []).append(v.float().cpu())
-    model.train(was_training)
-    inverse = torch.empty(len(order), dtype=torch.long)
-    inverse[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))
-    result = {k: torch.cat(v)[inverse] for k, v in cols.items()}
-    result["kept"] = [p.index for p in pairs]
-    return result

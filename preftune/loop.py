@@ -8,6 +8,7 @@ by `accelerate launch` (each takes its share of every global batch); dropout off
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import shutil
@@ -146,7 +147,7 @@ def load_splits(cfg: TrainConfig, tokenizer, task: str) -> tuple[Split, Split | 
 
 def _length_bias_line(pairs: list[TokenizedPair]) -> str:
     """DPO learns "longer is better" from data where chosen is usually the longer answer: say so up front."""
-    from preftune.inspect import length_bias, length_bias_warning
+    from preftune.data.stats import length_bias, length_bias_warning
 
     b = length_bias({"chosen": [len(p.chosen_ids) for p in pairs], "rejected": [len(p.rejected_ids) for p in pairs],
                      "unit": "tokens"})
@@ -475,7 +476,7 @@ def run(cfg: TrainConfig, task: str = "dpo") -> RunResult:
             bad: str | None = None
             for k, idx in enumerate(micro):
                 batch = collate([pairs[i] for i in idx], idx, tokenizer.pad_token_id).to(accelerator.device)
-                sync = accelerator.no_sync(policy) if k < len(micro) - 1 and n_proc > 1 else _nullcontext()
+                sync = accelerator.no_sync(policy) if k < len(micro) - 1 and n_proc > 1 else contextlib.nullcontext()
                 with sync:
                     with accelerator.autocast():
                         pol = policy(batch)
@@ -544,10 +545,3 @@ def run(cfg: TrainConfig, task: str = "dpo") -> RunResult:
     say(f"saved {final_dir}")
     return RunResult(out_dir, final_dir, last_train, last_eval, train_split.summary, total_steps)
 
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False

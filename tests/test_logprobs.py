@@ -8,8 +8,9 @@ from helpers import make_pairs
 
 from preftune.data.collate import collate
 from preftune.data.tokenize import tokenize_records
-from preftune.logprobs import forward_logps, score_completions, score_pairs
+from preftune.logprobs import forward_logps
 from preftune.modeling.load import load_model_and_tokenizer
+from preftune.scoring import score_completions, score_records
 
 PATHS = [
     dict(prefix_sharing=True, chunk_size=1024),
@@ -76,10 +77,10 @@ def test_sft_batch_has_no_rejected(model_and_batch):
     torch.testing.assert_close(out.chosen_logps[0], _manual_logps(model, tok, p, c), atol=1e-4, rtol=0)
 
 
-def test_score_pairs_and_completions_keep_input_order(model_and_batch):
+def test_score_records_and_completions_keep_input_order(model_and_batch):
     model, tok, batch = model_and_batch
     records = make_pairs(6, seed=5)
-    scored = score_pairs(model, tok, records, max_length=64, max_prompt_length=32, batch_size=4)
+    scored = score_records(model, tok, records, max_length=64, max_prompt_length=32, batch_size=4)
     assert scored["kept"] == list(range(6))
     with torch.no_grad():
         direct = forward_logps(model, batch)

@@ -224,11 +224,11 @@ def preference_accuracy(sft_model, dpo_model, tokenizer, pairs: list[dict], *, b
     eq. 5); a pair is ranked right when r(chosen) > r(rejected). The SFT model has no reward of its own, so
     its column is how often it finds the chosen summary more likely than the rejected one.
     """
-    from preftune.logprobs import score_pairs
+    from preftune.scoring import score_records
 
     kw = dict(max_length=256, max_prompt_length=224, batch_size=32)
-    s = score_pairs(sft_model, tokenizer, pairs, **kw)
-    d = score_pairs(dpo_model, tokenizer, pairs, **kw)
+    s = score_records(sft_model, tokenizer, pairs, **kw)
+    d = score_records(dpo_model, tokenizer, pairs, **kw)
     margin = beta * ((d["chosen_logps"] - s["chosen_logps"]) - (d["rejected_logps"] - s["rejected_logps"]))
     return {
         "preference_accuracy": round(float((margin > 0).float().mean()), 4),
@@ -245,7 +245,7 @@ def per_token_kl(policy, reference, tokenizer, prompts: list[str], samples: list
 
     (|y_i| counts the EOS that ends each sample, which both models also score).
     """
-    from preftune.logprobs import score_completions
+    from preftune.scoring import score_completions
 
     completions = [" " + s for s in samples]
     lp_pol, n_tok = score_completions(policy, tokenizer, prompts, completions, batch_size=32)

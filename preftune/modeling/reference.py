@@ -20,7 +20,6 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from preftune.data.collate import collate
 from preftune.data.tokenize import TokenizedPair
 from preftune.logprobs import SequenceLogps, forward_logps
 
@@ -93,7 +92,6 @@ def model_identity(path: str) -> str:
     return json.dumps([str(p.resolve())] + [[f.name, f.stat().st_size, int(f.stat().st_mtime)] for f in files])
 
 
-@torch.inference_mode()
 def precompute(model: torch.nn.Module, pairs: Sequence[TokenizedPair], *, cache_file: Path, pad_id: int,
                batch_size: int, prefix_sharing: bool, chunk_size: int, autocast=None,
                progress: bool = False, save: bool = True) -> Precomputed:
@@ -102,23 +100,11 @@ def precompute(model: torch.nn.Module, pairs: Sequence[TokenizedPair], *, cache_
         t = load_file(str(cache_file))
         if t["chosen"].shape[0] == len(pairs):
             return Precomputed(t["chosen"], t["rejected"])
-    from tqdm.auto import tqdm
+    from preftune.scoring import score
 
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    chosen = torch.zeros(len(pairs))
-    rejected = torch.zeros(len(pairs))
-    order = sorted(range(len(pairs)), key=lambda i: -pairs[i].padded_length)
-    starts = range(0, len(order), batch_size)
-    for s in tqdm(starts, desc="reference log-probs", disable=not progress, leave=False):
-        idx = order[s:s + batch_size]
-        batch = collate([pairs[i] for i in idx], idx, pad_id).to(device)
-        with autocast() if autocast else torch.autocast("cpu", enabled=False):
-            out = forward_logps(model, batch, prefix_sharing=prefix_sharing, chunk_size=chunk_size)
-        chosen[idx] = out.chosen_logps.float().cpu()
-        rejected[idx] = out.rejected_logps.float().cpu()
-    model.train(was_training)
+    out = score(model, pairs, pad_id=pad_id, batch_size=batch_size, prefix_sharing=prefix_sharing,
+                chunk_size=chunk_size, autocast=autocast, progress=progress, desc="reference log-probs")
+    chosen, rejected = out.chosen_logps, out.rejected_logps
     if not save:  # another process of the same job writes it
         return Precomputed(chosen, rejected)
     cache_file.parent.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,4 @@
-"""The data audit behind `preftune inspect` (preftune.inspect)."""
+"""The data audit behind `preftune inspect` (preftune.audit)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from preftune.audit import audit, format_audit, write_audit
 from preftune.errors import PreftuneError
-from preftune.inspect import audit, format_audit, write_audit
 
 ROWS = [
     '{"prompt": "What is the capital of France?", "chosen": "The capital of France is called Paris.", '
@@ -174,7 +174,7 @@ def test_model_margins_from_score_pairs(data_file, monkeypatch):
     per token: -1-(-1) = 0, 0, -1-(-1) = 0, -2-(-9) = 7, -1-(-3) = 2 -> 2/5 = 0.4 strictly positive.
     Largest |margin|: line 6 (+20) first, then the 2s and -2s in record order (stable sort), last line 5 (-1).
     """
-    import preftune.logprobs as logprobs
+    import preftune.scoring as scoring
 
     def fake(model, tokenizer, records, *, max_length, max_prompt_length, batch_size):
         assert len(records) == 6 and (max_length, max_prompt_length, batch_size) == (12, 8, 3)
@@ -187,7 +187,7 @@ def test_model_margins_from_score_pairs(data_file, monkeypatch):
             "kept": [0, 1, 2, 4, 5],
         }
 
-    monkeypatch.setattr(logprobs, "score_pairs", fake)
+    monkeypatch.setattr(scoring, "score_records", fake)
     r = audit(
         data_file,
         tokenizer=word_tokenizer(),

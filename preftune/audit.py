@@ -20,9 +20,6 @@ and a PNG (histograms) or a self-contained HTML page embedding that PNG.
 
 from __future__ import annotations
 
-import base64
-import html
-import io
 import json
 import math
 from collections import Counter
@@ -31,11 +28,11 @@ from pathlib import Path
 from typing import Any
 
 from preftune.data.load import LoadedData, load_records
+from preftune.data.stats import compact_number as _num
+from preftune.data.stats import length_bias, length_bias_warning
 from preftune.errors import PreftuneError
 
 REPORT_VERSION = 1
-LENGTH_BIAS_HIGH = 0.65
-LENGTH_BIAS_LOW = 0.35
 TOO_EASY = 0.9
 TOO_NOISY = 0.4
 TRUNCATION_WARN = 0.05  # warn when more than this share of pairs would lose tokens
@@ -62,7 +59,7 @@ def audit(
     not raised. ``tokenizer`` (a transformers tokenizer) gives token lengths measured exactly as training
     tokenizes (answers include the EOS that training appends); without it lengths are whitespace words.
     ``model`` (a causal LM, needs ``tokenizer``) adds the model's preference margins via
-    `preftune.logprobs.score_pairs` with the same ``max_length`` / ``max_prompt_length`` truncation.
+    `preftune.scoring.score_records` with the same ``max_length`` / ``max_prompt_length`` truncation.
     """
     if max_length < 2 or max_prompt_length < 1 or max_prompt_length >= max_length:
         raise PreftuneError(
@@ -251,11 +248,6 @@ def _describe(
     return out
 
 
-def _num(x: float) -> float | int:
-    x = float(x)
-    return int(x) if x.is_integer() and abs(x) < 2**53 else round(x, 4)
-
-
 def _histogram(values: Sequence[float], bins: int = HIST_BINS) -> dict:
     """Counts over `bins` equal-width bins from min to max (the last bin includes max); integer values
     spanning fewer than `bins` values get one unit-wide bin each."""
@@ -297,36 +289,6 @@ def _truncation(lengths: dict, max_length: int, max_prompt_length: int) -> dict:
     }
 
 
-def length_bias(lengths: dict) -> dict:
-    c, r = lengths["chosen"], lengths["rejected"]
-    n = len(c)
-    if not n:
-        return {"unit": lengths["unit"], "pairs": 0}
-    longer = sum(a > b for a, b in zip(c, r))
-    shorter = sum(a < b for a, b in zip(c, r))
-    return {
-        "unit": lengths["unit"],
-        "pairs": n,
-        "chosen_longer": _num(longer / n),
-        "chosen_shorter": _num(shorter / n),
-        "equal": _num((n - longer - shorter) / n),
-        "mean_difference": _num(sum(a - b for a, b in zip(c, r)) / n),
-        # Equal-length pairs teach nothing about length, so the bias is judged among the others.
-        "chosen_longer_among_unequal": _num(longer / (longer + shorter)) if longer + shorter else None,
-    }
-
-
-def length_bias_warning(bias: dict) -> str | None:
-    """A warning when chosen is mostly the longer (or mostly the shorter) answer, else None."""
-    share = bias.get("chosen_longer_among_unequal")
-    if share is None or LENGTH_BIAS_LOW <= share <= LENGTH_BIAS_HIGH:
-        return None
-    which = "longer" if share > LENGTH_BIAS_HIGH else "shorter"
-    return (f"length bias: where the answers differ in length, chosen is the longer one in {100 * share:.1f}% of "
-            f"pairs; DPO may learn to make answers {which} rather than better "
-            "(consider length-normalised losses or balancing the data)")
-
-
 def _model_margins(
     model: Any,
     tokenizer: Any,
@@ -338,9 +300,9 @@ def _model_margins(
 ) -> dict:
     """Margins m = log pi(chosen|x) - log pi(rejected|x) (summed) and the per-token version
     log pi(chosen|x)/|chosen| - log pi(rejected|x)/|rejected|, over the pairs training would keep."""
-    from preftune.logprobs import score_pairs
+    from preftune.scoring import score_records
 
-    out = score_pairs(
+    out = score_records(
         model,
         tokenizer,
         records,
@@ -518,110 +480,13 @@ def format_audit(report: dict) -> str:
     return "\n".join(lines)
 
 
-def _figure_png(report: dict) -> bytes:
-    # The object-oriented API with an explicit Agg canvas: no pyplot, so no global backend is switched for
-    # the process that imports us (a notebook keeps its own backend).
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    hists = report["lengths"]["histograms"]
-    panels = [
-        (f"{part} length ({report['lengths']['unit']})", hists[part])
-        for part in ("prompt", "chosen", "rejected")
-    ]
-    m = report.get("model")
-    if m and m.get("scored"):
-        panels.append(("margin log p(chosen) - log p(rejected)", m["histogram"]))
-    fig = Figure(figsize=(4.2 * len(panels), 3.2), dpi=100)
-    FigureCanvasAgg(fig)
-    for i, (title, hist) in enumerate(panels, start=1):
-        ax = fig.add_subplot(1, len(panels), i)
-        if hist["counts"]:
-            ax.stairs(hist["counts"], hist["edges"], fill=True, alpha=0.7)
-        if title.startswith("margin"):
-            ax.axvline(0.0, color="black", linewidth=1)
-        ax.set_title(title, fontsize=9)
-        ax.set_ylabel("pairs", fontsize=8)
-        ax.tick_params(labelsize=7)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    return buf.getvalue()
-
-
-def _html(report: dict, png: bytes) -> str:
-    esc = html.escape
-    rows = "".join(f"<li>{esc(w)}</li>" for w in report["warnings"]) or "<li>none</li>"
-    img = base64.b64encode(png).decode("ascii")
-    body = [
-        "<!doctype html><html><head><meta charset='utf-8'><title>preftune data audit</title>",
-        "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}"
-        "td,th{border:1px solid #ccc;padding:2px 8px;text-align:left}pre{background:#f6f6f6;padding:1em;"
-        "white-space:pre-wrap}</style></head><body>",
-        f"<h1>Data audit: {esc(', '.join(report['sources']))}</h1>",
-        f"<p>{esc(report['summary'])}</p>",
-        f"<h2>Warnings</h2><ul>{rows}</ul>",
-        f"<img alt='length and margin histograms' src='data:image/png;base64,{img}'>",
-    ]
-    ln = report["lengths"]
-    table = (
-        "<tr><th></th>" + "".join(f"<th>{k}</th>" for k in ("min", "median", "p95", "max", "mean")) + "</tr>"
-    )
-    for part in ("prompt", "chosen", "rejected"):
-        d = ln[part]
-        table += (
-            f"<tr><th>{part}</th>"
-            + "".join(f"<td>{d.get(k, '-')}</td>" for k in ("min", "median", "p95", "max", "mean"))
-            + "</tr>"
-        )
-    body.append(f"<h2>Lengths ({esc(ln['note'])})</h2><table>{table}</table>")
-    m = report.get("model")
-    if m and m.get("scored"):
-        columns = ("margin", "per token", "verdict", "where", "prompt", "chosen", "rejected")
-        head = "<tr>" + "".join(f"<th>{c}</th>" for c in columns) + "</tr>"
-        cells = "".join(
-            "<tr>"
-            + "".join(
-                f"<td>{esc(str(item[k]))}</td>"
-                for k in ("margin", "margin_per_token", "verdict", "where", "prompt", "chosen", "rejected")
-            )
-            + "</tr>"
-            for item in m["largest"]
-        )
-        body.append(f"<h2>Largest margins</h2><table>{head}{cells}</table>")
-    body.append(f"<h2>Full report</h2><pre>{esc(format_audit(report))}</pre></body></html>")
-    return "\n".join(body)
-
-
-def write_audit(
-    report: dict,
-    output_json: str | Path,
-    output_html_or_png: str | Path | Sequence[str | Path] | None = None,
-) -> None:
-    """Write the report as JSON and, optionally, the histograms as a PNG and/or a self-contained HTML page
+def write_audit(report: dict, output_json: str | Path,
+                output_html_or_png: str | Path | Sequence[str | Path] | None = None) -> None:
+    """Write the report as JSON and, optionally, its histograms as a PNG and/or a self-contained HTML page
     (each extra path's suffix picks which: .png or .html/.htm; pass a list for both)."""
-    output_json = Path(output_json)
-    if output_html_or_png is None:
-        extras: list[Path] = []
-    elif isinstance(output_html_or_png, (str, Path)):
-        extras = [Path(output_html_or_png)]
-    else:
-        extras = [Path(p) for p in output_html_or_png]
-    for extra in extras:
-        if extra.suffix.lower() not in (".png", ".html", ".htm"):
-            raise PreftuneError(f"cannot write the audit figure to {extra}: use a .png or .html file name")
-    try:
-        output_json.parent.mkdir(parents=True, exist_ok=True)
-        output_json.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        png = _figure_png(report) if extras else b""
-        for extra in extras:
-            extra.parent.mkdir(parents=True, exist_ok=True)
-            if extra.suffix.lower() == ".png":
-                extra.write_bytes(png)
-            else:
-                extra.write_text(_html(report, png), encoding="utf-8")
-    except OSError as e:
-        raise PreftuneError(f"cannot write the audit report: {e}") from None
+    from preftune.outputs.audit_page import write_audit_files
+
+    write_audit_files(report, format_audit(report), output_json, output_html_or_png)
 
 
 def run_inspect(args: Any) -> int:
