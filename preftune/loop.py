@@ -23,8 +23,9 @@ import torch
 import yaml
 
 from preftune.config import TrainConfig, check_keys
-from preftune.data.collate import batch_order, collate
-from preftune.data.tokenize import TokenizedPair, tokenize_records
+from preftune.data.collate import collate
+from preftune.data.sampler import micro_batches
+from preftune.data.splits import load_splits
 from preftune.errors import PreftuneError
 from preftune.logprobs import LogpsModel
 from preftune.losses import RewardShift, nll_loss, preference_loss
@@ -94,85 +95,6 @@ def _clear_run_files(out: Path) -> None:
             shutil.rmtree(p)
         elif p.exists():
             p.unlink()
-
-
-# ----------------------------------------------------------------------------- data
-
-@dataclass
-class Split:
-    pairs: list[TokenizedPair]
-    summary: str
-
-
-def load_splits(cfg: TrainConfig, tokenizer, task: str) -> tuple[Split, Split | None]:
-    from preftune.data.formats import render_sft_texts, render_texts
-    from preftune.data.load import load_records, split_records
-
-    kind = "sft" if task == "sft" else "preference"
-    kw = dict(kind=kind, format=cfg.format, prompt_field=cfg.prompt_field, chosen_field=cfg.chosen_field,
-              rejected_field=cfg.rejected_field, completion_field=cfg.completion_field,
-              skip_invalid=cfg.skip_invalid)
-    loaded = load_records(cfg.data, **kw)
-    train_records, eval_records = loaded.records, None
-    lines = [loaded.summary()]
-    if cfg.eval_data:
-        held = load_records(cfg.eval_data, **kw)
-        eval_records = held.records
-        lines.append("eval: " + held.summary())
-    elif cfg.eval_fraction > 0:
-        train_records, eval_records = split_records(train_records, cfg.eval_fraction, cfg.seed)
-        lines.append(f"held out {len(eval_records):,} of {len(loaded.records):,} for evaluation "
-                     f"(eval_fraction {cfg.eval_fraction})")
-    render = render_sft_texts if task == "sft" else render_texts
-
-    def tok(records, name):
-        pairs, stats = tokenize_records(tokenizer, [render(tokenizer, r) for r in records],
-                                        max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length)
-        if not pairs:
-            raise PreftuneError(f"no {name} example is left after tokenization ({stats.summary()}); check the data "
-                                "and max_length / max_prompt_length.")
-        return pairs, f"{name} {stats.summary()}"
-
-    train_pairs, s = tok(train_records, "train")
-    lines.append(s)
-    if task == "dpo":
-        lines.append(_length_bias_line(train_pairs))
-    eval_split = None
-    if eval_records:
-        eval_pairs, s = tok(eval_records, "eval")
-        lines.append(s)
-        eval_split = Split(eval_pairs, s)
-    return Split(train_pairs, "\n".join(lines)), eval_split
-
-
-def _length_bias_line(pairs: list[TokenizedPair]) -> str:
-    """DPO learns "longer is better" from data where chosen is usually the longer answer: say so up front."""
-    from preftune.data.stats import length_bias, length_bias_warning
-
-    b = length_bias({"chosen": [len(p.chosen_ids) for p in pairs], "rejected": [len(p.rejected_ids) for p in pairs],
-                     "unit": "tokens"})
-    return length_bias_warning(b) or (f"length bias: chosen is longer in {b['chosen_longer']:.0%} and shorter in "
-                                      f"{b['chosen_shorter']:.0%} of pairs (mean difference "
-                                      f"{b['mean_difference']:+.1f} tokens)")
-
-
-def micro_batches(pairs: list[TokenizedPair], cfg: TrainConfig, epoch: int, num_processes: int,
-                  process_index: int) -> list[list[list[int]]]:
-    """Optimizer steps of one epoch, each a list of this process's micro-batches (lists of positions).
-
-    The order is drawn per *global* batch and only then cut into micro-batches, so gradient accumulation
-    4×2 sees exactly the pairs of one batch of 8.
-    """
-    per_step = cfg.batch_size * cfg.gradient_accumulation_steps * num_processes
-    lengths = [p.padded_length for p in pairs]
-    steps = []
-    for global_batch in batch_order(lengths, per_step, seed=cfg.seed, epoch=epoch,
-                                    group_by_length=cfg.group_by_length):
-        if cfg.group_by_length:
-            global_batch = sorted(global_batch, key=lambda j: -lengths[j])
-        micro = [global_batch[s:s + cfg.batch_size] for s in range(0, len(global_batch), cfg.batch_size)]
-        steps.append(micro[process_index::num_processes] or [global_batch[:1]])
-    return steps
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -393,7 +315,9 @@ def run(cfg: TrainConfig, task: str = "dpo") -> RunResult:
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                   eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay)
     n_proc, rank = accelerator.num_processes, accelerator.process_index
-    steps_per_epoch = len(micro_batches(train_split.pairs, cfg, 0, n_proc, rank))
+    batching = dict(batch_size=cfg.batch_size, accumulation=cfg.gradient_accumulation_steps, seed=cfg.seed,
+                    group_by_length=cfg.group_by_length, num_processes=n_proc, process_index=rank)
+    steps_per_epoch = len(micro_batches(train_split.pairs, epoch=0, **batching))
     total_steps = cfg.max_steps or max(1, math.ceil(steps_per_epoch * cfg.num_epochs))
     warmup = cfg.warmup_steps or int(round(cfg.warmup_ratio * total_steps))
     scheduler = lr_schedule(optimizer, cfg.lr_scheduler, warmup, total_steps)
@@ -465,7 +389,7 @@ def run(cfg: TrainConfig, task: str = "dpo") -> RunResult:
         for step in range(start_step, total_steps):
             epoch, pos = divmod(step, steps_per_epoch)
             if epoch not in epoch_cache:
-                epoch_cache = {epoch: micro_batches(pairs, cfg, epoch, n_proc, rank)}
+                epoch_cache = {epoch: micro_batches(pairs, epoch=epoch, **batching)}
             micro = epoch_cache[epoch][pos]
             # Normalise by the whole global batch (all micro-batches, all processes): accumulation then
             # gives the same gradient as one big batch, whatever the micro-batch sizes.

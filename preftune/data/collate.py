@@ -1,4 +1,4 @@
-"""Batches: which pairs go together (sampler) and how their ids become tensors (collate).
+"""Batches: how a group of pairs' ids become tensors.
 
 One batch layout serves every forward path: prompts left-padded (so all prompts end at the same column
 and the answers can continue from a shared KV cache), answers right-padded. The plain path rebuilds
@@ -7,7 +7,6 @@ ordinary right-padded prompt+answer rows from it.
 
 from __future__ import annotations
 
-import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -67,26 +66,3 @@ def collate(pairs: Sequence[TokenizedPair], positions: Sequence[int], pad_id: in
         rejected_ids, rejected_mask = _pad([p.rejected_ids for p in pairs], pad_id, left=False)
     return Batch(prompt_ids, prompt_mask, chosen_ids, chosen_mask, rejected_ids, rejected_mask,
                  torch.tensor(list(positions), dtype=torch.long))
-
-
-def batch_order(lengths: Sequence[int], batch_size: int, *, seed: int, epoch: int, shuffle: bool = True,
-                group_by_length: bool = True) -> list[list[int]]:
-    """The batches of one epoch as lists of dataset positions, a pure function of (seed, epoch).
-
-    Being a pure function is what makes resume exact: a resumed run recomputes the same order and skips
-    the batches already done. With group_by_length, pairs are shuffled, cut into mega-batches of 64
-    batches, sorted by length inside each, and the resulting batches shuffled again, so padding stays
-    small while every epoch still sees a different order.
-    """
-    order = list(range(len(lengths)))
-    rng = random.Random(seed * 1_000_003 + epoch)
-    if shuffle:
-        rng.shuffle(order)
-    if group_by_length:
-        mega = batch_size * 64
-        order = [i for s in range(0, len(order), mega)
-                 for i in sorted(order[s:s + mega], key=lambda j: -lengths[j])]
-    batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
-    if shuffle and group_by_length:
-        rng.shuffle(batches)
-    return batches

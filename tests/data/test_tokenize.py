@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from preftune.data.collate import batch_order, collate
+from preftune.data.collate import collate
+from preftune.data.sampler import batch_order
 from preftune.data.tokenize import TokenizedPair, tokenize_records
 from preftune.errors import PreftuneError
 from preftune.modeling.load import load_tokenizer

@@ -20,6 +20,21 @@ from preftune.outputs.checkpoint import list_checkpoints, save_checkpoint
 TIMING = {"pairs_per_s", "tokens_per_s"}
 
 
+KILL_AFTER_LINE = """
+import os, signal, sys
+from preftune.cli import main
+from preftune.outputs import metrics
+write = metrics.MetricsWriter.write
+def write_then_die(self, step, split, values):
+    row = write(self, step, split, values)
+    if step >= int(os.environ["KILL_AFTER"]):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return row
+metrics.MetricsWriter.write = write_then_die
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 def _argv(model, data, out, *extra):
     return [sys.executable, "-m", "preftune", "train", "--model", str(model), "--data", str(data),
             "--output-dir", str(out), "--max-steps", "8", "--batch-size", "4", "--learning-rate", "1e-3",
@@ -49,12 +64,13 @@ def test_sigkill_then_resume_equals_uninterrupted(tiny_model_dir, pairs_file, tm
     subprocess.run(_argv(tiny_model_dir, pairs_file, full), check=True, capture_output=True, timeout=300)
 
     killed = tmp_path / "killed"
-    kill_after = random.Random().randint(2, 6)
-    proc = subprocess.Popen(_argv(tiny_model_dir, pairs_file, killed), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
-    _wait_for_lines(killed / "metrics.jsonl", kill_after, proc)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    # The process kills itself right after writing metrics line `kill_after` (before that step's checkpoint),
+    # so the kill point is exact, not a race with a fast run; seeded, and printed on failure for replay.
+    kill_after = random.Random(20261130).randint(2, 6)
+    argv = _argv(tiny_model_dir, pairs_file, killed)
+    proc = subprocess.run([argv[0], "-c", KILL_AFTER_LINE, *argv[3:]], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "KILL_AFTER": str(kill_after)})
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
     assert not (killed / "final").exists()
     subprocess.run(_argv(tiny_model_dir, pairs_file, killed, "--resume"), check=True, capture_output=True,
                    timeout=300)
