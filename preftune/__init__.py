@@ -18,7 +18,7 @@ __all__ = ["PreftuneError", "RunResult", "TrainConfig", "sft", "train"]
 def __getattr__(name: str) -> Any:
     # The training stack imports torch and transformers; `preftune --help` and config checks should not wait for them.
     if name in ("train", "sft", "RunResult"):
-        from preftune import loop as _loop
+        from preftune import recipe
 
-        return getattr(_loop, name)
+        return getattr(recipe, name)
     raise AttributeError(f"module 'preftune' has no attribute {name!r}")

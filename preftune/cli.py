@@ -118,10 +118,10 @@ def _run(argv: Sequence[str] | None) -> int:
         _unknown_flags(extra)
 
     if args.command in ("train", "sft"):
-        from preftune import loop
+        from preftune import recipe
 
         cfg = config_from_args(args)
-        result = (loop.train if args.command == "train" else loop.sft)(cfg)
+        result = (recipe.train if args.command == "train" else recipe.sft)(cfg)
         # One line per job, not per process; a stopped run has already said how to resume it.
         if os.environ.get("RANK", "0") == "0" and not result.interrupted:
             print(f"done: {result.steps} steps; model in {result.final_dir}; metrics in {result.output_dir / 'metrics.jsonl'}")

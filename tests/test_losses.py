@@ -440,3 +440,39 @@ def test_config_validation_errors(kwargs, match):
 @pytest.mark.parametrize("loss_type", ["sigmoid", "robust", "sigmoid_norm", "simpo"])
 def test_label_smoothing_allowed_where_used(loss_type):
     assert LossConfig(loss_types=(loss_type,), label_smoothing=0.2).label_smoothing == 0.2
+
+
+def test_a_registered_loss_is_usable_by_name():
+    """Adding a loss is one function plus one `register`: the config accepts the name, `preference_loss`
+    dispatches to it, and its properties drive needs_reference. Here a reference-free 'margin' loss
+    relu(1 - (pc - pr)): pc = [-1, -3], pr = [-2, -1] → margins [1, -2] → losses [0, 3]."""
+    from preftune.losses import LOSSES, register
+
+    register("test_margin", lambda s, c: torch.relu(1.0 - (s.policy_chosen_logps - s.policy_rejected_logps)),
+             reference_free=True)
+    try:
+        config = LossConfig(loss_types=("test_margin",))
+        assert not config.needs_reference
+        t = torch.tensor
+        out = preference_loss(t([-1.0, -3.0]), t([-2.0, -1.0]), None, None, t([1.0, 1.0]), t([1.0, 1.0]), config)
+        torch.testing.assert_close(out.losses, t([0.0, 3.0]))
+        with pytest.raises(ValueError, match="already registered"):
+            register("test_margin", lambda s, c: s.policy_chosen_logps)
+    finally:
+        LOSSES.pop("test_margin")
+    with pytest.raises(PreftuneError, match="Unknown loss type 'test_margin'"):
+        LossConfig(loss_types=("test_margin",))
+
+
+def test_readme_lists_every_registered_loss():
+    """The README's loss table is the user's list of `--loss` names: it must match the registry."""
+    import re
+    from pathlib import Path
+
+    from preftune.losses import LOSSES
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("### Losses", 1)[1].split("\n### ", 1)[0]
+    rows = [ln for ln in section.splitlines() if ln.startswith("| `")]
+    documented = {name for ln in rows for name in re.findall(r"`(\w+)`", ln.split("|")[1])}
+    assert documented == set(LOSSES)

@@ -7,10 +7,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from preftune.config import TrainConfig
 from preftune.data.tokenize import TokenizedPair, tokenize_records
 from preftune.errors import PreftuneError
+
+if TYPE_CHECKING:  # the data layer sits below the config; it only reads the data settings
+    from preftune.config import TrainConfig
 
 
 @dataclass

@@ -108,3 +108,30 @@ def add_lora(model: torch.nn.Module, *, r: int, alpha: int, dropout: float, targ
     except ValueError as e:
         raise PreftuneError(f"could not add LoRA adapters ({str(e).splitlines()[0]}); "
                             "check lora_target_modules against the model's module names.") from None
+
+
+def context_length(name: str, *, trust_remote_code: bool = False) -> int | None:
+    """The longest sequence the model was built for (max_position_embeddings or its older names), read from
+    its config alone, before the weights load; None when the config does not say."""
+    from transformers import AutoConfig
+
+    try:
+        cfg = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError):
+        return None  # load_model reports a broken folder with the full reason
+    cfg = getattr(cfg, "get_text_config", lambda: cfg)()
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(cfg, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def prepare_for_training(model: torch.nn.Module, *, dropout: bool, gradient_checkpointing: bool) -> None:
+    """Dropout off unless asked for (DPO's log-ratios compare two forwards of the same tokens), activation
+    recomputation on when asked for, no KV cache kept in training forwards."""
+    if not dropout:
+        disable_dropout(model)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False

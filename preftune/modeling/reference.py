@@ -7,15 +7,21 @@
   training, stored in the run folder and reused by later runs (and resumes) with the same model, data
   and tokenization; the reference model is freed afterwards. Exact as long as dropout is off.
 - `none`: reference-free losses (SimPO).
+
+`build_reference` is the one place that picks the strategy (what `auto` means) and builds it; the recipe
+only asks the result for log-probs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -31,18 +37,23 @@ class Reference:
         raise NotImplementedError
 
 
+def without_adapters(model: torch.nn.Module) -> contextlib.AbstractContextManager:
+    """The base model's forward: LoRA adapters switched off for a PeftModel, nothing to do otherwise."""
+    return model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
+
+
 class FrozenModel(Reference):
+    """A frozen model in eval mode; a PeftModel (a copy of the policy taken after LoRA was added) runs with
+    its adapters off, so the reference is the base weights whatever the adapters hold."""
+
     def __init__(self, model: torch.nn.Module, *, prefix_sharing: bool, chunk_size: int):
         self.model = model.eval().requires_grad_(False)
         self.prefix_sharing, self.chunk_size = prefix_sharing, chunk_size
 
-    @classmethod
-    def copy_of(cls, model: torch.nn.Module, **kw) -> FrozenModel:
-        return cls(copy.deepcopy(model), **kw)
-
     @torch.no_grad()
     def logps(self, batch) -> SequenceLogps:
-        return forward_logps(self.model, batch, prefix_sharing=self.prefix_sharing, chunk_size=self.chunk_size)
+        with without_adapters(self.model):
+            return forward_logps(self.model, batch, prefix_sharing=self.prefix_sharing, chunk_size=self.chunk_size)
 
 
 class DisabledAdapters(Reference):
@@ -102,8 +113,9 @@ def precompute(model: torch.nn.Module, pairs: Sequence[TokenizedPair], *, cache_
             return Precomputed(t["chosen"], t["rejected"])
     from preftune.scoring import score
 
-    out = score(model, pairs, pad_id=pad_id, batch_size=batch_size, prefix_sharing=prefix_sharing,
-                chunk_size=chunk_size, autocast=autocast, progress=progress, desc="reference log-probs")
+    with without_adapters(model):
+        out = score(model, pairs, pad_id=pad_id, batch_size=batch_size, prefix_sharing=prefix_sharing,
+                    chunk_size=chunk_size, autocast=autocast, progress=progress, desc="reference log-probs")
     chosen, rejected = out.chosen_logps, out.rejected_logps
     if not save:  # another process of the same job writes it
         return Precomputed(chosen, rejected)
@@ -112,3 +124,67 @@ def precompute(model: torch.nn.Module, pairs: Sequence[TokenizedPair], *, cache_
     save_file({"chosen": chosen, "rejected": rejected}, str(tmp))
     tmp.replace(cache_file)
     return Precomputed(chosen, rejected)
+
+
+@dataclass
+class ReferenceSetup:
+    """The chosen strategy and what gives reference log-probs for the train and eval splits."""
+
+    strategy: str  # copy, lora_disabled, precomputed or none
+    train: Reference | None = None
+    eval: Reference | None = None
+    cache_file: Path | None = None  # the train split's precomputed cache (checkpoints link it)
+
+
+def choose_strategy(requested: str, *, needs_reference: bool) -> str:
+    """What `auto` means: precomputed (exact with dropout off, and no reference model stays in memory)."""
+    if not needs_reference:
+        return "none"
+    return "precomputed" if requested == "auto" else requested
+
+
+def build_reference(cfg: Any, *, model: torch.nn.Module, model_path: str, needs_reference: bool,
+                    splits: dict[str, Sequence[TokenizedPair] | None], cache_path: Callable[[str, str], Path],
+                    pad_id: int, device: torch.device, forward: dict[str, Any], autocast=None,
+                    is_main_process: bool = True, say: Callable[[str], None] = print) -> ReferenceSetup:
+    """Build the reference `cfg.reference` asks for (a TrainConfig's reference, reference_model, dtype,
+    mixed_precision, eval_batch_size, batch_size, progress, ... are read).
+
+    `model` is the policy as it will be trained (a PeftModel when LoRA is on: its base weights are the
+    reference). `splits` maps "train"/"eval" to their tokenized pairs (eval may be None); `cache_path(split,
+    key)` names the precomputed cache file of a split; `forward` holds the forward options (prefix_sharing,
+    chunk_size) the reference passes use.
+    """
+    strategy = choose_strategy(cfg.reference, needs_reference=needs_reference)
+    if strategy == "none":
+        return ReferenceSetup(strategy)
+    if strategy == "lora_disabled":
+        ref = DisabledAdapters(model, **forward)
+        return ReferenceSetup(strategy, ref, ref)
+    source = model
+    if cfg.reference_model:
+        from preftune.modeling.load import disable_dropout, load_model, resolve_model_path
+
+        source = load_model(resolve_model_path(cfg.reference_model, cfg.allow_pickle), dtype=cfg.dtype,
+                            attn_implementation=cfg.attn_implementation, trust_remote_code=cfg.trust_remote_code,
+                            allow_pickle=cfg.allow_pickle).to(device)
+        disable_dropout(source)
+    if strategy == "copy":
+        ref = FrozenModel(copy.deepcopy(source) if source is model else source, **forward)
+        return ReferenceSetup(strategy, ref, ref)
+
+    ident = model_identity(cfg.reference_model or model_path)
+    extra = {"dtype": cfg.dtype, "mixed_precision": cfg.mixed_precision}
+    setup = ReferenceSetup(strategy)
+    for name, pairs in splits.items():
+        if pairs is None:
+            continue
+        cache_file = cache_path(name, cache_key(ident, pairs, extra))
+        say(f"reference log-probs for {len(pairs):,} {name} pairs → {cache_file.parent.name}/{cache_file.name}")
+        ref = precompute(source, pairs, cache_file=cache_file, pad_id=pad_id,
+                         batch_size=cfg.eval_batch_size or 2 * cfg.batch_size, autocast=autocast,
+                         progress=cfg.progress, save=is_main_process, **forward)
+        setattr(setup, name, ref)
+        if name == "train":
+            setup.cache_file = cache_file
+    return setup

@@ -1,27 +1,67 @@
-"""metrics.jsonl: one JSON object a line, each with `step` and `split`."""
+"""Metrics: a window of additive sums between log lines, and metrics.jsonl (one JSON object a line, each
+with `step` and `split`)."""
 
 from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 from typing import Any
+
+import torch
+
+
+class Window:
+    """Additive sums over the micro-batches since the last log line (loss sums, reward sums, pair and token
+    counts); an objective turns them into the logged means. Values may be tensors on the device: they are
+    only read back once per log line, so a GPU is not synchronised at every micro-batch for the metrics."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, Any] = {}
+        self.t0 = time.perf_counter()
+        # Per optimizer step and the same on every process, so kept apart from the sums reduced over processes.
+        self.steps = 0
+        self.grad_norm = 0.0
+        self.lr = 0.0
+
+    def add(self, sums: dict[str, Any]) -> None:
+        for k, v in sums.items():
+            if isinstance(v, torch.Tensor):  # float64 so long windows of fp32 sums lose nothing
+                v = v.detach().to(torch.float64)
+            self.sums[k] = self.sums[k] + v if k in self.sums else v
+
+    def totals(self, accelerator=None) -> dict[str, float]:
+        """The sums as floats, summed over all processes, so logged figures cover the whole global batch."""
+        keys = sorted(self.sums)
+        device = accelerator.device if accelerator is not None else "cpu"
+        values = torch.stack([torch.as_tensor(self.sums[k], dtype=torch.float64, device=device).detach().reshape(())
+                              for k in keys]) if keys else torch.zeros(0, dtype=torch.float64)
+        if accelerator is not None and accelerator.num_processes > 1:
+            values = accelerator.reduce(values, reduction="sum")
+        return dict(zip(keys, values.tolist()))
+
+    def seconds(self) -> float:
+        return max(time.perf_counter() - self.t0, 1e-9)
 
 
 class MetricsWriter:
     def __init__(self, path: Path):
         self.path = path
 
-    def write(self, step: int, split: str, values: dict[str, float]) -> dict[str, Any]:
+    @staticmethod
+    def row(step: int, split: str, values: dict[str, Any]) -> dict[str, Any]:
+        """The line as written: `step`, `split`, then the values at full precision (json writes the shortest
+        repr that reads back to the same float; rounding once logged a learning rate of 1e-6 as 0.0).
+        Non-finite values become null so every line stays strict JSON."""
         row: dict[str, Any] = {"step": step, "split": split}
-        # Full precision (json writes the shortest repr that reads back to the same float): rounding hid a
-        # learning rate of 1e-6 as 0.0 and made runs compare equal or not by where the 6th decimal fell.
-        # Non-finite values become null so every line stays strict JSON.
         row.update({k: ((v if math.isfinite(v) else None) if isinstance(v, float) else v)
                     for k, v in values.items()})
+        return row
+
+    def write(self, row: dict[str, Any]) -> None:
         with self.path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
-        return row
 
     def truncate_after(self, step: int) -> None:
         """Drop lines logged after `step`: a resumed run rewrites them, so none is duplicated."""

@@ -22,15 +22,17 @@ TIMING = {"pairs_per_s", "tokens_per_s"}
 
 KILL_AFTER_LINE = """
 import os, signal, sys
+from preftune import recipe
+from preftune.callbacks import Callback
 from preftune.cli import main
-from preftune.outputs import metrics
-write = metrics.MetricsWriter.write
-def write_then_die(self, step, split, values):
-    row = write(self, step, split, values)
-    if step >= int(os.environ["KILL_AFTER"]):
-        os.kill(os.getpid(), signal.SIGKILL)
-    return row
-metrics.MetricsWriter.write = write_then_die
+
+class Die(Callback):
+    def on_log(self, state, row):  # right after the metrics line is written, before the step's checkpoint
+        if row["split"] == "train" and row["step"] >= int(os.environ["KILL_AFTER"]):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+defaults = recipe.default_callbacks
+recipe.default_callbacks = lambda cfg: defaults(cfg) + [Die()]
 sys.exit(main(sys.argv[1:]))
 """
 

@@ -1,4 +1,4 @@
-"""The training loop end to end on a tiny Llama: first-step loss, accumulation, learning, LoRA, references, SFT."""
+"""The training recipe end to end on a tiny Llama: first-step loss, accumulation, learning, LoRA, references, SFT."""
 
 from __future__ import annotations
 
@@ -34,11 +34,17 @@ def test_first_step_loss_is_ln2_with_zero_rewards(tiny_model_dir, pairs_file, tm
         assert key in first
 
 
-def test_accumulation_4x2_equals_batch_8(tiny_model_dir, pairs_file, tmp_path):
-    """Two optimizer steps of 8 pairs, as 4 micro-batches of 2 or 1 batch of 8: same losses and weights (fp32)."""
-    a = train(_cfg(tiny_model_dir, pairs_file, tmp_path / "a", batch_size=2, gradient_accumulation_steps=4))
-    b = train(_cfg(tiny_model_dir, pairs_file, tmp_path / "b", batch_size=8, gradient_accumulation_steps=1))
-    for ra, rb in zip(read_metrics(a.output_dir), read_metrics(b.output_dir)):
+@pytest.mark.parametrize("loss", ["sigmoid", "bco_pair"])
+def test_accumulation_4x2_equals_batch_8(tiny_model_dir, pairs_file, tmp_path, loss):
+    """Three optimizer steps of 8 pairs, as 4 micro-batches of 2 or 1 batch of 8: same losses and weights (fp32).
+
+    bco_pair: its reward shift δ must move once per optimizer step (the mean of all rewards of earlier steps),
+    not after each micro-batch, or the micro-batches of step 2 would see different δ than the big batch (at
+    step 1 all rewards are 0, so it takes a second step to show)."""
+    kw = dict(max_steps=3, loss=loss)
+    a = train(_cfg(tiny_model_dir, pairs_file, tmp_path / "a", batch_size=2, gradient_accumulation_steps=4, **kw))
+    b = train(_cfg(tiny_model_dir, pairs_file, tmp_path / "b", batch_size=8, gradient_accumulation_steps=1, **kw))
+    for ra, rb in zip(read_metrics(a.output_dir), read_metrics(b.output_dir), strict=True):
         assert ra["loss"] == pytest.approx(rb["loss"], abs=1e-5)
     wa = load_file(str(a.final_dir / "model.safetensors"))
     wb = load_file(str(b.final_dir / "model.safetensors"))
@@ -162,14 +168,15 @@ def test_precision_and_memory_options_start_at_ln2(tiny_model_dir, pairs_file, t
 
 
 @pytest.mark.parametrize("kind, expected", [
-    ("cosine", [1 / 3, 2 / 3, 1.0, 0.853553, 0.5, 0.146447]),
-    ("linear", [1 / 3, 2 / 3, 1.0, 0.75, 0.5, 0.25]),
-    ("constant", [1 / 3, 2 / 3, 1.0, 1.0, 1.0, 1.0]),
+    ("cosine", [0.0, 0.5, 1.0, 0.853553, 0.5, 0.146447]),
+    ("linear", [0.0, 0.5, 1.0, 0.75, 0.5, 0.25]),
+    ("constant", [0.0, 0.5, 1.0, 1.0, 1.0, 1.0]),
 ])
 def test_lr_schedule(kind, expected):
-    """warmup 2, total 6: warmup factors (s+1)/(w+1) = 1/3, 2/3; then progress p = (s-2)/4 = 0, 1/4, 1/2, 3/4;
-    cosine 0.5(1+cos πp) = 1, 0.853553, 0.5, 0.146447; linear 1-p = 1, 0.75, 0.5, 0.25."""
-    from preftune.loop import lr_schedule
+    """warmup 2, total 6, transformers' convention: warmup factors s/w = 0, 1/2 (learning rate 0 at step 0, the
+    peak at the end of warmup); then progress p = (s-2)/4 = 0, 1/4, 1/2, 3/4; cosine 0.5(1+cos πp) = 1,
+    0.853553, 0.5, 0.146447; linear 1-p = 1, 0.75, 0.5, 0.25."""
+    from preftune.optim import lr_schedule
 
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2.0)
     sched = lr_schedule(opt, kind, warmup=2, total=6)
@@ -179,3 +186,39 @@ def test_lr_schedule(kind, expected):
         opt.step()
         sched.step()
     assert got == pytest.approx(expected, abs=1e-6)
+
+
+@pytest.mark.parametrize("kind, theirs", [("cosine", "cosine"), ("linear", "linear"),
+                                          ("constant", "constant_with_warmup")])
+@pytest.mark.parametrize("warmup, total", [(0, 5), (3, 10), (4, 4), (1, 7)])
+def test_lr_schedule_equals_transformers(kind, theirs, warmup, total):
+    """The same factors as transformers.get_scheduler, an independent implementation, at every step."""
+    from transformers import get_scheduler
+
+    from preftune.optim import lr_schedule
+
+    def factors(make):
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        sched = make(opt)
+        out = []
+        for _ in range(total):
+            out.append(sched.get_last_lr()[0])
+            opt.step()
+            sched.step()
+        return out
+
+    ours = factors(lambda o: lr_schedule(o, kind, warmup, total))
+    ref = factors(lambda o: get_scheduler(theirs, o, num_warmup_steps=warmup, num_training_steps=total))
+    assert ours == pytest.approx(ref, abs=1e-12)
+
+
+def test_max_length_is_capped_at_the_models_positions(tiny_model_dir, pairs_file, tmp_path, capsys):
+    """The tiny model has 256 positions: max_length 1024 / max_prompt_length 512 become 256 / 128, said once."""
+    import yaml
+
+    res = train(_cfg(tiny_model_dir, pairs_file, tmp_path / "run", max_steps=1, max_length=1024, max_prompt_length=512))
+    out = capsys.readouterr().out
+    assert out.count("max_length 1024 is more than the model's 256 positions: capped it to 256 and "
+                     "max_prompt_length 512 to 128") == 1
+    saved = yaml.safe_load((res.output_dir / "config.yaml").read_text())
+    assert (saved["max_length"], saved["max_prompt_length"]) == (256, 128)

@@ -1,0 +1,127 @@
+"""Callbacks: what the recipe tells the outside world, and the built-in listeners.
+
+The recipe (train.py) calls each event on every callback, in order; every method is optional. The progress
+bar, the console lines, the benchmark's clocks, trackers and reports all listen here instead of reaching
+into the loop.
+
+    on_train_begin(state)      setup done (data, model, reference, optimizer), right before the first step
+    on_step_end(state)         after every optimizer step; state.step = steps done
+    on_log(state, row)         every metrics.jsonl row; row["split"] is "train" or "eval"; full precision
+    on_save(state, path)       after a checkpoint folder or final/ is written
+    on_train_end(state)        after final/ is written, or when a signal stopped the run (state.interrupted)
+
+Events are called on every process (state.is_main_process tells which one writes); a callback that writes
+files should do so on the main process only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class TrainState:
+    """What a callback may read about the run. The recipe updates it in place as the run goes."""
+
+    config: Any  # TrainConfig
+    task: str  # "dpo" or "sft"
+    output_dir: Path
+    total_steps: int = 0
+    steps_per_epoch: int = 0
+    step: int = 0  # optimizer steps done
+    is_main_process: bool = True
+    num_processes: int = 1
+    device: Any = None
+    model: Any = None  # the module being trained (unwrapped; a PeftModel with LoRA)
+    tokenizer: Any = None
+    data_summary: str = ""
+    data_info: dict[str, Any] = field(default_factory=dict)
+    train_metrics: dict[str, Any] = field(default_factory=dict)  # the last logged train row
+    eval_metrics: dict[str, Any] = field(default_factory=dict)  # the last eval row
+    final_dir: Path | None = None
+    interrupted: bool = False
+
+
+class Callback:
+    """Base class: override the events you need."""
+
+    def on_train_begin(self, state: TrainState) -> None:
+        pass
+
+    def on_step_end(self, state: TrainState) -> None:
+        pass
+
+    def on_log(self, state: TrainState, row: dict[str, Any]) -> None:
+        pass
+
+    def on_save(self, state: TrainState, path: Path) -> None:
+        pass
+
+    def on_train_end(self, state: TrainState) -> None:
+        pass
+
+
+class CallbackList(Callback):
+    """Calls each event on every callback in order."""
+
+    def __init__(self, callbacks: Iterable[Callback] = ()):
+        self.callbacks = list(callbacks)
+
+    def on_train_begin(self, state: TrainState) -> None:
+        for cb in self.callbacks:
+            cb.on_train_begin(state)
+
+    def on_step_end(self, state: TrainState) -> None:
+        for cb in self.callbacks:
+            cb.on_step_end(state)
+
+    def on_log(self, state: TrainState, row: dict[str, Any]) -> None:
+        for cb in self.callbacks:
+            cb.on_log(state, row)
+
+    def on_save(self, state: TrainState, path: Path) -> None:
+        for cb in self.callbacks:
+            cb.on_save(state, path)
+
+    def on_train_end(self, state: TrainState) -> None:
+        for cb in self.callbacks:
+            cb.on_train_end(state)
+
+
+class ProgressBar(Callback):
+    """A tqdm bar over the optimizer steps, on the main process, with the last loss and accuracy."""
+
+    def __init__(self) -> None:
+        self.bar = None
+
+    def on_train_begin(self, state: TrainState) -> None:
+        from tqdm.auto import tqdm
+
+        if state.is_main_process:
+            self.bar = tqdm(total=state.total_steps, initial=state.step, desc=state.task, dynamic_ncols=True)
+
+    def on_step_end(self, state: TrainState) -> None:
+        if self.bar is not None:
+            self.bar.update(state.step - self.bar.n)
+
+    def on_log(self, state: TrainState, row: dict[str, Any]) -> None:
+        if self.bar is not None and row.get("split") == "train":
+            self.bar.set_postfix({k: f"{row[k]:.4g}" for k in ("loss", "rewards/accuracies")
+                                  if isinstance(row.get(k), float)})
+
+    def on_train_end(self, state: TrainState) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+class ConsoleEval(Callback):
+    """One line per evaluation, printed when it happens (the progress bar only shows training figures)."""
+
+    def on_log(self, state: TrainState, row: dict[str, Any]) -> None:
+        if state.is_main_process and row.get("split") == "eval":
+            figures = ", ".join(f"{k} {v:.4f}" for k, v in row.items() if isinstance(v, float))
+            print(f"eval at step {row['step']}: {figures}", flush=True)

@@ -1,0 +1,143 @@
+"""What a task trains: the DPO family on pairs, or supervised fine-tuning (SFT) on one answer.
+
+An objective says whether it needs reference log-probs, turns a micro-batch's statistics into the sum of its
+per-example losses plus additive metric sums, gives the normaliser of a global batch (so accumulated
+micro-batches and processes add up to the gradient of one big batch), and turns a window of sums into the
+logged means. The recipe (train.py) asks it; it never branches on the task itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from preftune.data.tokenize import TokenizedPair
+from preftune.logprobs import SequenceLogps
+from preftune.losses import LossConfig, RewardShift, preference_loss
+
+
+class Objective:
+    """Interface; see `PreferenceObjective` and `SFTObjective`."""
+
+    name: str
+    needs_reference: bool = False
+
+    def normaliser(self, pairs: Sequence[TokenizedPair]) -> float:
+        """What one global batch's loss sum is divided by (these are this process's examples of it)."""
+        raise NotImplementedError
+
+    def loss(self, policy: SequenceLogps, reference: SequenceLogps | None,
+             training: bool = True) -> tuple[torch.Tensor, dict[str, Any]]:
+        """(sum of the micro-batch's per-example losses, additive metric sums)."""
+        raise NotImplementedError
+
+    def end_step(self, all_reduce_sum: Callable[[list[float]], list[float]], skipped: bool = False) -> None:
+        """Called once per optimizer step, after the update (state that must see the whole global batch);
+        `skipped`: the step's update was dropped (a non-finite loss or gradient), so it teaches nothing."""
+
+    def summarize(self, sums: dict[str, float]) -> dict[str, float]:
+        """Logged means from a window's sums (summed over processes)."""
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+class PreferenceObjective(Objective):
+    """DPO and its family: `preference_loss` per pair, normalised by the number of pairs.
+
+    Metrics: loss, rewards/chosen|rejected|margins|accuracies (implicit rewards β·log πθ/πref), logps/chosen|
+    rejected (summed log-probs), and kl: Σ(log πθ − log πref) over chosen tokens / chosen tokens, a per-token
+    estimate of KL(πθ‖πref) on the chosen answers (when there is a reference).
+    """
+
+    name = "dpo"
+
+    def __init__(self, loss_config: LossConfig):
+        self.loss_config = loss_config
+        self.needs_reference = loss_config.needs_reference
+        # BCO's δ is the mean of all rewards seen before this step: rewards of the step's micro-batches are
+        # held back until `end_step`, so accumulation gives the same δ (and loss) as one big batch.
+        self.reward_shift = RewardShift()
+        self._step_rewards: list[torch.Tensor] = []
+
+    def normaliser(self, pairs: Sequence[TokenizedPair]) -> float:
+        return float(len(pairs))
+
+    def loss(self, policy: SequenceLogps, reference: SequenceLogps | None,
+             training: bool = True) -> tuple[torch.Tensor, dict[str, Any]]:
+        ref_c = reference.chosen_logps if reference is not None else None
+        ref_r = reference.rejected_logps if reference is not None else None
+        res = preference_loss(policy.chosen_logps, policy.rejected_logps, ref_c, ref_r, policy.chosen_lengths,
+                              policy.rejected_lengths, self.loss_config, reward_shift=self.reward_shift.value)
+        if training and self.loss_config.uses_reward_shift:
+            self._step_rewards += [res.chosen_rewards, res.rejected_rewards]
+        total = res.losses.sum()
+        pc, pr = policy.chosen_logps.detach(), policy.rejected_logps.detach()
+        sums: dict[str, Any] = {
+            "loss": total.detach(), "pairs": len(pc), "chosen_tokens": policy.chosen_lengths.sum(),
+            "logps/chosen": pc.sum(), "logps/rejected": pr.sum(),
+            "rewards/chosen": res.chosen_rewards.sum(), "rewards/rejected": res.rejected_rewards.sum(),
+            "rewards/accuracies": (res.chosen_rewards > res.rejected_rewards).sum(),
+        }
+        if ref_c is not None:
+            sums["kl_sum"] = (pc - ref_c).sum()
+        return total, sums
+
+    def end_step(self, all_reduce_sum: Callable[[list[float]], list[float]], skipped: bool = False) -> None:
+        if not self.loss_config.uses_reward_shift:
+            return
+        if skipped:
+            self._step_rewards = []
+            return
+        flat = torch.cat([r.reshape(-1) for r in self._step_rewards]) if self._step_rewards else torch.zeros(0)
+        total, count = all_reduce_sum([float(flat.double().sum()), float(flat.numel())])
+        self.reward_shift.add(total, int(round(count)))
+        self._step_rewards = []
+
+    def summarize(self, sums: dict[str, float]) -> dict[str, float]:
+        n = max(sums.get("pairs", 0.0), 1.0)
+        m = {k: sums.get(k, 0.0) / n for k in ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
+                                                 "logps/chosen", "logps/rejected")}
+        m["rewards/margins"] = m["rewards/chosen"] - m["rewards/rejected"]
+        if "kl_sum" in sums:
+            m["kl"] = sums["kl_sum"] / max(sums.get("chosen_tokens", 0.0), 1.0)
+        return m
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"reward_shift": self.reward_shift.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "reward_shift" in state:
+            self.reward_shift.load_state_dict(state["reward_shift"])
+
+
+class SFTObjective(Objective):
+    """Supervised fine-tuning: token-level NLL of the answer (prompt tokens masked), every answer token of the
+    global batch weighing the same, so the normaliser is the batch's answer-token count."""
+
+    name = "sft"
+
+    def normaliser(self, pairs: Sequence[TokenizedPair]) -> float:
+        return float(sum(len(p.chosen_ids) for p in pairs))
+
+    def loss(self, policy: SequenceLogps, reference: SequenceLogps | None,
+             training: bool = True) -> tuple[torch.Tensor, dict[str, Any]]:
+        total = -policy.chosen_logps.sum()
+        return total, {"loss": total.detach(), "pairs": len(policy.chosen_logps),
+                       "chosen_tokens": policy.chosen_lengths.sum(), "logps/chosen": policy.chosen_logps.detach().sum()}
+
+    def summarize(self, sums: dict[str, float]) -> dict[str, float]:
+        return {"loss": sums.get("loss", 0.0) / max(sums.get("chosen_tokens", 0.0), 1.0),  # token-level, as trained
+                "logps/chosen": sums.get("logps/chosen", 0.0) / max(sums.get("pairs", 0.0), 1.0)}
+
+
+def make_objective(task: str, loss_config: LossConfig) -> Objective:
+    if task == "sft":
+        return SFTObjective()
+    return PreferenceObjective(loss_config)

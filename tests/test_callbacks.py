@@ -1,0 +1,46 @@
+"""Callbacks see every event of a run, in order, with the rows metrics.jsonl holds."""
+
+from __future__ import annotations
+
+from preftune import TrainConfig, train
+from preftune.callbacks import Callback
+from preftune.outputs.metrics import read_metrics
+
+
+class Recorder(Callback):
+    def __init__(self) -> None:
+        self.events: list[tuple] = []
+
+    def on_train_begin(self, state):
+        self.events.append(("begin", state.step, state.total_steps, state.steps_per_epoch))
+
+    def on_step_end(self, state):
+        self.events.append(("step", state.step))
+
+    def on_log(self, state, row):
+        self.events.append(("log", row["step"], row["split"], dict(row)))
+
+    def on_save(self, state, path):
+        self.events.append(("save", state.step, path.name))
+
+    def on_train_end(self, state):
+        self.events.append(("end", state.step, state.final_dir.name, state.interrupted,
+                            state.eval_metrics.get("step")))
+
+
+def test_events_in_order_with_the_logged_rows(tiny_model_dir, pairs_file, tmp_path):
+    """4 steps of 4 pairs over 48 training pairs (64 minus 16 held out = 12 steps per epoch), logging every 2,
+    evaluating at step 2 (and at the end), a checkpoint every 3 steps (keep 1)."""
+    rec = Recorder()
+    res = train(TrainConfig(model=str(tiny_model_dir), data=str(pairs_file), output_dir=str(tmp_path / "run"),
+                            max_steps=4, batch_size=4, logging_steps=2, eval_steps=2, save_steps=3,
+                            save_total_limit=1, eval_fraction=0.25, progress=False, max_length=64,
+                            max_prompt_length=32), callbacks=[rec])
+    kinds = [(e[0],) + tuple(x for x in e[1:3] if not isinstance(x, dict)) for e in rec.events]
+    assert kinds == [("begin", 0, 4), ("step", 1), ("step", 2), ("log", 2, "train"), ("log", 2, "eval"),
+                     ("step", 3), ("save", 3, "step-0000003"), ("step", 4), ("log", 4, "train"),
+                     ("log", 4, "eval"), ("save", 4, "final"), ("end", 4, "final")]
+    assert rec.events[0][3] == 12
+    assert rec.events[-1][3:] == (False, 4)
+    logged = [e[3] for e in rec.events if e[0] == "log"]
+    assert logged == read_metrics(res.output_dir)  # the same rows, at full precision
