@@ -1,4 +1,5 @@
-"""`preftune demo`: the whole preference-tuning story on a laptop CPU, with proof that DPO helped.
+"""The news demo (`make demo`, `python -m examples.news_demo`): the whole preference-tuning story on a
+laptop CPU, with proof that DPO helped.
 
 We want a model that summarizes news articles concisely and informatively. Its SFT model (the shipped
 base, `base.py`) learned from a newsroom whose desks write differently, so it writes a crisp factual
@@ -11,27 +12,33 @@ summary for some articles and a long, vague or wrong one for others. `run_demo`:
 5. judges them (`judge.judge_summary` or the user's own), and measures on held-out pairs the preference
    accuracy of DPO's implicit reward, and the per-token KL of DPO to SFT on DPO's own samples;
 6. prints a before/after table and the metrics, and writes everything to OUTPUT_DIR/demo.json.
+
+It lives outside the preftune package (so the wheel ships no demo weights) and uses only preftune's public
+functions: `train`, `TrainConfig`, `scoring.score_records`/`score_completions`, `modeling.load`.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import platform
 import shutil
-import sys
 import textwrap
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from preftune.demo import news
-from preftune.demo.base import ASSETS_BASE, BaseRecipe, build_base, check_base, write_jsonl
-from preftune.demo.judge import Judge, as_judge_result, load_judge
+from examples.news_demo import news
+from examples.news_demo.base import ASSETS_BASE, BaseRecipe, build_base, check_base, write_jsonl
+from examples.news_demo.judge import Judge, as_judge_result, load_judge
 from preftune.errors import PreftuneError
 
-# Files and folders the demo writes into OUTPUT_DIR; only these are replaced with overwrite=True.
+# Files and folders a demo run writes into OUTPUT_DIR (the last two only with from_scratch).
 DEMO_FILES = ("demo.json", "summaries.jsonl", "data", "dpo", "base", "base_work")
+# Written into OUTPUT_DIR before anything else: the names this run creates there. overwrite=True deletes only
+# names a manifest lists, so a user's own data/ or base/ in the folder is never taken for an earlier demo's.
+MANIFEST = "demo_manifest.json"
 
 
 @dataclass(frozen=True)
@@ -74,7 +81,7 @@ def run_demo(output_dir: str | Path = "runs/demo", *, from_scratch: bool = False
     if n_eval < 1:
         raise PreftuneError(f"n_eval must be at least 1 held-out article, got {n_eval}.")
     judge_fn = load_judge(judge)
-    out = _prepare_output_dir(Path(output_dir), overwrite)
+    out = prepare_output_dir(Path(output_dir), DEMO_FILES if from_scratch else DEMO_FILES[:4], overwrite)
     timings: dict[str, float] = {}
 
     def say(msg: str) -> None:
@@ -181,17 +188,51 @@ def run_demo(output_dir: str | Path = "runs/demo", *, from_scratch: bool = False
     return result
 
 
-def _prepare_output_dir(out: Path, overwrite: bool) -> Path:
+def prepare_output_dir(out: Path, names: tuple[str, ...], overwrite: bool) -> Path:
+    """Make `out` ready for a run that writes `names` into it, and record them in its manifest.
+
+    Only what an earlier demo's manifest lists is ever deleted (with `overwrite`); any of `names` present
+    but not listed is the user's, and the run stops with a sentence instead of writing into or over it.
+    """
     if out.exists() and not out.is_dir():
         raise PreftuneError(f"output dir {out} is a file; pass a folder for --output-dir.")
-    ours = [out / name for name in DEMO_FILES if (out / name).exists()]
-    if ours and not overwrite:
+    ours = _read_manifest(out)
+    # lexists: a dangling symlink is still something in the folder the demo must not silently replace.
+    foreign = [n for n in names if os.path.lexists(out / n) and n not in ours]
+    if foreign:
+        raise PreftuneError(
+            f"output dir {out} holds {', '.join(foreign)}, which no demo manifest ({MANIFEST}) says the demo "
+            f"wrote, so the demo will not write over them; choose another --output-dir.")
+    earlier = [n for n in sorted(ours) if os.path.lexists(out / n)]
+    if earlier and not overwrite:
         raise PreftuneError(f"output dir {out} already holds a demo run; pass --overwrite to replace it or "
                             "choose another --output-dir.")
-    for p in ours:
-        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    for name in earlier:
+        p = out / name
+        # A link is removed, never followed: what it points to was not written here.
+        shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
     out.mkdir(parents=True, exist_ok=True)
+    (out / MANIFEST).write_text(json.dumps({"written_by": "examples/news_demo", "entries": sorted(names)},
+                                           indent=2) + "\n", encoding="utf-8")
     return out
+
+
+def _read_manifest(out: Path) -> set[str]:
+    """The names an earlier demo's manifest in `out` lists (empty without one); refuses a manifest it
+    cannot trust, since its entries decide what gets deleted."""
+    path = out / MANIFEST
+    if not os.path.lexists(path):
+        return set()
+    try:
+        if path.is_symlink():
+            raise ValueError("it is a symlink")
+        entries = json.loads(path.read_text(encoding="utf-8"))["entries"]
+        if not isinstance(entries, list) or not set(entries) <= set(DEMO_FILES):
+            raise ValueError(f"it lists names the demo never writes: {entries!r}")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise PreftuneError(f"the demo manifest {path} cannot be trusted ({e}), so nothing in {out} is "
+                            "replaced; remove the folder yourself or choose another --output-dir.") from None
+    return set(entries)
 
 
 def generate(model, tokenizer, prompts: list[str], *, batch_size: int = 64, max_new_tokens: int = 64,
@@ -313,6 +354,3 @@ def render_report(result: dict) -> str:
     ]
     return "\n".join(lines)
 
-
-if __name__ == "__main__":  # python -m preftune.demo.pipeline [OUTPUT_DIR]
-    run_demo(sys.argv[1] if len(sys.argv) > 1 else "runs/demo", overwrite=True)
