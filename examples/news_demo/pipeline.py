@@ -25,6 +25,8 @@ import platform
 import shutil
 import textwrap
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -82,82 +84,39 @@ def run_demo(output_dir: str | Path = "runs/demo", *, from_scratch: bool = False
         raise PreftuneError(f"n_eval must be at least 1 held-out article, got {n_eval}.")
     judge_fn = load_judge(judge)
     out = prepare_output_dir(Path(output_dir), DEMO_FILES if from_scratch else DEMO_FILES[:4], overwrite)
-    timings: dict[str, float] = {}
+    stages = _Stages()
+    _say(f"preftune demo → {out}   (news summaries: does DPO teach a tiny model to prefer the crisp factual one?)")
 
-    def say(msg: str) -> None:
-        print(msg, flush=True)
+    with stages("base"):  # 1. the SFT model
+        sft_dir = _sft_model(out, settings, from_scratch=from_scratch, base_dir=base_dir, seed=seed,
+                             progress=progress)
+    with stages("data"):  # 2. training pairs, held-out articles and their pairs
+        pairs_file, held, held_pairs = _write_data(out / "data", settings, n_eval=n_eval, seed=seed)
+    with stages("dpo"):  # 3. DPO
+        res = _train_dpo(sft_dir, pairs_file, out / "dpo", settings, seed=seed, progress=progress)
+        dpo_dir = res.final_dir
 
-    def stage(name: str, t0: float) -> None:
-        timings[name] = round(time.time() - t0, 1)
-        say(f"      done in {timings[name]:.0f}s")
+    with stages("generate"):  # 4. greedy summaries of the held-out articles
+        import torch
 
-    say(f"preftune demo → {out}   (news summaries: does DPO teach a tiny model to prefer the crisp factual one?)")
+        from preftune.modeling.load import load_model_and_tokenizer
 
-    # 1. the SFT model
-    t0 = time.time()
-    if from_scratch:
-        say("[1/5] building the SFT base from scratch: tokenizer + tiny Llama + preftune sft on good and bad summaries")
-        recipe = settings.base if seed == settings.base.seed else BaseRecipe(**{**asdict(settings.base), "seed": seed})
-        sft_dir = build_base(out / "base", recipe, work_dir=out / "base_work", progress=progress, say=say)
-    else:
-        sft_dir = check_base(base_dir if base_dir is not None else ASSETS_BASE)
-        say(f"[1/5] SFT model: {sft_dir} (build one from scratch with --from-scratch)")
-    stage("base", t0)
+        torch.manual_seed(seed)
+        sft_model, tokenizer = load_model_and_tokenizer(str(sft_dir))
+        dpo_model, _ = load_model_and_tokenizer(str(dpo_dir))
+        prompts = [news.make_prompt(a) for a in held]
+        _say(f"[4/5] writing greedy summaries of {len(held)} held-out articles with the SFT and the DPO model")
+        gen = dict(batch_size=settings.gen_batch_size, max_new_tokens=settings.max_new_tokens)
+        sft_out = generate(sft_model, tokenizer, prompts, **gen)
+        dpo_out = generate(dpo_model, tokenizer, prompts, **gen)
 
-    # 2. data: training pairs, held-out articles and their pairs
-    t0 = time.time()
-    train_articles = news.generate_articles(settings.n_pairs, seed=seed + 1000, split="train")
-    pairs = news.build_preference_records(train_articles, seed=seed)
-    pairs_file = write_jsonl(out / "data" / "pairs.jsonl", ({k: r[k] for k in ("prompt", "chosen", "rejected")}
-                                                               for r in pairs))
-    held = news.generate_articles(n_eval, seed=seed, split="heldout")
-    held_pairs = news.build_preference_records(held, seed=seed + 1)
-    write_jsonl(out / "data" / "heldout_articles.jsonl", (a.to_dict() for a in held))
-    say(f"[2/5] data: {len(pairs):,} preference pairs (reference chosen over a verbose, vague, wrong-fact or "
-        f"copied-filler summary); {len(held)} held-out articles with unseen organisation/place pairs")
-    stage("data", t0)
-
-    # 3. DPO
-    t0 = time.time()
-    from preftune import TrainConfig, train
-
-    say(f"[3/5] DPO: preftune train, {settings.dpo_steps} steps of {settings.batch_size} pairs, "
-        f"beta {settings.beta}, the SFT model as the frozen reference")
-    res = train(TrainConfig(
-        model=str(sft_dir), data=str(pairs_file), output_dir=str(out / "dpo"), max_steps=settings.dpo_steps,
-        batch_size=settings.batch_size, learning_rate=settings.learning_rate, lr_scheduler="cosine",
-        warmup_ratio=0.1, beta=settings.beta, loss="sigmoid", max_length=256, max_prompt_length=224, seed=seed,
-        logging_steps=max(1, settings.dpo_steps // 5), progress=progress, overwrite=True))
-    if res.interrupted:
-        raise PreftuneError(f"DPO was stopped after {res.steps} of {settings.dpo_steps} steps; run the demo again.")
-    dpo_dir = res.final_dir
-    stage("dpo", t0)
-
-    # 4. greedy summaries of the held-out articles
-    t0 = time.time()
-    import torch
-
-    from preftune.modeling.load import load_model_and_tokenizer
-
-    torch.manual_seed(seed)
-    sft_model, tokenizer = load_model_and_tokenizer(str(sft_dir))
-    dpo_model, _ = load_model_and_tokenizer(str(dpo_dir))
-    prompts = [news.make_prompt(a) for a in held]
-    say(f"[4/5] writing greedy summaries of {len(held)} held-out articles with the SFT and the DPO model")
-    gen = dict(batch_size=settings.gen_batch_size, max_new_tokens=settings.max_new_tokens)
-    sft_out = generate(sft_model, tokenizer, prompts, **gen)
-    dpo_out = generate(dpo_model, tokenizer, prompts, **gen)
-    stage("generate", t0)
-
-    # 5. judge, preference accuracy, KL
-    t0 = time.time()
-    say("[5/5] judging the summaries; preference accuracy on held-out pairs; KL of DPO to SFT on DPO's samples")
-    sft_verdicts = [as_judge_result(judge_fn(a, s)) for a, s in zip(held, sft_out)]
-    dpo_verdicts = [as_judge_result(judge_fn(a, s)) for a, s in zip(held, dpo_out)]
-    pref = preference_accuracy(sft_model, dpo_model, tokenizer, held_pairs, beta=settings.beta)
-    samples = generate(dpo_model, tokenizer, prompts, do_sample=True, **gen)
-    kl = per_token_kl(dpo_model, sft_model, tokenizer, prompts, samples)
-    stage("evaluate", t0)
+    with stages("evaluate"):  # 5. judge, preference accuracy, KL
+        _say("[5/5] judging the summaries; preference accuracy on held-out pairs; KL of DPO to SFT on DPO's samples")
+        sft_verdicts = [as_judge_result(judge_fn(a, s)) for a, s in zip(held, sft_out)]
+        dpo_verdicts = [as_judge_result(judge_fn(a, s)) for a, s in zip(held, dpo_out)]
+        pref = preference_accuracy(sft_model, dpo_model, tokenizer, held_pairs, beta=settings.beta)
+        samples = generate(dpo_model, tokenizer, prompts, do_sample=True, **gen)
+        kl = per_token_kl(dpo_model, sft_model, tokenizer, prompts, samples)
 
     metrics = {
         "n_eval": len(held),
@@ -168,14 +127,14 @@ def run_demo(output_dir: str | Path = "runs/demo", *, from_scratch: bool = False
     }
     metrics["good_rate_gain"] = round(metrics["dpo"]["good_rate"] - metrics["sft"]["good_rate"], 4)
     examples = pick_examples(held, sft_out, dpo_out, sft_verdicts, dpo_verdicts, settings.n_show)
-    timings["total"] = round(time.time() - t_start, 1)
+    stages.timings["total"] = round(time.time() - t_start, 1)
     result = {
         "story": "news summaries: DPO on pairs preferring the crisp factual summary, SFT model as reference",
         "output_dir": str(out), "sft_model": str(sft_dir), "dpo_model": str(dpo_dir),
         "judge": getattr(judge_fn, "__module__", "?") + ":" + getattr(judge_fn, "__qualname__", "?"),
         "seed": seed, "quick": quick, "from_scratch": from_scratch,
         "settings": asdict(settings), "metrics": metrics, "examples": examples,
-        "dpo_train_metrics": res.train_metrics, "timings_s": timings,
+        "dpo_train_metrics": res.train_metrics, "timings_s": stages.timings,
         "machine": {"python": platform.python_version(), "torch": torch.__version__,
                     "threads": torch.get_num_threads()},
     }
@@ -184,8 +143,70 @@ def run_demo(output_dir: str | Path = "runs/demo", *, from_scratch: bool = False
          "dpo_verdict": dv.to_dict()}
         for a, s, d, sv, dv in zip(held, sft_out, dpo_out, sft_verdicts, dpo_verdicts)))
     (out / "demo.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    say(render_report(result))
+    _say(render_report(result))
     return result
+
+
+def _say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+class _Stages:
+    """Wall time of each stage in `timings`, printed as the stage ends (not when it raised)."""
+
+    def __init__(self) -> None:
+        self.timings: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        t0 = time.time()
+        yield
+        self.timings[name] = round(time.time() - t0, 1)
+        _say(f"      done in {self.timings[name]:.0f}s")
+
+
+def _sft_model(out: Path, settings: DemoSettings, *, from_scratch: bool, base_dir: str | Path | None, seed: int,
+               progress: bool) -> Path:
+    """Stage 1: the committed SFT base (or `base_dir`), or one built from scratch into OUTPUT_DIR/base."""
+    if not from_scratch:
+        sft_dir = check_base(base_dir if base_dir is not None else ASSETS_BASE)
+        _say(f"[1/5] SFT model: {sft_dir} (build one from scratch with --from-scratch)")
+        return sft_dir
+    _say("[1/5] building the SFT base from scratch: tokenizer + tiny Llama + preftune sft on good and bad summaries")
+    recipe = settings.base if seed == settings.base.seed else BaseRecipe(**{**asdict(settings.base), "seed": seed})
+    return build_base(out / "base", recipe, work_dir=out / "base_work", progress=progress, say=_say)
+
+
+def _write_data(data_dir: Path, settings: DemoSettings, *, n_eval: int,
+                seed: int) -> tuple[Path, list[news.Article], list[dict]]:
+    """Stage 2: the DPO training pairs (written to `data_dir`), the held-out articles and their pairs."""
+    train_articles = news.generate_articles(settings.n_pairs, seed=seed + 1000, split="train")
+    pairs = news.build_preference_records(train_articles, seed=seed)
+    pairs_file = write_jsonl(data_dir / "pairs.jsonl", ({k: r[k] for k in ("prompt", "chosen", "rejected")}
+                                                        for r in pairs))
+    held = news.generate_articles(n_eval, seed=seed, split="heldout")
+    held_pairs = news.build_preference_records(held, seed=seed + 1)
+    write_jsonl(data_dir / "heldout_articles.jsonl", (a.to_dict() for a in held))
+    _say(f"[2/5] data: {len(pairs):,} preference pairs (reference chosen over a verbose, vague, wrong-fact or "
+         f"copied-filler summary); {len(held)} held-out articles with unseen organisation/place pairs")
+    return pairs_file, held, held_pairs
+
+
+def _train_dpo(sft_dir: Path, pairs_file: Path, run_dir: Path, settings: DemoSettings, *, seed: int,
+               progress: bool):
+    """Stage 3: `preftune.train` (DPO, sigmoid loss) from the SFT model, which is also the frozen reference."""
+    from preftune import TrainConfig, train
+
+    _say(f"[3/5] DPO: preftune train, {settings.dpo_steps} steps of {settings.batch_size} pairs, "
+         f"beta {settings.beta}, the SFT model as the frozen reference")
+    res = train(TrainConfig(
+        model=str(sft_dir), data=str(pairs_file), output_dir=str(run_dir), max_steps=settings.dpo_steps,
+        batch_size=settings.batch_size, learning_rate=settings.learning_rate, lr_scheduler="cosine",
+        warmup_ratio=0.1, beta=settings.beta, loss="sigmoid", max_length=256, max_prompt_length=224, seed=seed,
+        logging_steps=max(1, settings.dpo_steps // 5), progress=progress, overwrite=True))
+    if res.interrupted:
+        raise PreftuneError(f"DPO was stopped after {res.steps} of {settings.dpo_steps} steps; run the demo again.")
+    return res
 
 
 def prepare_output_dir(out: Path, names: tuple[str, ...], overwrite: bool) -> Path:

@@ -37,6 +37,14 @@ def earlier_demo(out: Path, names=RUN) -> None:
     (out / MANIFEST).write_text(json.dumps({"entries": sorted(names)}))
 
 
+def assert_refused(root: Path, out: Path, names: tuple[str, ...], overwrite: bool, match: str) -> None:
+    """prepare_output_dir refuses with a sentence matching `match`, and nothing under `root` changed."""
+    before = snapshot(root)
+    with pytest.raises(PreftuneError, match=match):
+        prepare_output_dir(out, names, overwrite=overwrite)
+    assert snapshot(root) == before
+
+
 def test_fresh_folder_gets_a_manifest_of_what_the_run_writes(tmp_path):
     out = prepare_output_dir(tmp_path / "new" / "demo", SCRATCH, overwrite=False)
     assert json.loads((out / MANIFEST).read_text())["entries"] == sorted(SCRATCH)
@@ -50,10 +58,7 @@ def test_users_own_data_and_base_are_never_deleted(tmp_path, overwrite):
     for name in ("data", "base"):
         (out / name).mkdir(parents=True)
         (out / name / "precious.txt").write_text(name)
-    before = snapshot(tmp_path)
-    with pytest.raises(PreftuneError, match=r"holds data, base, which no demo manifest .* choose another"):
-        prepare_output_dir(out, SCRATCH, overwrite=overwrite)
-    assert snapshot(tmp_path) == before
+    assert_refused(tmp_path, out, SCRATCH, overwrite, r"holds data, base, which no demo manifest .* choose another")
 
 
 def test_overwrite_replaces_only_the_listed_names(tmp_path):
@@ -71,19 +76,13 @@ def test_a_from_scratch_run_refuses_an_unlisted_base_before_deleting_anything(tm
     out = tmp_path / "demo"
     earlier_demo(out)
     (out / "base").mkdir()
-    before = snapshot(tmp_path)
-    with pytest.raises(PreftuneError, match="holds base, which no demo manifest"):
-        prepare_output_dir(out, SCRATCH, overwrite=True)
-    assert snapshot(tmp_path) == before
+    assert_refused(tmp_path, out, SCRATCH, True, "holds base, which no demo manifest")
 
 
 def test_an_earlier_run_needs_overwrite(tmp_path):
     out = tmp_path / "demo"
     earlier_demo(out, SCRATCH)
-    before = snapshot(tmp_path)
-    with pytest.raises(PreftuneError, match="already holds a demo run; pass --overwrite"):
-        prepare_output_dir(out, RUN, overwrite=False)
-    assert snapshot(tmp_path) == before
+    assert_refused(tmp_path, out, RUN, False, "already holds a demo run; pass --overwrite")
     # With it, every name the earlier run listed goes, base/ and base_work/ included.
     prepare_output_dir(out, RUN, overwrite=True)
     assert [p.name for p in out.iterdir()] == [MANIFEST]
@@ -114,10 +113,7 @@ def test_a_manifest_that_cannot_be_trusted_deletes_nothing(tmp_path, manifest, r
     out = tmp_path / "demo"
     earlier_demo(out)
     (out / MANIFEST).write_text(manifest)
-    before = snapshot(tmp_path)
-    with pytest.raises(PreftuneError, match=f"demo manifest .* cannot be trusted .*{reason}"):
-        prepare_output_dir(out, RUN, overwrite=True)
-    assert snapshot(tmp_path) == before
+    assert_refused(tmp_path, out, RUN, True, f"demo manifest .* cannot be trusted .*{reason}")
 
 
 def test_a_manifest_link_and_a_file_as_output_dir_are_refused(tmp_path):
