@@ -16,15 +16,17 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
+# The demo lives in examples/news_demo, outside the package; flags through DEMO_ARGS, e.g.
+# `make demo DEMO_ARGS="--overwrite"` to replace an earlier run in runs/demo.
 demo: install
-	$(BIN)/preftune demo
+	$(BIN)/python -m examples.news_demo $(DEMO_ARGS)
 
 test: install
-	$(BIN)/ruff check preftune tests bench
+	$(BIN)/ruff check preftune tests bench examples
 	$(BIN)/python -m pytest tests
 
 lint: install
-	$(BIN)/ruff check preftune tests bench
+	$(BIN)/ruff check preftune tests bench examples
 
 bench: install
 	$(BIN)/pip install --quiet -e '.[bench]'

@@ -11,6 +11,7 @@ import difflib
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -72,15 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rejected-field", default="rejected")
     p.add_argument("--output", help="Write the audit as JSON here (a PNG and HTML report are written beside it).")
 
-    p = sub.add_parser("demo", help="The whole story on a CPU: SFT model → DPO → judged before/after.",
-                       allow_abbrev=False)
-    p.add_argument("--output-dir", default="runs/demo")
-    p.add_argument("--from-scratch", action="store_true", help="Also build the tiny base model (tokenizer, SFT).")
-    p.add_argument("--eval-articles", type=int, default=200, help="Held-out articles to generate and judge.")
-    p.add_argument("--judge", help="Your own judge as module:function.")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quick", action="store_true", help="A shortened run (fewer articles and steps).")
-    p.add_argument("--overwrite", action="store_true", help="Replace an earlier demo in --output-dir.")
+    # The demo is not in the package (its weights would ship in every wheel): the verb runs the copy in a
+    # clone, examples/news_demo, and hands it every flag (its own --help included), so it keeps no flags here.
+    sub.add_parser("demo", add_help=False, help="The news-summary demo from a clone of the repository (what "
+                   "`make demo` runs): SFT model → DPO → judged before/after. Flags: `preftune demo --help`.")
     return parser
 
 
@@ -114,6 +110,8 @@ def _run(argv: Sequence[str] | None) -> int:
     if args.command is None:
         parser.print_help()
         return EXIT_USAGE
+    if args.command == "demo":
+        return _run_demo(extra)
     if extra:
         _unknown_flags(extra)
 
@@ -130,13 +128,34 @@ def _run(argv: Sequence[str] | None) -> int:
         from preftune.audit import run_inspect
 
         return run_inspect(args)
-    if args.command == "demo":
-        from preftune.demo.pipeline import run_demo
-
-        run_demo(output_dir=args.output_dir, from_scratch=args.from_scratch, n_eval=args.eval_articles,
-                 judge=args.judge, seed=args.seed, quick=args.quick, overwrite=args.overwrite)
-        return 0
     raise AssertionError(args.command)
+
+
+def _demo_checkout() -> Path | None:
+    """The repository folder holding examples/news_demo: this preftune's own source checkout (an editable
+    install, or PYTHONPATH) first, so the demo matches the library, else the current directory."""
+    for root in (Path(__file__).resolve().parent.parent, Path.cwd().resolve()):
+        if (root / "examples" / "news_demo" / "__main__.py").is_file():
+            return root
+    return None
+
+
+def _run_demo(argv: Sequence[str]) -> int:
+    root = _demo_checkout()
+    if root is None:
+        raise PreftuneError("the demo is not part of the installed package; run `make demo` (or `preftune demo`) "
+                            "in a clone of the preftune repository.")
+    sys.path.insert(0, str(root))
+    try:
+        import examples.news_demo.cli as demo_cli
+    except ImportError as e:
+        raise PreftuneError(f"cannot import the demo from {root / 'examples'} ({e}); run "
+                            f"`python -m examples.news_demo` in {root}.") from None
+    # An `examples` package imported earlier from elsewhere would shadow the checkout's.
+    if not Path(demo_cli.__file__).resolve().is_relative_to(root):
+        raise PreftuneError(f"another `examples` package ({demo_cli.__file__}) shadows {root / 'examples'}; "
+                            f"run `python -m examples.news_demo` in {root}.")
+    return demo_cli.main(argv, prog="preftune demo")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

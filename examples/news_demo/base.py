@@ -13,11 +13,11 @@ it had not started copying numbers after 2,700 steps of 16. Once it can copy, th
 the newsroom's mixture of styles.
 
 The build takes about 11 minutes on 2 CPU cores (600 + 2,500 steps), twice the demo's budget, so its
-result is shipped in `preftune/demo/assets/base` (safetensors and tokenizer files, 1.6 MB) and
-`preftune demo` starts from there; `preftune demo --from-scratch` runs `build_base` first. Rebuild the
-shipped copy with
+result is committed in `examples/news_demo/assets/base` (safetensors and tokenizer files, 1.6 MB; not
+in the preftune wheel) and the demo starts from there; `--from-scratch` runs `build_base` first. Rebuild
+the committed copy, from the repository root, with
 
-    python -m preftune.demo.base --output preftune/demo/assets/base
+    python -m examples.news_demo.base --output examples/news_demo/assets/base
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from preftune.demo import news
+from examples.news_demo import news
 from preftune.errors import PreftuneError
 
 PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<s>", "</s>"
@@ -177,12 +177,12 @@ def check_base(path: str | Path) -> Path:
     if missing:
         raise PreftuneError(
             f"the demo's base model in {p} is missing {', '.join(missing)}; rebuild it with "
-            f"`python -m preftune.demo.base --output {p}` or run `preftune demo --from-scratch`.")
+            f"`python -m examples.news_demo.base --output {p}` or run the demo with --from-scratch.")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m preftune.demo.base", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m examples.news_demo.base", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", default=str(ASSETS_BASE), help="folder for the SFT base (model + tokenizer)")
     parser.add_argument("--work-dir", default=None, help="folder for intermediate files (default: next to --output)")

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from preftune.demo import news
-from preftune.demo.base import ASSETS_BASE
-from preftune.demo.pipeline import generate, per_token_kl, preference_accuracy, run_demo
+from examples.news_demo import news
+from examples.news_demo.base import ASSETS_BASE
+from examples.news_demo.pipeline import MANIFEST, generate, per_token_kl, preference_accuracy, run_demo
 from preftune.errors import PreftuneError
 
 
@@ -49,8 +49,12 @@ def test_refuses_bad_input_before_any_work(tmp_path):
         run_demo(tmp_path / "b", judge="no-colon")
     (tmp_path / "c").mkdir()
     (tmp_path / "c" / "demo.json").write_text("{}")
+    with pytest.raises(PreftuneError, match="no demo manifest"):
+        run_demo(tmp_path / "c", overwrite=True)
+    (tmp_path / "c" / MANIFEST).write_text('{"entries": ["demo.json"]}')
     with pytest.raises(PreftuneError, match="--overwrite"):
         run_demo(tmp_path / "c")
+    assert (tmp_path / "c" / "demo.json").read_text() == "{}"
     (tmp_path / "d").write_text("a file")
     with pytest.raises(PreftuneError, match="is a file"):
         run_demo(tmp_path / "d")
@@ -69,6 +73,8 @@ def test_quick_demo_dpo_beats_sft(tmp_path, capsys):
     assert 0.0 < m["kl_dpo_sft_per_token"] < 1.0
     assert json.loads((out / "demo.json").read_text()) == json.loads(json.dumps(res))
     assert len((out / "summaries.jsonl").read_text().splitlines()) == 48
+    assert json.loads((out / MANIFEST).read_text())["entries"] == ["data", "demo.json", "dpo", "summaries.jsonl"]
+    assert {p.name for p in out.iterdir()} == {"data", "demo.json", "dpo", "summaries.jsonl", MANIFEST}
     printed = capsys.readouterr().out
     assert "[5/5]" in printed and "good summaries" in printed and "demo.json" in printed
     # The table shows held-out articles whose SFT summary was bad, with both summaries.

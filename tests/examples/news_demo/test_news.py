@@ -8,7 +8,7 @@ from collections import Counter
 
 import pytest
 
-from preftune.demo import news
+from examples.news_demo import news
 from preftune.errors import PreftuneError
 
 

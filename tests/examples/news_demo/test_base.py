@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from preftune.demo import news
-from preftune.demo.base import (
+from examples.news_demo import news
+from examples.news_demo.base import (
     ASSETS_BASE,
     BaseRecipe,
     build_base,
@@ -73,3 +73,12 @@ def test_build_script_still_builds_an_equivalent_model(tmp_path):
     assert losses[0] == pytest.approx(6.55, abs=0.15)
     assert sum(losses[-3:]) / 3 < 5.5
     assert json.loads((out / "recipe.json").read_text()) == dataclasses.asdict(recipe)
+
+
+def test_the_library_package_holds_no_demo_weights():
+    """The base lives beside the demo, outside preftune/, so `pip install preftune` ships no weights (issue 11)."""
+    package = ASSETS_BASE.parents[3] / "preftune"
+    assert (package / "__init__.py").is_file()
+    heavy = [p for p in package.rglob("*") if p.is_file() and (p.suffix in (".safetensors", ".bin", ".pt")
+                                                               or p.stat().st_size > 200_000)]
+    assert heavy == []

@@ -21,7 +21,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from preftune.demo.news import MONTHS, ORGS, PLACES, Article, count_words
+from examples.news_demo.news import MONTHS, ORGS, PLACES, Article, count_words
 from preftune.errors import PreftuneError
 
 

@@ -1,4 +1,5 @@
-"""`preftune demo`: the whole preference-tuning story on a laptop CPU, with proof that DPO helped.
+"""The news demo (`make demo`, `python -m examples.news_demo`): the whole preference-tuning story on a
+laptop CPU, with proof that DPO helped.
 
 We want a model that summarizes news articles concisely and informatively. Its SFT model (the shipped
 base, `base.py`) learned from a newsroom whose desks write differently, so it writes a crisp factual
@@ -11,27 +12,35 @@ summary for some articles and a long, vague or wrong one for others. `run_demo`:
 5. judges them (`judge.judge_summary` or the user's own), and measures on held-out pairs the preference
    accuracy of DPO's implicit reward, and the per-token KL of DPO to SFT on DPO's own samples;
 6. prints a before/after table and the metrics, and writes everything to OUTPUT_DIR/demo.json.
+
+It lives outside the preftune package (so the wheel ships no demo weights) and uses only preftune's public
+functions: `train`, `TrainConfig`, `scoring.score_records`/`score_completions`, `modeling.load`.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import platform
 import shutil
-import sys
 import textwrap
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from preftune.demo import news
-from preftune.demo.base import ASSETS_BASE, BaseRecipe, build_base, check_base, write_jsonl
-from preftune.demo.judge import Judge, as_judge_result, load_judge
+from examples.news_demo import news
+from examples.news_demo.base import ASSETS_BASE, BaseRecipe, build_base, check_base, write_jsonl
+from examples.news_demo.judge import Judge, as_judge_result, load_judge
 from preftune.errors import PreftuneError
 
-# Files and folders the demo writes into OUTPUT_DIR; only these are replaced with overwrite=True.
+# Files and folders a demo run writes into OUTPUT_DIR (the last two only with from_scratch).
 DEMO_FILES = ("demo.json", "summaries.jsonl", "data", "dpo", "base", "base_work")
+# Written into OUTPUT_DIR before anything else: the names this run creates there. overwrite=True deletes only
+# names a manifest lists, so a user's own data/ or base/ in the folder is never taken for an earlier demo's.
+MANIFEST = "demo_manifest.json"
 
 
 @dataclass(frozen=True)
@@ -74,83 +83,40 @@ def run_demo(output_dir: str | Path = "runs/demo", *, from_scratch: bool = False
     if n_eval < 1:
         raise PreftuneError(f"n_eval must be at least 1 held-out article, got {n_eval}.")
     judge_fn = load_judge(judge)
-    out = _prepare_output_dir(Path(output_dir), overwrite)
-    timings: dict[str, float] = {}
+    out = prepare_output_dir(Path(output_dir), DEMO_FILES if from_scratch else DEMO_FILES[:4], overwrite)
+    stages = _Stages()
+    _say(f"preftune demo → {out}   (news summaries: does DPO teach a tiny model to prefer the crisp factual one?)")
 
-    def say(msg: str) -> None:
-        print(msg, flush=True)
+    with stages("base"):  # 1. the SFT model
+        sft_dir = _sft_model(out, settings, from_scratch=from_scratch, base_dir=base_dir, seed=seed,
+                             progress=progress)
+    with stages("data"):  # 2. training pairs, held-out articles and their pairs
+        pairs_file, held, held_pairs = _write_data(out / "data", settings, n_eval=n_eval, seed=seed)
+    with stages("dpo"):  # 3. DPO
+        res = _train_dpo(sft_dir, pairs_file, out / "dpo", settings, seed=seed, progress=progress)
+        dpo_dir = res.final_dir
 
-    def stage(name: str, t0: float) -> None:
-        timings[name] = round(time.time() - t0, 1)
-        say(f"      done in {timings[name]:.0f}s")
+    with stages("generate"):  # 4. greedy summaries of the held-out articles
+        import torch
 
-    say(f"preftune demo → {out}   (news summaries: does DPO teach a tiny model to prefer the crisp factual one?)")
+        from preftune.modeling.load import load_model_and_tokenizer
 
-    # 1. the SFT model
-    t0 = time.time()
-    if from_scratch:
-        say("[1/5] building the SFT base from scratch: tokenizer + tiny Llama + preftune sft on good and bad summaries")
-        recipe = settings.base if seed == settings.base.seed else BaseRecipe(**{**asdict(settings.base), "seed": seed})
-        sft_dir = build_base(out / "base", recipe, work_dir=out / "base_work", progress=progress, say=say)
-    else:
-        sft_dir = check_base(base_dir if base_dir is not None else ASSETS_BASE)
-        say(f"[1/5] SFT model: {sft_dir} (build one from scratch with --from-scratch)")
-    stage("base", t0)
+        torch.manual_seed(seed)
+        sft_model, tokenizer = load_model_and_tokenizer(str(sft_dir))
+        dpo_model, _ = load_model_and_tokenizer(str(dpo_dir))
+        prompts = [news.make_prompt(a) for a in held]
+        _say(f"[4/5] writing greedy summaries of {len(held)} held-out articles with the SFT and the DPO model")
+        gen = dict(batch_size=settings.gen_batch_size, max_new_tokens=settings.max_new_tokens)
+        sft_out = generate(sft_model, tokenizer, prompts, **gen)
+        dpo_out = generate(dpo_model, tokenizer, prompts, **gen)
 
-    # 2. data: training pairs, held-out articles and their pairs
-    t0 = time.time()
-    train_articles = news.generate_articles(settings.n_pairs, seed=seed + 1000, split="train")
-    pairs = news.build_preference_records(train_articles, seed=seed)
-    pairs_file = write_jsonl(out / "data" / "pairs.jsonl", ({k: r[k] for k in ("prompt", "chosen", "rejected")}
-                                                               for r in pairs))
-    held = news.generate_articles(n_eval, seed=seed, split="heldout")
-    held_pairs = news.build_preference_records(held, seed=seed + 1)
-    write_jsonl(out / "data" / "heldout_articles.jsonl", (a.to_dict() for a in held))
-    say(f"[2/5] data: {len(pairs):,} preference pairs (reference chosen over a verbose, vague, wrong-fact or "
-        f"copied-filler summary); {len(held)} held-out articles with unseen organisation/place pairs")
-    stage("data", t0)
-
-    # 3. DPO
-    t0 = time.time()
-    from preftune import TrainConfig, train
-
-    say(f"[3/5] DPO: preftune train, {settings.dpo_steps} steps of {settings.batch_size} pairs, "
-        f"beta {settings.beta}, the SFT model as the frozen reference")
-    res = train(TrainConfig(
-        model=str(sft_dir), data=str(pairs_file), output_dir=str(out / "dpo"), max_steps=settings.dpo_steps,
-        batch_size=settings.batch_size, learning_rate=settings.learning_rate, lr_scheduler="cosine",
-        warmup_ratio=0.1, beta=settings.beta, loss="sigmoid", max_length=256, max_prompt_length=224, seed=seed,
-        logging_steps=max(1, settings.dpo_steps // 5), progress=progress, overwrite=True))
-    if res.interrupted:
-        raise PreftuneError(f"DPO was stopped after {res.steps} of {settings.dpo_steps} steps; run the demo again.")
-    dpo_dir = res.final_dir
-    stage("dpo", t0)
-
-    # 4. greedy summaries of the held-out articles
-    t0 = time.time()
-    import torch
-
-    from preftune.modeling.load import load_model_and_tokenizer
-
-    torch.manual_seed(seed)
-    sft_model, tokenizer = load_model_and_tokenizer(str(sft_dir))
-    dpo_model, _ = load_model_and_tokenizer(str(dpo_dir))
-    prompts = [news.make_prompt(a) for a in held]
-    say(f"[4/5] writing greedy summaries of {len(held)} held-out articles with the SFT and the DPO model")
-    gen = dict(batch_size=settings.gen_batch_size, max_new_tokens=settings.max_new_tokens)
-    sft_out = generate(sft_model, tokenizer, prompts, **gen)
-    dpo_out = generate(dpo_model, tokenizer, prompts, **gen)
-    stage("generate", t0)
-
-    # 5. judge, preference accuracy, KL
-    t0 = time.time()
-    say("[5/5] judging the summaries; preference accuracy on held-out pairs; KL of DPO to SFT on DPO's samples")
-    sft_verdicts = [as_judge_result(judge_fn(a, s)) for a, s in zip(held, sft_out)]
-    dpo_verdicts = [as_judge_result(judge_fn(a, s)) for a, s in zip(held, dpo_out)]
-    pref = preference_accuracy(sft_model, dpo_model, tokenizer, held_pairs, beta=settings.beta)
-    samples = generate(dpo_model, tokenizer, prompts, do_sample=True, **gen)
-    kl = per_token_kl(dpo_model, sft_model, tokenizer, prompts, samples)
-    stage("evaluate", t0)
+    with stages("evaluate"):  # 5. judge, preference accuracy, KL
+        _say("[5/5] judging the summaries; preference accuracy on held-out pairs; KL of DPO to SFT on DPO's samples")
+        sft_verdicts = [as_judge_result(judge_fn(a, s)) for a, s in zip(held, sft_out)]
+        dpo_verdicts = [as_judge_result(judge_fn(a, s)) for a, s in zip(held, dpo_out)]
+        pref = preference_accuracy(sft_model, dpo_model, tokenizer, held_pairs, beta=settings.beta)
+        samples = generate(dpo_model, tokenizer, prompts, do_sample=True, **gen)
+        kl = per_token_kl(dpo_model, sft_model, tokenizer, prompts, samples)
 
     metrics = {
         "n_eval": len(held),
@@ -161,14 +127,14 @@ def run_demo(output_dir: str | Path = "runs/demo", *, from_scratch: bool = False
     }
     metrics["good_rate_gain"] = round(metrics["dpo"]["good_rate"] - metrics["sft"]["good_rate"], 4)
     examples = pick_examples(held, sft_out, dpo_out, sft_verdicts, dpo_verdicts, settings.n_show)
-    timings["total"] = round(time.time() - t_start, 1)
+    stages.timings["total"] = round(time.time() - t_start, 1)
     result = {
         "story": "news summaries: DPO on pairs preferring the crisp factual summary, SFT model as reference",
         "output_dir": str(out), "sft_model": str(sft_dir), "dpo_model": str(dpo_dir),
         "judge": getattr(judge_fn, "__module__", "?") + ":" + getattr(judge_fn, "__qualname__", "?"),
         "seed": seed, "quick": quick, "from_scratch": from_scratch,
         "settings": asdict(settings), "metrics": metrics, "examples": examples,
-        "dpo_train_metrics": res.train_metrics, "timings_s": timings,
+        "dpo_train_metrics": res.train_metrics, "timings_s": stages.timings,
         "machine": {"python": platform.python_version(), "torch": torch.__version__,
                     "threads": torch.get_num_threads()},
     }
@@ -177,21 +143,117 @@ def run_demo(output_dir: str | Path = "runs/demo", *, from_scratch: bool = False
          "dpo_verdict": dv.to_dict()}
         for a, s, d, sv, dv in zip(held, sft_out, dpo_out, sft_verdicts, dpo_verdicts)))
     (out / "demo.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    say(render_report(result))
+    _say(render_report(result))
     return result
 
 
-def _prepare_output_dir(out: Path, overwrite: bool) -> Path:
+def _say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+class _Stages:
+    """Wall time of each stage in `timings`, printed as the stage ends (not when it raised)."""
+
+    def __init__(self) -> None:
+        self.timings: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        t0 = time.time()
+        yield
+        self.timings[name] = round(time.time() - t0, 1)
+        _say(f"      done in {self.timings[name]:.0f}s")
+
+
+def _sft_model(out: Path, settings: DemoSettings, *, from_scratch: bool, base_dir: str | Path | None, seed: int,
+               progress: bool) -> Path:
+    """Stage 1: the committed SFT base (or `base_dir`), or one built from scratch into OUTPUT_DIR/base."""
+    if not from_scratch:
+        sft_dir = check_base(base_dir if base_dir is not None else ASSETS_BASE)
+        _say(f"[1/5] SFT model: {sft_dir} (build one from scratch with --from-scratch)")
+        return sft_dir
+    _say("[1/5] building the SFT base from scratch: tokenizer + tiny Llama + preftune sft on good and bad summaries")
+    recipe = settings.base if seed == settings.base.seed else BaseRecipe(**{**asdict(settings.base), "seed": seed})
+    return build_base(out / "base", recipe, work_dir=out / "base_work", progress=progress, say=_say)
+
+
+def _write_data(data_dir: Path, settings: DemoSettings, *, n_eval: int,
+                seed: int) -> tuple[Path, list[news.Article], list[dict]]:
+    """Stage 2: the DPO training pairs (written to `data_dir`), the held-out articles and their pairs."""
+    train_articles = news.generate_articles(settings.n_pairs, seed=seed + 1000, split="train")
+    pairs = news.build_preference_records(train_articles, seed=seed)
+    pairs_file = write_jsonl(data_dir / "pairs.jsonl", ({k: r[k] for k in ("prompt", "chosen", "rejected")}
+                                                        for r in pairs))
+    held = news.generate_articles(n_eval, seed=seed, split="heldout")
+    held_pairs = news.build_preference_records(held, seed=seed + 1)
+    write_jsonl(data_dir / "heldout_articles.jsonl", (a.to_dict() for a in held))
+    _say(f"[2/5] data: {len(pairs):,} preference pairs (reference chosen over a verbose, vague, wrong-fact or "
+         f"copied-filler summary); {len(held)} held-out articles with unseen organisation/place pairs")
+    return pairs_file, held, held_pairs
+
+
+def _train_dpo(sft_dir: Path, pairs_file: Path, run_dir: Path, settings: DemoSettings, *, seed: int,
+               progress: bool):
+    """Stage 3: `preftune.train` (DPO, sigmoid loss) from the SFT model, which is also the frozen reference."""
+    from preftune import TrainConfig, train
+
+    _say(f"[3/5] DPO: preftune train, {settings.dpo_steps} steps of {settings.batch_size} pairs, "
+         f"beta {settings.beta}, the SFT model as the frozen reference")
+    res = train(TrainConfig(
+        model=str(sft_dir), data=str(pairs_file), output_dir=str(run_dir), max_steps=settings.dpo_steps,
+        batch_size=settings.batch_size, learning_rate=settings.learning_rate, lr_scheduler="cosine",
+        warmup_ratio=0.1, beta=settings.beta, loss="sigmoid", max_length=256, max_prompt_length=224, seed=seed,
+        logging_steps=max(1, settings.dpo_steps // 5), progress=progress, overwrite=True))
+    if res.interrupted:
+        raise PreftuneError(f"DPO was stopped after {res.steps} of {settings.dpo_steps} steps; run the demo again.")
+    return res
+
+
+def prepare_output_dir(out: Path, names: tuple[str, ...], overwrite: bool) -> Path:
+    """Make `out` ready for a run that writes `names` into it, and record them in its manifest.
+
+    Only what an earlier demo's manifest lists is ever deleted (with `overwrite`); any of `names` present
+    but not listed is the user's, and the run stops with a sentence instead of writing into or over it.
+    """
     if out.exists() and not out.is_dir():
         raise PreftuneError(f"output dir {out} is a file; pass a folder for --output-dir.")
-    ours = [out / name for name in DEMO_FILES if (out / name).exists()]
-    if ours and not overwrite:
+    ours = _read_manifest(out)
+    # lexists: a dangling symlink is still something in the folder the demo must not silently replace.
+    foreign = [n for n in names if os.path.lexists(out / n) and n not in ours]
+    if foreign:
+        raise PreftuneError(
+            f"output dir {out} holds {', '.join(foreign)}, which no demo manifest ({MANIFEST}) says the demo "
+            f"wrote, so the demo will not write over them; choose another --output-dir.")
+    earlier = [n for n in sorted(ours) if os.path.lexists(out / n)]
+    if earlier and not overwrite:
         raise PreftuneError(f"output dir {out} already holds a demo run; pass --overwrite to replace it or "
                             "choose another --output-dir.")
-    for p in ours:
-        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    for name in earlier:
+        p = out / name
+        # A link is removed, never followed: what it points to was not written here.
+        shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
     out.mkdir(parents=True, exist_ok=True)
+    (out / MANIFEST).write_text(json.dumps({"written_by": "examples/news_demo", "entries": sorted(names)},
+                                           indent=2) + "\n", encoding="utf-8")
     return out
+
+
+def _read_manifest(out: Path) -> set[str]:
+    """The names an earlier demo's manifest in `out` lists (empty without one); refuses a manifest it
+    cannot trust, since its entries decide what gets deleted."""
+    path = out / MANIFEST
+    if not os.path.lexists(path):
+        return set()
+    try:
+        if path.is_symlink():
+            raise ValueError("it is a symlink")
+        entries = json.loads(path.read_text(encoding="utf-8"))["entries"]
+        if not isinstance(entries, list) or not set(entries) <= set(DEMO_FILES):
+            raise ValueError(f"it lists names the demo never writes: {entries!r}")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise PreftuneError(f"the demo manifest {path} cannot be trusted ({e}), so nothing in {out} is "
+                            "replaced; remove the folder yourself or choose another --output-dir.") from None
+    return set(entries)
 
 
 def generate(model, tokenizer, prompts: list[str], *, batch_size: int = 64, max_new_tokens: int = 64,
@@ -313,6 +375,3 @@ def render_report(result: dict) -> str:
     ]
     return "\n".join(lines)
 
-
-if __name__ == "__main__":  # python -m preftune.demo.pipeline [OUTPUT_DIR]
-    run_demo(sys.argv[1] if len(sys.argv) > 1 else "runs/demo", overwrite=True)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from preftune.demo.judge import JudgeResult, as_judge_result, judge_summary, load_judge
-from preftune.demo.news import Article
+from examples.news_demo.judge import JudgeResult, as_judge_result, judge_summary, load_judge
+from examples.news_demo.news import Article
 from preftune.errors import PreftuneError
 
 FACTS = {"org": "Redfern Company", "verb": "open", "what": "sports halls", "number": "300", "place": "Krakow",
@@ -102,7 +102,7 @@ def user_module(tmp_path, monkeypatch):
 def test_load_judge_default_callable_and_module_function(user_module):
     assert load_judge(None) is judge_summary
     assert load_judge(my_judge) is my_judge
-    assert load_judge("preftune.demo.judge:judge_summary") is judge_summary
+    assert load_judge("examples.news_demo.judge:judge_summary") is judge_summary
     short = load_judge(f"{user_module}:short")
     assert short(ARTICLE, "tiny")["good"] and not short(ARTICLE, ARTICLE.reference)["good"]
 
@@ -112,7 +112,7 @@ def test_load_judge_default_callable_and_module_function(user_module):
     ("a:b:c", "module:function"),
     (":judge", "module:function"),
     ("no_such_module_xyz:judge", "cannot import"),
-    ("preftune.demo.judge:nothing_here", "has no function"),
+    ("examples.news_demo.judge:nothing_here", "has no function"),
     ("my_judges:NOT_A_FUNCTION", "not a function"),
 ])
 def test_load_judge_errors(spec, match, user_module):
