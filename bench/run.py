@@ -116,8 +116,8 @@ def child_preftune(job: dict) -> dict:
     import tqdm.auto  # noqa: F401
     from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
 
-    import preftune.data.formats  # noqa: F401
     import preftune.data.load  # noqa: F401
+    import preftune.data.render  # noqa: F401
     import preftune.loop as loop
     import preftune.modeling.reference as refs
     from preftune import TrainConfig
