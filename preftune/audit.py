@@ -9,6 +9,8 @@ tokenization as `preftune train`:
   ``max_prompt_length`` would truncate or drop;
 * length bias: how often chosen is longer than rejected. DPO rewards whatever separates chosen from rejected,
   and length is the easiest thing to learn (Park et al., 2024, "Disentangling Length from Quality in DPO");
+* what the model sees (``show``): examples rendered and tokenized exactly as training does it, with the token
+  pieces at the prompt/answer boundary and at the end of each answer (`preftune.data.examples`);
 * with a model: how often it already prefers chosen, by summed and per-token log-probability. At the start of
   DPO the policy equals the reference, so these margins ``log pi(y_w|x) - log pi(y_l|x)`` are the model's own
   preference before any training: near 100% means little left to learn, near or below 50% noisy or swapped
@@ -20,16 +22,22 @@ and a PNG (histograms) or a self-contained HTML page embedding that PNG.
 
 from __future__ import annotations
 
-import json
 import math
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from preftune.data.examples import examples_from_records, format_example, render_record
 from preftune.data.load import LoadedData, load_records
 from preftune.data.stats import compact_number as _num
-from preftune.data.stats import length_bias, length_bias_warning
+from preftune.data.stats import (
+    duplicates_warning,
+    exact_duplicates,
+    length_bias,
+    length_bias_warning,
+    value_key,
+)
 from preftune.errors import PreftuneError
 
 REPORT_VERSION = 1
@@ -50,6 +58,7 @@ def audit(
     max_length: int = 1024,
     max_prompt_length: int = 512,
     batch_size: int = 8,
+    show: int = 0,
     **load_kwargs: Any,
 ) -> dict:
     """Audit preference data; returns a JSON-able report dict (see `format_audit` for its sections).
@@ -60,6 +69,7 @@ def audit(
     tokenizes (answers include the EOS that training appends); without it lengths are whitespace words.
     ``model`` (a causal LM, needs ``tokenizer``) adds the model's preference margins via
     `preftune.scoring.score_records` with the same ``max_length`` / ``max_prompt_length`` truncation.
+    ``show`` puts the first ``show`` pairs under ``examples``, rendered and tokenized exactly as training does.
     """
     if max_length < 2 or max_prompt_length < 1 or max_prompt_length >= max_length:
         raise PreftuneError(
@@ -91,6 +101,8 @@ def audit(
         "by_reason": dict(Counter(r.category for r in data.invalid).most_common()),
         "first": [str(r) for r in data.invalid[:10]],
     }
+    report["examples"] = examples_from_records(records, origins, show, tokenizer=tokenizer, max_length=max_length,
+                                               max_prompt_length=max_prompt_length)
     report["duplicates"] = _duplicates(records, origins)
     report["prompts"] = _prompt_counts(records)
 
@@ -130,10 +142,6 @@ def _normalise(value: str | list[dict]) -> str:
     return " ".join(_text_of(value).lower().split())
 
 
-def _key(value: str | list[dict]) -> str:
-    return value if isinstance(value, str) else json.dumps(value, sort_keys=True, ensure_ascii=False)
-
-
 def _duplicates(records: Sequence[dict], origins: Sequence[str]) -> dict:
     """Exact duplicates: same (prompt, chosen, rejected); counted as copies beyond the first.
 
@@ -141,21 +149,12 @@ def _duplicates(records: Sequence[dict], origins: Sequence[str]) -> dict:
     same way (copies beyond the first of a normalised group, minus the exact copies already counted).
     Near-identical pairs: chosen and rejected equal after that normalisation (no preference signal).
     """
-    exact_first: dict[tuple[str, str, str], int] = {}
-    exact_examples: list[str] = []
-    exact = 0
+    copies = exact_duplicates(records)
     norm_seen: set[tuple[str, str, str]] = set()
     norm_copies = 0
     identical = 0
     identical_examples: list[str] = []
     for i, rec in enumerate(records):
-        key = (_key(rec["prompt"]), _key(rec["chosen"]), _key(rec["rejected"]))
-        if key in exact_first:
-            exact += 1
-            if len(exact_examples) < 5:
-                exact_examples.append(f"{origins[i]} repeats {origins[exact_first[key]]}")
-        else:
-            exact_first[key] = i
         nkey = (_normalise(rec["prompt"]), _normalise(rec["chosen"]), _normalise(rec["rejected"]))
         if nkey in norm_seen:
             norm_copies += 1
@@ -166,19 +165,19 @@ def _duplicates(records: Sequence[dict], origins: Sequence[str]) -> dict:
             if len(identical_examples) < 5:
                 identical_examples.append(origins[i])
     return {
-        "exact": exact,
-        "exact_examples": exact_examples,
-        "near": norm_copies - exact,
+        "exact": len(copies),
+        "exact_examples": [f"{origins[i]} repeats {origins[j]}" for i, j in copies[:5]],
+        "near": norm_copies - len(copies),
         "near_identical_pairs": identical,
         "near_identical_examples": identical_examples,
     }
 
 
 def _prompt_counts(records: Sequence[dict]) -> dict:
-    counts = Counter(_key(r["prompt"]) for r in records)
+    counts = Counter(value_key(r["prompt"]) for r in records)
     first: dict[str, str | list[dict]] = {}
     for r in records:
-        first.setdefault(_key(r["prompt"]), r["prompt"])
+        first.setdefault(value_key(r["prompt"]), r["prompt"])
     top = [{"prompt": _snippet(first[k]), "pairs": n} for k, n in counts.most_common(TOP_PROMPTS)]
     return {
         "distinct": len(counts),
@@ -199,10 +198,9 @@ def _lengths(records: Sequence[dict], tokenizer: Any) -> dict:
             "rejected": words[2],
             "empty": [i for i in range(len(records)) if words[1][i] == 0 or words[2][i] == 0],
         }
-    from preftune.data.formats import render_texts
     from preftune.data.tokenize import tokenize_records
 
-    texts = [render_texts(tokenizer, r) for r in records]
+    texts = [render_record(tokenizer, r) for r in records]
     # Untruncated lengths from the training tokenizer; truncation is then counted from these lengths with the
     # rules tokenize_records applies (prompt cut to max_prompt_length, answers to what is left of max_length).
     huge = 1 << 62
@@ -219,7 +217,7 @@ def _lengths(records: Sequence[dict], tokenizer: Any) -> dict:
     kept = [p.index for p in pairs]
     return {
         "unit": "tokens",
-        "note": "tokens as training tokenizes them; answers include the EOS training appends",
+        "note": "tokens as training tokenizes them; each answer ends in one EOS, as in training",
         "prompt": [prompt[i] for i in kept],
         "chosen": [chosen[i] for i in kept],
         "rejected": [rejected[i] for i in kept],
@@ -357,9 +355,7 @@ def _warnings(report: dict) -> list[str]:
         out.append(f"{inv:,} invalid rows were dropped; training refuses them unless --skip-invalid is given")
     dup = report["duplicates"]
     if dup["exact"]:
-        out.append(
-            f"{dup['exact']:,} exact duplicate pairs: they weigh those examples double; deduplicate them"
-        )
+        out.append(duplicates_warning(dup["exact"]))
     if dup["near_identical_pairs"]:
         out.append(
             f"{dup['near_identical_pairs']:,} pairs whose chosen and rejected differ only in case/whitespace "
@@ -471,6 +467,8 @@ def format_audit(report: dict) -> str:
         add("  largest |margin|:")
         for item in m["largest"]:
             add(f"    {item['margin']:+9.2f}  {item['verdict']:<16} {item['where']}: {item['prompt'][:50]}")
+    for i, ex in enumerate(report.get("examples", []), start=1):
+        lines.extend(format_example(ex, f"example {i} as training sees it"))
     if report["warnings"]:
         add("warnings:")
         for w in report["warnings"]:
@@ -490,11 +488,13 @@ def write_audit(report: dict, output_json: str | Path,
 
 
 def run_inspect(args: Any) -> int:
-    """`preftune inspect DATA... [--model M] [--max-length N] [--output report.json]`: print the audit and,
-    with --output, write report.json plus report.png and report.html beside it. Returns the exit status (0).
+    """`preftune inspect DATA... [--model M | --tokenizer T] [--show N] [--output report.json]`: print the
+    audit and, with --output, write report.json plus report.png and report.html beside it. Returns the exit
+    status (0).
 
-    Reads from `args`: data (one or more paths), model, max_length, max_prompt_length, batch_size, format,
-    prompt_field, chosen_field, rejected_field, output; a missing attribute takes the CLI default.
+    Reads from `args`: data (one or more paths), model, tokenizer, show, max_length, max_prompt_length,
+    batch_size, format, prompt_field, chosen_field, rejected_field, prompt_template, output; a missing
+    attribute takes the CLI default.
     """
     data = list(args.data) if isinstance(args.data, (list, tuple)) else args.data
     if isinstance(data, list) and len(data) == 1:
@@ -504,7 +504,12 @@ def run_inspect(args: Any) -> int:
         raise PreftuneError(
             f"--output takes the JSON file name ({output} given); the PNG and HTML go beside it"
         )
+    show = getattr(args, "show", 0) or 0
+    if show < 0:
+        raise PreftuneError(f"--show takes how many examples to print (0 or more), got {show}")
     model = tokenizer = None
+    if getattr(args, "model", None) and getattr(args, "tokenizer", None):
+        raise PreftuneError("give --model (which brings its tokenizer) or --tokenizer, not both")
     if getattr(args, "model", None):
         import torch
 
@@ -514,6 +519,10 @@ def run_inspect(args: Any) -> int:
         if torch.cuda.is_available():
             model = model.to("cuda")
         model.eval()
+    elif getattr(args, "tokenizer", None):
+        from preftune.modeling.load import load_tokenizer
+
+        tokenizer = load_tokenizer(args.tokenizer)
     report = audit(
         data,
         tokenizer=tokenizer,
@@ -521,10 +530,12 @@ def run_inspect(args: Any) -> int:
         max_length=getattr(args, "max_length", 1024),
         max_prompt_length=getattr(args, "max_prompt_length", 512),
         batch_size=getattr(args, "batch_size", 8),
+        show=show,
         format=getattr(args, "format", "auto"),
         prompt_field=getattr(args, "prompt_field", "prompt"),
         chosen_field=getattr(args, "chosen_field", "chosen"),
         rejected_field=getattr(args, "rejected_field", "rejected"),
+        prompt_template=getattr(args, "prompt_template", None),
     )
     print(format_audit(report))
     if output:

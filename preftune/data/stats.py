@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Sequence
+
 LENGTH_BIAS_HIGH = 0.65
 LENGTH_BIAS_LOW = 0.35
 
@@ -40,3 +43,30 @@ def length_bias_warning(bias: dict) -> str | None:
     return (f"length bias: where the answers differ in length, chosen is the longer one in {100 * share:.1f}% of "
             f"pairs; DPO may learn to make answers {which} rather than better "
             "(consider length-normalised losses or balancing the data)")
+
+
+def value_key(value: str | list[dict]) -> str:
+    """A hashable, order-stable key of a prompt or answer (a string, or a message list as sorted JSON)."""
+    return value if isinstance(value, str) else json.dumps(value, sort_keys=True, ensure_ascii=False)
+
+
+def exact_duplicates(records: Sequence[dict]) -> list[tuple[int, int]]:
+    """(index, index of its first copy) for every record that repeats an earlier one exactly: the same prompt
+    and the same answers. Such copies weigh one example double."""
+    parts = ("prompt", "chosen", "rejected") if records and "chosen" in records[0] else ("prompt", "completion")
+    first: dict[tuple[str, ...], int] = {}
+    out = []
+    for i, rec in enumerate(records):
+        key = tuple(value_key(rec[k]) for k in parts)
+        if key in first:
+            out.append((i, first[key]))
+        else:
+            first[key] = i
+    return out
+
+
+def duplicates_warning(count: int, noun: str = "pairs") -> str | None:
+    """The warning both `train` and `inspect` print for `count` exact duplicates, else None."""
+    if not count:
+        return None
+    return f"{count:,} exact duplicate {noun}: they weigh those examples double; deduplicate them"
