@@ -16,29 +16,31 @@ tokenization as `preftune train`:
   preference before any training: near 100% means little left to learn, near or below 50% noisy or swapped
   labels (Rafailov et al., 2023).
 
-`audit` returns a JSON-able dict, `format_audit` renders it for the terminal, `write_audit` writes the JSON
+`audit` returns a JSON-able dict, `format_audit` (preftune.outputs.audit_page) renders it for the terminal, `write_audit` writes the JSON
 and a PNG (histograms) or a self-contained HTML page embedding that PNG.
 """
 
 from __future__ import annotations
 
-import math
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from preftune.data.examples import examples_from_records, format_example, render_record
+from preftune.data.examples import examples_from_records, render_record
 from preftune.data.load import LoadedData, load_records
 from preftune.data.stats import compact_number as _num
 from preftune.data.stats import (
+    describe,
     duplicates_warning,
     exact_duplicates,
+    histogram,
     length_bias,
     length_bias_warning,
     value_key,
 )
 from preftune.errors import PreftuneError
+from preftune.outputs.audit_page import format_audit, share_text
 
 REPORT_VERSION = 1
 TOO_EASY = 0.9
@@ -46,7 +48,6 @@ TOO_NOISY = 0.4
 TRUNCATION_WARN = 0.05  # warn when more than this share of pairs would lose tokens
 TOP_PROMPTS = 5
 TOP_MARGINS = 10
-HIST_BINS = 30
 SNIPPET = 80
 
 
@@ -95,6 +96,8 @@ def audit(
         "rows_read": sum(data.rows_per_source.values()) or len(records) + len(data.invalid),
         "pairs": len(records),
         "summary": data.summary(),
+        "layout": data.layout,
+        "notes": dict(data.notes),
     }
     report["invalid"] = {
         "count": len(data.invalid),
@@ -110,8 +113,8 @@ def audit(
     report["lengths"] = {
         "unit": lengths["unit"],
         "note": lengths["note"],
-        **{part: _describe(lengths[part]) for part in ("prompt", "chosen", "rejected")},
-        "histograms": {part: _histogram(lengths[part]) for part in ("prompt", "chosen", "rejected")},
+        **{part: describe(lengths[part]) for part in ("prompt", "chosen", "rejected")},
+        "histograms": {part: histogram(lengths[part]) for part in ("prompt", "chosen", "rejected")},
     }
     report["truncation"] = _truncation(lengths, max_length, max_prompt_length)
     report["length_bias"] = length_bias(lengths)
@@ -187,7 +190,8 @@ def _prompt_counts(records: Sequence[dict]) -> dict:
 
 
 def _lengths(records: Sequence[dict], tokenizer: Any) -> dict:
-    """Per-pair lengths [prompt], [chosen], [rejected] and which answers would be empty after tokenizing."""
+    """Per-pair lengths [prompt], [chosen], [rejected] and the pairs tokenizing drops (with a tokenizer: also
+    the untruncated pairs, which `_truncation` cuts as training does)."""
     if tokenizer is None:
         words = [[len(_text_of(r[k]).split()) for r in records] for k in ("prompt", "chosen", "rejected")]
         return {
@@ -197,93 +201,53 @@ def _lengths(records: Sequence[dict], tokenizer: Any) -> dict:
             "chosen": words[1],
             "rejected": words[2],
             "empty": [i for i in range(len(records)) if words[1][i] == 0 or words[2][i] == 0],
+            "identical": [],
         }
     from preftune.data.tokenize import tokenize_records
 
     texts = [render_record(tokenizer, r) for r in records]
-    # Untruncated lengths from the training tokenizer; truncation is then counted from these lengths with the
-    # rules tokenize_records applies (prompt cut to max_prompt_length, answers to what is left of max_length).
     huge = 1 << 62
     pairs, stats = tokenize_records(tokenizer, texts, max_length=huge, max_prompt_length=huge - 1)
-    prompt = [0] * len(records)
-    chosen = [0] * len(records)
-    rejected = [0] * len(records)
-    for p in pairs:
-        prompt[p.index], chosen[p.index], rejected[p.index] = (
-            len(p.prompt_ids),
-            len(p.chosen_ids),
-            len(p.rejected_ids),
-        )
-    kept = [p.index for p in pairs]
     return {
         "unit": "tokens",
         "note": "tokens as training tokenizes them; each answer ends in one EOS, as in training",
-        "prompt": [prompt[i] for i in kept],
-        "chosen": [chosen[i] for i in kept],
-        "rejected": [rejected[i] for i in kept],
+        "prompt": [len(p.prompt_ids) for p in pairs],
+        "chosen": [len(p.chosen_ids) for p in pairs],
+        "rejected": [len(p.rejected_ids) for p in pairs],
         "empty": list(stats.dropped_empty),
+        "identical": list(stats.dropped_identical),  # identical token ids even before truncation
+        "pairs": pairs,
+        "bos_id": tokenizer.bos_token_id,
     }
-
-
-def _quantile(sorted_values: Sequence[float], q: float) -> float:
-    """Linear interpolation between closest ranks (numpy's default): position q * (n - 1)."""
-    pos = q * (len(sorted_values) - 1)
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(sorted_values) - 1)
-    return float(sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo))
-
-
-def _describe(
-    values: Sequence[float], quantiles: Sequence[tuple[str, float]] = (("median", 0.5), ("p95", 0.95))
-) -> dict:
-    if not values:
-        return {"count": 0}
-    s = sorted(values)
-    out = {"count": len(s), "min": _num(s[0])}
-    out.update({name: _num(_quantile(s, q)) for name, q in quantiles})
-    out["max"] = _num(s[-1])
-    out["mean"] = _num(sum(s) / len(s))
-    return out
-
-
-def _histogram(values: Sequence[float], bins: int = HIST_BINS) -> dict:
-    """Counts over `bins` equal-width bins from min to max (the last bin includes max); integer values
-    spanning fewer than `bins` values get one unit-wide bin each."""
-    if not values:
-        return {"edges": [], "counts": []}
-    lo, hi = float(min(values)), float(max(values))
-    if all(float(v).is_integer() for v in values) and hi - lo < bins:
-        # integer lengths: one bar per value, centred on it
-        counts = [0] * int(hi - lo + 1)
-        for v in values:
-            counts[int(v - lo)] += 1
-        return {"edges": [lo - 0.5 + i for i in range(len(counts) + 1)], "counts": counts}
-    if hi == lo:
-        return {"edges": [lo - 0.5, hi + 0.5], "counts": [len(values)]}
-    width = (hi - lo) / bins
-    counts = [0] * bins
-    for v in values:
-        counts[min(int((v - lo) / width), bins - 1)] += 1
-    return {"edges": [round(lo + i * width, 6) for i in range(bins + 1)], "counts": counts}
 
 
 def _truncation(lengths: dict, max_length: int, max_prompt_length: int) -> dict:
     """Pairs that training's truncation would touch, counted per pair (a pair counts once per kind).
 
-    prompt truncated: prompt > max_prompt_length. completion truncated: the longer answer does not fit in
-    max_length - min(prompt, max_prompt_length). dropped: an answer would be empty (no token of its own).
+    With tokens, the untruncated pairs are cut by training's own `truncate_pair`. With words: prompt
+    truncated = prompt > max_prompt_length; completion truncated = the longer answer does not fit in
+    max_length - min(prompt, max_prompt_length). dropped: an answer would be empty (no token of its own), or
+    chosen and rejected would be identical after truncation (tokens only).
     """
-    prompt_truncated = completion_truncated = 0
-    for p, c, r in zip(lengths["prompt"], lengths["chosen"], lengths["rejected"]):
-        prompt_truncated += p > max_prompt_length
-        completion_truncated += max(c, r) > max_length - min(p, max_prompt_length)
+    from preftune.data.tokenize import TokenizeStats, truncate_pair
+
+    cut = TokenizeStats(dropped_identical=list(lengths["identical"]))
+    if "pairs" in lengths:
+        for pair in lengths["pairs"]:
+            truncate_pair(pair, max_length=max_length, max_prompt_length=max_prompt_length,
+                          bos_id=lengths["bos_id"], stats=cut)
+    else:
+        for p, c, r in zip(lengths["prompt"], lengths["chosen"], lengths["rejected"]):
+            cut.prompt_truncated += p > max_prompt_length
+            cut.completion_truncated += max(c, r) > max_length - min(p, max_prompt_length)
     return {
         "unit": lengths["unit"],
         "max_length": max_length,
         "max_prompt_length": max_prompt_length,
-        "prompt_truncated": prompt_truncated,
-        "completion_truncated": completion_truncated,
+        "prompt_truncated": cut.prompt_truncated,
+        "completion_truncated": cut.completion_truncated,
         "dropped_empty": len(lengths["empty"]),
+        "dropped_identical": len(cut.dropped_identical),
     }
 
 
@@ -336,15 +300,11 @@ def _model_margins(
         "scored": n,
         "prefers_chosen": _num(sum(m > 0 for m in margin) / n),
         "prefers_chosen_per_token": _num(sum(m > 0 for m in per_token) / n),
-        "margin": _describe(margin, quantiles),
-        "margin_per_token": _describe(per_token, quantiles),
-        "histogram": _histogram(margin),
+        "margin": describe(margin, quantiles),
+        "margin_per_token": describe(per_token, quantiles),
+        "histogram": histogram(margin),
         "largest": largest,
     }
-
-
-def _share(n: int, total: int) -> str:
-    return f"{n:,} of {total:,} ({100 * n / total:.1f}%)" if total else f"{n:,}"
 
 
 def _warnings(report: dict) -> list[str]:
@@ -363,7 +323,7 @@ def _warnings(report: dict) -> list[str]:
         )
     top = report["prompts"]["top"]
     if top and n >= 20 and top[0]["pairs"] > 0.1 * n:
-        out.append(f"one prompt carries {_share(top[0]['pairs'], n)} of the pairs")
+        out.append(f"one prompt carries {share_text(top[0]['pairs'], n)} of the pairs")
     warning = length_bias_warning(report["length_bias"])
     if warning:
         out.append(warning)
@@ -375,11 +335,14 @@ def _warnings(report: dict) -> list[str]:
     ):
         if n and tr[key] > TRUNCATION_WARN * n:
             out.append(
-                f"{_share(tr[key], n)} pairs would have their {what} truncated ({unit}); "
+                f"{share_text(tr[key], n)} pairs would have their {what} truncated ({unit}); "
                 f"consider raising {flag}"
             )
     if tr["dropped_empty"]:
         out.append(f"{tr['dropped_empty']:,} pairs would be dropped: an answer adds no token of its own")
+    if tr["dropped_identical"]:
+        out.append(f"{tr['dropped_identical']:,} pairs would be dropped: chosen and rejected are identical after "
+                   "truncation (no preference signal)")
     m = report.get("model")
     if m and m.get("scored"):
         share = m["prefers_chosen"]
@@ -397,85 +360,6 @@ def _warnings(report: dict) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------- rendering
-
-
-def _fmt_stats(d: dict) -> str:
-    if not d.get("count"):
-        return "-"
-    keys = [k for k in d if k not in ("count",)]
-    return "  ".join(f"{k} {d[k]:,}" if isinstance(d[k], int) else f"{k} {d[k]:.3g}" for k in keys)
-
-
-def format_audit(report: dict) -> str:
-    """The report as terminal text: one section per question, warnings last."""
-    lines: list[str] = []
-    add = lines.append
-    n = report["pairs"]
-    add(f"data: {', '.join(report['sources'])}")
-    add(f"  {report['summary']}")
-    add(
-        f"  format {report['format']}{' (message lists)' if report['conversational'] else ''}; "
-        f"{report['rows_read']:,} rows read, {n:,} valid pairs"
-    )
-    inv = report["invalid"]
-    if inv["count"]:
-        add(f"invalid rows: {inv['count']:,}")
-        for reason, count in inv["by_reason"].items():
-            add(f"  {count:>7,}  {reason}")
-        for row in inv["first"]:
-            add(f"    {row}")
-    dup = report["duplicates"]
-    add(
-        f"duplicates: {dup['exact']:,} exact, {dup['near']:,} near (case/whitespace), "
-        f"{dup['near_identical_pairs']:,} pairs with chosen ~ rejected"
-    )
-    for text in dup["exact_examples"]:
-        add(f"    {text}")
-    pr = report["prompts"]
-    add(
-        f"prompts: {pr['distinct']:,} distinct, {pr['mean_pairs_per_prompt']:.2f} pairs per prompt on average"
-    )
-    for item in pr["top"]:
-        if item["pairs"] > 1:
-            add(f"  {item['pairs']:>7,}  {item['prompt']}")
-    ln = report["lengths"]
-    add(f"lengths ({ln['note']}):")
-    for part in ("prompt", "chosen", "rejected"):
-        add(f"  {part:<9}{_fmt_stats(ln[part])}")
-    tr = report["truncation"]
-    add(
-        f"truncation at max_length {tr['max_length']:,} / max_prompt_length {tr['max_prompt_length']:,} "
-        f"({tr['unit']}): {_share(tr['prompt_truncated'], n)} prompts truncated, "
-        f"{_share(tr['completion_truncated'], n)} answers truncated, {tr['dropped_empty']:,} pairs dropped"
-    )
-    lb = report["length_bias"]
-    if lb.get("pairs"):
-        add(
-            f"length bias ({lb['unit']}): chosen longer in {100 * lb['chosen_longer']:.1f}%, shorter in "
-            f"{100 * lb['chosen_shorter']:.1f}%, equal in {100 * lb['equal']:.1f}%; mean chosen - rejected "
-            f"{lb['mean_difference']:+.2f}"
-        )
-    m = report.get("model")
-    if m and m.get("scored"):
-        add(
-            f"model preference over {m['scored']:,} pairs: "
-            f"prefers chosen in {100 * m['prefers_chosen']:.1f}% "
-            f"(summed log-prob), {100 * m['prefers_chosen_per_token']:.1f}% (per token)"
-        )
-        add(f"  margin log p(chosen) - log p(rejected): {_fmt_stats(m['margin'])}")
-        add(f"  per-token margin:                       {_fmt_stats(m['margin_per_token'])}")
-        add("  largest |margin|:")
-        for item in m["largest"]:
-            add(f"    {item['margin']:+9.2f}  {item['verdict']:<16} {item['where']}: {item['prompt'][:50]}")
-    for i, ex in enumerate(report.get("examples", []), start=1):
-        lines.extend(format_example(ex, f"example {i} as training sees it"))
-    if report["warnings"]:
-        add("warnings:")
-        for w in report["warnings"]:
-            add(f"  ! {w}")
-    else:
-        add("no warnings")
-    return "\n".join(lines)
 
 
 def write_audit(report: dict, output_json: str | Path,

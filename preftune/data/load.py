@@ -139,7 +139,6 @@ def load_records(
              "completion": completion_field}
     template = PromptTemplate.parse(prompt_template) if prompt_template is not None else None
 
-    inputs = resolve(source)
     records: list[dict] = []
     invalid: list[InvalidRow] = []
     formats: dict[str, str] = {}
@@ -147,27 +146,19 @@ def load_records(
     rows_per_source: dict[str, int] = {}
     origins: list[str] = []
     notes: Counter[str] = Counter()
+    inputs = resolve(source)
     for inp in inputs:
         rows = read_rows(inp, split)
         if not rows:
             raise PreftuneError(f"data file {inp.name} is empty; it holds no rows")
         layout = detect_layout(rows, kind, names, template, inp.name)
         fmt = format if format != "auto" else detect_format(rows, kind, layout)
-        check = RowChecker(kind, fmt, layout, notes)
-        file_records: list[dict] = []
-        file_invalid: list[InvalidRow] = []
-        for number, obj in rows:
-            out = obj.reason if isinstance(obj, Bad) else check(obj)
-            if isinstance(out, str):
-                file_invalid.append(InvalidRow(inp.name, number, out, inp.unit))
-            else:
-                file_records.append(out)
-                origins.append(f"{inp.name} {inp.unit} {number}")
-        if not file_records:
+        n_before = len(records)
+        file_invalid = _check_rows(inp, rows, RowChecker(kind, fmt, layout, notes), records, origins)
+        if len(records) == n_before:
             raise PreftuneError(_no_valid_rows_message(inp, rows, file_invalid))
         formats[inp.name], layouts[inp.name] = fmt, layout.name
         rows_per_source[inp.name] = len(rows)
-        records.extend(file_records)
         invalid.extend(file_invalid)
 
     distinct = sorted(set(formats.values()))
@@ -186,6 +177,19 @@ def load_records(
         raise PreftuneError(_invalid_message(invalid, sum(rows_per_source.values())))
     return LoadedData(records, invalid, distinct[0], [i.name for i in inputs], kind, shapes == {True},
                       rows_per_source, origins, "+".join(dict.fromkeys(layouts.values())), dict(notes))
+
+
+def _check_rows(inp: Input, rows: Rows, check: RowChecker, records: list[dict], origins: list[str]) -> list[InvalidRow]:
+    """Append the valid rows' records and origins; return the invalid rows."""
+    invalid = []
+    for number, obj in rows:
+        out = obj.reason if isinstance(obj, Bad) else check(obj)
+        if isinstance(out, str):
+            invalid.append(InvalidRow(inp.name, number, out, inp.unit))
+        else:
+            records.append(out)
+            origins.append(f"{inp.name} {inp.unit} {number}")
+    return invalid
 
 
 def split_records(

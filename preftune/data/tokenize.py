@@ -150,6 +150,23 @@ def tokenize_texts(tokenizer, prompt: str, answers: Sequence[str]) -> tuple[list
     return prompt_ids, answer_ids
 
 
+def truncate_pair(pair: TokenizedPair, *, max_length: int, max_prompt_length: int, bos_id: int | None,
+                  stats: TokenizeStats) -> TokenizedPair | None:
+    """`pair` cut to the limits (prompt from the left, keeping a leading BOS, then answers from the right),
+    counted in `stats`; None when its two answers are identical afterwards (no preference signal left)."""
+    prompt = _truncate_prompt(pair.prompt_ids, max_prompt_length, bos_id)
+    stats.prompt_truncated += len(prompt) < len(pair.prompt_ids)
+    answers = [pair.chosen_ids] if pair.rejected_ids is None else [pair.chosen_ids, pair.rejected_ids]
+    room = max_length - len(prompt)
+    if any(len(a) > room for a in answers):
+        stats.completion_truncated += 1
+        answers = [a[:room] for a in answers]
+    if len(answers) > 1 and answers[0] == answers[1]:
+        stats.dropped_identical.append(pair.index)
+        return None
+    return TokenizedPair(prompt, answers[0], answers[1] if len(answers) > 1 else None, pair.index)
+
+
 def tokenize_records(tokenizer, texts: Sequence[tuple[str, ...]], *, max_length: int,
                      max_prompt_length: int) -> tuple[list[TokenizedPair], TokenizeStats]:
     """Tokenize rendered texts: (prompt, chosen, rejected) for pairs or (prompt, completion) for SFT."""
@@ -157,22 +174,16 @@ def tokenize_records(tokenizer, texts: Sequence[tuple[str, ...]], *, max_length:
     encoder = _Encoder(tokenizer)
     stats = TokenizeStats()
     out: list[TokenizedPair] = []
-    bos_id = tokenizer.bos_token_id
     for index, (prompt, *answers) in enumerate(texts):
         prompt_ids, answer_ids, had_eos = encoder.texts(prompt, answers)
         if any(not a for a in answer_ids):  # the answer added no token of its own: nothing to learn from
             stats.dropped_empty.append(index)
             continue
-        truncated = _truncate_prompt(prompt_ids, max_prompt_length, bos_id)
-        stats.prompt_truncated += len(truncated) < len(prompt_ids)
-        room = max_length - len(truncated)
-        if any(len(a) > room for a in answer_ids):
-            stats.completion_truncated += 1
-            answer_ids = [a[:room] for a in answer_ids]
-        if len(answer_ids) > 1 and answer_ids[0] == answer_ids[1]:
-            stats.dropped_identical.append(index)
-            continue
-        stats.eos_in_text += sum(had_eos)
-        out.append(TokenizedPair(truncated, answer_ids[0], answer_ids[1] if len(answer_ids) > 1 else None, index))
+        pair = TokenizedPair(prompt_ids, answer_ids[0], answer_ids[1] if len(answer_ids) > 1 else None, index)
+        pair = truncate_pair(pair, max_length=max_length, max_prompt_length=max_prompt_length,
+                             bos_id=tokenizer.bos_token_id, stats=stats)
+        if pair is not None:
+            stats.eos_in_text += sum(had_eos)
+            out.append(pair)
     stats.kept = len(out)
     return out, stats
