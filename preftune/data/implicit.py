@@ -7,8 +7,9 @@ make every length-normalised loss see a different answer than the data holds. So
 
 * text with turn markers (HH-RLHF's ``\\n\\nHuman:`` / ``\\n\\nAssistant:``, or a rendered chat template:
   ChatML, Llama-3, Llama-2/Mistral ``[INST]``, Zephyr, Alpaca's ``### Response:``): the prompt ends right
-  after the last assistant marker inside the shared text, and both answers must be that one reply (an answer
-  that still holds a user turn means the two sides differ earlier, and the row is refused);
+  after the last assistant marker inside the shared text (for HH-RLHF this is the prompt the DPO authors'
+  code cuts, ``extract_anthropic_prompt``), and both answers must be that one reply (an answer that still
+  holds a user turn means the two sides differ earlier, and the row is refused);
 * message lists: the prompt is the shared leading messages, and the first differing message must be the
   assistant's on both sides;
 * text without any turn marker: the plain shared prefix, backed off to a word boundary (a "fallback", which

@@ -174,14 +174,16 @@ def fields_layout(names: dict[str, str], template: PromptTemplate | None) -> Lay
     return Layout("fields", dict(names), getters, named)
 
 
-def _sharegpt(kind: str) -> Layout:
+def _sharegpt(kind: str, key: str = "conversations") -> Layout:
+    """LLaMA-Factory's sharegpt format: the conversation in `key` ("conversations", or "messages" with role/content
+    tags), a `system` column, chosen/rejected as one message each."""
     def prompt(obj: dict) -> Any:
-        conv = obj.get("conversations", MISSING)
+        conv = obj.get(key, MISSING)
         if not isinstance(conv, list):
             return conv
         if kind == "sft" and "chosen" not in obj:
             if len(conv) < 2:
-                return Problem("field 'conversations' holds fewer than 2 turns: no prompt before the answer")
+                return Problem(f"field '{key}' holds fewer than 2 turns: no prompt before the answer")
             conv = conv[:-1]  # SFT on ShareGPT chat data: the last turn is the answer
         system = obj.get("system")
         if system is not None and not isinstance(system, str):
@@ -191,10 +193,10 @@ def _sharegpt(kind: str) -> Layout:
     def completion(obj: dict) -> Any:
         if "chosen" in obj:
             return obj["chosen"]
-        conv = obj.get("conversations", MISSING)
+        conv = obj.get(key, MISSING)
         return conv[-1:] if isinstance(conv, list) and conv else conv
 
-    names = {"prompt": "conversations", "chosen": "chosen", "rejected": "rejected", "completion": "conversations"}
+    names = {"prompt": key, "chosen": "chosen", "rejected": "rejected", "completion": key}
     return Layout("sharegpt", names, {"prompt": prompt, "completion": completion}, True)
 
 
@@ -326,6 +328,8 @@ def _row_layout(obj: dict, kind: str, template: PromptTemplate | None) -> str:
         return "hint:rated" if has("completions") else "hint:alpaca-sft"
     if template is not None and (answers or sft_answer):
         return "fields"
+    if answers and isinstance(obj.get("messages"), list):
+        return "sharegpt-messages"  # LLaMA-Factory's sharegpt with role/content tags in a "messages" column
     if answers:
         for key, hint in (("question", "orca" if has("system") else "question"), ("query", "query")):
             if has(key):
@@ -357,11 +361,11 @@ def detect_layout(rows: Rows, kind: str, names: dict[str, str], template: Prompt
     if best.startswith("hint:"):
         label, advice = _HINTS[best[5:]]
         raise PreftuneError(f"{where} looks like {label}; {advice}")
-    if template is not None and best in ("sharegpt", "openai", "messages"):
+    if template is not None and best in ("sharegpt", "sharegpt-messages", "openai", "messages"):
         raise PreftuneError(f"{where} holds {best} rows, whose prompt is already a message list; "
                             "--prompt-template applies to rows with flat fields, leave it out")
-    if best == "sharegpt":
-        return _sharegpt(kind)
+    if best.startswith("sharegpt"):
+        return _sharegpt(kind, "messages" if best == "sharegpt-messages" else "conversations")
     if best == "openai":
         return _openai()
     if best == "messages":

@@ -227,3 +227,11 @@ def test_chat_messages_for_sft(tmp_path):
     data = load_records(write_jsonl(tmp_path / "chat.jsonl", rows), kind="sft", skip_invalid=True)
     assert (data.layout, data.records) == ("messages", [{"prompt": [user("hi")], "completion": [assistant("hello")]}])
     assert data.invalid[0].reason == "field 'messages' holds fewer than 2 messages: no prompt before the answer"
+
+
+def test_sharegpt_with_role_content_tags_in_messages(tmp_path):
+    """LLaMA-Factory's sharegpt format configured with role/content tags: {"messages": [...], "chosen": {...}}."""
+    rows = [{"messages": [user("sky?")], "chosen": assistant("blue"), "rejected": assistant("green")}]
+    data = load_records(write_jsonl(tmp_path / "m.jsonl", rows))
+    assert (data.layout, data.records) == ("sharegpt", [{"prompt": [user("sky?")], "chosen": [assistant("blue")],
+                                                         "rejected": [assistant("green")]}])
