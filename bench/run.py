@@ -113,12 +113,12 @@ def child_preftune(job: dict) -> dict:
     # Import up front what train() imports lazily: the TRL run has all of its imports done before its clock
     # starts too.
     import accelerate  # noqa: F401
+    import preftune.loop as loop
     import tqdm.auto  # noqa: F401
     from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
 
-    import preftune.data.formats  # noqa: F401
     import preftune.data.load  # noqa: F401
-    import preftune.loop as loop
+    import preftune.data.render  # noqa: F401
     import preftune.modeling.reference as refs
     from preftune import TrainConfig
     from preftune.outputs.metrics import read_metrics

@@ -9,28 +9,38 @@ tokenization as `preftune train`:
   ``max_prompt_length`` would truncate or drop;
 * length bias: how often chosen is longer than rejected. DPO rewards whatever separates chosen from rejected,
   and length is the easiest thing to learn (Park et al., 2024, "Disentangling Length from Quality in DPO");
+* what the model sees (``show``): examples rendered and tokenized exactly as training does it, with the token
+  pieces at the prompt/answer boundary and at the end of each answer (`preftune.data.examples`);
 * with a model: how often it already prefers chosen, by summed and per-token log-probability. At the start of
   DPO the policy equals the reference, so these margins ``log pi(y_w|x) - log pi(y_l|x)`` are the model's own
   preference before any training: near 100% means little left to learn, near or below 50% noisy or swapped
   labels (Rafailov et al., 2023).
 
-`audit` returns a JSON-able dict, `format_audit` renders it for the terminal, `write_audit` writes the JSON
+`audit` returns a JSON-able dict, `format_audit` (preftune.outputs.audit_page) renders it for the terminal, `write_audit` writes the JSON
 and a PNG (histograms) or a self-contained HTML page embedding that PNG.
 """
 
 from __future__ import annotations
 
-import json
-import math
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from preftune.data.examples import examples_from_records, render_record
 from preftune.data.load import LoadedData, load_records
 from preftune.data.stats import compact_number as _num
-from preftune.data.stats import length_bias, length_bias_warning
+from preftune.data.stats import (
+    describe,
+    duplicates_warning,
+    exact_duplicates,
+    histogram,
+    length_bias,
+    length_bias_warning,
+    value_key,
+)
 from preftune.errors import PreftuneError
+from preftune.outputs.audit_page import format_audit, share_text
 
 REPORT_VERSION = 1
 TOO_EASY = 0.9
@@ -38,7 +48,6 @@ TOO_NOISY = 0.4
 TRUNCATION_WARN = 0.05  # warn when more than this share of pairs would lose tokens
 TOP_PROMPTS = 5
 TOP_MARGINS = 10
-HIST_BINS = 30
 SNIPPET = 80
 
 
@@ -50,6 +59,7 @@ def audit(
     max_length: int = 1024,
     max_prompt_length: int = 512,
     batch_size: int = 8,
+    show: int = 0,
     **load_kwargs: Any,
 ) -> dict:
     """Audit preference data; returns a JSON-able report dict (see `format_audit` for its sections).
@@ -60,6 +70,7 @@ def audit(
     tokenizes (answers include the EOS that training appends); without it lengths are whitespace words.
     ``model`` (a causal LM, needs ``tokenizer``) adds the model's preference margins via
     `preftune.scoring.score_records` with the same ``max_length`` / ``max_prompt_length`` truncation.
+    ``show`` puts the first ``show`` pairs under ``examples``, rendered and tokenized exactly as training does.
     """
     if max_length < 2 or max_prompt_length < 1 or max_prompt_length >= max_length:
         raise PreftuneError(
@@ -85,12 +96,16 @@ def audit(
         "rows_read": sum(data.rows_per_source.values()) or len(records) + len(data.invalid),
         "pairs": len(records),
         "summary": data.summary(),
+        "layout": data.layout,
+        "notes": dict(data.notes),
     }
     report["invalid"] = {
         "count": len(data.invalid),
         "by_reason": dict(Counter(r.category for r in data.invalid).most_common()),
         "first": [str(r) for r in data.invalid[:10]],
     }
+    report["examples"] = examples_from_records(records, origins, show, tokenizer=tokenizer, max_length=max_length,
+                                               max_prompt_length=max_prompt_length)
     report["duplicates"] = _duplicates(records, origins)
     report["prompts"] = _prompt_counts(records)
 
@@ -98,8 +113,8 @@ def audit(
     report["lengths"] = {
         "unit": lengths["unit"],
         "note": lengths["note"],
-        **{part: _describe(lengths[part]) for part in ("prompt", "chosen", "rejected")},
-        "histograms": {part: _histogram(lengths[part]) for part in ("prompt", "chosen", "rejected")},
+        **{part: describe(lengths[part]) for part in ("prompt", "chosen", "rejected")},
+        "histograms": {part: histogram(lengths[part]) for part in ("prompt", "chosen", "rejected")},
     }
     report["truncation"] = _truncation(lengths, max_length, max_prompt_length)
     report["length_bias"] = length_bias(lengths)
@@ -130,10 +145,6 @@ def _normalise(value: str | list[dict]) -> str:
     return " ".join(_text_of(value).lower().split())
 
 
-def _key(value: str | list[dict]) -> str:
-    return value if isinstance(value, str) else json.dumps(value, sort_keys=True, ensure_ascii=False)
-
-
 def _duplicates(records: Sequence[dict], origins: Sequence[str]) -> dict:
     """Exact duplicates: same (prompt, chosen, rejected); counted as copies beyond the first.
 
@@ -141,21 +152,12 @@ def _duplicates(records: Sequence[dict], origins: Sequence[str]) -> dict:
     same way (copies beyond the first of a normalised group, minus the exact copies already counted).
     Near-identical pairs: chosen and rejected equal after that normalisation (no preference signal).
     """
-    exact_first: dict[tuple[str, str, str], int] = {}
-    exact_examples: list[str] = []
-    exact = 0
+    copies = exact_duplicates(records)
     norm_seen: set[tuple[str, str, str]] = set()
     norm_copies = 0
     identical = 0
     identical_examples: list[str] = []
     for i, rec in enumerate(records):
-        key = (_key(rec["prompt"]), _key(rec["chosen"]), _key(rec["rejected"]))
-        if key in exact_first:
-            exact += 1
-            if len(exact_examples) < 5:
-                exact_examples.append(f"{origins[i]} repeats {origins[exact_first[key]]}")
-        else:
-            exact_first[key] = i
         nkey = (_normalise(rec["prompt"]), _normalise(rec["chosen"]), _normalise(rec["rejected"]))
         if nkey in norm_seen:
             norm_copies += 1
@@ -166,19 +168,19 @@ def _duplicates(records: Sequence[dict], origins: Sequence[str]) -> dict:
             if len(identical_examples) < 5:
                 identical_examples.append(origins[i])
     return {
-        "exact": exact,
-        "exact_examples": exact_examples,
-        "near": norm_copies - exact,
+        "exact": len(copies),
+        "exact_examples": [f"{origins[i]} repeats {origins[j]}" for i, j in copies[:5]],
+        "near": norm_copies - len(copies),
         "near_identical_pairs": identical,
         "near_identical_examples": identical_examples,
     }
 
 
 def _prompt_counts(records: Sequence[dict]) -> dict:
-    counts = Counter(_key(r["prompt"]) for r in records)
+    counts = Counter(value_key(r["prompt"]) for r in records)
     first: dict[str, str | list[dict]] = {}
     for r in records:
-        first.setdefault(_key(r["prompt"]), r["prompt"])
+        first.setdefault(value_key(r["prompt"]), r["prompt"])
     top = [{"prompt": _snippet(first[k]), "pairs": n} for k, n in counts.most_common(TOP_PROMPTS)]
     return {
         "distinct": len(counts),
@@ -188,7 +190,8 @@ def _prompt_counts(records: Sequence[dict]) -> dict:
 
 
 def _lengths(records: Sequence[dict], tokenizer: Any) -> dict:
-    """Per-pair lengths [prompt], [chosen], [rejected] and which answers would be empty after tokenizing."""
+    """Per-pair lengths [prompt], [chosen], [rejected] and the pairs tokenizing drops (with a tokenizer: also
+    the untruncated pairs, which `_truncation` cuts as training does)."""
     if tokenizer is None:
         words = [[len(_text_of(r[k]).split()) for r in records] for k in ("prompt", "chosen", "rejected")]
         return {
@@ -198,94 +201,53 @@ def _lengths(records: Sequence[dict], tokenizer: Any) -> dict:
             "chosen": words[1],
             "rejected": words[2],
             "empty": [i for i in range(len(records)) if words[1][i] == 0 or words[2][i] == 0],
+            "identical": [],
         }
-    from preftune.data.formats import render_texts
     from preftune.data.tokenize import tokenize_records
 
-    texts = [render_texts(tokenizer, r) for r in records]
-    # Untruncated lengths from the training tokenizer; truncation is then counted from these lengths with the
-    # rules tokenize_records applies (prompt cut to max_prompt_length, answers to what is left of max_length).
+    texts = [render_record(tokenizer, r) for r in records]
     huge = 1 << 62
     pairs, stats = tokenize_records(tokenizer, texts, max_length=huge, max_prompt_length=huge - 1)
-    prompt = [0] * len(records)
-    chosen = [0] * len(records)
-    rejected = [0] * len(records)
-    for p in pairs:
-        prompt[p.index], chosen[p.index], rejected[p.index] = (
-            len(p.prompt_ids),
-            len(p.chosen_ids),
-            len(p.rejected_ids),
-        )
-    kept = [p.index for p in pairs]
     return {
         "unit": "tokens",
-        "note": "tokens as training tokenizes them; answers include the EOS training appends",
-        "prompt": [prompt[i] for i in kept],
-        "chosen": [chosen[i] for i in kept],
-        "rejected": [rejected[i] for i in kept],
+        "note": "tokens as training tokenizes them; each answer ends in one EOS, as in training",
+        "prompt": [len(p.prompt_ids) for p in pairs],
+        "chosen": [len(p.chosen_ids) for p in pairs],
+        "rejected": [len(p.rejected_ids) for p in pairs],
         "empty": list(stats.dropped_empty),
+        "identical": list(stats.dropped_identical),  # identical token ids even before truncation
+        "pairs": pairs,
+        "bos_id": tokenizer.bos_token_id,
     }
-
-
-def _quantile(sorted_values: Sequence[float], q: float) -> float:
-    """Linear interpolation between closest ranks (numpy's default): position q * (n - 1)."""
-    pos = q * (len(sorted_values) - 1)
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(sorted_values) - 1)
-    return float(sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo))
-
-
-def _describe(
-    values: Sequence[float], quantiles: Sequence[tuple[str, float]] = (("median", 0.5), ("p95", 0.95))
-) -> dict:
-    if not values:
-        return {"count": 0}
-    s = sorted(values)
-    out = {"count": len(s), "min": _num(s[0])}
-    out.update({name: _num(_quantile(s, q)) for name, q in quantiles})
-    out["max"] = _num(s[-1])
-    out["mean"] = _num(sum(s) / len(s))
-    return out
-
-
-def _histogram(values: Sequence[float], bins: int = HIST_BINS) -> dict:
-    """Counts over `bins` equal-width bins from min to max (the last bin includes max); integer values
-    spanning fewer than `bins` values get one unit-wide bin each."""
-    if not values:
-        return {"edges": [], "counts": []}
-    lo, hi = float(min(values)), float(max(values))
-    if all(float(v).is_integer() for v in values) and hi - lo < bins:
-        # integer lengths: one bar per value, centred on it
-        counts = [0] * int(hi - lo + 1)
-        for v in values:
-            counts[int(v - lo)] += 1
-        return {"edges": [lo - 0.5 + i for i in range(len(counts) + 1)], "counts": counts}
-    if hi == lo:
-        return {"edges": [lo - 0.5, hi + 0.5], "counts": [len(values)]}
-    width = (hi - lo) / bins
-    counts = [0] * bins
-    for v in values:
-        counts[min(int((v - lo) / width), bins - 1)] += 1
-    return {"edges": [round(lo + i * width, 6) for i in range(bins + 1)], "counts": counts}
 
 
 def _truncation(lengths: dict, max_length: int, max_prompt_length: int) -> dict:
     """Pairs that training's truncation would touch, counted per pair (a pair counts once per kind).
 
-    prompt truncated: prompt > max_prompt_length. completion truncated: the longer answer does not fit in
-    max_length - min(prompt, max_prompt_length). dropped: an answer would be empty (no token of its own).
+    With tokens, the untruncated pairs are cut by training's own `truncate_pair`. With words: prompt
+    truncated = prompt > max_prompt_length; completion truncated = the longer answer does not fit in
+    max_length - min(prompt, max_prompt_length). dropped: an answer would be empty (no token of its own), or
+    chosen and rejected would be identical after truncation (tokens only).
     """
-    prompt_truncated = completion_truncated = 0
-    for p, c, r in zip(lengths["prompt"], lengths["chosen"], lengths["rejected"]):
-        prompt_truncated += p > max_prompt_length
-        completion_truncated += max(c, r) > max_length - min(p, max_prompt_length)
+    from preftune.data.tokenize import TokenizeStats, truncate_pair
+
+    cut = TokenizeStats(dropped_identical=list(lengths["identical"]))
+    if "pairs" in lengths:
+        for pair in lengths["pairs"]:
+            truncate_pair(pair, max_length=max_length, max_prompt_length=max_prompt_length,
+                          bos_id=lengths["bos_id"], stats=cut)
+    else:
+        for p, c, r in zip(lengths["prompt"], lengths["chosen"], lengths["rejected"]):
+            cut.prompt_truncated += p > max_prompt_length
+            cut.completion_truncated += max(c, r) > max_length - min(p, max_prompt_length)
     return {
         "unit": lengths["unit"],
         "max_length": max_length,
         "max_prompt_length": max_prompt_length,
-        "prompt_truncated": prompt_truncated,
-        "completion_truncated": completion_truncated,
+        "prompt_truncated": cut.prompt_truncated,
+        "completion_truncated": cut.completion_truncated,
         "dropped_empty": len(lengths["empty"]),
+        "dropped_identical": len(cut.dropped_identical),
     }
 
 
@@ -338,15 +300,11 @@ def _model_margins(
         "scored": n,
         "prefers_chosen": _num(sum(m > 0 for m in margin) / n),
         "prefers_chosen_per_token": _num(sum(m > 0 for m in per_token) / n),
-        "margin": _describe(margin, quantiles),
-        "margin_per_token": _describe(per_token, quantiles),
-        "histogram": _histogram(margin),
+        "margin": describe(margin, quantiles),
+        "margin_per_token": describe(per_token, quantiles),
+        "histogram": histogram(margin),
         "largest": largest,
     }
-
-
-def _share(n: int, total: int) -> str:
-    return f"{n:,} of {total:,} ({100 * n / total:.1f}%)" if total else f"{n:,}"
 
 
 def _warnings(report: dict) -> list[str]:
@@ -357,9 +315,7 @@ def _warnings(report: dict) -> list[str]:
         out.append(f"{inv:,} invalid rows were dropped; training refuses them unless --skip-invalid is given")
     dup = report["duplicates"]
     if dup["exact"]:
-        out.append(
-            f"{dup['exact']:,} exact duplicate pairs: they weigh those examples double; deduplicate them"
-        )
+        out.append(duplicates_warning(dup["exact"]))
     if dup["near_identical_pairs"]:
         out.append(
             f"{dup['near_identical_pairs']:,} pairs whose chosen and rejected differ only in case/whitespace "
@@ -367,7 +323,7 @@ def _warnings(report: dict) -> list[str]:
         )
     top = report["prompts"]["top"]
     if top and n >= 20 and top[0]["pairs"] > 0.1 * n:
-        out.append(f"one prompt carries {_share(top[0]['pairs'], n)} of the pairs")
+        out.append(f"one prompt carries {share_text(top[0]['pairs'], n)} of the pairs")
     warning = length_bias_warning(report["length_bias"])
     if warning:
         out.append(warning)
@@ -379,11 +335,14 @@ def _warnings(report: dict) -> list[str]:
     ):
         if n and tr[key] > TRUNCATION_WARN * n:
             out.append(
-                f"{_share(tr[key], n)} pairs would have their {what} truncated ({unit}); "
+                f"{share_text(tr[key], n)} pairs would have their {what} truncated ({unit}); "
                 f"consider raising {flag}"
             )
     if tr["dropped_empty"]:
         out.append(f"{tr['dropped_empty']:,} pairs would be dropped: an answer adds no token of its own")
+    if tr["dropped_identical"]:
+        out.append(f"{tr['dropped_identical']:,} pairs would be dropped: chosen and rejected are identical after "
+                   "truncation (no preference signal)")
     m = report.get("model")
     if m and m.get("scored"):
         share = m["prefers_chosen"]
@@ -403,83 +362,6 @@ def _warnings(report: dict) -> list[str]:
 # ---------------------------------------------------------------------------------------------- rendering
 
 
-def _fmt_stats(d: dict) -> str:
-    if not d.get("count"):
-        return "-"
-    keys = [k for k in d if k not in ("count",)]
-    return "  ".join(f"{k} {d[k]:,}" if isinstance(d[k], int) else f"{k} {d[k]:.3g}" for k in keys)
-
-
-def format_audit(report: dict) -> str:
-    """The report as terminal text: one section per question, warnings last."""
-    lines: list[str] = []
-    add = lines.append
-    n = report["pairs"]
-    add(f"data: {', '.join(report['sources'])}")
-    add(f"  {report['summary']}")
-    add(
-        f"  format {report['format']}{' (message lists)' if report['conversational'] else ''}; "
-        f"{report['rows_read']:,} rows read, {n:,} valid pairs"
-    )
-    inv = report["invalid"]
-    if inv["count"]:
-        add(f"invalid rows: {inv['count']:,}")
-        for reason, count in inv["by_reason"].items():
-            add(f"  {count:>7,}  {reason}")
-        for row in inv["first"]:
-            add(f"    {row}")
-    dup = report["duplicates"]
-    add(
-        f"duplicates: {dup['exact']:,} exact, {dup['near']:,} near (case/whitespace), "
-        f"{dup['near_identical_pairs']:,} pairs with chosen ~ rejected"
-    )
-    for text in dup["exact_examples"]:
-        add(f"    {text}")
-    pr = report["prompts"]
-    add(
-        f"prompts: {pr['distinct']:,} distinct, {pr['mean_pairs_per_prompt']:.2f} pairs per prompt on average"
-    )
-    for item in pr["top"]:
-        if item["pairs"] > 1:
-            add(f"  {item['pairs']:>7,}  {item['prompt']}")
-    ln = report["lengths"]
-    add(f"lengths ({ln['note']}):")
-    for part in ("prompt", "chosen", "rejected"):
-        add(f"  {part:<9}{_fmt_stats(ln[part])}")
-    tr = report["truncation"]
-    add(
-        f"truncation at max_length {tr['max_length']:,} / max_prompt_length {tr['max_prompt_length']:,} "
-        f"({tr['unit']}): {_share(tr['prompt_truncated'], n)} prompts truncated, "
-        f"{_share(tr['completion_truncated'], n)} answers truncated, {tr['dropped_empty']:,} pairs dropped"
-    )
-    lb = report["length_bias"]
-    if lb.get("pairs"):
-        add(
-            f"length bias ({lb['unit']}): chosen longer in {100 * lb['chosen_longer']:.1f}%, shorter in "
-            f"{100 * lb['chosen_shorter']:.1f}%, equal in {100 * lb['equal']:.1f}%; mean chosen - rejected "
-            f"{lb['mean_difference']:+.2f}"
-        )
-    m = report.get("model")
-    if m and m.get("scored"):
-        add(
-            f"model preference over {m['scored']:,} pairs: "
-            f"prefers chosen in {100 * m['prefers_chosen']:.1f}% "
-            f"(summed log-prob), {100 * m['prefers_chosen_per_token']:.1f}% (per token)"
-        )
-        add(f"  margin log p(chosen) - log p(rejected): {_fmt_stats(m['margin'])}")
-        add(f"  per-token margin:                       {_fmt_stats(m['margin_per_token'])}")
-        add("  largest |margin|:")
-        for item in m["largest"]:
-            add(f"    {item['margin']:+9.2f}  {item['verdict']:<16} {item['where']}: {item['prompt'][:50]}")
-    if report["warnings"]:
-        add("warnings:")
-        for w in report["warnings"]:
-            add(f"  ! {w}")
-    else:
-        add("no warnings")
-    return "\n".join(lines)
-
-
 def write_audit(report: dict, output_json: str | Path,
                 output_html_or_png: str | Path | Sequence[str | Path] | None = None) -> None:
     """Write the report as JSON and, optionally, its histograms as a PNG and/or a self-contained HTML page
@@ -490,11 +372,13 @@ def write_audit(report: dict, output_json: str | Path,
 
 
 def run_inspect(args: Any) -> int:
-    """`preftune inspect DATA... [--model M] [--max-length N] [--output report.json]`: print the audit and,
-    with --output, write report.json plus report.png and report.html beside it. Returns the exit status (0).
+    """`preftune inspect DATA... [--model M | --tokenizer T] [--show N] [--output report.json]`: print the
+    audit and, with --output, write report.json plus report.png and report.html beside it. Returns the exit
+    status (0).
 
-    Reads from `args`: data (one or more paths), model, max_length, max_prompt_length, batch_size, format,
-    prompt_field, chosen_field, rejected_field, output; a missing attribute takes the CLI default.
+    Reads from `args`: data (one or more paths), model, tokenizer, show, max_length, max_prompt_length,
+    batch_size, format, prompt_field, chosen_field, rejected_field, prompt_template, output; a missing
+    attribute takes the CLI default.
     """
     data = list(args.data) if isinstance(args.data, (list, tuple)) else args.data
     if isinstance(data, list) and len(data) == 1:
@@ -504,7 +388,12 @@ def run_inspect(args: Any) -> int:
         raise PreftuneError(
             f"--output takes the JSON file name ({output} given); the PNG and HTML go beside it"
         )
+    show = getattr(args, "show", 0) or 0
+    if show < 0:
+        raise PreftuneError(f"--show takes how many examples to print (0 or more), got {show}")
     model = tokenizer = None
+    if getattr(args, "model", None) and getattr(args, "tokenizer", None):
+        raise PreftuneError("give --model (which brings its tokenizer) or --tokenizer, not both")
     if getattr(args, "model", None):
         import torch
 
@@ -514,6 +403,10 @@ def run_inspect(args: Any) -> int:
         if torch.cuda.is_available():
             model = model.to("cuda")
         model.eval()
+    elif getattr(args, "tokenizer", None):
+        from preftune.modeling.load import load_tokenizer
+
+        tokenizer = load_tokenizer(args.tokenizer)
     report = audit(
         data,
         tokenizer=tokenizer,
@@ -521,10 +414,12 @@ def run_inspect(args: Any) -> int:
         max_length=getattr(args, "max_length", 1024),
         max_prompt_length=getattr(args, "max_prompt_length", 512),
         batch_size=getattr(args, "batch_size", 8),
+        show=show,
         format=getattr(args, "format", "auto"),
         prompt_field=getattr(args, "prompt_field", "prompt"),
         chosen_field=getattr(args, "chosen_field", "chosen"),
         rejected_field=getattr(args, "rejected_field", "rejected"),
+        prompt_template=getattr(args, "prompt_template", None),
     )
     print(format_audit(report))
     if output:

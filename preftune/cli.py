@@ -44,7 +44,9 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
                            metavar="V")
         else:
             default = f.default if f.default is not dataclasses.MISSING else None
-            p.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, type=_value, metavar="V",
+            # text fields (a prompt template like "{question}") are taken as typed: YAML would read a mapping
+            p.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, metavar="V",
+                           type=str if f.metadata.get("text") else _value,
                            help=f.metadata["help"] + f" (default {default!r})")
 
 
@@ -63,7 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("inspect", help="Audit a preference data file before training.", allow_abbrev=False)
     p.add_argument("data", nargs="+", help="Data file(s), glob or dataset folder.")
-    p.add_argument("--model", help="Also measure the model's own preference on the pairs.")
+    p.add_argument("--model", help="Also measure the model's own preference on the pairs (and use its tokenizer).")
+    p.add_argument("--tokenizer", help="A model folder or hub name whose tokenizer (and chat template) to use, "
+                   "without loading the model.")
+    p.add_argument("--show", type=int, default=0, metavar="N",
+                   help="Print the first N examples exactly as training sees them (with a tokenizer: the "
+                   "token pieces at the prompt/answer boundary and at the end of each answer).")
     p.add_argument("--max-length", type=int, default=1024)
     p.add_argument("--max-prompt-length", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=8)
@@ -71,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-field", default="prompt")
     p.add_argument("--chosen-field", default="chosen")
     p.add_argument("--rejected-field", default="rejected")
+    p.add_argument("--prompt-template", help="Build the prompt from several fields, e.g. '{system}\\n\\n{question}'.")
     p.add_argument("--output", help="Write the audit as JSON here (a PNG and HTML report are written beside it).")
 
     # The demo is not in the package (its weights would ship in every wheel): the verb runs the copy in a

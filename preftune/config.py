@@ -39,6 +39,9 @@ class TrainConfig:
     chosen_field: str = _f("chosen", "Column holding the preferred answer.")
     rejected_field: str = _f("rejected", "Column holding the dispreferred answer.")
     completion_field: str = _f("completion", "Column holding the answer for SFT data.")
+    prompt_template: str | None = _f(None, "Build the prompt from several fields, e.g. '{system}\\n\\n{question}' "
+                                     "(fields are dotted paths; an empty field drops the text before it).",
+                                     text=True)
     skip_invalid: bool = _f(False, "Drop invalid rows (and report them) instead of stopping.")
     max_length: int = _f(1024, "Longest prompt+completion in tokens; completions are truncated from the right to fit.")
     max_prompt_length: int = _f(512, "Longest prompt in tokens; prompts are truncated from the left to fit.")
@@ -168,6 +171,10 @@ class TrainConfig:
                 hint = difflib.get_close_matches(str(v), allowed, n=1)
                 extra = f" (did you mean {hint[0]!r}?)" if hint else ""
                 raise PreftuneError(f"{name} must be one of {', '.join(allowed)}; got {v!r}{extra}.")
+        if self.prompt_template is not None:
+            from preftune.data.layouts import PromptTemplate  # the data layer owns the template syntax
+
+            PromptTemplate.parse(self.prompt_template)
         need(not (self.reference == "lora_disabled" and not self.lora),
              "reference 'lora_disabled' needs lora: true (it reuses the base weights under the adapters).")
         # Building the loss config validates the loss names and their settings in one place.

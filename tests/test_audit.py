@@ -81,6 +81,7 @@ def test_audit_figures_in_words(data_file):
         "prompt_truncated": 1,
         "completion_truncated": 4,
         "dropped_empty": 0,
+        "dropped_identical": 0,
     }
     lb = r["length_bias"]
     assert (lb["chosen_longer"], lb["chosen_shorter"], lb["equal"]) == (0.6667, 0.1667, 0.1667)
@@ -309,3 +310,48 @@ def test_cli_inspect_writes_json_png_html(data_file, tmp_path, capsys):
 
     assert main(["inspect", str(tmp_path / "missing.jsonl")]) == 2
     assert "data file" in capsys.readouterr().err
+
+
+def test_show_examples_as_training_sees_them(tmp_path, capsys):
+    """`inspect --tokenizer T --show 1`: the first pair with its token pieces (word tokens, EOS appended:
+    prompt the sky is | blue </s>), in the terminal text and under `examples` in the JSON report.
+    --prompt-template builds the prompt from two fields; a negative --show and --model with --tokenizer exit 2."""
+    from preftune.cli import main
+
+    tok = word_tokenizer()
+    tok.save_pretrained(tmp_path / "tok")
+    path = tmp_path / "t.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in TOKEN_RECORDS))
+    out = tmp_path / "r.json"
+    assert main(["inspect", str(path), "--tokenizer", str(tmp_path / "tok"), "--show", "1", "--output", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert f"example 1 as training sees it ({path} line 1):\n  prompt   'the sky is'\n  chosen   ' blue'\n" in printed
+    assert "  chosen start    'the' 'sky' 'is' | 'blue' '</s>'\n" in printed
+    (ex,) = json.loads(out.read_text())["examples"]
+    assert ex["tokens"]["rejected_start"] == ["green", "red", "</s>"] and ex["tokens"]["chosen_eos"] == "added"
+
+    split = tmp_path / "split.jsonl"
+    split.write_text(json.dumps({"a": "the sky", "b": "is", "chosen": " blue", "rejected": " red"}))
+    r = audit(split, tokenizer=tok, show=1, prompt_template="{a} {b}")
+    assert r["examples"][0]["prompt"] == "the sky is" and r["examples"][0]["tokens"]["prompt"] == 3
+    assert main(["inspect", str(path), "--show", "-1"]) == 2
+    assert main(["inspect", str(path), "--model", "m", "--tokenizer", "t"]) == 2
+    assert "not both" in capsys.readouterr().err
+
+
+def test_pairs_identical_after_truncation_are_counted_as_training_drops_them(tmp_path):
+    """Word tokens, max_length 4, max_prompt_length 3: "the sky is" leaves room for one answer token, so
+    "blue green"+EOS and "blue red"+EOS both become "blue": dropped, as tokenize_records drops it."""
+    from preftune.data.tokenize import tokenize_records
+
+    rows = [{"prompt": "the sky is", "chosen": " blue green", "rejected": " blue red"},
+            {"prompt": "the sky is", "chosen": " blue", "rejected": " red"}]
+    path = tmp_path / "t.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    r = audit(path, tokenizer=word_tokenizer(), max_length=4, max_prompt_length=3)
+    tr = r["truncation"]
+    assert (tr["completion_truncated"], tr["dropped_identical"], tr["dropped_empty"]) == (2, 1, 0)
+    assert "1 pairs would be dropped: chosen and rejected are identical after truncation" in "\n".join(r["warnings"])
+    _, stats = tokenize_records(word_tokenizer(), [(x["prompt"], x["chosen"], x["rejected"]) for x in rows],
+                                max_length=4, max_prompt_length=3)
+    assert (stats.completion_truncated, stats.dropped_identical) == (2, [0])

@@ -1,4 +1,6 @@
-"""Data: load and validate (load.py), render chat templates (formats.py), tokenize and collate."""
+"""Data: read sources (sources.py), find the layout (layouts.py), validate rows (validate.py, implicit.py) behind
+`load_records` (load.py); render chat templates (render.py), tokenize (tokenize.py), show examples (examples.py),
+statistics (stats.py), the train/eval splits (splits.py), batch order (sampler.py) and collation (collate.py)."""
 
 from __future__ import annotations
 

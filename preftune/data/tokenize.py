@@ -2,10 +2,18 @@
 
 The prompt and each answer are tokenized *jointly* (prompt+answer as one string) and the boundary is the
 longest common prefix of the three encodings, so a BPE merge across the prompt/answer boundary never
-changes the answer's tokens compared with how the model sees the whole text. EOS is appended to every
-answer so the model learns to stop. Truncation: the prompt loses tokens on the left (its end, next to the
-answer, matters most), then answers lose tokens on the right; pairs left with an empty answer are dropped
-and counted.
+changes the answer's tokens compared with how the model sees the whole text.
+
+Every answer ends in exactly one EOS, so the model learns to stop: EOS is appended unless the answer already
+ends in it. Chat templates of the Llama-2, Mistral and Zephyr kind close the assistant turn with EOS
+(``"Blue.</s>\n"``); such an answer gets no second EOS, and the whitespace the template writes *after* that EOS
+is cut off: generation stops at EOS, so those tokens are never produced, and training on them would teach the
+model to go on after the end of its turn (``... </s>\n</s>``). Plain strings that end in the EOS text follow
+the same rule.
+
+Truncation: the prompt loses tokens on the left (its end, next to the answer, matters most), then answers
+lose tokens on the right; pairs left with an empty answer, and pairs whose two answers are identical after
+truncation (no preference signal left), are dropped and counted.
 """
 
 from __future__ import annotations
@@ -40,8 +48,10 @@ class TokenizedPair:
 class TokenizeStats:
     kept: int = 0
     dropped_empty: list[int] = field(default_factory=list)
+    dropped_identical: list[int] = field(default_factory=list)
     prompt_truncated: int = 0
     completion_truncated: int = 0
+    eos_in_text: int = 0  # answers that already ended in EOS (from the chat template or the data)
 
     def summary(self) -> str:
         parts = [f"{self.kept:,} kept"]
@@ -51,6 +61,11 @@ class TokenizeStats:
             parts.append(f"{self.completion_truncated:,} answers truncated (right)")
         if self.dropped_empty:
             parts.append(f"{len(self.dropped_empty):,} dropped (empty answer after tokenization)")
+        if self.dropped_identical:
+            parts.append(f"{len(self.dropped_identical):,} dropped (chosen and rejected identical after "
+                         "truncation: no signal)")
+        if self.eos_in_text:
+            parts.append(f"{self.eos_in_text:,} answers already end in EOS (no second EOS added)")
         return "tokenized: " + ", ".join(parts)
 
 
@@ -66,15 +81,44 @@ def check_tokenizer(tokenizer) -> None:
         tokenizer.pad_token = tokenizer.eos_token
 
 
-def _encode(tokenizer, text: str) -> list[int]:
-    # A chat template usually renders the BOS token itself; adding special tokens again would double it.
-    bos = tokenizer.bos_token
-    add_special = not (bos and text.startswith(bos))
-    ids = tokenizer(text, add_special_tokens=add_special)["input_ids"]
-    # Some tokenizers append EOS as a special token; we add our own EOS after the answer instead.
-    if ids and add_special and ids[-1] == tokenizer.eos_token_id and not text.endswith(tokenizer.eos_token or "\0"):
-        ids = ids[:-1]
-    return list(ids)
+def answer_text(answer: str, eos_token: str | None) -> str:
+    """The answer as it is trained: cut right after a final EOS (whitespace a template writes after it is
+    never generated, so it is not part of the answer); any other answer unchanged."""
+    end = answer.rstrip()
+    return end if eos_token and end.endswith(eos_token) else answer
+
+
+class _Encoder:
+    """One tokenizer's encoding rules, worked out once per call of `tokenize_records`."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.bos, self.eos_text, self.eos = tokenizer.bos_token, tokenizer.eos_token, tokenizer.eos_token_id
+        # Some tokenizers append EOS as a special token; answers get their EOS from `texts` instead.
+        with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
+        plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+        self.appends_eos = len(with_special) > len(plain) and with_special[-1] == self.eos
+
+    def encode(self, text: str) -> list[int]:
+        # A chat template usually renders the BOS token itself; adding special tokens again would double it.
+        add_special = not (self.bos and text.startswith(self.bos))
+        ids = list(self.tokenizer(text, add_special_tokens=add_special)["input_ids"])
+        if add_special and self.appends_eos and ids and ids[-1] == self.eos:
+            ids.pop()
+        return ids
+
+    def texts(self, prompt: str, answers: Sequence[str]) -> tuple[list[int], list[list[int]], list[bool]]:
+        """(prompt_ids, answer_ids, whether each answer already ended in EOS)."""
+        answers = [answer_text(a, self.eos_text) for a in answers]
+        prompt_ids = self.encode(prompt)
+        full = [self.encode(prompt + a) for a in answers]
+        cut = _common_prefix(prompt_ids, *full)
+        out, had_eos = [], []
+        for f in full:
+            ids = f[cut:]
+            had_eos.append(bool(ids) and ids[-1] == self.eos)
+            out.append(ids if not ids or had_eos[-1] else ids + [self.eos])
+        return full[0][:cut], out, had_eos
 
 
 def _common_prefix(*seqs: Sequence[int]) -> int:
@@ -96,36 +140,50 @@ def _truncate_prompt(prompt: list[int], max_prompt_length: int, bos_id: int | No
 
 
 def tokenize_texts(tokenizer, prompt: str, answers: Sequence[str]) -> tuple[list[int], list[list[int]]]:
-    """Joint tokenization of one prompt with one or more answers; EOS appended to each answer.
+    """Joint tokenization of one prompt with one or more answers, each ending in exactly one EOS.
 
     Returns (prompt_ids, [answer_ids, ...]) where prompt_ids + answer_ids is exactly the encoding of
-    prompt + answer (plus EOS) for every answer.
+    prompt + `answer_text(answer)`, plus EOS unless that already ends in EOS. An answer that adds no token
+    of its own gives [].
     """
-    prompt_ids = _encode(tokenizer, prompt)
-    full = [_encode(tokenizer, prompt + a) for a in answers]
-    cut = _common_prefix(prompt_ids, *full)
-    eos = tokenizer.eos_token_id
-    return full[0][:cut], [f[cut:] + [eos] if len(f) > cut else [] for f in full]
+    prompt_ids, answer_ids, _ = _Encoder(tokenizer).texts(prompt, answers)
+    return prompt_ids, answer_ids
+
+
+def truncate_pair(pair: TokenizedPair, *, max_length: int, max_prompt_length: int, bos_id: int | None,
+                  stats: TokenizeStats) -> TokenizedPair | None:
+    """`pair` cut to the limits (prompt from the left, keeping a leading BOS, then answers from the right),
+    counted in `stats`; None when its two answers are identical afterwards (no preference signal left)."""
+    prompt = _truncate_prompt(pair.prompt_ids, max_prompt_length, bos_id)
+    stats.prompt_truncated += len(prompt) < len(pair.prompt_ids)
+    answers = [pair.chosen_ids] if pair.rejected_ids is None else [pair.chosen_ids, pair.rejected_ids]
+    room = max_length - len(prompt)
+    if any(len(a) > room for a in answers):
+        stats.completion_truncated += 1
+        answers = [a[:room] for a in answers]
+    if len(answers) > 1 and answers[0] == answers[1]:
+        stats.dropped_identical.append(pair.index)
+        return None
+    return TokenizedPair(prompt, answers[0], answers[1] if len(answers) > 1 else None, pair.index)
 
 
 def tokenize_records(tokenizer, texts: Sequence[tuple[str, ...]], *, max_length: int,
                      max_prompt_length: int) -> tuple[list[TokenizedPair], TokenizeStats]:
     """Tokenize rendered texts: (prompt, chosen, rejected) for pairs or (prompt, completion) for SFT."""
     check_tokenizer(tokenizer)
+    encoder = _Encoder(tokenizer)
     stats = TokenizeStats()
     out: list[TokenizedPair] = []
-    bos_id = tokenizer.bos_token_id
     for index, (prompt, *answers) in enumerate(texts):
-        prompt_ids, answer_ids = tokenize_texts(tokenizer, prompt, answers)
+        prompt_ids, answer_ids, had_eos = encoder.texts(prompt, answers)
         if any(not a for a in answer_ids):  # the answer added no token of its own: nothing to learn from
             stats.dropped_empty.append(index)
             continue
-        truncated = _truncate_prompt(prompt_ids, max_prompt_length, bos_id)
-        stats.prompt_truncated += len(truncated) < len(prompt_ids)
-        room = max_length - len(truncated)
-        if any(len(a) > room for a in answer_ids):
-            stats.completion_truncated += 1
-            answer_ids = [a[:room] for a in answer_ids]
-        out.append(TokenizedPair(truncated, answer_ids[0], answer_ids[1] if len(answer_ids) > 1 else None, index))
+        pair = TokenizedPair(prompt_ids, answer_ids[0], answer_ids[1] if len(answer_ids) > 1 else None, index)
+        pair = truncate_pair(pair, max_length=max_length, max_prompt_length=max_prompt_length,
+                             bos_id=tokenizer.bos_token_id, stats=stats)
+        if pair is not None:
+            stats.eos_in_text += sum(had_eos)
+            out.append(pair)
     stats.kept = len(out)
     return out, stats

@@ -1,4 +1,5 @@
-"""The audit's figure (length and margin histograms) and its self-contained HTML page."""
+"""The audit report rendered: terminal text (`format_audit`), its figure (length and margin histograms) and its
+self-contained HTML page."""
 
 from __future__ import annotations
 
@@ -9,7 +10,93 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
+from preftune.data.examples import format_example
 from preftune.errors import PreftuneError
+
+
+def share_text(n: int, total: int) -> str:
+    """"12 of 40 (30.0%)", for counts a person reads next to their total."""
+    return f"{n:,} of {total:,} ({100 * n / total:.1f}%)" if total else f"{n:,}"
+
+
+def _fmt_stats(d: dict) -> str:
+    if not d.get("count"):
+        return "-"
+    keys = [k for k in d if k not in ("count",)]
+    return "  ".join(f"{k} {d[k]:,}" if isinstance(d[k], int) else f"{k} {d[k]:.3g}" for k in keys)
+
+
+def format_audit(report: dict) -> str:
+    """The report as terminal text: one section per question, warnings last."""
+    lines: list[str] = []
+    add = lines.append
+    n = report["pairs"]
+    add(f"data: {', '.join(report['sources'])}")
+    add(f"  {report['summary']}")
+    add(
+        f"  format {report['format']}{' (message lists)' if report['conversational'] else ''}; "
+        f"{report['rows_read']:,} rows read, {n:,} valid pairs"
+    )
+    inv = report["invalid"]
+    if inv["count"]:
+        add(f"invalid rows: {inv['count']:,}")
+        for reason, count in inv["by_reason"].items():
+            add(f"  {count:>7,}  {reason}")
+        for row in inv["first"]:
+            add(f"    {row}")
+    dup = report["duplicates"]
+    add(
+        f"duplicates: {dup['exact']:,} exact, {dup['near']:,} near (case/whitespace), "
+        f"{dup['near_identical_pairs']:,} pairs with chosen ~ rejected"
+    )
+    for text in dup["exact_examples"]:
+        add(f"    {text}")
+    pr = report["prompts"]
+    add(
+        f"prompts: {pr['distinct']:,} distinct, {pr['mean_pairs_per_prompt']:.2f} pairs per prompt on average"
+    )
+    for item in pr["top"]:
+        if item["pairs"] > 1:
+            add(f"  {item['pairs']:>7,}  {item['prompt']}")
+    ln = report["lengths"]
+    add(f"lengths ({ln['note']}):")
+    for part in ("prompt", "chosen", "rejected"):
+        add(f"  {part:<9}{_fmt_stats(ln[part])}")
+    tr = report["truncation"]
+    add(
+        f"truncation at max_length {tr['max_length']:,} / max_prompt_length {tr['max_prompt_length']:,} "
+        f"({tr['unit']}): {share_text(tr['prompt_truncated'], n)} prompts truncated, "
+        f"{share_text(tr['completion_truncated'], n)} answers truncated, "
+        f"{tr['dropped_empty'] + tr.get('dropped_identical', 0):,} pairs dropped"
+    )
+    lb = report["length_bias"]
+    if lb.get("pairs"):
+        add(
+            f"length bias ({lb['unit']}): chosen longer in {100 * lb['chosen_longer']:.1f}%, shorter in "
+            f"{100 * lb['chosen_shorter']:.1f}%, equal in {100 * lb['equal']:.1f}%; mean chosen - rejected "
+            f"{lb['mean_difference']:+.2f}"
+        )
+    m = report.get("model")
+    if m and m.get("scored"):
+        add(
+            f"model preference over {m['scored']:,} pairs: "
+            f"prefers chosen in {100 * m['prefers_chosen']:.1f}% "
+            f"(summed log-prob), {100 * m['prefers_chosen_per_token']:.1f}% (per token)"
+        )
+        add(f"  margin log p(chosen) - log p(rejected): {_fmt_stats(m['margin'])}")
+        add(f"  per-token margin:                       {_fmt_stats(m['margin_per_token'])}")
+        add("  largest |margin|:")
+        for item in m["largest"]:
+            add(f"    {item['margin']:+9.2f}  {item['verdict']:<16} {item['where']}: {item['prompt'][:50]}")
+    for i, ex in enumerate(report.get("examples", []), start=1):
+        lines.extend(format_example(ex, f"example {i} as training sees it"))
+    if report["warnings"]:
+        add("warnings:")
+        for w in report["warnings"]:
+            add(f"  ! {w}")
+    else:
+        add("no warnings")
+    return "\n".join(lines)
 
 
 def _figure_png(report: dict) -> bytes:

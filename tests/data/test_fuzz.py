@@ -78,3 +78,26 @@ def test_malformed_files_only_raise_preftune_error(data, suffix, skip, kind):
 @given(data=st.binary(max_size=200), suffix=st.sampled_from([".jsonl", ".csv", ".parquet", ".json"]))
 def test_random_bytes_only_raise_preftune_error(data, suffix):
     _load(data, suffix)
+
+
+# Keys of the layouts preftune recognises (ShareGPT, OpenAI, Alpaca, Orca, content parts), with any values.
+LAYOUT_KEYS = ["conversations", "messages", "from", "value", "instruction", "input", "output", "history", "system",
+               "question", "preferred_output", "non_preferred_output", "type", "text", "chosen", "rejected", "role",
+               "content", "prompt"]
+layout_values = st.recursive(
+    json_scalars,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.sampled_from(LAYOUT_KEYS), inner, max_size=4),
+    max_leaves=12,
+)
+layout_rows = st.dictionaries(st.sampled_from(LAYOUT_KEYS), layout_values, max_size=6)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    rows=st.lists(layout_rows, min_size=1, max_size=6),
+    kind=st.sampled_from(["preference", "sft"]),
+    template=st.sampled_from([None, "{system}\n\n{question}", "{instruction} {input}"]),
+)
+def test_layout_shaped_rows_only_raise_preftune_error(rows, kind, template):
+    data = b"\n".join(json.dumps(r).encode() for r in rows)
+    _load(data, ".jsonl", skip_invalid=True, kind=kind, prompt_template=template)

@@ -1,4 +1,5 @@
-"""Joint tokenization, EOS, truncation order and dropping; batch layout and order."""
+"""Joint tokenization, one EOS per answer (also after a chat template's EOS), truncation order and dropping;
+batch layout and order."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import pytest
 
 from preftune.data.collate import collate
 from preftune.data.sampler import batch_order
-from preftune.data.tokenize import TokenizedPair, tokenize_records
+from preftune.data.tokenize import TokenizedPair, answer_text, tokenize_records, tokenize_texts
 from preftune.errors import PreftuneError
 from preftune.modeling.load import load_tokenizer
 
@@ -93,3 +94,113 @@ def test_batch_order_is_deterministic_and_complete():
     spread = sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in a)
     plain = batch_order(lengths, 8, seed=1, epoch=0, group_by_length=False)
     assert spread < sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in plain)
+
+
+# Real-style chat templates whose assistant turn ends in EOS (as shipped in the models' tokenizer_config.json,
+# trimmed to the user/assistant/system roles). transformers renders them with trim_blocks and lstrip_blocks.
+LLAMA2 = (
+    "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}"
+    "{% set system_message = messages[0]['content'] %}{% else %}{% set loop_messages = messages %}"
+    "{% set system_message = false %}{% endif %}{% for message in loop_messages %}"
+    "{% if loop.index0 == 0 and system_message != false %}"
+    "{% set content = '<<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' + message['content'] %}"
+    "{% else %}{% set content = message['content'] %}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ ' '  + content.strip() + ' ' + eos_token }}{% endif %}{% endfor %}"
+)
+ZEPHYR = (
+    "{% for message in messages %}\n{% if message['role'] == 'user' %}\n{{ '<|user|>\n' + message['content'] + "
+    "eos_token }}\n{% elif message['role'] == 'system' %}\n{{ '<|system|>\n' + message['content'] + eos_token }}\n"
+    "{% elif message['role'] == 'assistant' %}\n{{ '<|assistant|>\n'  + message['content'] + eos_token }}\n"
+    "{% endif %}\n{% if loop.last and add_generation_prompt %}\n{{ '<|assistant|>' }}\n{% endif %}\n{% endfor %}"
+)
+CONV = {"prompt": [{"role": "user", "content": "red cat"}], "chosen": [{"role": "assistant", "content": "yes good"}],
+        "rejected": [{"role": "assistant", "content": "no bad"}]}
+
+
+def _templated(tok, template: str):
+    import copy
+
+    t = copy.deepcopy(tok)
+    t.chat_template = template
+    return t
+
+
+@pytest.mark.parametrize("template, prompt, chosen, rejected", [
+    # Zephyr: every turn ends "</s>\n"; the "\n" after the answer's "</s>" is never generated, so it is cut
+    (ZEPHYR, "<|user|>\nred cat</s>\n<|assistant|>\n", "yes good</s>", "no bad</s>"),
+    # Llama-2: "[/INST] answer </s>" with nothing after the EOS
+    (LLAMA2, "<s>[INST] red cat [/INST]", " yes good </s>", " no bad </s>"),
+], ids=["zephyr", "llama-2"])
+def test_template_eos_ends_the_answer_once(tok, template, prompt, chosen, rejected):
+    """Before the fix the Zephyr answer was 'yes good</s>\\n' + EOS, i.e. ... </s> Ċ </s>. Now each answer is
+    exactly the encoding of the hand-derived text above (one EOS, the template's own)."""
+    from preftune.data.render import render_sft_texts, render_texts
+
+    t = _templated(tok, template)
+    texts = render_texts(t, CONV)
+    assert texts[0] == prompt
+    (pair,), stats = tokenize_records(t, [texts], max_length=200, max_prompt_length=100)
+    eos = t.eos_token_id
+    for answer, ids in ((chosen, pair.chosen_ids), (rejected, pair.rejected_ids)):
+        assert pair.prompt_ids + ids == t(prompt + answer, add_special_tokens=False)["input_ids"]
+        assert ids[-1] == eos and ids.count(eos) == 1
+    assert stats.eos_in_text == 2 and "2 answers already end in EOS (no second EOS added)" in stats.summary()
+    # SFT goes through the same rule
+    sft = {"prompt": CONV["prompt"], "completion": CONV["chosen"]}
+    (one,), _ = tokenize_records(t, [render_sft_texts(t, sft)], max_length=200, max_prompt_length=100)
+    assert one.chosen_ids == pair.chosen_ids and one.rejected_ids is None
+
+
+def test_plain_strings_ending_in_eos_get_no_second_eos(tok):
+    """' yes</s>' keeps its EOS; ' no</s>\\n' loses the newline after it; ' maybe' gets EOS appended."""
+    prompt = "question: red answer:"
+    eos = tok.eos_token_id
+    prompt_ids, answers = tokenize_texts(tok, prompt, [" yes</s>", " no</s>\n", " maybe"])
+    assert prompt_ids + answers[0] == tok(prompt + " yes</s>")["input_ids"]
+    assert prompt_ids + answers[1] == tok(prompt + " no</s>")["input_ids"]
+    assert prompt_ids + answers[2] == tok(prompt + " maybe")["input_ids"] + [eos]
+    assert [a.count(eos) for a in answers] == [1, 1, 1]
+    assert answer_text(" no</s>\n", "</s>") == " no</s>" and answer_text(" no\n", "</s>") == " no\n"
+
+
+def test_tokenizer_that_appends_eos_itself(tok):
+    """A post-processor that appends </s> to every encoding: its EOS is removed and ours added once, also when
+    the text already ends in </s> (which used to give </s></s>)."""
+    import copy
+
+    from tokenizers.processors import TemplateProcessing
+
+    t = copy.deepcopy(tok)
+    t._tokenizer.post_processor = TemplateProcessing(single="$A </s>", special_tokens=[("</s>", t.eos_token_id)])
+    assert t("red")["input_ids"][-1] == t.eos_token_id  # the tokenizer does append it
+    prompt = "question: red answer:"
+    prompt_ids, (yes, no) = tokenize_texts(t, prompt, [" yes", " no</s>"])
+    plain = t(prompt + " yes", add_special_tokens=False)["input_ids"]
+    assert prompt_ids + yes == plain + [t.eos_token_id]
+    assert prompt_ids + no == t(prompt + " no</s>", add_special_tokens=False)["input_ids"]
+    assert no.count(t.eos_token_id) == 1
+
+
+def test_answers_identical_after_truncation_are_dropped(tok):
+    """' yes good cat dog' vs ' yes good cat bird' differ only in their 4th token; with room for 3 answer tokens
+    both become ' yes good cat': no signal left, so the pair is dropped and counted."""
+    prompt, chosen, rejected = "question: red answer:", " yes good cat dog", " yes good cat bird"
+    n_prompt = len(tok(prompt)["input_ids"])
+    _, (c, r) = tokenize_texts(tok, prompt, [chosen, rejected])
+    assert c[:3] == r[:3] and c[3] != r[3]
+    texts = [(prompt, chosen, rejected), (prompt, " yes", " no")]
+    pairs, stats = tokenize_records(tok, texts, max_length=n_prompt + 3, max_prompt_length=n_prompt)
+    assert [p.index for p in pairs] == [1] and stats.dropped_identical == [0]
+    assert "1 dropped (chosen and rejected identical after truncation: no signal)" in stats.summary()
+
+
+def test_score_completions_counts_one_eos(tiny_model_dir):
+    """Scoring uses the same rule: a sample that ends in EOS is scored over the same tokens as one without."""
+    from preftune.modeling.load import load_model_and_tokenizer
+    from preftune.scoring import score_completions
+
+    model, t = load_model_and_tokenizer(str(tiny_model_dir))
+    _, lengths = score_completions(model, t, ["question: red answer:"] * 2, [" yes good</s>", " yes good"])
+    n = len(tokenize_texts(t, "question: red answer:", [" yes good"])[1][0])
+    assert lengths.tolist() == [n, n]

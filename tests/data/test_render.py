@@ -1,4 +1,4 @@
-"""Rendering records to prompt / completion texts with a chat template (preftune.data.formats)."""
+"""Rendering records to prompt / completion texts with a chat template (preftune.data.render)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from preftune.data.formats import is_conversational, render_sft_texts, render_texts
+from preftune.data.render import is_conversational, render_sft_texts, render_texts
 from preftune.errors import PreftuneError
 
 # Every message renders as "<|role|> content " and an assistant turn ends with "</s> "; the generation prompt

@@ -12,6 +12,10 @@ conversation, otherwise the completion's tokens cannot be told from the prompt's
 earlier turns once an answer follows (some strip reasoning from past assistant turns, some stamp the date)
 are refused with a `PreftuneError` instead of training on misaligned labels.
 
+A template that closes the assistant turn with EOS (Llama-2, Mistral, Zephyr) leaves it in the completion
+text, often followed by whitespace ("Blue.</s>\n"); `preftune.data.tokenize.answer_text` makes that EOS the
+answer's one EOS and drops what follows it.
+
 Special tokens: a rendered prompt usually starts with the template's BOS string (e.g. "<s>"). The
 tokenization code therefore encodes chat-rendered text with ``add_special_tokens=False`` so that BOS is not
 added twice; standard string records are encoded with the tokenizer's own special tokens.
