@@ -316,26 +316,33 @@ def render_html(run: Path, rows: list[dict], cfg: dict, problems: list[str],
         "<!doctype html><html><head><meta charset='utf-8'><title>preftune run report</title>",
         "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}table{border-collapse:collapse;"
         "margin:0.5em 0}td,th{border:1px solid #ccc;padding:2px 8px;text-align:left;vertical-align:top}"
-        "pre{background:#f6f6f6;padding:1em;white-space:pre-wrap}.bad{color:#a00}img{max-width:100%}"
-        "figure{margin:1em 0}</style></head><body>",
+        "pre{background:#f6f6f6;padding:1em;white-space:pre-wrap}.bad{color:#a00}img{width:100%}"
+        ".figs{display:flex;flex-wrap:wrap;gap:1em}.figs figure{flex:1 1 480px;margin:0}.figs figure.wide{flex-basis:100%}"
+        "figcaption{font-size:0.85em;color:#555}</style></head><body>",
         f"<h1>Run report: {esc(str(run))}</h1>",
         f"<p>{esc(status)}; {len(train)} training and {len(evals)} eval rows, last step {last_step}.</p>",
         f"<h2>Problems</h2><ul>{probs}</ul>",
-        "<h2>Setup</h2>" + _table([(k, cfg[k]) for k in CONFIG_KEYS if k in cfg]),
+        "<h2>Curves</h2><p>Lines: training (averaged over each logging window); circles: evaluations.</p>"
+        "<div class='figs'>",
     ]
-    if summary:
-        parts.append(f"<pre>{esc(summary)}</pre>")
-    last = [("last train row", ""), *((k, v) for k, v in (train[-1] if train else {}).items() if k != "split")]
-    if evals:
-        last += [("last eval row", ""), *((k, v) for k, v in evals[-1].items() if k != "split")]
-    parts.append("<h2>Latest metrics</h2>" + _table(last))
-    parts.append("<h2>Curves</h2><p>Lines: training (averaged over each logging window); circles: evaluations.</p>")
     for stem, title, data in figures:
         img = base64.b64encode(data).decode("ascii")
-        parts.append(f"<figure><img alt='{esc(title)}' src='data:image/png;base64,{img}'>"
+        wide = " class='wide'" if stem == "chosen_rejected" else ""
+        parts.append(f"<figure{wide}><img alt='{esc(title)}' src='data:image/png;base64,{img}'>"
                      f"<figcaption>{esc(title)} ({esc(stem)}.png)</figcaption></figure>")
+    parts.append("</div>")
+    last_train, last_eval = (train[-1] if train else {}), (evals[-1] if evals else {})
+    keys = [k for k in dict.fromkeys([*last_train, *last_eval]) if k not in ("split", "step")]
+    head = (f"<tr><th>metric</th><th>train (step {last_train.get('step', '-')})</th>"
+            f"<th>eval (step {last_eval.get('step', '-')})</th></tr>")
+    cells = "".join(f"<tr><th>{esc(k)}</th><td>{esc(_fmt(last_train.get(k, '')))}</td>"
+                    f"<td>{esc(_fmt(last_eval.get(k, '')))}</td></tr>" for k in keys)
+    parts.append(f"<h2>Latest metrics</h2><table>{head}{cells}</table>")
     if eval_result:
         parts.append(_eval_section(eval_result))
+    parts.append("<h2>Setup</h2>" + _table([(k, cfg[k]) for k in CONFIG_KEYS if k in cfg]))
+    if summary:
+        parts.append(f"<pre>{esc(summary)}</pre>")
     parts.append("</body></html>")
     return "\n".join(parts)
 
