@@ -228,8 +228,8 @@ def run_eval(model: str, data: Any, *, reference: str | None = None, base_model:
                           rejected_field=rejected_field)
     m, tok = load_model_for_generation(model, base_model=base_model, dtype=dtype, device=device)
     is_adapter = hasattr(m, "disable_adapter")
-    if reference is None and not is_adapter and cfg:
-        reference = cfg.get("reference_model") or cfg.get("model")
+    if reference is None and cfg:  # the run's reference: its reference_model, else what it started from
+        reference = cfg.get("reference_model") or (None if is_adapter else cfg.get("model"))
     ref_model = None
     if reference is not None:
         ref_model, ref_tok = load_model_for_generation(reference, dtype=dtype, device=device)

@@ -233,14 +233,14 @@ def write_report(run_dir: str | Path, output_dir: str | Path | None = None) -> R
     eval_result = _read_json(run / "eval.json") if (run / "eval.json").is_file() else None
     problems = find_problems(rows)
     figures: list[tuple[str, str, bytes]] = []
-    for stem, title, keys, ylabel in FIGURES[:3]:
+    for stem, title, keys, ylabel in FIGURES[:4]:
         png = _metric_figure(rows, title, keys, ylabel)
         if png:
             figures.append((stem, title, png))
     png = _chosen_rejected_figure(rows, any(p.startswith("chosen and rejected") for p in problems))
     if png:
         figures.append(("chosen_rejected", "Chosen vs rejected rewards and log-probs", png))
-    for stem, title, keys, ylabel in FIGURES[3:]:
+    for stem, title, keys, ylabel in FIGURES[4:]:
         png = _metric_figure(rows, title, keys, ylabel)
         if png:
             figures.append((stem, title, png))
@@ -317,7 +317,7 @@ def render_html(run: Path, rows: list[dict], cfg: dict, problems: list[str],
         "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}table{border-collapse:collapse;"
         "margin:0.5em 0}td,th{border:1px solid #ccc;padding:2px 8px;text-align:left;vertical-align:top}"
         "pre{background:#f6f6f6;padding:1em;white-space:pre-wrap}.bad{color:#a00}img{width:100%}"
-        ".figs{display:flex;flex-wrap:wrap;gap:1em}.figs figure{flex:1 1 480px;margin:0}.figs figure.wide{flex-basis:100%}"
+        ".figs{display:flex;flex-wrap:wrap;gap:1em}.figs figure{flex:0 1 calc(50% - 0.5em);margin:0}.figs figure.wide{flex-basis:100%}"
         "figcaption{font-size:0.85em;color:#555}</style></head><body>",
         f"<h1>Run report: {esc(str(run))}</h1>",
         f"<p>{esc(status)}; {len(train)} training and {len(evals)} eval rows, last step {last_step}.</p>",
