@@ -35,7 +35,7 @@ FIGURES = (
     ("loss", "Loss", [("loss", "loss")], "loss"),
     ("accuracy", "Reward accuracy", [("rewards/accuracies", "accuracy")], "share of pairs ranked right"),
     ("margins", "Reward margin", [("rewards/margins", "margin")], "reward(chosen) - reward(rejected)"),
-    ("kl", "KL to the reference (chosen answers)", [("kl", "KL")], "nats per token"),
+    ("kl", "log π − log π_ref on the chosen answers (logged as kl)", [("kl", "kl")], "nats per token"),
     ("lr", "Learning rate", [("lr", "lr")], "learning rate"),
     ("grad_norm", "Gradient norm (before clipping)", [("grad_norm", "grad norm")], "norm"),
     ("throughput", "Throughput", [("pairs_per_s", "pairs/s"), ("tokens_per_s", "tokens/s")], "per second"),
