@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 
 import pytest
 import torch
@@ -128,15 +129,16 @@ def breaks(prompt, a, b):
 
 @pytest.fixture
 def judge_module(tmp_path, monkeypatch):
-    (tmp_path / "my_judges.py").write_text(JUDGE_MODULE)
+    (tmp_path / "pairwise_judges.py").write_text(JUDGE_MODULE)
     monkeypatch.syspath_prepend(str(tmp_path))
-    return tmp_path / "my_judges.py"
+    monkeypatch.delitem(sys.modules, "pairwise_judges", raising=False)  # each test's own file, not a cached one
+    return tmp_path / "pairwise_judges.py"
 
 
 def test_win_rate_on_a_hand_made_set(judge_module):
     """10 prompts: the model's answer alone says yes on 6 (wins), the reference's alone on 2 (losses), both on 1
     and neither on 1 (ties): win rate (6 + 2/2)/10 = 0.7, Wilson interval of 7/10 (see above)."""
-    judge = load_judge("my_judges:prefers_yes")
+    judge = load_judge("pairwise_judges:prefers_yes")
     model = ["yes"] * 6 + ["no"] * 2 + ["yes", "no"]
     reference = ["no"] * 6 + ["yes"] * 2 + ["yes", "no"]
     rows = judge_pairs(judge, [f"p{i}" for i in range(10)], model, reference, seed=1)
@@ -151,15 +153,15 @@ def test_win_rate_on_a_hand_made_set(judge_module):
 
 def test_judge_errors_are_one_sentence(judge_module):
     for spec, match in (("no_such_module_x:f", "cannot import the judge module 'no_such_module_x'"),
-                        ("my_judges:missing", "has no function 'missing'"),
-                        ("my_judges:two_args", "cannot be called as judge\\(prompt, answer_a, answer_b\\)"),
-                        ("my_judges", "named as 'module:function'")):
+                        ("pairwise_judges:missing", "has no function 'missing'"),
+                        ("pairwise_judges:two_args", "cannot be called as judge\\(prompt, answer_a, answer_b\\)"),
+                        ("pairwise_judges", "named as 'module:function'")):
         with pytest.raises(PreftuneError, match=match):
             load_judge(spec)
     with pytest.raises(PreftuneError, match="returned 'both' for prompt 1; it must return 'a', 'b' or 'tie'"):
-        judge_pairs(load_judge("my_judges:shouts"), ["p"], ["x"], ["y"])
+        judge_pairs(load_judge("pairwise_judges:shouts"), ["p"], ["x"], ["y"])
     with pytest.raises(PreftuneError, match="raised ValueError on prompt 1: no key"):
-        judge_pairs(load_judge("my_judges:breaks"), ["p"], ["x"], ["y"])
+        judge_pairs(load_judge("pairwise_judges:breaks"), ["p"], ["x"], ["y"])
 
 
 def test_cli_eval_of_a_run_matches_its_last_evaluation(tiny_dpo_run, eval_pairs_file, judge_module, tmp_path,
@@ -169,7 +171,7 @@ def test_cli_eval_of_a_run_matches_its_last_evaluation(tiny_dpo_run, eval_pairs_
     shutil.copytree(tiny_dpo_run, tmp_path / "run")
     tiny_dpo_run = tmp_path / "run"
     assert main(["eval", "--model", str(tiny_dpo_run / "final"), "--data", str(eval_pairs_file), "--generate", "4",
-                 "--kl-samples", "4", "--max-new-tokens", "8", "--judge", "my_judges:prefers_yes",
+                 "--kl-samples", "4", "--max-new-tokens", "8", "--judge", "pairwise_judges:prefers_yes",
                  "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert "preference accuracy" in out and "win rate" in out
