@@ -10,9 +10,9 @@ from typing import Any
 
 from preftune.config import TrainConfig
 from preftune.errors import PreftuneError
+from preftune.version import __version__
 
-__version__ = "0.1.0"
-__all__ = ["PreftuneError", "RunResult", "TrainConfig", "sft", "train"]
+__all__ = ["PreftuneError", "RunResult", "TrainConfig", "__version__", "sft", "train"]
 
 
 def __getattr__(name: str) -> Any:

@@ -16,7 +16,7 @@ files should do so on the main process only.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -119,9 +119,19 @@ class ProgressBar(Callback):
 
 
 class ConsoleEval(Callback):
-    """One line per evaluation, printed when it happens (the progress bar only shows training figures)."""
+    """One line per evaluation, printed when it happens (the progress bar only shows training figures):
+
+        eval @ step 20: loss 0.6123, rewards/accuracies 0.8125, rewards/margins 0.4512, kl 0.0213, ...
+    """
+
+    KEYS = ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected", "kl")
+
+    def __init__(self, printer: Callable[[str], None] = print):
+        self.printer = printer
 
     def on_log(self, state: TrainState, row: dict[str, Any]) -> None:
-        if state.is_main_process and row.get("split") == "eval":
-            figures = ", ".join(f"{k} {v:.4f}" for k, v in row.items() if isinstance(v, float))
-            print(f"eval at step {row['step']}: {figures}", flush=True)
+        if row.get("split") != "eval" or not state.is_main_process:
+            return
+        keys = [k for k in self.KEYS if k in row] + [k for k in row if k not in self.KEYS and k not in ("step", "split")]
+        parts = [f"{k} {row[k]:.4f}" if isinstance(row[k], float) else f"{k} {row[k]}" for k in keys]
+        self.printer(f"eval @ step {row['step']}: " + ", ".join(parts))

@@ -85,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     # clone, examples/news_demo, and hands it every flag (its own --help included), so it keeps no flags here.
     sub.add_parser("demo", add_help=False, help="The news-summary demo from a clone of the repository (what "
                    "`make demo` runs): SFT model → DPO → judged before/after. Flags: `preftune demo --help`.")
+    _add_eval_commands(sub)
     return parser
 
 
@@ -136,6 +137,8 @@ def _run(argv: Sequence[str] | None) -> int:
         from preftune.audit import run_inspect
 
         return run_inspect(args)
+    if args.command in EVAL_COMMANDS:
+        return _run_eval_command(args)
     raise AssertionError(args.command)
 
 
@@ -164,6 +167,103 @@ def _run_demo(argv: Sequence[str]) -> int:
         raise PreftuneError(f"another `examples` package ({demo_cli.__file__}) shadows {root / 'examples'}; "
                             f"run `python -m examples.news_demo` in {root}.")
     return demo_cli.main(argv, prog="preftune demo")
+
+
+# ----------------------------------------------------------------------------- generate, eval, report, push
+
+EVAL_COMMANDS = ("generate", "eval", "report", "push")
+
+
+def _add_model_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="Model folder, hub name or LoRA adapter folder (e.g. RUN/final).")
+    p.add_argument("--base-model", help="Base model for a LoRA adapter folder (default: the one it names).")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when present).")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy decoding (default).")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _add_eval_commands(sub) -> None:
+    p = sub.add_parser("generate", help="Sample answers from a model (JSONL out).", allow_abbrev=False)
+    _add_model_flags(p)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", action="append", help="A prompt (repeat for several).")
+    src.add_argument("--data", help="Prompts from a .jsonl/.json file (its prompt field) or a .txt file (one a line).")
+    p.add_argument("--prompt-field", default="prompt")
+    p.add_argument("--top-k", type=int, default=0, help="0 = off.")
+    p.add_argument("--chat", action="store_true", help="Wrap string prompts in the tokenizer's chat template.")
+    p.add_argument("--output", help="JSONL file to write (default: stdout).")
+
+    p = sub.add_parser("eval", help="Held-out preference accuracy, reward margins, KL to the reference, answer "
+                       "lengths and a judged win rate of a model against its reference.", allow_abbrev=False)
+    _add_model_flags(p)
+    p.add_argument("--data", nargs="+", required=True, help="Held-out preference data (any format train reads).")
+    p.add_argument("--reference", help="Reference model (default: the run's starting model for RUN/final, the base "
+                   "for a LoRA adapter folder).")
+    p.add_argument("--beta", type=float, help="β of the implicit reward (default: the run's, else 0.1).")
+    p.add_argument("--judge", help="A pairwise judge as module:function or file.py:function (see the README).")
+    p.add_argument("--generate", type=int, default=32, help="Prompts both models answer (lengths, judge; 0 = none).")
+    p.add_argument("--kl-samples", type=int, default=32, help="Prompts the model samples for the KL estimate (0 = none).")
+    p.add_argument("--max-length", type=int)
+    p.add_argument("--max-prompt-length", type=int)
+    p.add_argument("--format", default="auto")
+    p.add_argument("--prompt-field", default="prompt")
+    p.add_argument("--chosen-field", default="chosen")
+    p.add_argument("--rejected-field", default="rejected")
+    p.add_argument("--output", help="Write the JSON here (default: RUN/eval.json for a run's final/ folder).")
+
+    p = sub.add_parser("report", help="HTML page and PNGs of a run's curves (works while it runs).", allow_abbrev=False)
+    p.add_argument("run_dir", help="The run folder (a training run's output_dir).")
+    p.add_argument("--output-dir", help="Where to write (default: RUN_DIR/report).")
+
+    p = sub.add_parser("push", help="Upload a run's final model (and model card) to the Hugging Face Hub.",
+                       allow_abbrev=False)
+    p.add_argument("run_dir", help="A finished run folder (its final/ is uploaded) or a model folder.")
+    p.add_argument("repo", help="Hub repository, e.g. user/my-model (created if absent).")
+    p.add_argument("--public", action="store_true", help="Create the repository as public (default: private).")
+    p.add_argument("--commit-message")
+
+
+def _run_eval_command(args: argparse.Namespace) -> int:
+    if args.command == "generate":
+        from preftune.generate import read_prompts, run_generate
+
+        prompts = args.prompt or read_prompts(args.data, args.prompt_field)
+        run_generate(args.model, prompts=prompts, output=args.output, base_model=args.base_model, dtype=args.dtype,
+                     device=args.device, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                     temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed, chat=args.chat)
+        if args.output:
+            print(f"wrote {len(prompts)} completion(s) to {args.output}", file=sys.stderr)
+        return 0
+    if args.command == "eval":
+        from preftune.evaluate import format_eval, run_eval
+
+        lengths = {k: getattr(args, k) for k in ("max_length", "max_prompt_length") if getattr(args, k) is not None}
+        result = run_eval(args.model, args.data, reference=args.reference, base_model=args.base_model, beta=args.beta,
+                          output=args.output, dtype=args.dtype, device=args.device, format=args.format,
+                          prompt_field=args.prompt_field, chosen_field=args.chosen_field,
+                          rejected_field=args.rejected_field, judge=args.judge, generate=args.generate,
+                          kl_samples=args.kl_samples, max_new_tokens=args.max_new_tokens,
+                          temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                          batch_size=args.batch_size, **lengths)
+        print(format_eval(result))
+        return 0
+    if args.command == "report":
+        from preftune.outputs.report import write_report
+
+        report = write_report(args.run_dir, args.output_dir)
+        for problem in report.problems:
+            print(f"problem: {problem}")
+        print(f"report: {report.html} ({len(report.pngs)} figures)")
+        return 0
+    from preftune.hub import push_run
+
+    url = push_run(args.run_dir, args.repo, private=not args.public, commit_message=args.commit_message)
+    print(f"pushed to {args.repo}: {url}")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -108,6 +109,11 @@ class TrainConfig:
     overwrite: bool = _f(False, "Allow starting in a non-empty output_dir (its run files are replaced).")
     progress: bool = _f(True, "Show a progress bar.")
 
+    # --- tracking and publishing
+    report_to: Any = _f([], "Experiment trackers to log to besides metrics.jsonl: tensorboard, wandb, mlflow (a list or comma-separated; none).")
+    push_to_hub: str | None = _f(None, "Hub repository (user/name) to upload final/ and its model card to when training ends; a failed upload never fails the run.")
+    hub_private: bool = _f(True, "Create the push_to_hub repository as private.")
+
     def __post_init__(self) -> None:
         self._coerce_numbers()
         self.validate()
@@ -177,6 +183,10 @@ class TrainConfig:
             PromptTemplate.parse(self.prompt_template)
         need(not (self.reference == "lora_disabled" and not self.lora),
              "reference 'lora_disabled' needs lora: true (it reuses the base weights under the adapters).")
+        self.report_to = parse_report_to(self.report_to)
+        need(self.push_to_hub is None or (isinstance(self.push_to_hub, str) and _REPO_ID.match(self.push_to_hub)
+                                          and "--" not in self.push_to_hub and ".." not in self.push_to_hub),
+             f"push_to_hub must be a Hub repository name like 'user/model-name', got {self.push_to_hub!r}.")
         # Building the loss config validates the loss names and their settings in one place.
         self.loss_config()
 
@@ -218,6 +228,27 @@ class TrainConfig:
         values = read_yaml(path)
         values.update(overrides or {})
         return cls.from_dict(values, where=str(path))
+
+
+TRACKERS = ("tensorboard", "wandb", "mlflow")
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}(/[A-Za-z0-9][\w.-]{0,95})?$")
+
+
+def parse_report_to(value: Any) -> list[str]:
+    """A report_to setting (a list, "a,b", "all", or "none"/None/[]) as a checked list of tracker names."""
+    if value in (None, "", "none", "None", [], ()):
+        return []
+    if not isinstance(value, (str, list, tuple)):
+        raise PreftuneError(f"report_to must be a list of tracker names, got {value!r}.")
+    names = [str(n).strip().lower() for n in (value.split(",") if isinstance(value, str) else value) if str(n).strip()]
+    if "all" in names:
+        return list(TRACKERS)
+    for n in names:
+        if n not in TRACKERS:
+            hint = difflib.get_close_matches(n, TRACKERS, n=1)
+            raise PreftuneError(f"report_to names an unknown tracker {n!r}{f' (did you mean {hint[0]!r}?)' if hint else ''}; "
+                                f"use any of {', '.join(TRACKERS)}, or none.")
+    return list(dict.fromkeys(n for n in names if n != "none"))
 
 
 def check_keys(values: dict[str, Any], where: str) -> None:

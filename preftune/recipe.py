@@ -84,7 +84,22 @@ def _as_config(config: TrainConfig | dict | str | Path) -> TrainConfig:
 
 
 def default_callbacks(cfg: TrainConfig) -> list[Callback]:
-    return ([ProgressBar()] if cfg.progress else []) + [ConsoleEval()]
+    """What every run reports: the progress bar, eval lines as they happen, trackers (`report_to`), the run
+    report (RUN/report/), the model card (final/README.md) and the hub upload (`push_to_hub`, after the card).
+    Built before anything loads, so a tracker whose package is missing stops the run at once."""
+    from preftune.hub import HubCallback
+    from preftune.outputs.model_card import ModelCardCallback
+    from preftune.outputs.report import ReportCallback
+    from preftune.outputs.trackers import TrackerCallback
+
+    callbacks: list[Callback] = [ProgressBar()] if cfg.progress else []
+    callbacks.append(ConsoleEval())
+    if cfg.report_to:
+        callbacks.append(TrackerCallback(cfg.report_to))
+    callbacks += [ReportCallback(), ModelCardCallback()]
+    if cfg.push_to_hub:
+        callbacks.append(HubCallback())
+    return callbacks
 
 
 class Recipe:

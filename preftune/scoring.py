@@ -83,13 +83,26 @@ def score_completions(model: torch.nn.Module, tokenizer, prompts: Sequence[str],
     An empty completion scores only its EOS token (the model chose to stop at once), so every sample of a
     model, even an empty one, gets a score; nothing is truncated.
     """
-    from preftune.data.tokenize import TokenizedPair, tokenize_texts
+    from preftune.data.tokenize import tokenize_texts
 
-    pairs = []
-    for i, (prompt, completion) in enumerate(zip(prompts, completions)):
-        prompt_ids, (answer_ids,) = tokenize_texts(tokenizer, prompt, [completion])
-        if not answer_ids:
-            answer_ids = [tokenizer.eos_token_id]
-        pairs.append(TokenizedPair(prompt_ids or [tokenizer.eos_token_id], answer_ids, None, i))
-    out = score(model, pairs, pad_id=tokenizer.pad_token_id, batch_size=batch_size)
+    prompt_ids, answer_ids = [], []
+    for prompt, completion in zip(prompts, completions):
+        p_ids, (a_ids,) = tokenize_texts(tokenizer, prompt, [completion])
+        prompt_ids.append(p_ids or [tokenizer.eos_token_id])
+        answer_ids.append(a_ids or [tokenizer.eos_token_id])
+    return score_ids(model, prompt_ids, answer_ids, pad_id=tokenizer.pad_token_id, batch_size=batch_size)
+
+
+def score_ids(model: torch.nn.Module, prompt_ids: Sequence[list[int]], completion_ids: Sequence[list[int]], *,
+              pad_id: int, batch_size: int = 16,
+              autocast: Callable[[], contextlib.AbstractContextManager] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-prob and token count of each completion, given as token ids, after its prompt ids.
+
+    For a model's own samples this scores exactly the tokens it drew (decoding to text and tokenizing again
+    can give other tokens). Returns ([N], [N]) fp32 CPU tensors in input order; completions must be non-empty.
+    """
+    from preftune.data.tokenize import TokenizedPair
+
+    pairs = [TokenizedPair(list(p), list(c), None, i) for i, (p, c) in enumerate(zip(prompt_ids, completion_ids))]
+    out = score(model, pairs, pad_id=pad_id, batch_size=batch_size, autocast=autocast)
     return out.chosen_logps, out.chosen_lengths

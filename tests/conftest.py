@@ -32,3 +32,15 @@ def pairs_file(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def eval_pairs_file(tmp_path_factory) -> Path:
     return write_jsonl(tmp_path_factory.mktemp("eval") / "eval.jsonl", make_pairs(48, seed=2))
+
+
+@pytest.fixture(scope="session")
+def tiny_dpo_run(tmp_path_factory, tiny_model_dir, pairs_file, eval_pairs_file) -> Path:
+    """A finished 24-step DPO run of the tiny model with an evaluation every 8 steps (metrics.jsonl, final/)."""
+    from preftune import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("runs") / "dpo"
+    train(TrainConfig(model=str(tiny_model_dir), data=str(pairs_file), eval_data=str(eval_pairs_file),
+                      output_dir=str(out), max_steps=24, batch_size=8, learning_rate=5e-3, beta=0.1, eval_steps=8,
+                      max_length=64, max_prompt_length=32, progress=False, seed=0))
+    return out

@@ -15,7 +15,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "preftune"
 LAYERS = [
-    ("preftune.errors",),
+    ("preftune.errors", "preftune.version"),
     ("preftune.data",),
     ("preftune.modeling", "preftune.logprobs", "preftune.scoring"),
     ("preftune.losses", "preftune.objectives", "preftune.optim"),
@@ -80,3 +80,12 @@ def test_imports_only_go_down_the_layers(module, path):
 def test_no_module_is_too_long():
     long = {m: n for m, p in _modules() if (n := len(p.read_text().splitlines())) > MAX_LINES}
     assert not long, f"modules over {MAX_LINES} lines (split them by job): {long}"
+
+
+def test_version_matches_pyproject():
+    import re
+
+    from preftune.version import __version__
+
+    pyproject = (PACKAGE.parent / "pyproject.toml").read_text()
+    assert re.search(r'^version = "([^"]+)"', pyproject, re.M).group(1) == __version__

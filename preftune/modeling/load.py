@@ -135,3 +135,67 @@ def prepare_for_training(model: torch.nn.Module, *, dropout: bool, gradient_chec
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
+
+
+# --- inference loading: full model folders and LoRA adapter folders alike (generate, eval)
+
+def adapter_base(name: str) -> str | None:
+    """The base model a LoRA adapter folder was trained on (its adapter_config.json's
+    `base_model_name_or_path`), or None when `name` is not an adapter folder."""
+    import json
+
+    cfg_file = Path(name).expanduser() / "adapter_config.json"
+    if not cfg_file.is_file():
+        return None
+    try:
+        base = json.loads(cfg_file.read_text(encoding="utf-8")).get("base_model_name_or_path")
+    except (OSError, ValueError):
+        raise PreftuneError(f"{cfg_file} is not valid JSON; the adapter folder is damaged.") from None
+    if not base:
+        raise PreftuneError(f"{cfg_file} does not name its base model (base_model_name_or_path); "
+                            "pass the base model explicitly (base_model=..., --base-model).")
+    return str(base)
+
+
+def load_adapter_model(name: str, *, base_model: str | None = None, dtype: str = "float32",
+                       attn_implementation: str | None = None, trust_remote_code: bool = False,
+                       allow_pickle: bool = False) -> torch.nn.Module:
+    """A peft.PeftModel: the base model (`base_model`, default: the one the adapter config names) with the
+    adapters of folder `name` loaded, frozen. Its `disable_adapter()` context gives back the base model, which
+    is DPO's reference in a LoRA run."""
+    from peft import PeftModel
+
+    base_name = base_model or adapter_base(name)
+    if base_name is None:
+        raise PreftuneError(f"{name} is not a LoRA adapter folder (no adapter_config.json).")
+    base_path = Path(base_name).expanduser()
+    if not base_path.exists() and base_name.startswith((".", "/", "~")):
+        raise PreftuneError(f"the adapter in {name} was trained on {base_name}, which does not exist here; "
+                            "pass the base model folder explicitly (base_model=..., --base-model).")
+    base = load_model(base_name, dtype=dtype, attn_implementation=attn_implementation,
+                      trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+    try:
+        return PeftModel.from_pretrained(base, str(Path(name).expanduser()), is_trainable=False)
+    except (OSError, ValueError, RuntimeError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise PreftuneError(f"could not load the LoRA adapter in {name} onto {base_name} ({first}).") from None
+
+
+def load_for_inference(name: str, *, base_model: str | None = None, dtype: str = "float32",
+                       attn_implementation: str | None = None, trust_remote_code: bool = False,
+                       allow_pickle: bool = False):
+    """(model, tokenizer) for a full model folder, a hub name or a LoRA adapter folder (base + adapters).
+
+    The tokenizer comes from the adapter folder when it has tokenizer files (preftune's final/ does), else
+    from the base model.
+    """
+    kw = dict(dtype=dtype, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code,
+              allow_pickle=allow_pickle)
+    path = resolve_model_path(name, allow_pickle)
+    if base_model is None and adapter_base(path) is None:
+        return load_model_and_tokenizer(name, **kw)
+    model = load_adapter_model(path, base_model=base_model, **kw)
+    folder = Path(path)
+    has_tokenizer = (folder / "tokenizer.json").is_file() or (folder / "tokenizer_config.json").is_file()
+    tok_source = path if has_tokenizer else resolve_model_path(base_model or adapter_base(path) or "", allow_pickle)
+    return model, load_tokenizer(tok_source, trust_remote_code=trust_remote_code)

@@ -23,7 +23,8 @@ from preftune.errors import PreftuneError
 
 # What --overwrite replaces. reference_logps/ stays: its files are keyed by model, token ids and precision,
 # so a rerun can only ever reuse a matching one.
-RUN_FILES = ("config.yaml", "metrics.jsonl", "final", "checkpoints", "data_summary.txt")
+RUN_FILES = ("config.yaml", "metrics.jsonl", "final", "checkpoints", "data_summary.txt", "report", "eval.json",
+             "tensorboard", "wandb", "mlruns")
 
 
 class RunDir:
