@@ -5,11 +5,17 @@ hard link from a private temporary file: the link fails if the lock exists, and 
 NFS too), and holds who made it: process id, host name, the process's start time, the machine's boot id and its
 PID namespace. Only the main process of a multi-process job takes it (the others never write the run's files).
 
-A lock is stale, and is taken over with one line saying so, when it was made on this machine (same host, boot
-and PID namespace) by a process that is no longer running (or whose PID now belongs to a newer process). A lock
-made on another host (a shared filesystem, several machines) cannot be checked from here: the run is refused
-with the holder's host and PID and the path to delete if that machine's run is gone. The lock is released when
-the run ends, however it ends (a `kill -9` leaves it behind; the next run finds it stale).
+While held, a background thread refreshes the lock's modification time every HEARTBEAT_S seconds.
+
+A lock is stale, and is taken over with one line saying so, when
+- it was made on this machine (same host, boot and PID namespace) by a process that is no longer running (or
+  whose PID now belongs to a newer process), or
+- it was made elsewhere (another host on a shared filesystem, another container, before a reboot), where its
+  process cannot be checked from here, and has not been refreshed for STALE_AFTER_S seconds: its run is gone
+  (a job requeued on another node after its node died continues on its own, after that wait).
+Otherwise the run is refused with the holder's host, PID and last refresh. The lock is released when the run
+ends, however it ends (a `kill -9` or a lost machine leaves it behind, found stale as above). A run stopped
+(SIGSTOP) for longer than STALE_AFTER_S loses its lock to a new run.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -26,6 +33,8 @@ from typing import Any
 from preftune.errors import PreftuneError
 
 LOCK = ".preftune.lock"
+HEARTBEAT_S = 60.0
+STALE_AFTER_S = 600.0  # ten missed heartbeats: far beyond a slow shared filesystem or a long pause
 
 
 def _read(path: str) -> str | None:
@@ -73,6 +82,8 @@ class RunLock:
     def __init__(self, path: Path):
         self.path = path
         self.token: str | None = None
+        self._stop = threading.Event()
+        self._beat: threading.Thread | None = None
 
     def holder(self) -> dict[str, Any] | None:
         """The lock's content; None when there is no lock, {} when it is unreadable."""
@@ -84,14 +95,21 @@ class RunLock:
         except (OSError, ValueError):
             return {}
 
+    def age(self) -> float:
+        """Seconds since the lock was last refreshed (0 when it cannot be read)."""
+        try:
+            return max(0.0, time.time() - self.path.stat().st_mtime)
+        except OSError:
+            return 0.0
+
     def stale(self, info: dict[str, Any]) -> bool:
-        """True when the run that made the lock has certainly ended (it was on this machine and is gone)."""
+        """True when the run that made the lock has ended: gone from this machine, or silent for STALE_AFTER_S."""
         me = _me()
         pid = info.get("pid")
-        if not isinstance(pid, int) or info.get("host") != me["host"] or info.get("pidns") != me["pidns"]:
-            return False
-        if info.get("boot") and me["boot"] and info["boot"] != me["boot"]:
-            return True  # the machine rebooted since
+        here = (isinstance(pid, int) and info.get("host") == me["host"] and info.get("pidns") == me["pidns"]
+                and info.get("boot") == me["boot"])
+        if not here:  # its process cannot be looked at from here: only its silence tells
+            return self.age() > STALE_AFTER_S
         if not _running(pid):
             return True
         return bool(info.get("start")) and _start_time(pid) not in (None, info["start"])
@@ -103,8 +121,9 @@ class RunLock:
                                  f"run uses the folder, delete {self.path}.")
         where = "this machine" if info.get("host") == socket.gethostname() else f"host {info.get('host')}"
         return PreftuneError(f"output_dir {folder} is in use by another preftune run (process {info.get('pid')} on "
-                             f"{where}, since {info.get('since')}); wait for it to end or choose another "
-                             f"--output-dir; if that run is gone (its machine was lost), delete {self.path}.")
+                             f"{where}, since {info.get('since')}, alive {self.age():.0f} s ago); wait for it to end "
+                             f"or choose another --output-dir (a lock silent for {STALE_AFTER_S / 60:.0f} minutes "
+                             f"is taken over; if you know that run is gone, delete {self.path}).")
 
     def check(self) -> None:
         """Refuse early (before the data and model load) when a live run holds the folder; writes nothing."""
@@ -118,14 +137,20 @@ class RunLock:
         for _ in range(3):  # a stale lock removed by us (or by another process) lets the next attempt succeed
             if self._create(text):
                 self.token = me["token"]
+                self._stop.clear()
+                self._beat = threading.Thread(target=self._heartbeat, name="preftune-lock", daemon=True)
+                self._beat.start()
                 return
             info = self.holder()
             if info is None:
                 continue  # released between our attempt and the read
             if not self.stale(info):
                 raise self._busy(info)
+            why = (f"not refreshed for {self.age() / 60:.0f} minutes" if info.get("host") != me["host"]
+                   or info.get("boot") != me["boot"] or info.get("pidns") != me["pidns"] else "no longer running")
             self._remove_stale(info)
-            say(f"removed a stale lock of process {info.get('pid')} (no longer running) from {self.path.parent}")
+            say(f"removed a stale lock of process {info.get('pid')} on {info.get('host')} ({why}) from "
+                f"{self.path.parent}")
         raise self._busy(self.holder() or {})
 
     def _create(self, text: str) -> bool:
@@ -157,8 +182,24 @@ class RunLock:
         if self.holder() == info:
             self.path.unlink(missing_ok=True)
 
+    def touch(self) -> None:
+        """Refresh the lock's time, if it is still ours."""
+        if self.token is not None and (self.holder() or {}).get("token") == self.token:
+            try:
+                os.utime(self.path)
+            except OSError:  # a vanished lock or a flaky filesystem: the next beat tries again
+                pass
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
+            self.touch()
+
     def release(self) -> None:
         """Remove the lock if this process holds it (never another run's)."""
+        self._stop.set()
+        if self._beat is not None:
+            self._beat.join()
+            self._beat = None
         if self.token is not None and (self.holder() or {}).get("token") == self.token:
             self.path.unlink(missing_ok=True)
         self.token = None

@@ -231,13 +231,14 @@ class RunDir:
         if foreign:
             raise PreftuneError(f"output_dir {self.path} holds {', '.join(foreign)}, which preftune did not write "
                                 f"(not listed in {MARK}); move {'it' if len(foreign) == 1 else 'them'} out of the "
-                                "folder or choose another --output-dir, so that a run never replaces them.")
+                                "folder or choose another --output-dir, so that no run replaces "
+                                f"{'it' if len(foreign) == 1 else 'them'}.")
 
     def check_links(self) -> None:
         """Refuse a symbolic link at any name a run writes, renames or deletes."""
-        names = [*OWNED, MARK, LOCK]
+        names = [*OWNED, MARK, LOCK, *(TMP + n for n in (*OWNED, MARK))]
         if self.path.is_dir():
-            names += [p.name for p in self.path.iterdir() if p.name.startswith(TMP)]
+            names += [p.name for p in self.path.iterdir() if p.name.startswith(TMP + "lock-")]
         for name in names:
             if (self.path / name).is_symlink():
                 raise link_error(self.path / name)
@@ -265,6 +266,7 @@ class RunDir:
             if self._entries():
                 self.check_owned()
             self.check_links()
+            self.remove_temporaries()  # a killed run's half-written files (we hold the lock: none is being written)
             with self.saving(MARK):
                 names = sorted(set(mark["names"] if mark else []) | set(OWNED))
                 replace_text(self.path / MARK, json.dumps({"made_by": "preftune", "names": names,
@@ -289,11 +291,14 @@ class RunDir:
         self.write_text(dest, src.read_text(encoding="utf-8"))
 
     def remove_temporaries(self) -> None:
-        """Delete what a failed save left behind: every `.tmp-*` name in the folder, checkpoints/, the cache."""
+        """Delete what a failed (or killed) save left behind: the temporary names of run files in the folder
+        (a user's own `.tmp-notes` beside them stays), and every `.tmp-*` in checkpoints/ and the cache."""
+        ours = {TMP + n for n in (*OWNED, MARK)}
         for folder in (self.path, self.checkpoints, self.path / CACHE_DIR):
             if folder.is_dir() and not folder.is_symlink():
                 for p in folder.iterdir():
-                    if p.name.startswith(TMP):
+                    if p.name.startswith(TMP) and (folder != self.path or p.name in ours
+                                                   or p.name.startswith(TMP + "lock-")):
                         with contextlib.suppress(OSError):
                             p.unlink() if p.is_symlink() or not p.is_dir() else shutil.rmtree(p)
 

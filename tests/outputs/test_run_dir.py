@@ -155,6 +155,17 @@ def test_a_link_planted_during_the_run_is_refused_before_the_save(tiny_model_dir
     assert list(outside.iterdir()) == [] and not (out / LOCK).exists()
 
 
+def test_a_killed_runs_temporaries_are_removed_and_a_users_stay(done_run, tiny_model_dir, pairs_file):
+    out, _ = done_run
+    (out / ".tmp-final").mkdir()
+    (out / ".tmp-final" / "model.safetensors").write_bytes(b"half")
+    (out / "checkpoints" / ".tmp-step-0000003").mkdir()
+    (out / ".tmp-notes.txt").write_text("the user's")
+    train(_cfg(tiny_model_dir, pairs_file, out, resume=True, max_steps=3))
+    assert not (out / ".tmp-final").exists() and not (out / "checkpoints" / ".tmp-step-0000003").exists()
+    assert (out / ".tmp-notes.txt").read_text() == "the user's"
+
+
 def test_output_dir_itself_may_be_a_link(tiny_model_dir, pairs_file, tmp_path):
     """The folder named by --output-dir may be a link (runs/ → /scratch/...): the user chose where it points."""
     real = tmp_path / "scratch"
@@ -233,6 +244,7 @@ def test_stale_lock_of_a_reused_pid_is_taken_over(done_run, tiny_model_dir, pair
     ({}, "in use by another preftune run \\(process \\d+ on this machine"),  # this very process: alive
     ({"host": "node-17", "pid": 1}, "process 1 on host node-17.*delete .*preftune.lock"),
     ({"pidns": "pid:[1]", "pid": 1}, "in use by another preftune run"),  # another container: cannot tell
+    ({"boot": "another-boot"}, "in use by another preftune run"),  # before a reboot, or another machine
 ])
 def test_live_or_unknowable_lock_refuses_the_run(done_run, tiny_model_dir, pairs_file, info, needle):
     out, _ = done_run
@@ -241,6 +253,33 @@ def test_live_or_unknowable_lock_refuses_the_run(done_run, tiny_model_dir, pairs
     with pytest.raises(PreftuneError, match=needle):
         train(_cfg(tiny_model_dir, pairs_file, out, resume=True, max_steps=3))
     assert _tree_hash(out) == before  # the other run's lock and files untouched
+
+
+@pytest.mark.parametrize("info", [{"host": "node-17", "pid": 1}, {"boot": "another-boot"}, {"pidns": "pid:[1]"}],
+                         ids=["other-host", "before-a-reboot", "other-container"])
+def test_a_silent_lock_from_elsewhere_is_taken_over(done_run, tiny_model_dir, pairs_file, capsys, info):
+    """A lock whose process cannot be checked from here (a requeued job's node died) is stale once it has not
+    been refreshed for STALE_AFTER_S; its age is its file time, set back here instead of waiting."""
+    from preftune.outputs.lock import STALE_AFTER_S
+
+    out, _ = done_run
+    _plant_lock(out, **info)
+    old = (out / LOCK).stat().st_mtime - STALE_AFTER_S - 60
+    os.utime(out / LOCK, (old, old))
+    train(_cfg(tiny_model_dir, pairs_file, out, resume=True, max_steps=3))
+    assert "(not refreshed for 11 minutes)" in capsys.readouterr().out
+
+
+def test_a_held_lock_is_refreshed_and_released(tmp_path):
+    lock = RunLock(tmp_path / LOCK)
+    lock.acquire()
+    assert lock._beat is not None and lock._beat.is_alive()
+    os.utime(tmp_path / LOCK, (0, 0))
+    assert lock.age() > 1e6
+    lock.touch()  # what the heartbeat thread does every HEARTBEAT_S
+    assert lock.age() < 60
+    lock.release()
+    assert lock._beat is None and not (tmp_path / LOCK).exists()
 
 
 def test_release_never_removes_another_runs_lock(tmp_path):
