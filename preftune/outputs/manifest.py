@@ -114,5 +114,8 @@ def pick_checkpoint(run_dir: Path, resume: Any, say: Callable[[str], None] = pri
     if why is None:
         return path
     intact = next((c for c in reversed(_steps(path.parent)) if c != path and damage(c) is None), None)
-    offer = f"resume from {intact} instead (--resume {intact})" if intact else "no other intact checkpoint is there"
-    raise PreftuneError(f"checkpoint {path} is damaged ({why}); {offer}, or start again without --resume.")
+    if intact is not None:
+        raise PreftuneError(f"checkpoint {path} is damaged ({why}); resume from {intact} instead (--resume "
+                            f"{intact}), or start again without --resume.")
+    raise PreftuneError(f"checkpoint {path} is damaged ({why}) and no checkpoint beside it is intact; start again "
+                        "without --resume, or restore the checkpoint from a backup.")

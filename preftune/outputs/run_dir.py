@@ -147,6 +147,8 @@ class RunDir:
     def __init__(self, path: Path):
         self.path = path
         self.lock = RunLock(path / LOCK)
+        # How to continue after a failed write, when the caller does not say.
+        self.rerun = "run the same command again"
 
     @classmethod
     def plan(cls, output_dir: str, *, resume: object, overwrite: bool) -> RunDir:
@@ -155,6 +157,8 @@ class RunDir:
             raise PreftuneError("no output_dir given; pass --output-dir PATH for the run's files.")
         out = Path(output_dir).expanduser()
         run = cls(out)
+        if not (resume or overwrite):  # once this run has written its first files, a rerun needs --overwrite
+            run.rerun = "run again with --overwrite"
         if out.is_symlink() and not out.exists():
             raise PreftuneError(f"output_dir {out} is a link to a missing folder; pass a folder path.")
         if not out.exists():
@@ -325,7 +329,7 @@ class RunDir:
 
     @contextlib.contextmanager
     def saving(self, what: str, kept: str | Callable[[], tuple[str, str]] = "the files written before are intact",
-               then: str = "run again") -> Iterator[None]:
+               then: str | None = None) -> Iterator[None]:
         """Around any write of the run: links are refused first; a full disk (quota, read-only or unwritable
         folder) becomes one sentence, after the temporary files are removed. `kept` says what is intact and
         `then` how to continue (or a callable, asked after the clean-up, e.g. to rescue the weights, gives both)."""
@@ -339,7 +343,7 @@ class RunDir:
             if failure is None:
                 raise
             self.remove_temporaries()
-            state, then = kept() if callable(kept) else (kept, then)
+            state, then = kept() if callable(kept) else (kept, then or self.rerun)
             what_went_wrong, fix = failure
             free = ""
             with contextlib.suppress(OSError):

@@ -269,10 +269,14 @@ def test_full_disk_at_config_yaml(disk, tiny_model_dir, pairs_file, monkeypatch)
         disk.fill()
 
     monkeypatch.setattr(run_dir.RunDir, "create", create_then_fill)
-    with pytest.raises(PreftuneError, match=r"the disk filled while writing config.yaml in "):
+    with pytest.raises(PreftuneError, match=r"the disk filled while writing config.yaml in .*free space and run "
+                                            r"again with --overwrite\.$"):
         train(_cfg(tiny_model_dir, pairs_file, out))
     _no_temporaries(out)
     assert not (out / "config.yaml").exists() and not (out / ".preftune.lock").exists()
+    disk.free()
+    monkeypatch.setattr(run_dir.RunDir, "create", real_create)
+    assert train(_cfg(tiny_model_dir, pairs_file, out, overwrite=True)).final_dir.is_dir()
 
 
 def test_full_disk_from_the_command_line_is_one_line_exit_2(tiny_model_dir, pairs_file, tmp_path, monkeypatch,
