@@ -7,16 +7,19 @@ truncated, changed, replaced by a link, or no manifest because the folder was ne
 `--resume` uses the newest intact one, saying so; an explicitly named damaged checkpoint is refused, naming the
 newest intact one instead.
 
-Cost: one extra read of the checkpoint at save time and one at resume (SHA-256 in 1 MiB blocks; hashlib's
-OpenSSL SHA-256 runs at roughly a GB/s per core, so a few seconds per GB).
+Cost: one extra read of the checkpoint at save time and one at resume (SHA-256 in 1 MiB blocks, measured at
+0.6 GiB/s per core on a busy 2-core machine; the files of a checkpoint are hashed in parallel threads, as hashlib
+releases the GIL, so a sharded checkpoint goes as fast as the disk and cores allow).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -37,14 +40,16 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _hash_all(paths: list[Path]) -> list[str]:
+    with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1, len(paths)))) as pool:
+        return list(pool.map(sha256, paths))
+
+
 def write_manifest(folder: Path) -> None:
     """Record every file under `folder` (call once the folder is complete, before renaming it into place)."""
-    files = {}
-    for p in sorted(folder.rglob("*")):
-        rel = p.relative_to(folder).as_posix()
-        if rel == MANIFEST or p.is_dir():
-            continue
-        files[rel] = {"size": p.stat().st_size, "sha256": sha256(p)}
+    paths = [p for p in sorted(folder.rglob("*")) if p.relative_to(folder).as_posix() != MANIFEST and not p.is_dir()]
+    files = {p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": digest}
+             for p, digest in zip(paths, _hash_all(paths))}
     (folder / MANIFEST).write_text(json.dumps({"files": files}, indent=1) + "\n", encoding="utf-8")
 
 
@@ -58,7 +63,7 @@ def damage(folder: Path) -> str | None:
         entries = [(str(rel), int(info["size"]), str(info["sha256"])) for rel, info in files.items()]
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return f"its {MANIFEST} is unreadable"
-    for rel, size, digest in entries:
+    for rel, size, _ in entries:  # the cheap checks first, then the hashes
         p = folder / rel
         if rel.startswith("/") or ".." in Path(rel).parts:
             return f"its {MANIFEST} names a file outside it ({rel})"
@@ -69,7 +74,9 @@ def damage(folder: Path) -> str | None:
         actual = p.stat().st_size
         if actual != size:
             return f"{rel} has {actual:,} bytes instead of {size:,}"
-        if sha256(p) != digest:
+    digests = _hash_all([folder / rel for rel, _, _ in entries])
+    for (rel, _, digest), actual_digest in zip(entries, digests):
+        if actual_digest != digest:
             return f"{rel} does not match its recorded SHA-256 (the file changed after it was saved)"
     return None
 
