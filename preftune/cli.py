@@ -1,6 +1,8 @@
 """`preftune` command line: parse → config → call the Python API. Nothing else lives here.
 
-Bad input of any kind is one sentence on stderr and exit status 2 (no traceback).
+Bad input of any kind is one sentence on stderr and exit status 2 (no traceback). A training run stopped by
+SIGTERM/SIGINT before final/ was written exits with status 75 (EX_TEMPFAIL, "try again": schedulers that requeue
+on it can rerun the same command with --resume).
 """
 
 from __future__ import annotations
@@ -8,18 +10,18 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import functools
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from preftune.config import TrainConfig, read_yaml
+from preftune.config import TrainConfig, flag_value, read_yaml
 from preftune.errors import PreftuneError
 
 EXIT_USAGE = 2
+EXIT_RESUMABLE = 75  # sysexits.h EX_TEMPFAIL: stopped by a signal, checkpointed, continue with --resume
 
 
 class _Parser(argparse.ArgumentParser):
@@ -27,26 +29,23 @@ class _Parser(argparse.ArgumentParser):
         raise PreftuneError(f"{message} (see `{self.prog} --help`)")
 
 
-def _value(text: str) -> Any:
-    """A flag's value read as YAML, so `--beta 0.1`, `--lora true`, `--loss [sigmoid, sft]` all work."""
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
+def _value(name: str):
+    """The flag's parser: text fields as typed, the rest read as (bounded) YAML; see config.flag_value."""
+    parse = functools.partial(flag_value, name)
+    parse.__name__ = name  # argparse names the type in its messages
+    return parse
 
 
 def _add_config_flags(p: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         if isinstance(f.default, bool) or f.name == "resume":
-            p.add_argument(flag, dest=f.name, nargs="?", const=True, default=argparse.SUPPRESS, type=_value,
+            p.add_argument(flag, dest=f.name, nargs="?", const=True, default=argparse.SUPPRESS, type=_value(f.name),
                            help=f.metadata["help"] + f" (default {f.default}; '{flag}' alone means true)",
                            metavar="V")
         else:
             default = f.default if f.default is not dataclasses.MISSING else None
-            # text fields (a prompt template like "{question}") are taken as typed: YAML would read a mapping
-            p.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, metavar="V",
-                           type=str if f.metadata.get("text") else _value,
+            p.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, type=_value(f.name), metavar="V",
                            help=f.metadata["help"] + f" (default {default!r})")
 
 
@@ -129,9 +128,14 @@ def _run(argv: Sequence[str] | None) -> int:
 
         cfg = config_from_args(args)
         result = (recipe.train if args.command == "train" else recipe.sft)(cfg)
-        # One line per job, not per process; a stopped run has already said how to resume it.
-        if os.environ.get("RANK", "0") == "0" and not result.interrupted:
-            print(f"done: {result.steps} steps; model in {result.final_dir}; metrics in {result.output_dir / 'metrics.jsonl'}")
+        # One line per job, not per process.
+        if os.environ.get("RANK", "0") != "0":
+            return EXIT_RESUMABLE if result.interrupted else 0
+        if result.interrupted:
+            print(f"preftune: stopped after step {result.steps} before final/ was written; resumable: run the same "
+                  f"command with --resume (exit status {EXIT_RESUMABLE})", file=sys.stderr)
+            return EXIT_RESUMABLE
+        print(f"done: {result.steps} steps; model in {result.final_dir}; metrics in {result.output_dir / 'metrics.jsonl'}")
         return 0
     if args.command == "inspect":
         from preftune.audit import run_inspect

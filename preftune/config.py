@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,8 +42,7 @@ class TrainConfig:
     rejected_field: str = _f("rejected", "Column holding the dispreferred answer.")
     completion_field: str = _f("completion", "Column holding the answer for SFT data.")
     prompt_template: str | None = _f(None, "Build the prompt from several fields, e.g. '{system}\\n\\n{question}' "
-                                     "(fields are dotted paths; an empty field drops the text before it).",
-                                     text=True)
+                                     "(fields are dotted paths; an empty field drops the text before it).")
     skip_invalid: bool = _f(False, "Drop invalid rows (and report them) instead of stopping.")
     max_length: int = _f(1024, "Longest prompt+completion in tokens; completions are truncated from the right to fit.")
     max_prompt_length: int = _f(512, "Longest prompt in tokens; prompts are truncated from the left to fit.")
@@ -105,8 +105,9 @@ class TrainConfig:
     logging_steps: int = _f(1, "Log metrics every N optimizer steps.")
     save_steps: int = _f(0, "Write a checkpoint every N optimizer steps (0 = only final/).")
     save_total_limit: int = _f(2, "Keep the last K checkpoints.")
-    resume: Any = _f(None, "Resume from the latest checkpoint in output_dir (true) or from a checkpoint path.")
-    overwrite: bool = _f(False, "Allow starting in a non-empty output_dir (its run files are replaced).")
+    resume: Any = _f(None, "Resume from the latest checkpoint in output_dir (true), from a checkpoint path, or 'auto': resume if there is a checkpoint, else start afresh (for jobs a scheduler requeues).")
+    resume_force: bool = _f(False, "Resume even if the checkpoint's model, data or math settings differ from this run's (each difference is printed).")
+    overwrite: bool = _f(False, "Allow starting in an output_dir an earlier preftune run wrote (only the files it wrote are replaced).")
     progress: bool = _f(True, "Show a progress bar.")
 
     # --- tracking and publishing
@@ -131,41 +132,11 @@ class TrainConfig:
                     num = int(num)
                 setattr(self, f.name, num)
 
-    # The checks a user can get wrong; each raises one sentence saying what to do.
+    # The checks a user can get wrong; each raises one sentence saying what to do. Every field's type and range
+    # is checked here, before anything is read or written.
     def validate(self) -> None:
-        def need(cond: bool, msg: str) -> None:
-            if not cond:
-                raise PreftuneError(msg)
-
-        for name in ("beta", "learning_rate", "label_smoothing", "eval_fraction", "max_grad_norm", "warmup_ratio",
-                     "weight_decay", "num_epochs", "simpo_gamma", "dpop_lambda", "sft_weight", "lora_dropout"):
-            v = getattr(self, name)
-            need(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
-                 f"{name} must be a finite number, got {v!r}.")
-        for name in ("max_length", "max_prompt_length", "batch_size", "gradient_accumulation_steps", "max_steps",
-                     "warmup_steps", "eval_batch_size", "eval_steps", "logging_steps", "save_steps", "save_total_limit",
-                     "lora_r", "lora_alpha", "seed", "logits_chunk_size"):
-            v = getattr(self, name)
-            need(isinstance(v, int) and not isinstance(v, bool), f"{name} must be a whole number, got {v!r}.")
-        need(self.beta > 0, f"beta must be > 0 (got {self.beta}); it is the strength of the KL anchor to the "
-             "reference, larger keeps the policy closer to it, and 0.1 is the usual default.")
-        need(0 <= self.label_smoothing < 0.5, f"label_smoothing must be in [0, 0.5) (got {self.label_smoothing}).")
-        need(self.learning_rate > 0, f"learning_rate must be > 0 (got {self.learning_rate}).")
-        need(self.batch_size >= 1, f"batch_size must be at least 1 (got {self.batch_size}).")
-        need(self.gradient_accumulation_steps >= 1,
-             f"gradient_accumulation_steps must be at least 1 (got {self.gradient_accumulation_steps}).")
-        need(self.max_steps >= 0, f"max_steps must be >= 0 (got {self.max_steps}).")
-        need(self.num_epochs > 0, f"num_epochs must be > 0 (got {self.num_epochs}).")
-        need(0 <= self.eval_fraction < 1, f"eval_fraction must be in [0, 1) (got {self.eval_fraction}).")
-        need(0 <= self.warmup_ratio < 1, f"warmup_ratio must be in [0, 1) (got {self.warmup_ratio}).")
-        need(self.max_prompt_length >= 1 and self.max_length >= 2,
-             f"max_length ({self.max_length}) and max_prompt_length ({self.max_prompt_length}) must be positive.")
-        need(self.max_prompt_length < self.max_length,
-             f"max_prompt_length ({self.max_prompt_length}) must be smaller than max_length ({self.max_length}) "
-             "so that some completion tokens fit.")
-        need(self.logging_steps >= 1, f"logging_steps must be at least 1 (got {self.logging_steps}).")
-        need(self.max_grad_norm >= 0, f"max_grad_norm must be >= 0 (got {self.max_grad_norm}).")
-        need(self.lora_r >= 1, f"lora_r must be at least 1 (got {self.lora_r}).")
+        _check_types(self)
+        _check_ranges(self)
         for name, allowed in (("dtype", ("float32", "bfloat16", "float16")),
                               ("mixed_precision", ("no", "bf16", "fp16")),
                               ("on_nonfinite", ("stop", "skip")),
@@ -181,12 +152,12 @@ class TrainConfig:
             from preftune.data.layouts import PromptTemplate  # the data layer owns the template syntax
 
             PromptTemplate.parse(self.prompt_template)
-        need(not (self.reference == "lora_disabled" and not self.lora),
-             "reference 'lora_disabled' needs lora: true (it reuses the base weights under the adapters).")
+        _need(not (self.reference == "lora_disabled" and not self.lora),
+              "reference 'lora_disabled' needs lora: true (it reuses the base weights under the adapters).")
         self.report_to = parse_report_to(self.report_to)
-        need(self.push_to_hub is None or (isinstance(self.push_to_hub, str) and _REPO_ID.match(self.push_to_hub)
-                                          and "--" not in self.push_to_hub and ".." not in self.push_to_hub),
-             f"push_to_hub must be a Hub repository name like 'user/model-name', got {self.push_to_hub!r}.")
+        _need(self.push_to_hub is None or (isinstance(self.push_to_hub, str) and _REPO_ID.match(self.push_to_hub)
+                                           and "--" not in self.push_to_hub and ".." not in self.push_to_hub),
+              f"push_to_hub must be a Hub repository name like 'user/model-name', got {self.push_to_hub!r}.")
         # Building the loss config validates the loss names and their settings in one place.
         self.loss_config()
 
@@ -251,6 +222,117 @@ def parse_report_to(value: Any) -> list[str]:
     return list(dict.fromkeys(n for n in names if n != "none"))
 
 
+def _need(cond: bool, msg: str) -> None:
+    if not cond:
+        raise PreftuneError(msg)
+
+
+# Values that name files, models or losses: YAML must not turn `output_dir: 2024-06-01` into a date or
+# `--model 123` into a number (the str fields are found from their annotation; these are typed Any because
+# they also take lists or booleans).
+TEXT_FIELDS = ("data", "eval_data", "resume", "loss", "lora_target_modules")
+PATH_FIELDS = ("model", "output_dir", "reference_model", "data", "eval_data", "resume")
+MAX_INT = 2**31 - 1  # counts past this are typos, and overflow int32 tensors and progress bars
+MAX_SEED = 2**32 - 1  # numpy's seed range
+
+
+def _annotation(name: str) -> str:
+    return str(next(f.type for f in dataclasses.fields(TrainConfig) if f.name == name))
+
+
+def is_text_field(name: str) -> bool:
+    """Whether a field's value is text (a path, a name, a choice) that YAML must not reinterpret."""
+    return name in TEXT_FIELDS or _annotation(name) in ("str", "str | None")
+
+
+def _is_path_list(v: Any, allow_empty: bool = False) -> bool:
+    if isinstance(v, (str, os.PathLike)):
+        return True
+    return isinstance(v, (list, tuple)) and (allow_empty or len(v) > 0) and all(
+        isinstance(x, (str, os.PathLike)) for x in v)
+
+
+def _plain(v: Any) -> Any:
+    """Path objects → str (config.yaml and the resume check store plain values)."""
+    if isinstance(v, os.PathLike):
+        return os.fspath(v)
+    if isinstance(v, tuple) or (isinstance(v, list) and any(isinstance(x, os.PathLike) for x in v)):
+        return [os.fspath(x) if isinstance(x, os.PathLike) else x for x in v]
+    return v
+
+
+def _check_types(cfg: TrainConfig) -> None:
+    for f in dataclasses.fields(cfg):
+        name, v, kind = f.name, getattr(cfg, f.name), str(f.type)
+        if name in PATH_FIELDS:
+            v = _plain(v)
+            setattr(cfg, name, v)
+        for text in (v if isinstance(v, list) else [v]):
+            _need(not (isinstance(text, str) and "\x00" in text), f"{name} contains a NUL character; remove it.")
+        if kind == "bool":
+            _need(isinstance(v, bool), f"{name} must be true or false, got {v!r}.")
+        elif kind in ("str", "str | None"):
+            _need(isinstance(v, str) or (v is None and kind == "str | None"),
+                  f"{name} must be text, got {type(v).__name__} {v!r}.")
+        elif kind == "float":
+            _need(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
+                  f"{name} must be a finite number, got {v!r}.")
+        elif kind == "int":
+            _need(isinstance(v, int) and not isinstance(v, bool), f"{name} must be a whole number, got {v!r}.")
+            _need(v <= (MAX_SEED if name == "seed" else MAX_INT),
+                  f"{name} must be at most {MAX_SEED if name == 'seed' else MAX_INT}, got {v}.")
+    _need(_is_path_list(cfg.data, allow_empty=True), f"data must be a path or a list of paths, got {cfg.data!r}.")
+    _need(cfg.eval_data is None or _is_path_list(cfg.eval_data),
+          f"eval_data must be a path or a list of paths, got {cfg.eval_data!r}.")
+    _need(cfg.resume is None or isinstance(cfg.resume, (bool, str)),
+          f"resume must be true, false or a checkpoint path, got {cfg.resume!r}.")
+    for name in ("loss", "lora_target_modules"):
+        v = getattr(cfg, name)
+        _need(isinstance(v, str) or (isinstance(v, (list, tuple)) and len(v) > 0 and all(isinstance(x, str) for x in v)),
+              f"{name} must be a name or a list of names, got {v!r}.")
+    w = cfg.loss_weights
+    _need(w is None or isinstance(w, str) or (isinstance(w, (list, tuple)) and all(
+        isinstance(x, (int, float)) and not isinstance(x, bool) for x in w)),
+          f"loss_weights must be a list of numbers, got {w!r}.")
+
+
+# name: (lowest, lowest allowed?, highest, highest allowed?); None = no bound on that side.
+RANGES: dict[str, tuple[float | None, bool, float | None, bool]] = {
+    "learning_rate": (0, False, None, False), "label_smoothing": (0, True, 0.5, False),
+    "eval_fraction": (0, True, 1, False), "warmup_ratio": (0, True, 1, False), "max_grad_norm": (0, True, None, False),
+    "weight_decay": (0, True, None, False), "num_epochs": (0, False, 1e6, True), "simpo_gamma": (0, True, None, False),
+    "dpop_lambda": (0, True, None, False), "sft_weight": (0, True, None, False), "lora_dropout": (0, True, 1, False),
+    "adam_beta1": (0, True, 1, False), "adam_beta2": (0, True, 1, False), "adam_epsilon": (0, False, None, False),
+    "batch_size": (1, True, None, False), "gradient_accumulation_steps": (1, True, None, False),
+    "logging_steps": (1, True, None, False), "lora_r": (1, True, None, False), "lora_alpha": (1, True, None, False),
+    "max_steps": (0, True, None, False), "warmup_steps": (0, True, None, False),
+    "eval_batch_size": (0, True, None, False), "eval_steps": (0, True, None, False),
+    "save_steps": (0, True, None, False), "save_total_limit": (0, True, None, False),
+    "seed": (0, True, None, False), "logits_chunk_size": (0, True, None, False),
+}
+
+
+def _range_text(low: float | None, low_in: bool, high: float | None, high_in: bool, integer: bool) -> str:
+    if high is None:
+        return f"at least {low}" if integer and low_in else f"{'>=' if low_in else '>'} {low}"
+    return f"in {'[' if low_in else '('}{low}, {high:g}{']' if high_in else ')'}"
+
+
+def _check_ranges(cfg: TrainConfig) -> None:
+    _need(cfg.beta > 0, f"beta must be > 0 (got {cfg.beta}); it is the strength of the KL anchor to the "
+          "reference, larger keeps the policy closer to it, and 0.1 is the usual default.")
+    for name, (low, low_in, high, high_in) in RANGES.items():
+        v = getattr(cfg, name)
+        ok = (low is None or (v >= low if low_in else v > low)) and (high is None or (v <= high if high_in else v < high))
+        integer = _annotation(name) == "int"
+        _need(ok, f"{name} must be {_range_text(low, low_in, high, high_in, integer)} (got {v}).")
+    _need(cfg.max_prompt_length >= 1 and cfg.max_length >= 2,
+          f"max_length ({cfg.max_length}) and max_prompt_length ({cfg.max_prompt_length}) must be positive.")
+    _need(cfg.max_prompt_length < cfg.max_length,
+          f"max_prompt_length ({cfg.max_prompt_length}) must be smaller than max_length ({cfg.max_length}) "
+          "so that some completion tokens fit.")
+
+
 def check_keys(values: dict[str, Any], where: str) -> None:
     """Refuse unknown keys, naming the nearest valid one (a typo must never be silently ignored)."""
     valid = TrainConfig.field_names()
@@ -261,14 +343,117 @@ def check_keys(values: dict[str, Any], where: str) -> None:
             raise PreftuneError(f"unknown config key {key!r} in {where}{extra}")
 
 
+# A config is a few dozen keys: these bounds are far above any real one and stop a YAML "billion laughs" (a few
+# lines of nested aliases that expand to billions of values once anything copies or writes them).
+MAX_YAML_BYTES = 1 << 20
+MAX_YAML_VALUES = 100_000
+
+_YAML_STR = "tag:yaml.org,2002:str"
+_YAML_NULL = "tag:yaml.org,2002:null"
+_YAML_BOOL = "tag:yaml.org,2002:bool"
+
+
+def _expanded_size(node: yaml.Node, where: str) -> int:
+    """How many values the document holds once every alias is expanded, without expanding it (memoised on the
+    shared nodes); refuses past MAX_YAML_VALUES and self-referencing aliases."""
+    sizes: dict[int, int] = {}
+    busy: set[int] = set()
+
+    def size(n: yaml.Node) -> int:
+        if id(n) in sizes:
+            return sizes[id(n)]
+        if id(n) in busy:
+            raise PreftuneError(f"{where} has an alias that contains itself; write the values out instead.")
+        busy.add(id(n))
+        if isinstance(n, yaml.SequenceNode):
+            total = 1 + sum(size(c) for c in n.value)
+        elif isinstance(n, yaml.MappingNode):
+            total = 1 + sum(size(k) + size(v) for k, v in n.value)
+        else:
+            total = 1
+        busy.discard(id(n))
+        if total > MAX_YAML_VALUES:
+            raise PreftuneError(f"{where} expands to more than {MAX_YAML_VALUES:,} values (YAML aliases repeating "
+                                "aliases); a config needs a few dozen: write the values out instead.")
+        sizes[id(n)] = total
+        return total
+
+    return size(node)
+
+
+def _construct(loader: yaml.SafeLoader, node: yaml.Node, name: str | None) -> Any:
+    """A node's value; for a text field a plain scalar stays the text as written (2024-06-01, 123, 1.0), except
+    null and, for fields that also take booleans (resume), true/false."""
+    if name is not None and is_text_field(name):
+        if isinstance(node, yaml.ScalarNode) and node.style is None and node.tag != _YAML_STR:
+            if node.tag == _YAML_NULL or (node.tag == _YAML_BOOL and _annotation(name) == "Any"):
+                return loader.construct_object(node, deep=True)
+            return node.value
+        if isinstance(node, yaml.SequenceNode) and name in TEXT_FIELDS:
+            return [_construct(loader, c, name) if isinstance(c, yaml.ScalarNode) else
+                    loader.construct_object(c, deep=True) for c in node.value]
+    return loader.construct_object(node, deep=True)
+
+
+def parse_yaml(text: str, where: str, *, name: str | None = None, mapping: bool = False) -> Any:
+    """YAML text → values, bounded in size and alias expansion. `mapping`: a config file (top-level keys are
+    field names, each value read for its field); `name`: one field's value (a CLI flag)."""
+    if len(text) > MAX_YAML_BYTES:
+        raise PreftuneError(f"{where} is {len(text):,} characters long; a config is a few dozen keys "
+                            f"(at most {MAX_YAML_BYTES:,} characters are read).")
+    loader = None
+    try:
+        loader = yaml.SafeLoader(text)  # refuses control characters already here
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _expanded_size(node, where)
+        if mapping and isinstance(node, yaml.MappingNode):
+            loader.flatten_mapping(node)  # `<<: *defaults` merge keys, as yaml.safe_load reads them
+            out = {}
+            for k, v in node.value:
+                key = loader.construct_object(k, deep=True)
+                out[key] = _construct(loader, v, key if isinstance(key, str) and key in _FIELDS else None)
+            return out
+        return _construct(loader, node, name)
+    except yaml.YAMLError as e:
+        raise PreftuneError(f"{where} is not valid YAML ({str(e).splitlines()[0]}).") from None
+    except (RecursionError, TypeError) as e:  # nesting deeper than the parser's stack; an unhashable key
+        kind = "nested too deeply" if isinstance(e, RecursionError) else f"not a valid mapping ({e})"
+        raise PreftuneError(f"{where} is {kind}; a config is a flat list of keys.") from None
+    finally:
+        if loader is not None:
+            loader.dispose()
+
+
+_FIELDS = frozenset(f.name for f in dataclasses.fields(TrainConfig))
+
+
+def flag_value(name: str, text: str) -> Any:
+    """A CLI flag's value: text fields as typed (`--output-dir 2024-06-01`, `--model 123` stay text), others
+    read as YAML so `--beta 0.1`, `--lora true`, `--loss [sigmoid, sft]` work; unreadable YAML stays text."""
+    if _annotation(name) in ("str", "str | None"):
+        return text
+    try:
+        return parse_yaml(text, f"--{name.replace('_', '-')}", name=name)
+    except PreftuneError:
+        if len(text) > MAX_YAML_BYTES:
+            raise
+        return text
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise PreftuneError(f"config file {p} does not exist; pass the path of a YAML file.")
+    if p.stat().st_size > MAX_YAML_BYTES:
+        raise PreftuneError(f"config file {p} is {p.stat().st_size:,} bytes; a config is a few dozen keys "
+                            f"(at most {MAX_YAML_BYTES:,} bytes are read).")
     try:
-        values = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise PreftuneError(f"config file {p} is not valid YAML ({str(e).splitlines()[0]}).") from None
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise PreftuneError(f"config file {p} is not UTF-8 text.") from None
+    values = parse_yaml(text, f"config file {p}", mapping=True)
     if values is None:
         return {}
     if not isinstance(values, dict):

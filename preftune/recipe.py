@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import random
-import shutil
 import signal
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +37,7 @@ from preftune.errors import PreftuneError
 from preftune.logprobs import LogpsModel
 from preftune.modeling.load import (
     add_lora,
+    check_vocabulary,
     context_length,
     load_model,
     load_tokenizer,
@@ -46,7 +47,9 @@ from preftune.modeling.load import (
 from preftune.modeling.reference import build_reference
 from preftune.objectives import make_objective
 from preftune.optim import build_optimizer, lr_schedule
-from preftune.outputs.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint, save_final
+from preftune.outputs.checkpoint import load_checkpoint, save_checkpoint, save_final
+from preftune.outputs.identity import check_resume, run_identity
+from preftune.outputs.manifest import pick_checkpoint
 from preftune.outputs.metrics import MetricsWriter, Window
 from preftune.outputs.run_dir import RunDir
 from preftune.scoring import length_sorted_batches
@@ -110,14 +113,18 @@ class Recipe:
         self.callbacks = CallbackList(default_callbacks(cfg) + list(callbacks or []))
 
     def run(self) -> RunResult:
-        self.setup()
-        self.callbacks.on_train_begin(self.state)
-        with _StopRequest() as stop:
-            self.train_loop(stop)
-        if not self.state.interrupted:
-            self.evaluate(final=True)
-            self.save()
-        self.callbacks.on_train_end(self.state)
+        try:
+            self.setup()
+            self.callbacks.on_train_begin(self.state)
+            with _StopRequest() as stop:
+                self.train_loop(stop)
+            if not self.state.interrupted:
+                self.evaluate(final=True)
+                self.save()
+            self.callbacks.on_train_end(self.state)
+        finally:  # however the run ends, the folder is free for the next one
+            if getattr(self, "run_dir", None) is not None:
+                self.run_dir.release()
         st = self.state
         return RunResult(self.run_dir.path, self.run_dir.final, st.train_metrics, st.eval_metrics,
                          st.data_summary, st.step, st.interrupted)
@@ -129,11 +136,12 @@ class Recipe:
         transformers.utils.logging.set_verbosity_error()
         cfg, task = self.cfg, self.task
         self.objective = make_objective(task, cfg.loss_config())
-        self.run_dir = RunDir.plan(cfg.output_dir, resume=cfg.resume, overwrite=cfg.overwrite)
-        checkpoint = find_checkpoint(self.run_dir.path, cfg.resume)
+        self.run_dir = RunDir.plan(cfg.output_dir, resume=cfg.resume, overwrite=cfg.overwrite)  # checks only
         model_path = resolve_model_path(cfg.model, cfg.allow_pickle)
         self.accelerator = acc = make_accelerator(cfg.mixed_precision)
         say = acc.print
+        # verified against its manifest (the newest intact one for --resume), hashed on the main process only
+        checkpoint = self._main_first(lambda: pick_checkpoint(self.run_dir.path, cfg.resume, say))
         seed_everything(cfg.seed)
 
         # --- data: validated and tokenized before the (expensive) model load
@@ -142,19 +150,22 @@ class Recipe:
                                         say)
         self.train_split, self.eval_split = load_splits(cfg, self.tokenizer, task)
         say(self.train_split.summary)
+        # what every checkpoint records, and a resume must match: before the model loads, so a refusal is quick
+        self.identity = run_identity(cfg, task, model_path, self.train_split.pairs, acc.num_processes)
+        if checkpoint is not None:
+            check_resume(checkpoint, self.identity, force=cfg.resume_force, say=say)
 
         # --- model
         model = load_model(model_path, dtype=cfg.dtype, attn_implementation=cfg.attn_implementation,
-                           trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle)
+                           trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle, say=say)
+        check_vocabulary(model, self.tokenizer, self.train_split.pairs + (self.eval_split.pairs if self.eval_split else []))
         prepare_for_training(model, dropout=not cfg.disable_dropout, gradient_checkpointing=cfg.gradient_checkpointing)
         model.to(acc.device)
 
-        # --- run folder: written only now that data, tokenizer and model have all loaded
-        if acc.is_main_process:
-            self.run_dir.create(clear=checkpoint is None and cfg.overwrite)
-            self.run_dir.write_text(self.run_dir.config, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-            self.run_dir.write_text(self.run_dir.data_summary, self.train_split.summary + "\n")
-        acc.wait_for_everyone()
+        # --- run folder: written only now that data, tokenizer and model have all loaded; locked by the main
+        # process (a refusal there stops every process)
+        fresh = checkpoint is None and (cfg.overwrite or cfg.resume == "auto")  # auto: a requeued job's first try
+        self._main_first(lambda: self._create_run_folder(clear=fresh))
         self.metrics = MetricsWriter(self.run_dir.metrics)
 
         if cfg.lora:
@@ -163,11 +174,12 @@ class Recipe:
             if cfg.gradient_checkpointing:
                 model.enable_input_require_grads()
         forward = dict(prefix_sharing=cfg.prefix_sharing, chunk_size=cfg.logits_chunk_size)
-        self.reference = build_reference(
-            cfg, model=model, model_path=model_path, needs_reference=self.objective.needs_reference,
-            splits={"train": self.train_split.pairs, "eval": self.eval_split.pairs if self.eval_split else None},
-            cache_path=self.run_dir.reference_cache, pad_id=self.tokenizer.pad_token_id, device=acc.device,
-            forward=forward, autocast=acc.autocast, is_main_process=acc.is_main_process, say=say)
+        with self.run_dir.saving("the reference log-probs cache", "nothing else was changed"):
+            self.reference = build_reference(
+                cfg, model=model, model_path=model_path, needs_reference=self.objective.needs_reference,
+                splits={"train": self.train_split.pairs, "eval": self.eval_split.pairs if self.eval_split else None},
+                cache_path=self.run_dir.reference_cache, pad_id=self.tokenizer.pad_token_id, device=acc.device,
+                forward=forward, autocast=acc.autocast, is_main_process=acc.is_main_process, say=say)
 
         # --- optimizer, schedule, batching
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -192,14 +204,46 @@ class Recipe:
         if checkpoint is not None:
             self.resume(checkpoint)
 
+    def _create_run_folder(self, clear: bool) -> None:
+        self.run_dir.create(clear=clear, say=self.accelerator.print)
+        self.run_dir.write_text(self.run_dir.config, yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
+        self.run_dir.write_text(self.run_dir.data_summary, self.train_split.summary + "\n")
+
+    def _main_first(self, fn):
+        """fn() on the main process, its result (or its refusal) given to every process: a PreftuneError there
+        must stop the others too, not leave them waiting at the next barrier."""
+        acc = self.accelerator
+        result, error = None, None
+        if acc.is_main_process:
+            try:
+                result = fn()
+            except PreftuneError as e:
+                error = str(e)
+        if acc.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            result, error = broadcast_object_list([result, error])
+        if error is not None:
+            raise PreftuneError(error)
+        return result
+
     def resume(self, checkpoint: Path) -> None:
-        state = load_checkpoint(checkpoint, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)
+        try:
+            state = load_checkpoint(checkpoint, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)
+        except PreftuneError:
+            raise
+        except Exception as e:
+            # Files as saved (the manifest matched) of another layout or version, or a pickle weights_only refuses.
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise PreftuneError(f"checkpoint {checkpoint} could not be loaded ({first}); resume from another "
+                                "checkpoint (--resume PATH) or start again without --resume.") from None
         self.state.step = state["step"]
         self.objective.load_state_dict(state)
         if self.accelerator.is_main_process:
             if (checkpoint / "metrics.jsonl").is_file():
-                shutil.copy2(checkpoint / "metrics.jsonl", self.metrics.path)
-            self.metrics.truncate_after(self.state.step)
+                self.run_dir.copy_in(checkpoint / "metrics.jsonl", self.metrics.path)
+            with self.run_dir.saving("metrics.jsonl"):
+                self.metrics.truncate_after(self.state.step)
         self.accelerator.print(f"resumed from {checkpoint} at step {self.state.step}")
 
     # ------------------------------------------------------------------------------------------ the loop
@@ -328,7 +372,8 @@ class Recipe:
     def _log(self, split: str, values: dict[str, Any]) -> dict[str, Any]:
         row = MetricsWriter.row(self.state.step, split, values)
         if self.accelerator.is_main_process:
-            self.metrics.write(row)
+            with self.run_dir.saving("metrics.jsonl", "the lines before are intact", then="continue with --resume"):
+                self.metrics.write(row)
         self.callbacks.on_log(self.state, row)
         return row
 
@@ -337,10 +382,9 @@ class Recipe:
         acc, st = self.accelerator, self.state
         path = None
         if acc.is_main_process:
-            path = save_checkpoint(self.run_dir.path, st.step, model=self.model, optimizer=self.optimizer,
-                                   scheduler=self.scheduler, trainer_state=self.objective.state_dict(),
-                                   reference_cache=self.reference.cache_file, keep=self.cfg.save_total_limit,
-                                   copies=(self.metrics.path, self.run_dir.config))
+            with self.run_dir.saving(f"the checkpoint of step {st.step}", "the previous checkpoints are intact",
+                                     then="continue with --resume"):
+                path = self._write_checkpoint()
         acc.wait_for_everyone()
         if path is not None:
             self.callbacks.on_save(st, path)
@@ -348,12 +392,21 @@ class Recipe:
     def save(self) -> None:
         acc, st = self.accelerator, self.state
         if acc.is_main_process:
-            save_final(self.run_dir.path, self.model, self.tokenizer, merge_lora=self.cfg.merge_lora)
+            keep = functools.partial(self.run_dir.keep_weights, st.step, self._write_checkpoint)
+            with self.run_dir.saving("final/", keep):
+                save_final(self.run_dir.path, self.model, self.tokenizer, merge_lora=self.cfg.merge_lora)
         acc.wait_for_everyone()
         st.final_dir = self.run_dir.final
         acc.print(f"saved {st.final_dir}")
         if acc.is_main_process:
             self.callbacks.on_save(st, st.final_dir)
+
+    def _write_checkpoint(self) -> Path:
+        return save_checkpoint(self.run_dir.path, self.state.step, model=self.model, optimizer=self.optimizer,
+                               scheduler=self.scheduler,
+                               trainer_state={**self.objective.state_dict(), "identity": self.identity},
+                               reference_cache=self.reference.cache_file, keep=self.cfg.save_total_limit,
+                               copies=(self.metrics.path, self.run_dir.config))
 
 
 # ---------------------------------------------------------------------------------------------- helpers

@@ -143,3 +143,74 @@ def test_run_writes_only_inside_output_dir(tmp_path, tiny_model_dir, pairs_file)
     after = {p for p in tmp_path.rglob("*")}
     assert all(str(p).startswith(str(out)) for p in after - set(before))
     assert {p: p.stat().st_mtime_ns for p in tiny_model_dir.rglob("*")} == model_before
+
+
+# --- issue 13: flag values, ranges, YAML, loading, the run folder, from the command line -------------------------
+
+def test_text_flags_stay_text(tmp_path, tiny_model_dir, pairs_file, monkeypatch, capsys):
+    """`--output-dir 2024-06-01` is a folder of that name (YAML read it as a date), `--prompt-field 1` a column
+    named "1" (YAML read it as a number)."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--model", str(tiny_model_dir), "--data", str(pairs_file), "--output-dir", "2024-06-01",
+                 "--max-steps", "1", "--max-length", "64", "--max-prompt-length", "32", "--progress", "false"]) == 0
+    assert (tmp_path / "2024-06-01" / "final").is_dir()
+    _expect(capsys, _train_cli(tiny_model_dir, pairs_file, tmp_path / "o", "--prompt-field", "1"), "not '1'")
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--adam-beta1", "2"], "adam_beta1 must be in [0, 1) (got 2)"),
+    (["--adam-beta2", "1"], "adam_beta2 must be in [0, 1)"),
+    (["--weight-decay", "-1"], "weight_decay must be >= 0 (got -1)"),
+    (["--seed", "-1"], "seed must be at least 0 (got -1)"),
+    (["--eval-batch-size", "-1"], "eval_batch_size must be at least 0 (got -1)"),
+    (["--warmup-steps", "-2"], "warmup_steps must be at least 0"),
+    (["--save-total-limit", "-1"], "save_total_limit must be at least 0"),
+    (["--max-steps", "1.5"], "max_steps must be a whole number"),
+    (["--lora", "maybe"], "lora must be true or false, got 'maybe'"),
+    (["--beta", ".nan"], "beta must be a finite number"),
+], ids=lambda v: v if isinstance(v, str) else " ".join(v))
+def test_out_of_range_flags(tmp_path, tiny_model_dir, pairs_file, capsys, flags, needle):
+    _expect(capsys, _train_cli(tiny_model_dir, pairs_file, tmp_path / "o", *flags), needle)
+    assert not (tmp_path / "o").exists()
+
+
+def test_yaml_alias_bomb_config(tmp_path, tiny_model_dir, pairs_file, capsys):
+    lines = ["l0: &l0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    lines += [f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]" for i in range(1, 9)]
+    cfg = tmp_path / "bomb.yaml"
+    cfg.write_text("\n".join(lines) + "\nloss: *l8\n")
+    _expect(capsys, main(["train", str(cfg)]), "expands to more than 100,000 values")
+
+
+def test_uncreatable_output_dir(tmp_path, tiny_model_dir, pairs_file, capsys):
+    (tmp_path / "file").write_text("x")
+    _expect(capsys, _train_cli(tiny_model_dir, pairs_file, tmp_path / "file" / "run"),
+            "cannot create output_dir", "is a file, not a folder")
+
+
+def test_missing_attention_package(tmp_path, tiny_model_dir, pairs_file, capsys):
+    try:
+        import flash_attn  # noqa: F401
+        pytest.skip("flash-attn is installed here")
+    except ImportError:
+        pass
+    _expect(capsys, _train_cli(tiny_model_dir, pairs_file, tmp_path / "o", "--attn-implementation",
+                               "flash_attention_2"), "a package it needs is missing")
+    assert not (tmp_path / "o").exists()
+
+
+def test_corrupt_checkpoint_without_intact_one(tmp_path, tiny_model_dir, pairs_file, capsys):
+    out = tmp_path / "o"
+    assert _train_cli(tiny_model_dir, pairs_file, out, "--save-steps", "1", "--save-total-limit", "1") == 0
+    ck = out / "checkpoints" / "step-0000001"
+    (ck / "state.pt").write_bytes((ck / "state.pt").read_bytes()[:100])
+    capsys.readouterr()
+    _expect(capsys, _train_cli(tiny_model_dir, pairs_file, out, "--resume", "--max-steps", "2"),
+            "no intact checkpoint", "state.pt has 100 bytes instead of")
+
+
+@pytest.mark.xfail(reason="data layer (issue 13, for the data owner): a lone UTF-16 surrogate escape reaches the "
+                          "tokenizer as a TypeError; the fix is in notes/runfolder.md", strict=False)
+def test_lone_surrogate_in_json_string(tmp_path, tiny_model_dir, capsys):
+    data = _jsonl(tmp_path / "d.jsonl", [GOOD, b'{"prompt": "a \\ud800 b", "chosen": " yes", "rejected": " no"}'])
+    _expect(capsys, _train_cli(tiny_model_dir, data, tmp_path / "o"), "line 2", "surrogate")

@@ -6,6 +6,7 @@ and model code shipped in the folder never runs unless `trust_remote_code`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -56,8 +57,10 @@ def load_tokenizer(name: str, *, trust_remote_code: bool = False):
 
 
 def load_model(name: str, *, dtype: str = "float32", attn_implementation: str | None = None,
-               trust_remote_code: bool = False, allow_pickle: bool = False) -> torch.nn.Module:
-    """Any AutoModelForCausalLM, in `dtype`, from a folder or hub name."""
+               trust_remote_code: bool = False, allow_pickle: bool = False,
+               say: Callable[[str], None] | None = print) -> torch.nn.Module:
+    """Any AutoModelForCausalLM, in `dtype`, from a folder or hub name; refuses a folder whose weights do not
+    fill the model (see check_loading_info)."""
     import transformers
     from transformers import AutoModelForCausalLM
 
@@ -69,11 +72,57 @@ def load_model(name: str, *, dtype: str = "float32", attn_implementation: str | 
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    except (OSError, ValueError) as e:
+        loaded = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True, **kwargs)
+    except ImportError as e:  # an attention kernel (flash-attn, ...) or model code needs a package not installed
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        hint = ("; install its package or pass --attn-implementation sdpa" if attn_implementation else "")
+        raise PreftuneError(f"could not load model {name}: a package it needs is missing ({first}){hint}.") from None
+    except Exception as e:
+        # A broken folder: unreadable config, truncated or foreign weights (safetensors raises its own error
+        # type), shapes that do not fit the config.
+        if not isinstance(e, (OSError, ValueError, RuntimeError, KeyError)) and type(e).__name__ != "SafetensorError":
+            raise
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise PreftuneError(f"could not load model {name} ({first}).") from None
+    model, info = loaded if isinstance(loaded, tuple) else (loaded, {})
+    check_loading_info(model, info, name, say)
     return model
+
+
+def check_loading_info(model: torch.nn.Module, info: dict, name: str, say: Callable[[str], None] | None) -> None:
+    """A weight the model has but the folder lacks would be silently left at its random initialisation (e.g. a
+    config.json naming another architecture than the weights): that is an error. Buffers (rotary tables, masks)
+    are rebuilt, not loaded, and tied weights share a loaded one, so neither counts. Unused weights in the folder
+    are said in one line."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    loaded = {id(t) for n, t in params.items() if n not in set(info.get("missing_keys") or ())}
+    missing = sorted(k for k in info.get("missing_keys") or () if k in params and id(params[k]) not in loaded)
+    mismatched = [k[0] if isinstance(k, (tuple, list)) else k for k in info.get("mismatched_keys") or ()]
+    if missing or mismatched:
+        what = (f"{len(missing)} of its {len(params)} weights are missing from the folder (e.g. {missing[0]})"
+                if missing else f"{len(mismatched)} weights have another shape (e.g. {mismatched[0]})")
+        raise PreftuneError(f"model {name} does not match its config.json ({type(model).__name__}): {what}, and "
+                            "would start from random values; check that config.json describes these weights.")
+    unexpected = sorted(info.get("unexpected_keys") or ())
+    if unexpected and say is not None:
+        say(f"note: {len(unexpected)} weights in {name} are not used by {type(model).__name__} "
+            f"(e.g. {unexpected[0]})")
+
+
+def check_vocabulary(model: torch.nn.Module, tokenizer, pairs) -> None:
+    """Every token id the data (TokenizedPairs) or the tokenizer's special tokens use must have a row in the
+    model's input and output embeddings (a smaller vocabulary fails deep inside the forward, on a GPU as an
+    opaque device assert)."""
+    largest_id = max((max(p.prompt_ids + p.chosen_ids + (p.rejected_ids or []), default=0) for p in pairs), default=0)
+    rows = [m.weight.shape[0] for m in (model.get_input_embeddings(), model.get_output_embeddings())
+            if m is not None and getattr(m, "weight", None) is not None]
+    specials = [i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.bos_token_id)
+                if isinstance(i, int)]
+    top = max([largest_id, *specials])
+    if rows and top >= min(rows):
+        raise PreftuneError(f"the model's vocabulary has {min(rows):,} tokens but the tokenizer gives token id "
+                            f"{top:,} (it has {len(tokenizer):,} tokens); the tokenizer does not belong to this "
+                            "model: use the one saved with it, or resize the model's embeddings first.")
 
 
 def load_model_and_tokenizer(name: str, *, dtype: str = "float32", attn_implementation: str | None = None,

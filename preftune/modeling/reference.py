@@ -18,6 +18,7 @@ import contextlib
 import copy
 import hashlib
 import json
+from array import array
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from preftune.data.tokenize import TokenizedPair
+from preftune.errors import PreftuneError
 from preftune.logprobs import SequenceLogps, forward_logps
 
 
@@ -85,42 +87,116 @@ class Precomputed(Reference):
                              self.rejected[idx].to(dev), batch.rejected_mask.sum(-1).float())
 
 
-def cache_key(model_id: str, pairs: Sequence[TokenizedPair], extra: dict) -> str:
-    """Hash of everything the reference log-probs depend on: the model, the exact token ids, the precision."""
+def token_digest(pairs: Sequence[TokenizedPair]) -> str:
+    """SHA-256 of the exact token ids of every pair, in order (the data as training sees it)."""
     h = hashlib.sha256()
-    h.update(json.dumps({"model": model_id, **extra}, sort_keys=True).encode())
     for p in pairs:
-        h.update(json.dumps([p.prompt_ids, p.chosen_ids, p.rejected_ids]).encode())
+        for ids in (p.prompt_ids, p.chosen_ids, p.rejected_ids):
+            # length first, so [1, 2] + [3] and [1] + [2, 3] differ; -1 marks an SFT example's missing side
+            h.update(array("q", [-1] if ids is None else [len(ids), *ids]).tobytes())
+    return h.hexdigest()
+
+
+# Bumped when what a cache file holds changes meaning, so older files are never read as the new kind.
+CACHE_FORMAT = 2
+
+
+def cache_key(model_id: str, pairs: Sequence[TokenizedPair], extra: dict) -> str:
+    """Hash of everything that changes the reference log-probs beyond float rounding: the model, the exact token
+    ids (and so their count), the precision, remote model code. Batch size and the forward path (prefix sharing,
+    logits chunks, attention kernel) only change the last bits, and are left out so that a resume which changes
+    them reuses the very values the run started with."""
+    h = hashlib.sha256()
+    h.update(json.dumps({"model": model_id, "format": CACHE_FORMAT, "pairs": len(pairs), **extra},
+                        sort_keys=True).encode())
+    h.update(token_digest(pairs).encode())
     return h.hexdigest()[:20]
 
 
+_WEIGHTS = (".safetensors", ".bin", ".pt", ".pth")
+
+
+def _sampled_digest(path: Path, blocks: int = 64, block: int = 16384) -> str:
+    """SHA-256 of `blocks` evenly spaced blocks of a file (1 MiB read, whatever its size)."""
+    h = hashlib.sha256()
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        for k in range(blocks):
+            f.seek(size * k // blocks)
+            h.update(f.read(block))
+    return h.hexdigest()[:16]
+
+
 def model_identity(path: str) -> str:
-    """A local folder is identified by its weight files' names, sizes and mtimes; a hub name by itself."""
+    """A local folder: the content hash of its .json files (config, index) and, for each weight file, its size,
+    mtime in nanoseconds and a hash of 1 MiB sampled across it (hashing many GB whole would take minutes; a
+    rewritten file has a new mtime, and two saves in the same second differ in their samples). No path, so a
+    folder moved or copied with its times (mv, cp -p) stays the same model. A hub name: itself. (JSON text.)"""
     p = Path(path)
     if not p.is_dir():
         return path
-    files = sorted(f for f in p.iterdir() if f.suffix in (".safetensors", ".bin", ".json"))
-    return json.dumps([str(p.resolve())] + [[f.name, f.stat().st_size, int(f.stat().st_mtime)] for f in files])
+    files: dict[str, Any] = {}
+    for f in sorted(p.iterdir()):
+        if f.suffix == ".json" and f.is_file():
+            files[f.name] = hashlib.sha256(f.read_bytes()).hexdigest()[:16]
+        elif f.suffix in _WEIGHTS and f.is_file():
+            files[f.name] = [f.stat().st_size, f.stat().st_mtime_ns, _sampled_digest(f)]
+    return json.dumps(files, sort_keys=True)
+
+
+def cache_problem(tensors: dict[str, torch.Tensor], n: int) -> str | None:
+    """Why stored reference log-probs cannot be right for `n` pairs, or None. Summed log-probs are finite and
+    <= 0, and never all exactly 0 (that is what a pass that scored nothing leaves behind)."""
+    if set(tensors) != {"chosen", "rejected"}:
+        return f"it holds {sorted(tensors)} instead of chosen and rejected"
+    for name, t in tensors.items():
+        if tuple(t.shape) != (n,):
+            return f"it holds {tuple(t.shape)} {name} values for {n} pairs"
+        if not t.is_floating_point() or not torch.isfinite(t).all():
+            return f"its {name} values are not all finite numbers"
+        if (t > 1e-3).any():  # log-probs are <= 0; 1e-3 leaves room for rounding
+            return f"it holds positive {name} log-probabilities"
+    if n and all(bool((t == 0).all()) for t in tensors.values()):
+        return "it holds only zeros"
+    return None
+
+
+def _read_cache(cache_file: Path, n: int, say: Callable[[str], None]) -> Precomputed | None:
+    try:
+        tensors = load_file(str(cache_file))
+        problem = cache_problem(tensors, n)
+    except Exception as e:  # a truncated or foreign file: safetensors raises its own error type
+        problem = f"it is unreadable: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+    if problem is None:
+        return Precomputed(tensors["chosen"], tensors["rejected"])
+    say(f"reference cache {cache_file.name} is unusable ({problem}); computing it again")
+    return None
 
 
 def precompute(model: torch.nn.Module, pairs: Sequence[TokenizedPair], *, cache_file: Path, pad_id: int,
                batch_size: int, prefix_sharing: bool, chunk_size: int, autocast=None,
-               progress: bool = False, save: bool = True) -> Precomputed:
-    """Reference log-probs for all pairs, loaded from `cache_file` when it exists, else computed and saved."""
-    if cache_file.is_file():
-        t = load_file(str(cache_file))
-        if t["chosen"].shape[0] == len(pairs):
-            return Precomputed(t["chosen"], t["rejected"])
+               progress: bool = False, save: bool = True, say: Callable[[str], None] = print) -> Precomputed:
+    """Reference log-probs for all pairs, loaded from `cache_file` when it exists and is plausible, else computed,
+    checked and saved."""
+    if cache_file.is_file() and (cached := _read_cache(cache_file, len(pairs), say)) is not None:
+        return cached
     from preftune.scoring import score
 
     with without_adapters(model):
         out = score(model, pairs, pad_id=pad_id, batch_size=batch_size, prefix_sharing=prefix_sharing,
                     chunk_size=chunk_size, autocast=autocast, progress=progress, desc="reference log-probs")
     chosen, rejected = out.chosen_logps, out.rejected_logps
+    bad = [pairs[i].index for i in torch.nonzero(~(torch.isfinite(chosen) & torch.isfinite(rejected))).flatten()]
+    if bad:
+        raise PreftuneError(f"the reference model gave non-finite log-probs for {len(bad)} pairs (e.g. examples "
+                            f"{bad[:5]}); load it in float32 or bfloat16 (float16 overflows), or check the model.")
+    problem = cache_problem({"chosen": chosen, "rejected": rejected}, len(pairs))
+    if problem is not None:  # a scoring pass that left values unset: a bug, never stored
+        raise RuntimeError(f"reference log-probs for {len(pairs)} pairs are impossible: {problem}")
     if not save:  # another process of the same job writes it
         return Precomputed(chosen, rejected)
     cache_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache_file.with_suffix(".tmp")
+    tmp = cache_file.with_name(".tmp-" + cache_file.name)  # the run folder removes `.tmp-*` after a failed save
     save_file({"chosen": chosen, "rejected": rejected}, str(tmp))
     tmp.replace(cache_file)
     return Precomputed(chosen, rejected)
@@ -174,7 +250,7 @@ def build_reference(cfg: Any, *, model: torch.nn.Module, model_path: str, needs_
         return ReferenceSetup(strategy, ref, ref)
 
     ident = model_identity(cfg.reference_model or model_path)
-    extra = {"dtype": cfg.dtype, "mixed_precision": cfg.mixed_precision}
+    extra = {"dtype": cfg.dtype, "mixed_precision": cfg.mixed_precision, "trust_remote_code": cfg.trust_remote_code}
     setup = ReferenceSetup(strategy)
     for name, pairs in splits.items():
         if pairs is None:
@@ -183,7 +259,7 @@ def build_reference(cfg: Any, *, model: torch.nn.Module, model_path: str, needs_
         say(f"reference log-probs for {len(pairs):,} {name} pairs → {cache_file.parent.name}/{cache_file.name}")
         ref = precompute(source, pairs, cache_file=cache_file, pad_id=pad_id,
                          batch_size=cfg.eval_batch_size or 2 * cfg.batch_size, autocast=autocast,
-                         progress=cfg.progress, save=is_main_process, **forward)
+                         progress=cfg.progress, save=is_main_process, say=say, **forward)
         setattr(setup, name, ref)
         if name == "train":
             setup.cache_file = cache_file

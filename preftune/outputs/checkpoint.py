@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from preftune.errors import PreftuneError
+from preftune.outputs.manifest import write_manifest
 
 CHECKPOINTS = "checkpoints"
 
@@ -70,6 +71,7 @@ def save_checkpoint(run_dir: Path, step: int, *, model: torch.nn.Module, optimiz
                 os.link(reference_cache, tmp / reference_cache.name)
             except OSError:
                 shutil.copy2(reference_cache, tmp / reference_cache.name)
+        write_manifest(tmp)  # last: a folder without its manifest was never finished
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)

@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from preftune.outputs.run_dir import append_text, replace_text
+
 
 class Window:
     """Additive sums over the micro-batches since the last log line (loss sums, reward sums, pair and token
@@ -60,16 +62,22 @@ class MetricsWriter:
         return row
 
     def write(self, row: dict[str, Any]) -> None:
-        with self.path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
+        append_text(self.path, json.dumps(row) + "\n")  # never through a link; a failed append is cut back
 
     def truncate_after(self, step: int) -> None:
-        """Drop lines logged after `step`: a resumed run rewrites them, so none is duplicated."""
+        """Drop lines logged after `step`: a resumed run rewrites them, so none is duplicated. A line cut short
+        (a crash or a full disk in the middle of a write) is dropped too."""
         if not self.path.is_file():
             return
-        keep = [ln for ln in self.path.read_text(encoding="utf-8").splitlines()
-                if ln.strip() and json.loads(ln)["step"] <= step]
-        self.path.write_text("".join(ln + "\n" for ln in keep), encoding="utf-8")
+        keep = []
+        for ln in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                row = json.loads(ln)
+            except ValueError:
+                continue
+            if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+                keep.append(ln)
+        replace_text(self.path, "".join(ln + "\n" for ln in keep))
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:

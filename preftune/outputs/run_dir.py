@@ -1,30 +1,147 @@
-"""The run folder: every path a run writes is named here, and only here.
+"""The run folder: every path a run writes is named here, and every write, rename and delete of a run goes
+through here (or is wrapped by `RunDir.saving`).
 
     OUTPUT_DIR/
+      .preftune-run.json   the mark: preftune made this folder, and the names it may write in it
+      .preftune.lock       present while a run uses the folder (outputs/lock.py)
       config.yaml          the resolved config of the run
       data_summary.txt     what was loaded, dropped, truncated (the lines `train` prints)
       metrics.jsonl        one JSON object per log step (outputs/metrics.py)
       reference_logps/     precomputed reference log-probs, keyed by model, token ids and precision
-      checkpoints/         step-NNNNNNN/ folders (outputs/checkpoint.py)
+      checkpoints/         step-NNNNNNN/ folders (outputs/checkpoint.py), each with a manifest (outputs/manifest.py)
       final/               the trained model (or adapters)
 
-`RunDir.plan` only checks (nothing is written until the data, tokenizer and model have loaded, so bad input
-leaves nothing behind); `create` makes the folder and, with --overwrite, clears the files a run writes and
-nothing else.
+The folder is the user's data. The rules:
+- `RunDir.plan` only checks (nothing is written until the data, tokenizer and model have loaded, so bad input
+  leaves nothing behind).
+- Ownership: a folder that is not empty is reused (--resume, --overwrite) only if it carries preftune's mark and
+  every run file in it is one the mark lists; --overwrite then deletes the listed run files and nothing else (a
+  user's own files beside them stay).
+- No write, rename or delete follows a symbolic link: any link at a name the run writes is refused, naming it.
+  (Checked before each write; a link planted *during* a run by another user of the folder is not defended
+  against: that user can already change the run's files.)
+- Temporary names start with `.tmp-`; a failed save removes them. A full disk (or a quota, a read-only or
+  unwritable folder) while writing anything is one sentence saying what is intact and how to continue.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import json
 import os
+import re
 import shutil
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from preftune.errors import PreftuneError
+from preftune.outputs.lock import LOCK, RunLock
 
+MARK = ".preftune-run.json"
+TMP = ".tmp-"
+CACHE_DIR = "reference_logps"
+CHECKPOINTS = "checkpoints"
 # What --overwrite replaces. reference_logps/ stays: its files are keyed by model, token ids and precision,
 # so a rerun can only ever reuse a matching one.
-RUN_FILES = ("config.yaml", "metrics.jsonl", "final", "checkpoints", "data_summary.txt", "report", "eval.json",
+# report/, eval.json and the trackers' folders are written by the run's callbacks (outputs/report.py,
+# evaluate.py, outputs/trackers.py).
+RUN_FILES = ("config.yaml", "metrics.jsonl", "final", CHECKPOINTS, "data_summary.txt", "report", "eval.json",
              "tensorboard", "wandb", "mlruns")
+OWNED = RUN_FILES + (CACHE_DIR,)  # the names the mark lists
+_CHECKPOINT_NAME = re.compile(r"(\.tmp-)?step-\d+$")
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+
+
+def link_error(path: Path) -> PreftuneError:
+    try:
+        target = f" (to {os.readlink(path)})"
+    except OSError:
+        target = ""
+    return PreftuneError(f"{path} is a symbolic link{target}; preftune never writes, renames or deletes through a "
+                         "link in a run folder: remove the link or choose another --output-dir.")
+
+
+def write_failure(exc: BaseException, folder: Path) -> tuple[str, str] | None:
+    """(what went wrong, what to do) when a write failed for a reason the user can fix, else None (a bug)."""
+    chain, e = [], exc
+    while e is not None and len(chain) < 8:
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    codes = {getattr(x, "errno", None) for x in chain}
+    text = " ".join(str(x) for x in chain)
+    if errno.ENOSPC in codes or "No space left on device" in text or "os error 28" in text:
+        return "the disk filled", "free space"
+    if errno.EDQUOT in codes or "Disk quota exceeded" in text or "os error 122" in text:
+        return "the disk quota was exceeded", "free space"
+    if errno.EROFS in codes:
+        return "the file system is read-only", "choose a writable --output-dir"
+    if codes & {errno.EACCES, errno.EPERM}:
+        return "permission was denied", "make the folder writable"
+    # torch.save's C++ writer reports a full disk as "unexpected pos N vs M", without an errno: look at the disk.
+    if isinstance(exc, RuntimeError) or type(exc).__name__ == "SafetensorError":
+        with contextlib.suppress(OSError):
+            if shutil.disk_usage(folder).free < 16 << 20:
+                return "the disk filled", "free space"
+    return None
+
+
+def replace_text(path: Path, text: str) -> None:
+    """Write a whole file atomically (readers see the old or the new content), never through a link."""
+    if path.is_symlink():
+        raise link_error(path)
+    tmp = path.with_name(TMP + path.name)
+    if tmp.is_symlink():
+        raise link_error(tmp)
+    tmp.unlink(missing_ok=True)  # a leftover of a crash
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o644)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def append_text(path: Path, text: str) -> None:
+    """Append to a file (never through a link); a failed append is cut back, so the file keeps whole lines."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | _NOFOLLOW, 0o644)
+    size = os.fstat(fd).st_size
+    try:
+        os.write(fd, text.encode("utf-8"))
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, size)
+        raise
+    finally:
+        os.close(fd)
+
+
+def _delete(path: Path) -> None:
+    """Delete a file or folder (never through a link: rmtree removes links inside a folder, not their targets)."""
+    if path.is_symlink():
+        raise link_error(path)
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
+
+
+def _check_creatable(out: Path) -> None:
+    """An output folder that does not exist yet must be creatable: its nearest existing parent is a writable
+    folder (checked before the data and model load, so the refusal comes at once)."""
+    parent = out.absolute().parent
+    while not parent.exists() and parent != parent.parent:
+        if parent.is_symlink():
+            raise PreftuneError(f"cannot create output_dir {out}: {parent} is a link to a missing folder.")
+        parent = parent.parent
+    if not parent.is_dir():
+        raise PreftuneError(f"cannot create output_dir {out}: {parent} is a file, not a folder.")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PreftuneError(f"cannot create output_dir {out}: {parent} is not writable; pass a folder you can "
+                            "write to.")
 
 
 class RunDir:
@@ -32,19 +149,36 @@ class RunDir:
 
     def __init__(self, path: Path):
         self.path = path
+        self.lock = RunLock(path / LOCK)
+        # How to continue after a failed write, when the caller does not say.
+        self.rerun = "run the same command again"
 
     @classmethod
     def plan(cls, output_dir: str, *, resume: object, overwrite: bool) -> RunDir:
-        """Refuse a non-empty folder unless resuming or overwriting; checks only, writes nothing."""
+        """Refuse a folder this run must not write to; checks only, writes nothing."""
         if not output_dir:
             raise PreftuneError("no output_dir given; pass --output-dir PATH for the run's files.")
         out = Path(output_dir).expanduser()
-        if out.exists() and not out.is_dir():
+        run = cls(out)
+        if not (resume or overwrite):  # once this run has written its first files, a rerun needs --overwrite
+            run.rerun = "run again with --overwrite"
+        if out.is_symlink() and not out.exists():
+            raise PreftuneError(f"output_dir {out} is a link to a missing folder; pass a folder path.")
+        if not out.exists():
+            _check_creatable(out)
+            return run
+        if not out.is_dir():
             raise PreftuneError(f"output_dir {out} is a file; pass a folder path.")
-        if out.is_dir() and any(out.iterdir()) and not (resume or overwrite):
-            raise PreftuneError(f"output_dir {out} is not empty; pass --resume to continue that run, "
-                                "--overwrite to replace its run files, or another --output-dir.")
-        return cls(out)
+        if not os.access(out, os.W_OK | os.X_OK):
+            raise PreftuneError(f"output_dir {out} is not writable; pass a folder you can write to.")
+        run.check_links()
+        if run._entries():
+            if not (resume or overwrite):
+                raise PreftuneError(f"output_dir {out} is not empty; pass --resume to continue that run, "
+                                    "--overwrite to replace its run files, or another --output-dir.")
+            run.check_owned()
+        run.lock.check()
+        return run
 
     # --- the paths
     @property
@@ -61,29 +195,165 @@ class RunDir:
 
     @property
     def checkpoints(self) -> Path:
-        return self.path / "checkpoints"
+        return self.path / CHECKPOINTS
 
     @property
     def final(self) -> Path:
         return self.path / "final"
 
     def reference_cache(self, split: str, key: str) -> Path:
-        return self.path / "reference_logps" / f"{split}-{key}.safetensors"
+        path = self.path / CACHE_DIR / f"{split}-{key}.safetensors"
+        for p in (path.parent, path, path.with_name(TMP + path.name)):
+            if p.is_symlink():
+                raise link_error(p)
+        return path
+
+    # --- checks
+    def _entries(self) -> list[str]:
+        return sorted(p.name for p in self.path.iterdir() if p.name != LOCK)
+
+    def read_mark(self) -> dict | None:
+        mark = self.path / MARK
+        if not mark.exists():
+            return None
+        try:
+            info = json.loads(mark.read_text(encoding="utf-8")[:1 << 20])
+            if isinstance(info, dict) and isinstance(info.get("names"), list):
+                return info
+        except (OSError, ValueError):
+            pass
+        raise PreftuneError(f"{mark} is damaged, so preftune cannot tell which files in {self.path} it wrote; "
+                            "move your own files out and delete the folder, or choose another --output-dir.")
+
+    def check_owned(self) -> None:
+        """A non-empty folder is reused only if preftune made it and wrote every run file in it."""
+        mark = self.read_mark()
+        if mark is None:
+            raise PreftuneError(f"output_dir {self.path} was not made by preftune (it has no {MARK}), so --resume "
+                                "and --overwrite will not write into it; choose a new or empty --output-dir.")
+        foreign = [n for n in OWNED if (self.path / n).exists() and n not in mark["names"]]
+        if self.checkpoints.is_dir():
+            foreign += [f"{CHECKPOINTS}/{c.name}" for c in sorted(self.checkpoints.iterdir())
+                        if not _CHECKPOINT_NAME.match(c.name)]
+        if foreign:
+            raise PreftuneError(f"output_dir {self.path} holds {', '.join(foreign)}, which preftune did not write "
+                                f"(not listed in {MARK}); move {'it' if len(foreign) == 1 else 'them'} out of the "
+                                "folder or choose another --output-dir, so that no run replaces "
+                                f"{'it' if len(foreign) == 1 else 'them'}.")
+
+    def check_links(self) -> None:
+        """Refuse a symbolic link at any name a run writes, renames or deletes."""
+        names = [*OWNED, MARK, LOCK, *(TMP + n for n in (*OWNED, MARK))]
+        if self.path.is_dir():
+            names += [p.name for p in self.path.iterdir() if p.name.startswith(TMP + "lock-")]
+        for name in names:
+            if (self.path / name).is_symlink():
+                raise link_error(self.path / name)
+        for folder in (self.checkpoints, self.path / CACHE_DIR):
+            if folder.is_dir():
+                for child in folder.iterdir():
+                    if child.is_symlink():
+                        raise link_error(child)
 
     # --- writing
-    def create(self, *, clear: bool) -> None:
-        """Make the folder; `clear` (a fresh run with --overwrite) removes the previous run's files only."""
-        self.path.mkdir(parents=True, exist_ok=True)
-        if clear:
-            for name in RUN_FILES:  # only what a run writes: a user's other files in the folder stay
-                p = self.path / name
-                if p.is_dir():
-                    shutil.rmtree(p)
-                elif p.exists():
-                    p.unlink()
+    def create(self, *, clear: bool, say: Callable[[str], None] = print) -> None:
+        """Make the folder and lock it; `clear` (a fresh run with --overwrite) deletes the run files the mark
+        lists and nothing else. The ownership checks are repeated under the lock (the folder may have changed
+        while the data and model loaded)."""
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise PreftuneError(f"cannot create output_dir {self.path} ({e.strerror or e}); pass a folder path "
+                                "you can write to.") from None
+        self.check_links()
+        with self.saving("the lock file"):
+            self.lock.acquire(say)
+        try:
+            mark = self.read_mark()
+            if self._entries():
+                self.check_owned()
+            self.check_links()
+            self.remove_temporaries()  # a killed run's half-written files (we hold the lock: none is being written)
+            with self.saving(MARK):
+                names = sorted(set(mark["names"] if mark else []) | set(OWNED))
+                replace_text(self.path / MARK, json.dumps({"made_by": "preftune", "names": names,
+                                                           "created": (mark or {}).get("created") or _now()}) + "\n")
+                if clear:
+                    for name in RUN_FILES:
+                        _delete(self.path / name)
+        except BaseException:
+            self.release()
+            raise
+
+    def release(self) -> None:
+        self.lock.release()
 
     def write_text(self, path: Path, text: str) -> None:
-        """Write a whole file atomically: readers see the old or the new content, never a half-written one."""
-        tmp = path.with_name(f".tmp-{path.name}")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
+        """Write a whole run file atomically: readers see the old or the new content, never a half-written one."""
+        with self.saving(path.name):
+            replace_text(path, text)
+
+    def copy_in(self, src: Path, dest: Path) -> None:
+        """Replace run file `dest` by a copy of `src` (a checkpoint's metrics, on resume)."""
+        self.write_text(dest, src.read_text(encoding="utf-8"))
+
+    def remove_temporaries(self) -> None:
+        """Delete what a failed (or killed) save left behind: the temporary names of run files in the folder
+        (a user's own `.tmp-notes` beside them stays), and every `.tmp-*` in checkpoints/ and the cache."""
+        ours = {TMP + n for n in (*OWNED, MARK)}
+        for folder in (self.path, self.checkpoints, self.path / CACHE_DIR):
+            if folder.is_dir() and not folder.is_symlink():
+                for p in folder.iterdir():
+                    if p.name.startswith(TMP) and (folder != self.path or p.name in ours
+                                                   or p.name.startswith(TMP + "lock-")):
+                        with contextlib.suppress(OSError):
+                            p.unlink() if p.is_symlink() or not p.is_dir() else shutil.rmtree(p)
+
+    def keep_weights(self, step: int, write_checkpoint: Callable[[], Path]) -> tuple[str, str]:
+        """After final/ could not be written (its partial files are gone): keep the trained weights as a
+        checkpoint of this step if there is none (smaller than final/ for LoRA with --merge-lora); (what is
+        kept, how to continue). Checkpoints are never deleted before final/ is whole."""
+        from preftune.outputs.checkpoint import list_checkpoints  # (checkpoint.py sits beside this module)
+
+        saved = [p for p in list_checkpoints(self.path) if p.name == f"step-{step:07d}"]
+        if not saved:
+            try:
+                saved = [write_checkpoint()]
+            except Exception:  # the disk is still full: whatever was kept before is all there is
+                self.remove_temporaries()
+        resume = "run the same command with --resume to write final/"
+        if saved:
+            return f"the trained weights of step {step} are kept in {saved[0]}", resume
+        older = list_checkpoints(self.path)
+        if older:
+            return f"the newest checkpoint, {older[-1]}, is intact (the steps after it are lost)", resume
+        return ("no checkpoint could be kept, so the trained weights are lost (--save-steps N keeps checkpoints)",
+                "train again")
+
+    @contextlib.contextmanager
+    def saving(self, what: str, kept: str | Callable[[], tuple[str, str]] = "the files written before are intact",
+               then: str | None = None) -> Iterator[None]:
+        """Around any write of the run: links are refused first; a full disk (quota, read-only or unwritable
+        folder) becomes one sentence, after the temporary files are removed. `kept` says what is intact and
+        `then` how to continue (or a callable, asked after the clean-up, e.g. to rescue the weights, gives both)."""
+        self.check_links()
+        try:
+            yield
+        except PreftuneError:
+            raise
+        except Exception as e:
+            failure = write_failure(e, self.path)
+            if failure is None:
+                raise
+            self.remove_temporaries()
+            state, then = kept() if callable(kept) else (kept, then or self.rerun)
+            what_went_wrong, fix = failure
+            free = ""
+            with contextlib.suppress(OSError):
+                free = f" ({shutil.disk_usage(self.path).free / 2**20:.1f} MiB free)"
+            raise PreftuneError(f"{what_went_wrong} while writing {what} in {self.path}{free}; {state}; no partial "
+                                f"file was left behind: {fix} and {then}.") from None
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S")

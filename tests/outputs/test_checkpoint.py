@@ -87,20 +87,35 @@ def test_sigkill_then_resume_equals_uninterrupted(tiny_model_dir, pairs_file, tm
     assert len(list_checkpoints(killed)) == 2  # save_total_limit
 
 
-def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny_model_dir, pairs_file, tmp_path):
+def test_second_run_is_refused_and_sigterm_exits_resumable(tiny_model_dir, pairs_file, tmp_path, capsys):
+    """While a run trains, a second run on its folder (--overwrite or --resume) is refused naming the first's
+    process, and leaves its files alone; SIGTERM then checkpoints and exits 75 (EX_TEMPFAIL: resumable), and the
+    lock is gone, so the same command (--resume auto: start afresh or continue) continues where it stopped."""
+    from preftune.cli import EXIT_RESUMABLE, main
+
     out = tmp_path / "run"
-    argv = _argv(tiny_model_dir, pairs_file, out)
+    argv = _argv(tiny_model_dir, pairs_file, out, "--resume", "auto")
     argv[argv.index("--save-steps") + 1] = "0"
     argv[argv.index("--max-steps") + 1] = "400"
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _wait_for_lines(out / "metrics.jsonl", 2, proc)
+    for flag in ("--overwrite", "--resume"):
+        assert main(argv[3:] + [flag]) == 2
+        err = capsys.readouterr().err
+        assert f"is in use by another preftune run (process {proc.pid} on this machine" in err, err
     proc.send_signal(signal.SIGTERM)
-    stdout, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 0
-    assert "continue with --resume" in stdout
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == EXIT_RESUMABLE == 75, stderr
+    assert "continue with --resume" in stdout and "resumable: run the same command with --resume" in stderr
     assert "model in" not in stdout and not (out / "final").exists()  # no claim of a final model it never wrote
     (ckpt,) = list_checkpoints(out)
-    assert json.loads((ckpt / "trainer_state.json").read_text())["step"] == len(_metrics(out))
+    steps = [r["step"] for r in _metrics(out)]
+    assert json.loads((ckpt / "trainer_state.json").read_text())["step"] == len(steps)
+    assert steps == list(range(1, len(steps) + 1))  # one run's lines only, none interleaved
+    assert not (out / ".preftune.lock").exists()
+    argv[argv.index("--max-steps") + 1] = str(len(steps) + 2)  # the requeued command, shortened for the test
+    assert main(argv[3:]) == 0
+    assert [r["step"] for r in _metrics(out)] == list(range(1, len(steps) + 3))
 
 
 def test_full_disk_keeps_previous_checkpoint(tmp_path, monkeypatch):

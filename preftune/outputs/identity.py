@@ -1,0 +1,94 @@
+"""Does a checkpoint belong to this run? Resume continues the math of the steps already taken, so the model, the
+training data (as token ids), the task, the number of processes and every setting that changes the math must be
+the ones the checkpoint was trained with.
+
+Each checkpoint records the run's identity (in trainer_state.json, under "identity"); `check_resume` compares it
+with this run's and refuses naming every difference, unless --resume-force. The settings in MAY_CHANGE never
+change what the steps already taken mean, and may differ freely: how long to train (max_steps, num_epochs: the
+learning-rate schedule is stretched from the resumed step on), when to log, evaluate and save, what to evaluate
+on, the progress bar, the paths of the model and data (their content is compared instead), safety switches and
+the exact forward path (same math, other speed or memory).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from preftune.errors import PreftuneError
+from preftune.modeling.reference import model_identity, token_digest
+
+MAY_CHANGE = frozenset({
+    "max_steps", "num_epochs", "save_steps", "save_total_limit", "logging_steps", "eval_steps", "eval_batch_size",
+    "eval_data", "progress", "resume", "resume_force", "overwrite", "output_dir", "model", "data",
+    "reference_model", "skip_invalid", "trust_remote_code", "allow_pickle", "attn_implementation",
+    "gradient_checkpointing", "prefix_sharing", "logits_chunk_size", "on_nonfinite", "merge_lora",
+    # trackers and upload (issue 14's keys): what happens to the results, not how they are computed
+    "report_to", "push_to_hub", "hub_private",
+})
+
+
+def run_identity(cfg: Any, task: str, model_path: str, pairs: Sequence, num_processes: int) -> dict[str, Any]:
+    """What a checkpoint of this run must match (plain JSON values)."""
+    config = {k: v for k, v in cfg.to_dict().items() if k not in MAY_CHANGE}
+    return json.loads(json.dumps({
+        "task": task, "model": model_identity(model_path),
+        "reference_model": model_identity(cfg.reference_model) if cfg.reference_model else None,
+        "data": {"pairs": len(pairs), "sha256": token_digest(pairs)},
+        "num_processes": num_processes, "config": config}, default=str))
+
+
+def _model_change(name: str, old: str | None, new: str | None) -> str:
+    try:
+        a, b = json.loads(old or "{}"), json.loads(new or "{}")
+    except ValueError:
+        a = b = None
+    if not isinstance(a, dict) or not isinstance(b, dict):
+        return f"{name} {old} → {new}"
+    changed = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    return f"the {name} differs ({', '.join(changed[:4])}{' ...' if len(changed) > 4 else ''} changed)"
+
+
+def differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Each way the saved run differs from this one, as a phrase."""
+    out = []
+    if saved.get("task") != current["task"]:
+        out.append(f"it is a {saved.get('task')} run and this is a {current['task']} run")
+    for name in ("model", "reference_model"):
+        if saved.get(name) != current[name]:
+            out.append(_model_change(name.replace("_", " "), saved.get(name), current[name]))
+    if saved.get("data") != current["data"]:
+        old, new = saved.get("data") or {}, current["data"]
+        out.append(f"the training data differ as tokenized ({old.get('pairs')} pairs, sha256 "
+                   f"{str(old.get('sha256'))[:12]} → {new['pairs']} pairs, sha256 {new['sha256'][:12]})")
+    if saved.get("num_processes") != current["num_processes"]:
+        out.append(f"it ran on {saved.get('num_processes')} processes and this run has {current['num_processes']} "
+                   "(the batch order depends on it)")
+    old_cfg, new_cfg = saved.get("config") or {}, current["config"]
+    # Keys known to only one of the two versions of preftune are not compared.
+    for key in sorted(set(old_cfg) & set(new_cfg)):
+        if old_cfg[key] != new_cfg[key]:
+            out.append(f"{key} {old_cfg[key]!r} → {new_cfg[key]!r}")
+    return out
+
+
+def check_resume(checkpoint: Path, identity: dict[str, Any], *, force: bool,
+                 say: Callable[[str], None] = print) -> None:
+    """Refuse to resume `checkpoint` into a run it does not belong to (naming each difference), unless `force`."""
+    try:
+        saved = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8")).get("identity")
+    except (OSError, ValueError, AttributeError):
+        saved = None
+    diffs = (differences(saved, identity) if isinstance(saved, dict)
+             else ["it records no run identity (written by an older preftune)"])
+    if not diffs:
+        return
+    if force:
+        say(f"--resume-force: resuming from {checkpoint.name} although {'; '.join(diffs)}")
+        return
+    raise PreftuneError(f"checkpoint {checkpoint} belongs to a different run: {'; '.join(diffs)}; resume with the "
+                        "settings it was trained with, start a new run in another --output-dir, or pass "
+                        "--resume-force to continue anyway (max_steps, num_epochs and the logging, evaluation and "
+                        "saving settings may always change).")
