@@ -14,7 +14,6 @@ torchrun, each taking its share of every global batch; dropout off unless asked 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import random
@@ -33,6 +32,7 @@ from preftune.config import TrainConfig, check_keys
 from preftune.data.collate import collate
 from preftune.data.sampler import micro_batches
 from preftune.data.splits import load_splits
+from preftune.distributed import Engine, rank_share, resolve_precision
 from preftune.errors import PreftuneError
 from preftune.logprobs import LogpsModel
 from preftune.modeling.load import (
@@ -43,7 +43,7 @@ from preftune.modeling.load import (
     prepare_for_training,
     resolve_model_path,
 )
-from preftune.modeling.reference import build_reference
+from preftune.modeling.reference import Placement, build_reference
 from preftune.objectives import make_objective
 from preftune.optim import build_optimizer, lr_schedule
 from preftune.outputs.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint, save_final
@@ -117,8 +117,14 @@ class Recipe:
         self.run_dir = RunDir.plan(cfg.output_dir, resume=cfg.resume, overwrite=cfg.overwrite)
         checkpoint = find_checkpoint(self.run_dir.path, cfg.resume)
         model_path = resolve_model_path(cfg.model, cfg.allow_pickle)
-        self.accelerator = acc = make_accelerator(cfg.mixed_precision)
-        say = acc.print
+        notes: list[str] = []
+        precision = resolve_precision(cfg.mixed_precision, notes.append)
+        self.engine = engine = Engine.create(precision)
+        self.accelerator = acc = engine.accelerator
+        say = engine.print
+        self.cfg = cfg = dataclasses.replace(cfg, mixed_precision=precision)
+        if checkpoint is not None:
+            self._check_launch(checkpoint)
         seed_everything(cfg.seed)
 
         # --- data: validated and tokenized before the (expensive) model load
@@ -132,7 +138,8 @@ class Recipe:
         model = load_model(model_path, dtype=cfg.dtype, attn_implementation=cfg.attn_implementation,
                            trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle)
         prepare_for_training(model, dropout=not cfg.disable_dropout, gradient_checkpointing=cfg.gradient_checkpointing)
-        model.to(acc.device)
+        if not engine.sharded:  # FSDP2 and ZeRO-3 move each process's shard to its device themselves
+            model.to(acc.device)
 
         # --- run folder: written only now that data, tokenizer and model have all loaded
         if acc.is_main_process:
@@ -147,27 +154,42 @@ class Recipe:
                              target_modules=cfg.lora_target_modules)
             if cfg.gradient_checkpointing:
                 model.enable_input_require_grads()
-        forward = dict(prefix_sharing=cfg.prefix_sharing, chunk_size=cfg.logits_chunk_size)
-        self.reference = build_reference(
-            cfg, model=model, model_path=model_path, needs_reference=self.objective.needs_reference,
-            splits={"train": self.train_split.pairs, "eval": self.eval_split.pairs if self.eval_split else None},
-            cache_path=self.run_dir.reference_cache, pad_id=self.tokenizer.pad_token_id, device=acc.device,
-            forward=forward, autocast=acc.autocast, is_main_process=acc.is_main_process, say=say)
+        # The dtypes final/ is written in (FSDP2 upcasts trainable weights to fp32 under mixed precision).
+        self.dtypes = {k: v.dtype for k, v in model.state_dict().items()} if engine.sharded else None
 
-        # --- optimizer, schedule, batching
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = build_optimizer(self.params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                    eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay)
-        self.batching = dict(batch_size=cfg.batch_size, accumulation=cfg.gradient_accumulation_steps,
-                             seed=cfg.seed, group_by_length=cfg.group_by_length,
-                             num_processes=acc.num_processes, process_index=acc.process_index)
+        # --- optimizer, schedule, engine, batching
+        forward = dict(prefix_sharing=cfg.prefix_sharing, chunk_size=cfg.logits_chunk_size)
+        optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate,
+                                    betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
+                                    weight_decay=cfg.weight_decay)
+        # The order is drawn per global batch (per-device × processes × accumulation) and cut into
+        # micro-batches of batch_size; each process then takes every n-th (rank_share): the same pairs in the
+        # same steps whatever the launch shape, for a given global batch.
+        n_proc = engine.num_processes
+        self.batching = dict(batch_size=cfg.batch_size, accumulation=cfg.gradient_accumulation_steps * n_proc,
+                             seed=cfg.seed, group_by_length=cfg.group_by_length)
         steps_per_epoch = len(micro_batches(self.train_split.pairs, epoch=0, **self.batching))
         total_steps = cfg.max_steps or max(1, math.ceil(steps_per_epoch * cfg.num_epochs))
         warmup = cfg.warmup_steps or int(round(cfg.warmup_ratio * total_steps))
         self.scheduler = lr_schedule(optimizer, cfg.lr_scheduler, warmup, total_steps)
-        self.policy, self.optimizer = acc.prepare(LogpsModel(model, **forward), optimizer)
+        self.policy, self.optimizer = engine.prepare(
+            LogpsModel(model, **forward), optimizer, batch_size=cfg.batch_size,
+            accumulation=cfg.gradient_accumulation_steps, max_grad_norm=cfg.max_grad_norm)
+        self.params = [p for p in self.policy.parameters() if p.requires_grad]  # FSDP2 swapped in DTensors
         self.model = model
         self._epoch_batches: dict[int, list] = {}
+        for line in [engine.describe(cfg.batch_size, cfg.gradient_accumulation_steps), *notes, *engine.notes]:
+            say(line)
+
+        # --- reference: after prepare, so a sharded policy can score the precomputed pass (split by process)
+        placement = Placement(rank=engine.process_index, world=n_proc, sharded=engine.sharded, device=acc.device,
+                              policy=self.policy, wrap_frozen=engine.prepare_frozen)
+        self.reference = build_reference(
+            cfg, model=model, model_path=model_path, needs_reference=self.objective.needs_reference,
+            splits={"train": self.train_split.pairs, "eval": self.eval_split.pairs if self.eval_split else None},
+            cache_path=self.run_dir.reference_cache, pad_id=self.tokenizer.pad_token_id, device=acc.device,
+            forward=forward, autocast=engine.autocast, is_main_process=acc.is_main_process, say=say,
+            placement=placement)
 
         self.state = TrainState(
             config=cfg, task=task, output_dir=self.run_dir.path, total_steps=total_steps,
@@ -178,7 +200,7 @@ class Recipe:
             self.resume(checkpoint)
 
     def resume(self, checkpoint: Path) -> None:
-        state = load_checkpoint(checkpoint, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)
+        state = load_checkpoint(checkpoint, model=self.policy, optimizer=self.optimizer, scheduler=self.scheduler)
         self.state.step = state["step"]
         self.objective.load_state_dict(state)
         if self.accelerator.is_main_process:
@@ -186,6 +208,33 @@ class Recipe:
                 shutil.copy2(checkpoint / "metrics.jsonl", self.metrics.path)
             self.metrics.truncate_after(self.state.step)
         self.accelerator.print(f"resumed from {checkpoint} at step {self.state.step}")
+
+    def _launch(self) -> dict[str, Any]:
+        cfg, engine = self.cfg, self.engine
+        return {"engine": engine.kind, "num_processes": engine.num_processes, "batch_size": cfg.batch_size,
+                "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+                "global_batch": cfg.batch_size * cfg.gradient_accumulation_steps * engine.num_processes}
+
+    def _check_launch(self, checkpoint: Path) -> None:
+        """Another launch shape may resume a run (DCP reshards), but only with the same global batch: the
+        step count and the batch order are defined by it. DeepSpeed checkpoints need the same DeepSpeed setup."""
+        import json
+
+        saved = json.loads((checkpoint / "trainer_state.json").read_text()).get("launch")
+        now = self._launch()
+        if not saved:
+            return
+        if saved["global_batch"] != now["global_batch"]:
+            raise PreftuneError(
+                f"checkpoint {checkpoint.name} was trained with a global batch of {saved['global_batch']} "
+                f"({saved['batch_size']} per device × {saved['num_processes']} processes × "
+                f"{saved['gradient_accumulation_steps']} accumulation); this launch makes {now['global_batch']}: "
+                "set --batch-size and --gradient-accumulation-steps so the product matches.")
+        if (saved["engine"] == "deepspeed") != (now["engine"] == "deepspeed") or (
+                saved["engine"] == "deepspeed" and saved["num_processes"] != now["num_processes"]):
+            raise PreftuneError(f"checkpoint {checkpoint.name} was written by {saved['engine']} on "
+                                f"{saved['num_processes']} processes; DeepSpeed checkpoints resume only under the "
+                                "same DeepSpeed launch (convert with DeepSpeed's ds_to_universal otherwise).")
 
     # ------------------------------------------------------------------------------------------ the loop
     def train_loop(self, stop: _StopRequest) -> None:
@@ -211,35 +260,45 @@ class Recipe:
                                        "continue with --resume")
                 return
 
-    def _micro_batches(self, epoch: int) -> list[list[list[int]]]:
+    def _micro_batches(self, epoch: int) -> list[tuple[list[list[int]], list[list[int]]]]:
+        """Each step's (this process's micro-batches, its filler micro-batches); see distributed.rank_share."""
         if epoch not in self._epoch_batches:  # one epoch's order at a time: a pure function of (seed, epoch)
-            self._epoch_batches = {epoch: micro_batches(self.train_split.pairs, epoch=epoch, **self.batching)}
+            steps = micro_batches(self.train_split.pairs, epoch=epoch, **self.batching)
+            engine = self.engine
+            self._epoch_batches = {epoch: [rank_share(m, engine.process_index, engine.num_processes)
+                                           for m in steps]}
         return self._epoch_batches[epoch]
 
-    def train_step(self, step: int, micro: list[list[int]], window: Window) -> None:
+    def train_step(self, step: int, share: tuple[list[list[int]], list[list[int]]], window: Window) -> None:
         """One optimizer step over this process's micro-batches of one global batch."""
-        acc, pairs, n_proc = self.accelerator, self.train_split.pairs, self.accelerator.num_processes
+        engine, pairs, n_proc = self.engine, self.train_split.pairs, self.engine.num_processes
+        micro, fillers = share
         # Normalise by the whole global batch (all micro-batches, all processes): accumulation then gives the
-        # same gradient as one big batch, whatever the micro-batch sizes. DDP averages gradients over
-        # processes, hence the division by n_proc.
+        # same gradient as one big batch, whatever the micro-batch sizes. DDP, FSDP2 and ZeRO average
+        # gradients over processes, hence the division by n_proc.
         local = self.objective.normaliser([pairs[i] for m in micro for i in m])
         denominator = self.all_reduce_sum([local])[0] / n_proc
         losses: list[torch.Tensor] = []
-        for k, idx in enumerate(micro):
-            batch = collate([pairs[i] for i in idx], idx, self.tokenizer.pad_token_id).to(acc.device)
-            # Every process runs every backward, even after a non-finite loss: skipping one would leave the
-            # others waiting in the gradient all-reduce.
-            sync = acc.no_sync(self.policy) if k < len(micro) - 1 and n_proc > 1 else contextlib.nullcontext()
-            with sync:
-                with acc.autocast():
+        runs = micro + fillers
+        for k, idx in enumerate(runs):
+            filler = k >= len(micro)
+            batch = collate([pairs[i] for i in idx], idx, self.tokenizer.pad_token_id).to(engine.device)
+            # Every process runs every backward, even after a non-finite loss or with nothing left to learn
+            # from (a filler): skipping one would leave the others waiting in a collective.
+            with engine.accumulating(self.policy, last=k == len(runs) - 1):
+                with engine.autocast():
                     policy = self.policy(batch)
                 reference = self.reference.train.logps(batch) if self.reference.train is not None else None
-                total, sums = self.objective.loss(policy, reference)
-                window.add({**sums, "tokens": batch.num_tokens})
-                loss = total / denominator
-                losses.append(loss.detach())
-                acc.backward(loss)
-        grad_norm = acc.clip_grad_norm_(self.params, self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else 1e12)
+                total, sums = self.objective.loss(policy, reference, training=not filler)
+                window.add(_zeroed({**sums, "tokens": batch.num_tokens}) if filler else
+                           {**sums, "tokens": batch.num_tokens})
+                if filler:
+                    loss = total * 0.0
+                else:
+                    loss = total / denominator
+                    losses.append(loss.detach())
+                engine.backward(loss)
+        grad_norm = engine.clip_grad_norm(self.params, self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else 1e12)
         bad = self._nonfinite_reason(step, micro, losses, grad_norm)
         if bad is not None:
             if self.cfg.on_nonfinite == "stop":
@@ -253,7 +312,7 @@ class Recipe:
         window.steps += 1
         window.lr = self.scheduler.get_last_lr()[0]
         if bad is None:
-            self.optimizer.step()
+            self.optimizer.step()  # a no-op under DeepSpeed, whose engine stepped in the last backward
         self.objective.end_step(self.all_reduce_sum, skipped=bad is not None)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -274,10 +333,7 @@ class Recipe:
 
     def all_reduce_sum(self, values: list[float]) -> list[float]:
         """Sums over all processes (float64); the values themselves in a one-process run."""
-        if self.accelerator.num_processes == 1:
-            return list(values)
-        t = torch.tensor(values, dtype=torch.float64, device=self.accelerator.device)
-        return self.accelerator.reduce(t, reduction="sum").tolist()
+        return self.engine.reduce_sum(values)
 
     # ------------------------------------------------------------------------------------------ metrics
     def log_train(self, window: Window, step: int) -> None:
@@ -301,11 +357,13 @@ class Recipe:
                                         pad_id=self.tokenizer.pad_token_id, device=acc.device,
                                         rank=acc.process_index, world=acc.num_processes)
         with torch.no_grad():
-            for _, batch in batches:
-                with acc.autocast():
+            for idx, batch in batches:
+                with self.engine.autocast():
                     policy = self.policy(batch)
                 reference = self.reference.eval.logps(batch) if self.reference.eval is not None else None
-                window.add(self.objective.loss(policy, reference, training=False)[1])
+                sums = self.objective.loss(policy, reference, training=False)[1]
+                # A filler batch (length_sorted_batches keeps the processes' forwards in step) counts nothing.
+                window.add(sums if idx else _zeroed(sums))
         self.policy.train()
         self.state.eval_metrics = self._log("eval", self.objective.summarize(window.totals(acc)))
         return self.state.eval_metrics
@@ -320,20 +378,23 @@ class Recipe:
     # ------------------------------------------------------------------------------------------ saving
     def save_checkpoint(self) -> None:
         acc, st = self.accelerator, self.state
-        path = None
-        if acc.is_main_process:
-            path = save_checkpoint(self.run_dir.path, st.step, model=self.model, optimizer=self.optimizer,
-                                   scheduler=self.scheduler, trainer_state=self.objective.state_dict(),
-                                   reference_cache=self.reference.cache_file, keep=self.cfg.save_total_limit,
-                                   copies=(self.metrics.path, self.run_dir.config))
+        # Every process writes its shards (checkpoint.py synchronises them); the main one the rest.
+        path = save_checkpoint(self.run_dir.path, st.step, model=self.policy, optimizer=self.optimizer,
+                               scheduler=self.scheduler,
+                               trainer_state={**self.objective.state_dict(), "launch": self._launch()},
+                               reference_cache=self.reference.cache_file, keep=self.cfg.save_total_limit,
+                               copies=(self.metrics.path, self.run_dir.config))
         acc.wait_for_everyone()
-        if path is not None:
+        if acc.is_main_process:
             self.callbacks.on_save(st, path)
 
     def save(self) -> None:
         acc, st = self.accelerator, self.state
+        # Sharded: every process takes part in gathering the weights, which only the main one receives.
+        full = self.engine.full_state_dict(self.policy) if self.engine.sharded else None
         if acc.is_main_process:
-            save_final(self.run_dir.path, self.model, self.tokenizer, merge_lora=self.cfg.merge_lora)
+            save_final(self.run_dir.path, self.model, self.tokenizer, merge_lora=self.cfg.merge_lora,
+                       state_dict=full, dtypes=self.dtypes)
         acc.wait_for_everyone()
         st.final_dir = self.run_dir.final
         acc.print(f"saved {st.final_dir}")
@@ -353,17 +414,10 @@ def fit_to_context(cfg: TrainConfig, limit: int | None, say) -> TrainConfig:
     return dataclasses.replace(cfg, max_length=limit, max_prompt_length=prompt)
 
 
-def make_accelerator(mixed_precision: str):
-    """A fresh Accelerator per run. accelerate keeps one global state per process; several runs from one
-    Python process (SFT then DPO, or tests) may ask for different precisions, which is only safe to reset
-    when this process is the whole job."""
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    if AcceleratorState._shared_state and PartialState().num_processes == 1:
-        AcceleratorState._reset_state()
-        GradientState._reset_state()
-    return Accelerator(mixed_precision=mixed_precision)
+def _zeroed(sums: dict[str, Any]) -> dict[str, Any]:
+    """A filler's metric sums, all 0: every process must hold the same keys when the window is summed over
+    processes (a process with only fillers in a window would otherwise send an empty vector)."""
+    return {k: v * 0 for k, v in sums.items()}
 
 
 def seed_everything(seed: int) -> None:

@@ -120,4 +120,4 @@ def test_full_disk_keeps_previous_checkpoint(tmp_path, monkeypatch):
         save_checkpoint(tmp_path, 2, **kw)
     assert list_checkpoints(tmp_path) == [first]
     assert not any(p.name.startswith(".tmp") for p in (tmp_path / "checkpoints").iterdir())
-    assert os.path.isfile(first / "trainable.safetensors")
+    assert os.path.isfile(first / "state" / ".metadata") and os.path.isfile(first / "trainer_state.json")
