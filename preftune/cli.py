@@ -72,6 +72,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rejected-field", default="rejected")
     p.add_argument("--output", help="Write the audit as JSON here (a PNG and HTML report are written beside it).")
 
+    p = sub.add_parser("plan", help="Memory per GPU under DDP, FSDP2 and ZeRO, and the smallest setup that fits.",
+                       allow_abbrev=False)
+    p.add_argument("--model", required=True, help="Model folder, its config.json, or a hub name in the local cache.")
+    p.add_argument("--gpus", type=int, default=8, help="GPUs to show the table for (default 8).")
+    p.add_argument("--gpu-memory", default="80GB", help="Memory of one GPU (default 80GB).")
+    p.add_argument("--lora", action="store_true", help="Recommend for LoRA instead of full fine-tuning.")
+    p.add_argument("--lora-r", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=1024, help="max_length of the run (default 1024).")
+    p.add_argument("--batch-size", type=int, default=4, help="Pairs per micro-batch per GPU (default 4).")
+
     p = sub.add_parser("demo", help="The whole story on a CPU: SFT model → DPO → judged before/after.",
                        allow_abbrev=False)
     p.add_argument("--output-dir", default="runs/demo")
@@ -130,6 +140,10 @@ def _run(argv: Sequence[str] | None) -> int:
         from preftune.audit import run_inspect
 
         return run_inspect(args)
+    if args.command == "plan":
+        from preftune.plan import run_plan
+
+        return run_plan(args)
     if args.command == "demo":
         from preftune.demo.pipeline import run_demo
 
