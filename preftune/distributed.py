@@ -25,10 +25,12 @@ the CPU tests exercise the sharded paths (tests/test_distributed.py checks the w
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -175,6 +177,12 @@ class Engine:
         return (f"engine: {what}{' (' + ', '.join(extras) + ')' if extras else ''}; global batch {global_batch} = "
                 f"{batch_size} per device × {self.num_processes} processes × {accumulation} accumulation")
 
+    def launch(self, batch_size: int, accumulation: int) -> dict[str, Any]:
+        """The launch shape a checkpoint records (see check_launch)."""
+        return {"engine": self.kind, "num_processes": self.num_processes, "batch_size": batch_size,
+                "gradient_accumulation_steps": accumulation,
+                "global_batch": batch_size * accumulation * self.num_processes}
+
     # ------------------------------------------------------------------------------------------ preparing
     def prepare(self, policy: torch.nn.Module, optimizer: torch.optim.Optimizer, *, batch_size: int,
                 accumulation: int, max_grad_norm: float) -> tuple[torch.nn.Module, Any]:
@@ -319,6 +327,29 @@ class Engine:
             raise PreftuneError(f"could not gather the final weights: {str(e).splitlines()[0]}") from None
         prefix = "model."
         return {k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)} if self.is_main_process else {}
+
+
+def check_launch(checkpoint: Path, now: dict[str, Any]) -> None:
+    """Refuse to resume `checkpoint` under launch `now` (Engine.launch) when that cannot continue the same run.
+
+    Another launch shape may resume a run (its DCP checkpoint is resharded on load), but only with the same
+    global batch: the steps and the batch order are defined by it. DeepSpeed checkpoints need the same
+    DeepSpeed launch."""
+    state = checkpoint / "trainer_state.json"
+    saved = json.loads(state.read_text()).get("launch") if state.is_file() else None
+    if not saved:
+        return
+    if saved["global_batch"] != now["global_batch"]:
+        raise PreftuneError(
+            f"checkpoint {checkpoint.name} was trained with a global batch of {saved['global_batch']} "
+            f"({saved['batch_size']} per device × {saved['num_processes']} processes × "
+            f"{saved['gradient_accumulation_steps']} accumulation); this launch makes {now['global_batch']}: "
+            "set --batch-size and --gradient-accumulation-steps so the product matches.")
+    if (saved["engine"] == "deepspeed") != (now["engine"] == "deepspeed") or (
+            saved["engine"] == "deepspeed" and saved["num_processes"] != now["num_processes"]):
+        raise PreftuneError(f"checkpoint {checkpoint.name} was written by {saved['engine']} on "
+                            f"{saved['num_processes']} processes; DeepSpeed checkpoints resume only under the same "
+                            "DeepSpeed launch (convert with DeepSpeed's ds_to_universal otherwise).")
 
 
 def _offloads(plugin: Any) -> bool:

@@ -32,7 +32,7 @@ from preftune.config import TrainConfig, check_keys
 from preftune.data.collate import collate
 from preftune.data.sampler import micro_batches
 from preftune.data.splits import load_splits
-from preftune.distributed import Engine, rank_share, resolve_precision
+from preftune.distributed import Engine, check_launch, rank_share, resolve_precision
 from preftune.errors import PreftuneError
 from preftune.logprobs import LogpsModel
 from preftune.modeling.load import (
@@ -124,7 +124,7 @@ class Recipe:
         say = engine.print
         self.cfg = cfg = dataclasses.replace(cfg, mixed_precision=precision)
         if checkpoint is not None:
-            self._check_launch(checkpoint)
+            check_launch(checkpoint, self.engine.launch(cfg.batch_size, cfg.gradient_accumulation_steps))
         seed_everything(cfg.seed)
 
         # --- data: validated and tokenized before the (expensive) model load
@@ -208,33 +208,6 @@ class Recipe:
                 shutil.copy2(checkpoint / "metrics.jsonl", self.metrics.path)
             self.metrics.truncate_after(self.state.step)
         self.accelerator.print(f"resumed from {checkpoint} at step {self.state.step}")
-
-    def _launch(self) -> dict[str, Any]:
-        cfg, engine = self.cfg, self.engine
-        return {"engine": engine.kind, "num_processes": engine.num_processes, "batch_size": cfg.batch_size,
-                "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
-                "global_batch": cfg.batch_size * cfg.gradient_accumulation_steps * engine.num_processes}
-
-    def _check_launch(self, checkpoint: Path) -> None:
-        """Another launch shape may resume a run (DCP reshards), but only with the same global batch: the
-        step count and the batch order are defined by it. DeepSpeed checkpoints need the same DeepSpeed setup."""
-        import json
-
-        saved = json.loads((checkpoint / "trainer_state.json").read_text()).get("launch")
-        now = self._launch()
-        if not saved:
-            return
-        if saved["global_batch"] != now["global_batch"]:
-            raise PreftuneError(
-                f"checkpoint {checkpoint.name} was trained with a global batch of {saved['global_batch']} "
-                f"({saved['batch_size']} per device × {saved['num_processes']} processes × "
-                f"{saved['gradient_accumulation_steps']} accumulation); this launch makes {now['global_batch']}: "
-                "set --batch-size and --gradient-accumulation-steps so the product matches.")
-        if (saved["engine"] == "deepspeed") != (now["engine"] == "deepspeed") or (
-                saved["engine"] == "deepspeed" and saved["num_processes"] != now["num_processes"]):
-            raise PreftuneError(f"checkpoint {checkpoint.name} was written by {saved['engine']} on "
-                                f"{saved['num_processes']} processes; DeepSpeed checkpoints resume only under the "
-                                "same DeepSpeed launch (convert with DeepSpeed's ds_to_universal otherwise).")
 
     # ------------------------------------------------------------------------------------------ the loop
     def train_loop(self, stop: _StopRequest) -> None:
@@ -381,7 +354,8 @@ class Recipe:
         # Every process writes its shards (checkpoint.py synchronises them); the main one the rest.
         path = save_checkpoint(self.run_dir.path, st.step, model=self.policy, optimizer=self.optimizer,
                                scheduler=self.scheduler,
-                               trainer_state={**self.objective.state_dict(), "launch": self._launch()},
+                               trainer_state={**self.objective.state_dict(), "launch": self.engine.launch(
+                                   self.cfg.batch_size, self.cfg.gradient_accumulation_steps)},
                                reference_cache=self.reference.cache_file, keep=self.cfg.save_total_limit,
                                copies=(self.metrics.path, self.run_dir.config))
         acc.wait_for_everyone()

@@ -214,3 +214,25 @@ def test_ready_made_accelerate_configs_parse(name, engine, processes):
             "TRANSFORMER_BASED_WRAP"
     if name == "zero3_8gpu":
         assert cfg.deepspeed_config["zero_stage"] == 3 and cfg.deepspeed_config["zero3_save_16bit_model"]
+
+
+def test_resume_accepts_another_launch_shape_only_with_the_same_global_batch(tmp_path):
+    import json
+
+    from preftune.distributed import check_launch
+    from preftune.errors import PreftuneError
+
+    def launch(engine, n, bs, acc):
+        return {"engine": engine, "num_processes": n, "batch_size": bs, "gradient_accumulation_steps": acc,
+                "global_batch": n * bs * acc}
+
+    ckpt = tmp_path / "step-0000002"
+    ckpt.mkdir()
+    (ckpt / "trainer_state.json").write_text(json.dumps({"step": 2, "launch": launch("fsdp2", 2, 4, 2)}))
+    check_launch(ckpt, launch("single", 1, 16, 1))  # 16 = 16: resharded on load
+    check_launch(ckpt, launch("ddp", 4, 2, 2))
+    with pytest.raises(PreftuneError, match="global batch of 16 .4 per device × 2 processes × 2 accumulation.; "
+                                            "this launch makes 8"):
+        check_launch(ckpt, launch("single", 1, 8, 1))
+    with pytest.raises(PreftuneError, match="DeepSpeed checkpoints resume only"):
+        check_launch(ckpt, launch("deepspeed", 2, 4, 2))
