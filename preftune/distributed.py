@@ -189,13 +189,8 @@ class Engine:
         """The policy (a LogpsModel) and optimizer wrapped for this engine."""
         if self.kind == "single":
             return policy.to(self.device), optimizer
-        inner = getattr(policy, "model", policy)
+        _expose_model_facts(policy)
         if self.kind == "fsdp2":
-            from preftune.logprobs import causal_lm
-
-            # accelerate's transformer-based wrap reads the decoder-layer classes from `_no_split_modules`,
-            # which the LogpsModel around the transformers model does not have.
-            policy._no_split_modules = getattr(causal_lm(inner), "_no_split_modules", None)
             if self.activation_checkpointing and getattr(policy, "prefix_sharing", False):
                 # A checkpointed layer replays its forward in backward, which would append the prompt's keys
                 # to the shared KV cache a second time.
@@ -229,10 +224,7 @@ class Engine:
         if self.kind == "fsdp2":
             from accelerate.utils.fsdp_utils import fsdp2_prepare_model
 
-            from preftune.logprobs import causal_lm
-
-            module._no_split_modules = getattr(causal_lm(getattr(module, "model", module)), "_no_split_modules",
-                                               None)
+            _expose_model_facts(module)
             module = fsdp2_prepare_model(self.accelerator, module)
         elif self.kind == "deepspeed":
             module = self._deepspeed_inference(module)
@@ -350,6 +342,18 @@ def check_launch(checkpoint: Path, now: dict[str, Any]) -> None:
         raise PreftuneError(f"checkpoint {checkpoint.name} was written by {saved['engine']} on "
                             f"{saved['num_processes']} processes; DeepSpeed checkpoints resume only under the same "
                             "DeepSpeed launch (convert with DeepSpeed's ds_to_universal otherwise).")
+
+
+def _expose_model_facts(wrapper: torch.nn.Module) -> None:
+    """What accelerate reads from a transformers model, copied onto the LogpsModel around it: FSDP2's
+    transformer-based wrap takes the decoder-layer classes from `_no_split_modules`, and DeepSpeed's "auto"
+    bucket sizes come from `config.hidden_size`."""
+    from preftune.logprobs import causal_lm
+
+    lm = causal_lm(getattr(wrapper, "model", wrapper))
+    wrapper._no_split_modules = getattr(lm, "_no_split_modules", None)
+    if getattr(lm, "config", None) is not None:
+        wrapper.config = lm.config
 
 
 def _offloads(plugin: Any) -> bool:

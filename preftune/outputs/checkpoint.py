@@ -99,7 +99,8 @@ def _write_state(folder: Path, model: torch.nn.Module, optimizer, scheduler) -> 
     rank, _ = _rank_world()
     if _is_deepspeed(model):
         # What accelerate's save_state does for a DeepSpeed engine: its own (ZeRO-partitioned) checkpoint.
-        model.save_checkpoint(str(folder / "state"), tag="engine", save_latest=False)
+        # Frozen weights (a LoRA run's base) are not saved: they come from the model folder again on resume.
+        model.save_checkpoint(str(folder / "state"), tag="engine", save_latest=False, exclude_frozen_parameters=True)
     else:
         import torch.distributed.checkpoint as dcp
 
@@ -225,8 +226,8 @@ def load_checkpoint(path: Path, *, model: torch.nn.Module, optimizer, scheduler)
         raise PreftuneError(f"checkpoint {path} has no state/ folder: it was written by an older preftune or is "
                             "incomplete; start a fresh run or pass another checkpoint.")
     if _is_deepspeed(model):
-        loaded, _ = model.load_checkpoint(str(path / "state"), tag="engine", load_optimizer_states=True,
-                                          load_lr_scheduler_states=False)
+        loaded, _ = model.load_checkpoint(str(path / "state"), tag="engine", load_module_strict=False,
+                                          load_optimizer_states=True, load_lr_scheduler_states=False)
         if loaded is None:
             raise PreftuneError(f"checkpoint {path} holds no DeepSpeed state (it was written by another "
                                 "engine); resume under the launch that wrote it.")
