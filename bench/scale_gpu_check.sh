@@ -5,10 +5,10 @@
 # 0.67B Llama (no downloads). Prints, per run, the loss and final-weight gaps to the one-process fp32 run, the
 # wrapper type, and the peak GPU memory against `preftune plan`. About 4 minutes on an H100.
 #
-#   bash bench/scale_gpu_check.sh                   # OUT=/tmp/scale_gpu by default
+#   bash bench/scale_gpu_check.sh                   # SCALE_DIR=/tmp/scale_gpu by default (models: GBs)
 #   DS_WHEELS=path/to/wheels bash bench/scale_gpu_check.sh   # also ZeRO-3 (pip installs deepspeed from there)
 set -uo pipefail
-OUT=${OUT:-/tmp/scale_gpu}
+OUT=${SCALE_DIR:-/tmp/scale_gpu}  # not $OUT: the device tool uses that name for what comes back
 PY=${PY:-python}
 ACC=${ACC:-accelerate}
 SEQ=${SEQ:-256}

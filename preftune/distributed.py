@@ -73,13 +73,13 @@ def _make_accelerator(mixed_precision: str):
     # On a machine without GPUs, accelerate only forms a process group when told it runs on CPU; without it,
     # each process of `torchrun --nproc_per_node 2` would silently train alone.
     cpu = _world_size() > 1 and _no_accelerator_device()
-    if not is_initialized():
+    if not is_initialized() or AcceleratorState().mixed_precision == mixed_precision:
         return Accelerator(mixed_precision=mixed_precision, cpu=cpu)
     state = AcceleratorState()
-    if state.mixed_precision == mixed_precision or state.num_processes == 1:
-        # Same settings, or a one-process run, which takes nothing precision-related from accelerate.
-        return Accelerator(cpu=cpu) if state.mixed_precision != mixed_precision else \
-            Accelerator(mixed_precision=mixed_precision, cpu=cpu)
+    if state.num_processes == 1:
+        # An earlier run of this process set another precision, which stays in accelerate's state; a
+        # one-process run takes nothing precision-related from accelerate (see the module docstring).
+        return Accelerator(cpu=cpu)
     raise PreftuneError(f"this process already ran with mixed precision {state.mixed_precision} under "
                         f"{state.num_processes} processes; accelerate fixes that once per process, so start "
                         f"the {mixed_precision} run as its own launch.")
@@ -93,6 +93,11 @@ class Engine:
     kind: str  # single, ddp, fsdp2 or deepspeed
     mixed_precision: str
     notes: list[str] = field(default_factory=list)  # one-line facts printed once by the recipe
+    scaler: Any = None  # fp16 loss scaling of a one-process run (accelerate's does it under several)
+
+    def __post_init__(self) -> None:
+        if self.kind == "single" and self.mixed_precision == "fp16":
+            self.scaler = torch.amp.GradScaler(self.device.type)
 
     # ------------------------------------------------------------------------------------------ creation
     @classmethod
@@ -274,17 +279,20 @@ class Engine:
 
     def backward(self, loss: torch.Tensor) -> None:
         if self.kind == "single":
-            loss.backward()
+            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
         elif self.kind == "deepspeed":
             # The loss is already divided by the whole global batch's normaliser: no further 1/accumulation.
             self.accelerator.backward(loss, scale_wrt_gas=False)
         else:
             self.accelerator.backward(loss)
 
-    def clip_grad_norm(self, params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
+    def clip_grad_norm(self, params: list[torch.nn.Parameter], max_norm: float, optimizer: Any) -> torch.Tensor:
         """The global gradient norm before clipping (all processes agree on it). Under DeepSpeed the engine
-        clipped and stepped inside the last backward (gradient_clipping in its config); this reads its norm."""
+        clipped and stepped inside the last backward (gradient_clipping in its config): a non-finite update
+        cannot be skipped there, and this reads its norm."""
         if self.kind == "single":
+            if self.scaler is not None:
+                self.scaler.unscale_(optimizer)
             return torch.nn.utils.clip_grad_norm_(params, max_norm)
         norm = self.accelerator.clip_grad_norm_(params, max_norm)
         if norm is None:
@@ -293,10 +301,13 @@ class Engine:
             norm = norm.full_tensor()
         return torch.as_tensor(norm, dtype=torch.float32).detach().cpu()
 
-    @property
-    def steps_inside_backward(self) -> bool:
-        """DeepSpeed applies the update inside the last backward, before preftune sees the gradient norm."""
-        return self.kind == "deepspeed"
+    def step(self, optimizer: Any) -> None:
+        """The optimizer update (a no-op under DeepSpeed, whose engine stepped in the last backward)."""
+        if self.scaler is not None:
+            self.scaler.step(optimizer)
+            self.scaler.update()
+        else:
+            optimizer.step()
 
     def reduce_sum(self, values: list[float]) -> list[float]:
         """Sums over all processes (float64); the values themselves in a one-process run."""

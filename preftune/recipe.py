@@ -271,7 +271,8 @@ class Recipe:
                     loss = total / denominator
                     losses.append(loss.detach())
                 engine.backward(loss)
-        grad_norm = engine.clip_grad_norm(self.params, self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else 1e12)
+        grad_norm = engine.clip_grad_norm(self.params, self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else 1e12,
+                                          self.optimizer)
         bad = self._nonfinite_reason(step, micro, losses, grad_norm)
         if bad is not None:
             if self.cfg.on_nonfinite == "stop":
@@ -285,7 +286,7 @@ class Recipe:
         window.steps += 1
         window.lr = self.scheduler.get_last_lr()[0]
         if bad is None:
-            self.optimizer.step()  # a no-op under DeepSpeed, whose engine stepped in the last backward
+            engine.step(self.optimizer)
         self.objective.end_step(self.all_reduce_sum, skipped=bad is not None)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
