@@ -80,6 +80,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-template", help="Build the prompt from several fields, e.g. '{system}\\n\\n{question}'.")
     p.add_argument("--output", help="Write the audit as JSON here (a PNG and HTML report are written beside it).")
 
+    p = sub.add_parser("plan", help="Memory per GPU under DDP, FSDP2 and ZeRO, and the smallest setup that fits.",
+                       allow_abbrev=False)
+    p.add_argument("--model", required=True, help="Model folder, its config.json, or a hub name in the local cache.")
+    p.add_argument("--gpus", type=int, default=8, help="GPUs to show the table for (default 8).")
+    p.add_argument("--gpu-memory", default="80GB", help="Memory of one GPU (default 80GB).")
+    p.add_argument("--lora", action="store_true", help="Recommend for LoRA instead of full fine-tuning.")
+    p.add_argument("--lora-r", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=1024, help="max_length of the run (default 1024).")
+    p.add_argument("--batch-size", type=int, default=4, help="Pairs per micro-batch per GPU (default 4).")
+
     # The demo is not in the package (its weights would ship in every wheel): the verb runs the copy in a
     # clone, examples/news_demo, and hands it every flag (its own --help included), so it keeps no flags here.
     sub.add_parser("demo", add_help=False, help="The news-summary demo from a clone of the repository (what "
@@ -141,6 +151,10 @@ def _run(argv: Sequence[str] | None) -> int:
         from preftune.audit import run_inspect
 
         return run_inspect(args)
+    if args.command == "plan":
+        from preftune.plan import run_plan
+
+        return run_plan(args)
     if args.command in EVAL_COMMANDS:
         return _run_eval_command(args)
     raise AssertionError(args.command)

@@ -14,7 +14,6 @@ torchrun, each taking its share of every global batch; dropout off unless asked 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import math
@@ -33,6 +32,7 @@ from preftune.config import TrainConfig, check_keys
 from preftune.data.collate import collate
 from preftune.data.sampler import micro_batches
 from preftune.data.splits import load_splits
+from preftune.distributed import Engine, check_launch, rank_share, resolve_precision
 from preftune.errors import PreftuneError
 from preftune.logprobs import LogpsModel
 from preftune.modeling.load import (
@@ -44,7 +44,7 @@ from preftune.modeling.load import (
     prepare_for_training,
     resolve_model_path,
 )
-from preftune.modeling.reference import build_reference
+from preftune.modeling.reference import Placement, build_reference
 from preftune.objectives import make_objective
 from preftune.optim import build_optimizer, lr_schedule
 from preftune.outputs.checkpoint import load_checkpoint, save_checkpoint, save_final
@@ -87,22 +87,7 @@ def _as_config(config: TrainConfig | dict | str | Path) -> TrainConfig:
 
 
 def default_callbacks(cfg: TrainConfig) -> list[Callback]:
-    """What every run reports: the progress bar, eval lines as they happen, trackers (`report_to`), the run
-    report (RUN/report/), the model card (final/README.md) and the hub upload (`push_to_hub`, after the card).
-    Built before anything loads, so a tracker whose package is missing stops the run at once."""
-    from preftune.hub import HubCallback
-    from preftune.outputs.model_card import ModelCardCallback
-    from preftune.outputs.report import ReportCallback
-    from preftune.outputs.trackers import TrackerCallback
-
-    callbacks: list[Callback] = [ProgressBar()] if cfg.progress else []
-    callbacks.append(ConsoleEval())
-    if cfg.report_to:
-        callbacks.append(TrackerCallback(cfg.report_to))
-    callbacks += [ReportCallback(), ModelCardCallback()]
-    if cfg.push_to_hub:
-        callbacks.append(HubCallback())
-    return callbacks
+    return ([ProgressBar()] if cfg.progress else []) + [ConsoleEval()]
 
 
 class Recipe:
@@ -138,10 +123,16 @@ class Recipe:
         self.objective = make_objective(task, cfg.loss_config())
         self.run_dir = RunDir.plan(cfg.output_dir, resume=cfg.resume, overwrite=cfg.overwrite)  # checks only
         model_path = resolve_model_path(cfg.model, cfg.allow_pickle)
-        self.accelerator = acc = make_accelerator(cfg.mixed_precision)
-        say = acc.print
+        notes: list[str] = []
+        precision = resolve_precision(cfg.mixed_precision, notes.append)
+        self.engine = engine = Engine.create(precision)
+        self.accelerator = acc = engine.accelerator
+        say = engine.print
+        self.cfg = cfg = dataclasses.replace(cfg, mixed_precision=precision)
         # verified against its manifest (the newest intact one for --resume), hashed on the main process only
         checkpoint = self._main_first(lambda: pick_checkpoint(self.run_dir.path, cfg.resume, say))
+        if checkpoint is not None:
+            check_launch(checkpoint, self.engine.launch(cfg.batch_size, cfg.gradient_accumulation_steps))
         seed_everything(cfg.seed)
 
         # --- data: validated and tokenized before the (expensive) model load
@@ -151,16 +142,19 @@ class Recipe:
         self.train_split, self.eval_split = load_splits(cfg, self.tokenizer, task)
         say(self.train_split.summary)
         # what every checkpoint records, and a resume must match: before the model loads, so a refusal is quick
-        self.identity = run_identity(cfg, task, model_path, self.train_split.pairs, acc.num_processes)
+        self.identity = run_identity(cfg, task, model_path, self.train_split.pairs)
         if checkpoint is not None:
-            check_resume(checkpoint, self.identity, force=cfg.resume_force, say=say)
+            check_resume(checkpoint, self.identity, force=cfg.resume_force, say=say,
+                         launch=engine.launch(cfg.batch_size, cfg.gradient_accumulation_steps))
 
         # --- model
         model = load_model(model_path, dtype=cfg.dtype, attn_implementation=cfg.attn_implementation,
                            trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle, say=say)
-        check_vocabulary(model, self.tokenizer, self.train_split.pairs + (self.eval_split.pairs if self.eval_split else []))
+        check_vocabulary(model, self.tokenizer,
+                         self.train_split.pairs + (self.eval_split.pairs if self.eval_split else []))
         prepare_for_training(model, dropout=not cfg.disable_dropout, gradient_checkpointing=cfg.gradient_checkpointing)
-        model.to(acc.device)
+        if not engine.sharded:  # FSDP2 and ZeRO-3 move each process's shard to its device themselves
+            model.to(acc.device)
 
         # --- run folder: written only now that data, tokenizer and model have all loaded; locked by the main
         # process (a refusal there stops every process)
@@ -173,28 +167,43 @@ class Recipe:
                              target_modules=cfg.lora_target_modules)
             if cfg.gradient_checkpointing:
                 model.enable_input_require_grads()
+        # The dtypes final/ is written in (FSDP2 upcasts trainable weights to fp32 under mixed precision).
+        self.dtypes = {k: v.dtype for k, v in model.state_dict().items()} if engine.sharded else None
+
+        # --- optimizer, schedule, engine, batching
         forward = dict(prefix_sharing=cfg.prefix_sharing, chunk_size=cfg.logits_chunk_size)
+        optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate,
+                                    betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
+                                    weight_decay=cfg.weight_decay)
+        # The order is drawn per global batch (per-device × processes × accumulation) and cut into
+        # micro-batches of batch_size; each process then takes every n-th (rank_share): the same pairs in the
+        # same steps whatever the launch shape, for a given global batch.
+        n_proc = engine.num_processes
+        self.batching = dict(batch_size=cfg.batch_size, accumulation=cfg.gradient_accumulation_steps * n_proc,
+                             seed=cfg.seed, group_by_length=cfg.group_by_length)
+        steps_per_epoch = len(micro_batches(self.train_split.pairs, epoch=0, **self.batching))
+        total_steps = cfg.max_steps or max(1, math.ceil(steps_per_epoch * cfg.num_epochs))
+        warmup = cfg.warmup_steps or int(round(cfg.warmup_ratio * total_steps))
+        self.scheduler = lr_schedule(optimizer, cfg.lr_scheduler, warmup, total_steps)
+        self.policy, self.optimizer = engine.prepare(
+            LogpsModel(model, **forward), optimizer, batch_size=cfg.batch_size,
+            accumulation=cfg.gradient_accumulation_steps, max_grad_norm=cfg.max_grad_norm)
+        self.params = [p for p in self.policy.parameters() if p.requires_grad]  # FSDP2 swapped in DTensors
+        self.model = model
+        self._epoch_batches: dict[int, list] = {}
+        for line in [engine.describe(cfg.batch_size, cfg.gradient_accumulation_steps), *notes, *engine.notes]:
+            say(line)
+
+        # --- reference: after prepare, so a sharded policy can score the precomputed pass (split by process)
+        placement = Placement(rank=engine.process_index, world=n_proc, sharded=engine.sharded, device=acc.device,
+                              policy=self.policy, wrap_frozen=engine.prepare_frozen)
         with self.run_dir.saving("the reference log-probs cache", "nothing else was changed"):
             self.reference = build_reference(
                 cfg, model=model, model_path=model_path, needs_reference=self.objective.needs_reference,
                 splits={"train": self.train_split.pairs, "eval": self.eval_split.pairs if self.eval_split else None},
                 cache_path=self.run_dir.reference_cache, pad_id=self.tokenizer.pad_token_id, device=acc.device,
-                forward=forward, autocast=acc.autocast, is_main_process=acc.is_main_process, say=say)
-
-        # --- optimizer, schedule, batching
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = build_optimizer(self.params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                    eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay)
-        self.batching = dict(batch_size=cfg.batch_size, accumulation=cfg.gradient_accumulation_steps,
-                             seed=cfg.seed, group_by_length=cfg.group_by_length,
-                             num_processes=acc.num_processes, process_index=acc.process_index)
-        steps_per_epoch = len(micro_batches(self.train_split.pairs, epoch=0, **self.batching))
-        total_steps = cfg.max_steps or max(1, math.ceil(steps_per_epoch * cfg.num_epochs))
-        warmup = cfg.warmup_steps or int(round(cfg.warmup_ratio * total_steps))
-        self.scheduler = lr_schedule(optimizer, cfg.lr_scheduler, warmup, total_steps)
-        self.policy, self.optimizer = acc.prepare(LogpsModel(model, **forward), optimizer)
-        self.model = model
-        self._epoch_batches: dict[int, list] = {}
+                forward=forward, autocast=engine.autocast, is_main_process=acc.is_main_process, say=say,
+                placement=placement)
 
         self.state = TrainState(
             config=cfg, task=task, output_dir=self.run_dir.path, total_steps=total_steps,
@@ -205,21 +214,21 @@ class Recipe:
             self.resume(checkpoint)
 
     def _create_run_folder(self, clear: bool) -> None:
-        self.run_dir.create(clear=clear, say=self.accelerator.print)
+        self.run_dir.create(clear=clear, say=self.engine.print)
         self.run_dir.write_text(self.run_dir.config, yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
         self.run_dir.write_text(self.run_dir.data_summary, self.train_split.summary + "\n")
 
     def _main_first(self, fn):
         """fn() on the main process, its result (or its refusal) given to every process: a PreftuneError there
         must stop the others too, not leave them waiting at the next barrier."""
-        acc = self.accelerator
+        engine = self.engine
         result, error = None, None
-        if acc.is_main_process:
+        if engine.is_main_process:
             try:
                 result = fn()
             except PreftuneError as e:
                 error = str(e)
-        if acc.num_processes > 1:
+        if engine.num_processes > 1:
             from accelerate.utils import broadcast_object_list
 
             result, error = broadcast_object_list([result, error])
@@ -229,7 +238,7 @@ class Recipe:
 
     def resume(self, checkpoint: Path) -> None:
         try:
-            state = load_checkpoint(checkpoint, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)
+            state = load_checkpoint(checkpoint, model=self.policy, optimizer=self.optimizer, scheduler=self.scheduler)
         except PreftuneError:
             raise
         except Exception as e:
@@ -270,35 +279,46 @@ class Recipe:
                                        "continue with --resume")
                 return
 
-    def _micro_batches(self, epoch: int) -> list[list[list[int]]]:
+    def _micro_batches(self, epoch: int) -> list[tuple[list[list[int]], list[list[int]]]]:
+        """Each step's (this process's micro-batches, its filler micro-batches); see distributed.rank_share."""
         if epoch not in self._epoch_batches:  # one epoch's order at a time: a pure function of (seed, epoch)
-            self._epoch_batches = {epoch: micro_batches(self.train_split.pairs, epoch=epoch, **self.batching)}
+            steps = micro_batches(self.train_split.pairs, epoch=epoch, **self.batching)
+            engine = self.engine
+            self._epoch_batches = {epoch: [rank_share(m, engine.process_index, engine.num_processes)
+                                           for m in steps]}
         return self._epoch_batches[epoch]
 
-    def train_step(self, step: int, micro: list[list[int]], window: Window) -> None:
+    def train_step(self, step: int, share: tuple[list[list[int]], list[list[int]]], window: Window) -> None:
         """One optimizer step over this process's micro-batches of one global batch."""
-        acc, pairs, n_proc = self.accelerator, self.train_split.pairs, self.accelerator.num_processes
+        engine, pairs, n_proc = self.engine, self.train_split.pairs, self.engine.num_processes
+        micro, fillers = share
         # Normalise by the whole global batch (all micro-batches, all processes): accumulation then gives the
-        # same gradient as one big batch, whatever the micro-batch sizes. DDP averages gradients over
-        # processes, hence the division by n_proc.
+        # same gradient as one big batch, whatever the micro-batch sizes. DDP, FSDP2 and ZeRO average
+        # gradients over processes, hence the division by n_proc.
         local = self.objective.normaliser([pairs[i] for m in micro for i in m])
         denominator = self.all_reduce_sum([local])[0] / n_proc
         losses: list[torch.Tensor] = []
-        for k, idx in enumerate(micro):
-            batch = collate([pairs[i] for i in idx], idx, self.tokenizer.pad_token_id).to(acc.device)
-            # Every process runs every backward, even after a non-finite loss: skipping one would leave the
-            # others waiting in the gradient all-reduce.
-            sync = acc.no_sync(self.policy) if k < len(micro) - 1 and n_proc > 1 else contextlib.nullcontext()
-            with sync:
-                with acc.autocast():
+        runs = micro + fillers
+        for k, idx in enumerate(runs):
+            filler = k >= len(micro)
+            batch = collate([pairs[i] for i in idx], idx, self.tokenizer.pad_token_id).to(engine.device)
+            # Every process runs every backward, even after a non-finite loss or with nothing left to learn
+            # from (a filler): skipping one would leave the others waiting in a collective.
+            with engine.accumulating(self.policy, last=k == len(runs) - 1):
+                with engine.autocast():
                     policy = self.policy(batch)
                 reference = self.reference.train.logps(batch) if self.reference.train is not None else None
-                total, sums = self.objective.loss(policy, reference)
-                window.add({**sums, "tokens": batch.num_tokens})
-                loss = total / denominator
-                losses.append(loss.detach())
-                acc.backward(loss)
-        grad_norm = acc.clip_grad_norm_(self.params, self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else 1e12)
+                total, sums = self.objective.loss(policy, reference, training=not filler)
+                window.add(_zeroed({**sums, "tokens": batch.num_tokens}) if filler else
+                           {**sums, "tokens": batch.num_tokens})
+                if filler:
+                    loss = total * 0.0
+                else:
+                    loss = total / denominator
+                    losses.append(loss.detach())
+                engine.backward(loss)
+        grad_norm = engine.clip_grad_norm(self.params, self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else 1e12,
+                                          self.optimizer)
         bad = self._nonfinite_reason(step, micro, losses, grad_norm)
         if bad is not None:
             if self.cfg.on_nonfinite == "stop":
@@ -312,7 +332,7 @@ class Recipe:
         window.steps += 1
         window.lr = self.scheduler.get_last_lr()[0]
         if bad is None:
-            self.optimizer.step()
+            engine.step(self.optimizer)
         self.objective.end_step(self.all_reduce_sum, skipped=bad is not None)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -333,10 +353,7 @@ class Recipe:
 
     def all_reduce_sum(self, values: list[float]) -> list[float]:
         """Sums over all processes (float64); the values themselves in a one-process run."""
-        if self.accelerator.num_processes == 1:
-            return list(values)
-        t = torch.tensor(values, dtype=torch.float64, device=self.accelerator.device)
-        return self.accelerator.reduce(t, reduction="sum").tolist()
+        return self.engine.reduce_sum(values)
 
     # ------------------------------------------------------------------------------------------ metrics
     def log_train(self, window: Window, step: int) -> None:
@@ -360,11 +377,13 @@ class Recipe:
                                         pad_id=self.tokenizer.pad_token_id, device=acc.device,
                                         rank=acc.process_index, world=acc.num_processes)
         with torch.no_grad():
-            for _, batch in batches:
-                with acc.autocast():
+            for idx, batch in batches:
+                with self.engine.autocast():
                     policy = self.policy(batch)
                 reference = self.reference.eval.logps(batch) if self.reference.eval is not None else None
-                window.add(self.objective.loss(policy, reference, training=False)[1])
+                sums = self.objective.loss(policy, reference, training=False)[1]
+                # A filler batch (length_sorted_batches keeps the processes' forwards in step) counts nothing.
+                window.add(sums if idx else _zeroed(sums))
         self.policy.train()
         self.state.eval_metrics = self._log("eval", self.objective.summarize(window.totals(acc)))
         return self.state.eval_metrics
@@ -380,33 +399,40 @@ class Recipe:
     # ------------------------------------------------------------------------------------------ saving
     def save_checkpoint(self) -> None:
         acc, st = self.accelerator, self.state
-        path = None
-        if acc.is_main_process:
-            with self.run_dir.saving(f"the checkpoint of step {st.step}", "the previous checkpoints are intact",
-                                     then="continue with --resume"):
-                path = self._write_checkpoint()
+        # Every process writes its shards (checkpoint.py synchronises them); the main one the rest.
+        with self.run_dir.saving(f"the checkpoint of step {st.step}", "the previous checkpoints are intact",
+                                 then="continue with --resume"):
+            path = self._write_checkpoint()
         acc.wait_for_everyone()
-        if path is not None:
+        if acc.is_main_process:
             self.callbacks.on_save(st, path)
 
     def save(self) -> None:
         acc, st = self.accelerator, self.state
+        # Sharded: every process takes part in gathering the weights, which only the main one receives.
+        full = self.engine.full_state_dict(self.policy) if self.engine.sharded else None
         if acc.is_main_process:
-            keep = functools.partial(self.run_dir.keep_weights, st.step, self._write_checkpoint)
+            # A full disk at final/: keep the trained weights as a checkpoint instead (one process only: under
+            # several, a checkpoint is a collective write the others are not waiting for).
+            keep = (functools.partial(self.run_dir.keep_weights, st.step, self._write_checkpoint)
+                    if self.engine.num_processes == 1 else "the latest checkpoint is intact")
             with self.run_dir.saving("final/", keep):
-                save_final(self.run_dir.path, self.model, self.tokenizer, merge_lora=self.cfg.merge_lora)
+                save_final(self.run_dir.path, self.model, self.tokenizer, merge_lora=self.cfg.merge_lora,
+                           state_dict=full, dtypes=self.dtypes)
         acc.wait_for_everyone()
         st.final_dir = self.run_dir.final
         acc.print(f"saved {st.final_dir}")
         if acc.is_main_process:
             self.callbacks.on_save(st, st.final_dir)
 
+
     def _write_checkpoint(self) -> Path:
-        return save_checkpoint(self.run_dir.path, self.state.step, model=self.model, optimizer=self.optimizer,
-                               scheduler=self.scheduler,
-                               trainer_state={**self.objective.state_dict(), "identity": self.identity},
-                               reference_cache=self.reference.cache_file, keep=self.cfg.save_total_limit,
-                               copies=(self.metrics.path, self.run_dir.config))
+        cfg = self.cfg
+        state = {**self.objective.state_dict(), "identity": self.identity,
+                 "launch": self.engine.launch(cfg.batch_size, cfg.gradient_accumulation_steps)}
+        return save_checkpoint(self.run_dir.path, self.state.step, model=self.policy, optimizer=self.optimizer,
+                               scheduler=self.scheduler, trainer_state=state, reference_cache=self.reference.cache_file,
+                               keep=cfg.save_total_limit, copies=(self.metrics.path, self.run_dir.config))
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -421,17 +447,10 @@ def fit_to_context(cfg: TrainConfig, limit: int | None, say) -> TrainConfig:
     return dataclasses.replace(cfg, max_length=limit, max_prompt_length=prompt)
 
 
-def make_accelerator(mixed_precision: str):
-    """A fresh Accelerator per run. accelerate keeps one global state per process; several runs from one
-    Python process (SFT then DPO, or tests) may ask for different precisions, which is only safe to reset
-    when this process is the whole job."""
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    if AcceleratorState._shared_state and PartialState().num_processes == 1:
-        AcceleratorState._reset_state()
-        GradientState._reset_state()
-    return Accelerator(mixed_precision=mixed_precision)
+def _zeroed(sums: dict[str, Any]) -> dict[str, Any]:
+    """A filler's metric sums, all 0: every process must hold the same keys when the window is summed over
+    processes (a process with only fillers in a window would otherwise send an empty vector)."""
+    return {k: v * 0 for k, v in sums.items()}
 
 
 def seed_everything(seed: int) -> None:

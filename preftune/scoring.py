@@ -20,40 +20,71 @@ def length_sorted_batches(pairs: Sequence[TokenizedPair], batch_size: int, *, pa
                           device: torch.device | str = "cpu", rank: int = 0,
                           world: int = 1) -> Iterator[tuple[list[int], Batch]]:
     """(positions, batch) over `pairs`, longest first so each batch pads little; process `rank` of `world`
-    takes every world-th pair of that order, so the processes' shares are disjoint and of similar cost."""
-    order = sorted(range(len(pairs)), key=lambda i: -pairs[i].padded_length)[rank::world]
-    for s in range(0, len(order), batch_size):
-        idx = order[s:s + batch_size]
+    takes every world-th pair of that order, so the processes' shares are disjoint and of similar cost.
+
+    With several processes every one yields the same number of batches: a process whose share needs fewer
+    ends with filler batches, yielded with *no* positions (`([], batch)`), which the caller runs and ignores.
+    Under FSDP2 and ZeRO-3 each forward is a collective (the layers' weights are gathered from all
+    processes), so a process that skipped one would leave the others waiting forever.
+    """
+    order = sorted(range(len(pairs)), key=lambda i: -pairs[i].padded_length)
+    mine = order[rank::world]
+    for s in range(0, len(mine), batch_size):
+        idx = mine[s:s + batch_size]
         yield idx, collate([pairs[i] for i in idx], idx, pad_id).to(device)
+    if world > 1 and order:
+        most = -(-len(order[0::world]) // batch_size)  # rank 0's share is the longest
+        for _ in range(most - -(-len(mine) // batch_size)):
+            yield [], collate([pairs[order[0]]], [order[0]], pad_id).to(device)
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: FSDP2 would build its unsharded parameters as inference tensors
 def score(model: torch.nn.Module, pairs: Sequence[TokenizedPair], *, pad_id: int, batch_size: int,
           prefix_sharing: bool = True, chunk_size: int = 1024,
           autocast: Callable[[], contextlib.AbstractContextManager] | None = None,
-          progress: bool = False, desc: str = "scoring") -> SequenceLogps:
+          progress: bool = False, desc: str = "scoring", rank: int = 0, world: int = 1,
+          runner: Callable[[Batch], SequenceLogps] | None = None,
+          device: torch.device | None = None) -> SequenceLogps:
     """Summed answer log-probs and token counts of every pair under `model`, in the order of `pairs`.
 
     Returns SequenceLogps of [N] fp32 CPU tensors (rejected_* None for SFT examples). The model is put in
     eval mode for the pass (dropout off) and restored afterwards.
+
+    Several processes (`rank` of `world`, torch.distributed initialised) split the pairs, each scoring its
+    share once, and the shares are summed across processes: every pair is scored by exactly one process and
+    is 0 elsewhere, so the sum is exact. `runner` is the model as the launch wrapped it (a LogpsModel under
+    FSDP2/DeepSpeed, whose forward gathers the shards), called instead of `forward_logps(model, ...)`;
+    `device` is where batches go (default: the model's first parameter's).
     """
     from tqdm.auto import tqdm
 
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
+    module = runner if isinstance(runner, torch.nn.Module) else model
+    was_training = module.training
+    module.eval()
+    device = device or next(model.parameters()).device
     n = len(pairs)
     sides = ("chosen",) if pairs and pairs[0].rejected_ids is None else ("chosen", "rejected")
     cols = {f"{side}_{what}": torch.zeros(n) for side in sides for what in ("logps", "lengths")}
-    batches = length_sorted_batches(pairs, batch_size, pad_id=pad_id, device=device)
+    batches = length_sorted_batches(pairs, batch_size, pad_id=pad_id, device=device, rank=rank, world=world)
     with tqdm(total=n, desc=desc, unit="pair", disable=not progress, leave=False) as bar:
         for idx, batch in batches:
             with autocast() if autocast else contextlib.nullcontext():
-                out = forward_logps(model, batch, prefix_sharing=prefix_sharing, chunk_size=chunk_size)
+                if runner is not None:
+                    out = runner(batch)
+                else:
+                    out = forward_logps(model, batch, prefix_sharing=prefix_sharing, chunk_size=chunk_size)
+            if not idx:  # a filler batch (see length_sorted_batches)
+                continue
             for k, col in cols.items():
                 col[idx] = getattr(out, k).float().cpu()
-            bar.update(len(idx))
-    model.train(was_training)
+            bar.update(len(idx) * world)
+    module.train(was_training)
+    if world > 1:
+        import torch.distributed as dist
+
+        stacked = torch.stack(list(cols.values())).to(device)
+        dist.all_reduce(stacked, op=dist.ReduceOp.SUM)
+        cols = dict(zip(cols, stacked.cpu()))
     return SequenceLogps(**cols)
 
 

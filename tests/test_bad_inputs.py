@@ -203,10 +203,10 @@ def test_corrupt_checkpoint_without_intact_one(tmp_path, tiny_model_dir, pairs_f
     out = tmp_path / "o"
     assert _train_cli(tiny_model_dir, pairs_file, out, "--save-steps", "1", "--save-total-limit", "1") == 0
     ck = out / "checkpoints" / "step-0000001"
-    (ck / "state.pt").write_bytes((ck / "state.pt").read_bytes()[:100])
+    (ck / "scheduler.pt").write_bytes((ck / "scheduler.pt").read_bytes()[:100])
     capsys.readouterr()
     _expect(capsys, _train_cli(tiny_model_dir, pairs_file, out, "--resume", "--max-steps", "2"),
-            "no intact checkpoint", "state.pt has 100 bytes instead of")
+            "no intact checkpoint", "scheduler.pt has 100 bytes instead of")
 
 
 @pytest.mark.xfail(reason="data layer (issue 13, for the data owner): a lone UTF-16 surrogate escape reaches the "

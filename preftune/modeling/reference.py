@@ -10,6 +10,11 @@
 
 `build_reference` is the one place that picks the strategy (what `auto` means) and builds it; the recipe
 only asks the result for log-probs.
+
+Under several processes (`Placement`): the precomputed pass is split across them and gathered, each pair
+scored once; under FSDP2/ZeRO-3 (`Placement.sharded`) every reference forward goes through a model wrapped
+like the policy (the policy itself for `lora_disabled` and for the precompute, a frozen copy sharded like it
+for `copy`), because no process holds the whole model.
 """
 
 from __future__ import annotations
@@ -46,31 +51,46 @@ def without_adapters(model: torch.nn.Module) -> contextlib.AbstractContextManage
 
 class FrozenModel(Reference):
     """A frozen model in eval mode; a PeftModel (a copy of the policy taken after LoRA was added) runs with
-    its adapters off, so the reference is the base weights whatever the adapters hold."""
+    its adapters off, so the reference is the base weights whatever the adapters hold. `runner`: the model as
+    the engine placed it (sharded like the policy), called instead of `forward_logps(model, ...)`."""
 
-    def __init__(self, model: torch.nn.Module, *, prefix_sharing: bool, chunk_size: int):
+    def __init__(self, model: torch.nn.Module, *, prefix_sharing: bool, chunk_size: int,
+                 runner: Callable[[Any], SequenceLogps] | None = None):
         self.model = model.eval().requires_grad_(False)
         self.prefix_sharing, self.chunk_size = prefix_sharing, chunk_size
+        self.runner = runner
 
     @torch.no_grad()
     def logps(self, batch) -> SequenceLogps:
         with without_adapters(self.model):
+            if self.runner is not None:
+                return self.runner(batch)
             return forward_logps(self.model, batch, prefix_sharing=self.prefix_sharing, chunk_size=self.chunk_size)
 
 
 class DisabledAdapters(Reference):
-    def __init__(self, peft_model: torch.nn.Module, *, prefix_sharing: bool, chunk_size: int):
+    """The policy with its adapters off. `runner`: the policy as the engine wrapped it (needed when it is
+    sharded: only the wrapper's forward gathers the weights)."""
+
+    def __init__(self, peft_model: torch.nn.Module, *, prefix_sharing: bool, chunk_size: int,
+                 runner: Callable[[Any], SequenceLogps] | None = None):
         self.model = peft_model
         self.prefix_sharing, self.chunk_size = prefix_sharing, chunk_size
+        self.runner = runner
 
     @torch.no_grad()
     def logps(self, batch) -> SequenceLogps:
-        was_training = self.model.training
+        module = self.runner if isinstance(self.runner, torch.nn.Module) else self.model
+        was_training = module.training
         # eval() so a non-zero lora_dropout cannot make the reference noisy.
-        self.model.eval()
+        module.eval()
         with self.model.disable_adapter():
-            out = forward_logps(self.model, batch, prefix_sharing=self.prefix_sharing, chunk_size=self.chunk_size)
-        self.model.train(was_training)
+            if self.runner is not None:
+                out = self.runner(batch)
+            else:
+                out = forward_logps(self.model, batch, prefix_sharing=self.prefix_sharing,
+                                    chunk_size=self.chunk_size)
+        module.train(was_training)
         return out
 
 
@@ -175,16 +195,26 @@ def _read_cache(cache_file: Path, n: int, say: Callable[[str], None]) -> Precomp
 
 def precompute(model: torch.nn.Module, pairs: Sequence[TokenizedPair], *, cache_file: Path, pad_id: int,
                batch_size: int, prefix_sharing: bool, chunk_size: int, autocast=None,
-               progress: bool = False, save: bool = True, say: Callable[[str], None] = print) -> Precomputed:
+               progress: bool = False, save: bool = True, say: Callable[[str], None] = print,
+               placement: Placement | None = None,
+               runner: Callable[[Any], SequenceLogps] | None = None) -> Precomputed:
     """Reference log-probs for all pairs, loaded from `cache_file` when it exists and is plausible, else computed,
-    checked and saved."""
-    if cache_file.is_file() and (cached := _read_cache(cache_file, len(pairs), say)) is not None:
+    checked and saved.
+
+    Under several processes each scores its share of the pairs and the shares are gathered (scoring.score),
+    so every process ends with all of them; only the main process writes the cache (`save`)."""
+    placement = placement or Placement()
+    cached = _read_cache(cache_file, len(pairs), say) if cache_file.is_file() else None
+    # Every process must take the same branch: scoring is collective (the gather, and under sharding
+    # every forward), and a run folder on node-local disks may hold the cache for some processes only.
+    if _everywhere(cached is not None, placement):
         return cached
     from preftune.scoring import score
 
     with without_adapters(model):
         out = score(model, pairs, pad_id=pad_id, batch_size=batch_size, prefix_sharing=prefix_sharing,
-                    chunk_size=chunk_size, autocast=autocast, progress=progress, desc="reference log-probs")
+                    chunk_size=chunk_size, autocast=autocast, progress=progress, desc="reference log-probs",
+                    rank=placement.rank, world=placement.world, runner=runner, device=placement.device)
     chosen, rejected = out.chosen_logps, out.rejected_logps
     bad = [pairs[i].index for i in torch.nonzero(~(torch.isfinite(chosen) & torch.isfinite(rejected))).flatten()]
     if bad:
@@ -200,6 +230,31 @@ def precompute(model: torch.nn.Module, pairs: Sequence[TokenizedPair], *, cache_
     save_file({"chosen": chosen, "rejected": rejected}, str(tmp))
     tmp.replace(cache_file)
     return Precomputed(chosen, rejected)
+
+
+@dataclass
+class Placement:
+    """Where the reference's forward passes run: this process's `rank` of `world`, and under FSDP2/ZeRO-3
+    (`sharded`) the wrapped policy (`policy`: its forward gathers the shards) plus `wrap_frozen`, which
+    shards a frozen LogpsModel like the policy and returns it (distributed.Engine.prepare_frozen)."""
+
+    rank: int = 0
+    world: int = 1
+    sharded: bool = False
+    device: torch.device | None = None
+    policy: torch.nn.Module | None = None
+    wrap_frozen: Callable[[torch.nn.Module], torch.nn.Module] | None = None
+
+
+def _everywhere(flag: bool, placement: Placement) -> bool:
+    """True when `flag` holds on every process."""
+    if placement.world == 1:
+        return flag
+    import torch.distributed as dist
+
+    t = torch.tensor([int(flag)], device=placement.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
 
 
 @dataclass
@@ -222,31 +277,34 @@ def choose_strategy(requested: str, *, needs_reference: bool) -> str:
 def build_reference(cfg: Any, *, model: torch.nn.Module, model_path: str, needs_reference: bool,
                     splits: dict[str, Sequence[TokenizedPair] | None], cache_path: Callable[[str, str], Path],
                     pad_id: int, device: torch.device, forward: dict[str, Any], autocast=None,
-                    is_main_process: bool = True, say: Callable[[str], None] = print) -> ReferenceSetup:
+                    is_main_process: bool = True, say: Callable[[str], None] = print,
+                    placement: Placement | None = None) -> ReferenceSetup:
     """Build the reference `cfg.reference` asks for (a TrainConfig's reference, reference_model, dtype,
     mixed_precision, eval_batch_size, batch_size, progress, ... are read).
 
     `model` is the policy as it will be trained (a PeftModel when LoRA is on: its base weights are the
     reference). `splits` maps "train"/"eval" to their tokenized pairs (eval may be None); `cache_path(split,
     key)` names the precomputed cache file of a split; `forward` holds the forward options (prefix_sharing,
-    chunk_size) the reference passes use.
+    chunk_size) the reference passes use; `placement` says how the launch split the work (one process when
+    None). Under a sharded engine, call this after the policy was prepared (`placement.policy`).
     """
+    placement = placement or Placement(device=device)
     strategy = choose_strategy(cfg.reference, needs_reference=needs_reference)
     if strategy == "none":
         return ReferenceSetup(strategy)
     if strategy == "lora_disabled":
-        ref = DisabledAdapters(model, **forward)
+        ref = DisabledAdapters(model, **forward, runner=placement.policy if placement.sharded else None)
         return ReferenceSetup(strategy, ref, ref)
-    source = model
-    if cfg.reference_model:
-        from preftune.modeling.load import disable_dropout, load_model, resolve_model_path
-
-        source = load_model(resolve_model_path(cfg.reference_model, cfg.allow_pickle), dtype=cfg.dtype,
-                            attn_implementation=cfg.attn_implementation, trust_remote_code=cfg.trust_remote_code,
-                            allow_pickle=cfg.allow_pickle).to(device)
-        disable_dropout(source)
+    source, runner = model, placement.policy if placement.sharded else None
+    if cfg.reference_model or (placement.sharded and strategy == "copy"):
+        # Under sharding no process holds the whole policy to copy, so the copy comes from disk.
+        source = _load_reference(cfg, cfg.reference_model or model_path)
+        if placement.sharded:
+            runner = _shard_frozen(source, forward, placement)
+        else:
+            source = source.to(device)
     if strategy == "copy":
-        ref = FrozenModel(copy.deepcopy(source) if source is model else source, **forward)
+        ref = FrozenModel(copy.deepcopy(source) if source is model else source, **forward, runner=runner)
         return ReferenceSetup(strategy, ref, ref)
 
     ident = model_identity(cfg.reference_model or model_path)
@@ -259,8 +317,27 @@ def build_reference(cfg: Any, *, model: torch.nn.Module, model_path: str, needs_
         say(f"reference log-probs for {len(pairs):,} {name} pairs → {cache_file.parent.name}/{cache_file.name}")
         ref = precompute(source, pairs, cache_file=cache_file, pad_id=pad_id,
                          batch_size=cfg.eval_batch_size or 2 * cfg.batch_size, autocast=autocast,
-                         progress=cfg.progress, save=is_main_process, say=say, **forward)
+                         progress=cfg.progress, save=is_main_process, say=say, placement=placement,
+                         runner=runner, **forward)
         setattr(setup, name, ref)
         if name == "train":
             setup.cache_file = cache_file
     return setup
+
+
+def _load_reference(cfg: Any, path: str) -> torch.nn.Module:
+    from preftune.modeling.load import disable_dropout, load_model, resolve_model_path
+
+    source = load_model(resolve_model_path(path, cfg.allow_pickle), dtype=cfg.dtype,
+                        attn_implementation=cfg.attn_implementation, trust_remote_code=cfg.trust_remote_code,
+                        allow_pickle=cfg.allow_pickle)
+    disable_dropout(source)
+    return source
+
+
+def _shard_frozen(source: torch.nn.Module, forward: dict[str, Any], placement: Placement) -> torch.nn.Module:
+    from preftune.logprobs import LogpsModel
+
+    if placement.wrap_frozen is None:
+        raise ValueError("a sharded Placement needs wrap_frozen")
+    return placement.wrap_frozen(LogpsModel(source, **forward))

@@ -5,21 +5,38 @@ middle of a write leaves the previous checkpoint whole. It holds the trainable w
 the adapters), the optimizer and scheduler, the RNG states, the step (which, with the seed, fixes the
 data position because batch order is a pure function of seed and epoch), the reward shift and a link to
 the reference cache it used.
+
+    step-NNNNNNN/
+      state/              trainable weights + optimizer: torch.distributed.checkpoint (DCP), each process
+                          writing its own shards under FSDP2; a DeepSpeed engine's own checkpoint under ZeRO
+      scheduler.pt        the learning-rate schedule (weights_only-loadable)
+      rng/rank-NNNNN.pt   each process's RNG states
+      trainer_state.json  the step, reward shift, launch shape; written last
+      metrics.jsonl, config.yaml, the reference cache (hard link)
+
+Every process calls `save_checkpoint` and `load_checkpoint` (they synchronise through torch.distributed when
+it is initialised). DCP keys tensors by parameter name whatever the wrapper (DDP, FSDP2, activation
+checkpointing), and reshards on load, so a checkpoint from one launch shape loads into another (one process,
+DDP, FSDP2 with any number of processes); a DeepSpeed checkpoint resumes under the same DeepSpeed setup
+(DeepSpeed's own "universal checkpoint" conversion is the way across shapes). `final/` is consolidated:
+`save_final` takes the gathered state dict of a sharded run and writes what a one-process run writes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
 import random
 import shutil
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 
 from preftune.errors import PreftuneError
 from preftune.outputs.manifest import write_manifest
@@ -27,9 +44,83 @@ from preftune.outputs.manifest import write_manifest
 CHECKPOINTS = "checkpoints"
 
 
-def _trainable(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    # named_parameters lists a tied weight once, so safetensors never sees shared storage.
-    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+def _rank_world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _barrier() -> None:
+    if _rank_world()[1] > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def _all_ok(ok: bool) -> bool:
+    """True when `ok` holds on every process (a failed write anywhere fails the checkpoint everywhere)."""
+    if _rank_world()[1] == 1:
+        return ok
+    import torch.distributed as dist
+
+    flag = torch.tensor([int(ok)])
+    if dist.get_backend() == "nccl":
+        flag = flag.cuda()
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def _is_deepspeed(model: Any) -> bool:
+    return type(model).__name__ == "DeepSpeedEngine"
+
+
+def _dcp_state(model: torch.nn.Module, optimizer) -> tuple[dict[str, Any], Any]:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    # accelerate wraps the optimizer; DCP's helpers want the torch optimizer underneath.
+    optim = getattr(optimizer, "optimizer", optimizer)
+    with _quiet():
+        msd, osd = get_state_dict(model, optim, options=StateDictOptions(ignore_frozen_params=True))
+    return {"model": msd, "optimizer": osd}, optim
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    with warnings.catch_warnings():
+        # "assuming the intent is to save in a single process": yes, that is the one-process case.
+        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+        warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
+        yield
+
+
+def _write_state(folder: Path, model: torch.nn.Module, optimizer, scheduler) -> None:
+    """The sharded part of a checkpoint, written by every process."""
+    rank, _ = _rank_world()
+    if _is_deepspeed(model):
+        # What accelerate's save_state does for a DeepSpeed engine: its own (ZeRO-partitioned) checkpoint.
+        # Frozen weights (a LoRA run's base) are not saved: they come from the model folder again on resume.
+        model.save_checkpoint(str(folder / "state"), tag="engine", save_latest=False, exclude_frozen_parameters=True)
+    else:
+        import torch.distributed.checkpoint as dcp
+
+        state, _ = _dcp_state(model, optimizer)
+        with _quiet():
+            dcp.save(state, checkpoint_id=str(folder / "state"))
+    (folder / "rng").mkdir(exist_ok=True)
+    torch.save(rng_state(), folder / "rng" / f"rank-{rank:05d}.pt")
+    if rank == 0:
+        torch.save({"scheduler": scheduler.state_dict()}, folder / "scheduler.pt")
+
+
+def _disk_full(e: BaseException) -> bool:
+    """ENOSPC anywhere in `e` (DCP wraps each process's failure in a CheckpointException)."""
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        return True
+    failures = [f[0] if isinstance(f, tuple) else f for f in getattr(e, "failures", {}).values()]
+    return any(isinstance(x, BaseException) and x is not e and _disk_full(x)
+               for x in [*failures, e.__cause__, e.__context__])
 
 
 def rng_state() -> dict[str, Any]:
@@ -52,37 +143,55 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def save_checkpoint(run_dir: Path, step: int, *, model: torch.nn.Module, optimizer, scheduler,
                     trainer_state: dict[str, Any], reference_cache: Path | None, keep: int,
                     copies: tuple[Path, ...] = ()) -> Path:
+    """Write checkpoint `step` (every process calls this; see the module docstring). `model` is the policy
+    as the engine prepared it, `optimizer` likewise."""
+    rank, _ = _rank_world()
     root = run_dir / CHECKPOINTS
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:07d}"
     tmp = root / f".tmp-step-{step:07d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir()
-        save_file(_trainable(model), str(tmp / "trainable.safetensors"))
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()},
-                   tmp / "state.pt")
-        (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **trainer_state}, indent=1))
-        for f in copies:  # metrics so far and the resolved config: small, and a resume restores them
-            if f.is_file():
-                shutil.copy2(f, tmp / f.name)
-        if reference_cache is not None and reference_cache.is_file():
-            try:
-                os.link(reference_cache, tmp / reference_cache.name)
-            except OSError:
-                shutil.copy2(reference_cache, tmp / reference_cache.name)
-        write_manifest(tmp)  # last: a folder without its manifest was never finished
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except OSError as e:
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
-        if e.errno == errno.ENOSPC:
-            raise PreftuneError(f"the disk filled while writing the checkpoint for step {step}; the previous "
-                                "checkpoint is intact; free space and resume with --resume.") from None
+        tmp.mkdir()
+    _barrier()
+    error: BaseException | None = None
+    try:
+        _write_state(tmp, model, optimizer, scheduler)
+    except (KeyboardInterrupt, SystemExit):
         raise
-    for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+    except BaseException as e:  # every process must reach the agreement below (DCP raises BaseExceptions)
+        error = e
+    ok = _all_ok(error is None)
+    if ok and rank == 0:
+        try:
+            (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **trainer_state}, indent=1))
+            for f in copies:  # metrics so far and the resolved config: small, and a resume restores them
+                if f.is_file():
+                    shutil.copy2(f, tmp / f.name)
+            if reference_cache is not None and reference_cache.is_file():
+                try:
+                    os.link(reference_cache, tmp / reference_cache.name)
+                except OSError:
+                    shutil.copy2(reference_cache, tmp / reference_cache.name)
+            # Last, once every process has written its shards: a folder without its manifest was never finished.
+            write_manifest(tmp)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        except OSError as e:
+            error = e
+    ok = _all_ok(ok and error is None)
+    if not ok:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if error is None:
+            raise PreftuneError(f"another process failed to write the checkpoint for step {step} (its error is "
+                                "above); the previous checkpoint is intact.")
+        # A full disk, a quota, a read-only folder: the caller's RunDir.saving turns it into one sentence.
+        raise error
+    if rank == 0:
+        for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
     return final
 
 
@@ -112,35 +221,95 @@ def find_checkpoint(run_dir: Path, resume: Any) -> Path | None:
 
 
 def load_checkpoint(path: Path, *, model: torch.nn.Module, optimizer, scheduler) -> dict[str, Any]:
-    weights = load_file(str(path / "trainable.safetensors"))
-    params = dict(model.named_parameters())
-    missing = [n for n in params if params[n].requires_grad and n not in weights]
-    if missing:
-        raise PreftuneError(f"checkpoint {path} does not match this model ({len(missing)} trainable weights "
-                            f"missing, e.g. {missing[0]}); resume with the same model and LoRA settings.")
-    with torch.no_grad():
-        for name, t in weights.items():
-            params[name].copy_(t)
-    state = torch.load(path / "state.pt", weights_only=True)
-    optimizer.load_state_dict(state["optimizer"])
+    """Restore weights, optimizer, schedule and RNG from `path` into the prepared `model`/`optimizer` (every
+    process calls this); returns trainer_state.json."""
+    if not (path / "state").is_dir():
+        raise PreftuneError(f"checkpoint {path} has no state/ folder: it was written by an older preftune or is "
+                            "incomplete; start a fresh run or pass another checkpoint.")
+    if _is_deepspeed(model):
+        loaded, _ = model.load_checkpoint(str(path / "state"), tag="engine", load_module_strict=False,
+                                          load_optimizer_states=True, load_lr_scheduler_states=False)
+        if loaded is None:
+            raise PreftuneError(f"checkpoint {path} holds no DeepSpeed state (it was written by another "
+                                "engine); resume under the launch that wrote it.")
+    else:
+        _load_dcp(path, model, optimizer)
+    state = torch.load(path / "scheduler.pt", weights_only=True)
     scheduler.load_state_dict(state["scheduler"])
-    set_rng_state(state["rng"])
+    rank, _ = _rank_world()
+    rng = path / "rng" / f"rank-{rank:05d}.pt"
+    # A process the saving run did not have keeps its fresh seed: RNG only drives dropout (off by default);
+    # the data order is a pure function of seed and epoch.
+    if rng.is_file():
+        set_rng_state(torch.load(rng, weights_only=True))
     return json.loads((path / "trainer_state.json").read_text())
 
 
-def save_final(run_dir: Path, model: torch.nn.Module, tokenizer, *, merge_lora: bool) -> Path:
-    """final/: a folder AutoModelForCausalLM/AutoTokenizer (or PEFT, for adapters) load directly."""
+def _load_dcp(path: Path, model: torch.nn.Module, optimizer) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    state, optim = _dcp_state(model, optimizer)
+    try:
+        with _quiet():
+            dcp.load(state, checkpoint_id=str(path / "state"))
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:  # DCP wraps every process's failure; a line names the missing weight
+        detail = str(e).splitlines()
+        missing = next((line.strip() for line in detail if "Missing key" in line), detail[0] if detail else "")
+        raise PreftuneError(f"checkpoint {path} does not match this model ({missing}); resume with the same "
+                            "model and LoRA settings.") from None
+    with _quiet():
+        # strict=False: frozen weights are not in a checkpoint; every trainable one was (dcp.load checked).
+        set_state_dict(model, optim, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                       options=StateDictOptions(ignore_frozen_params=True, strict=False))
+
+
+def save_final(run_dir: Path, model: torch.nn.Module, tokenizer, *, merge_lora: bool,
+               state_dict: dict[str, torch.Tensor] | None = None,
+               dtypes: dict[str, torch.dtype] | None = None) -> Path:
+    """final/: a folder AutoModelForCausalLM/AutoTokenizer (or PEFT, for adapters) load directly.
+
+    `state_dict`: the gathered weights of a sharded run (keys of `model.state_dict()`), saved through a
+    copy of `model` built on the meta device and filled with them, so the folder is the one a one-process
+    run writes; `dtypes` casts them back to the dtypes the weights had before sharding (FSDP2 keeps fp32
+    master weights under mixed precision)."""
     final = run_dir / "final"
     tmp = run_dir / ".tmp-final"
     shutil.rmtree(tmp, ignore_errors=True)
-    to_save = model
-    if merge_lora and hasattr(model, "merge_and_unload"):
+    to_save = model if state_dict is None else _materialise(model, state_dict, dtypes or {})
+    if merge_lora and hasattr(to_save, "merge_and_unload"):
         import copy
 
-        to_save = copy.deepcopy(model).merge_and_unload()
+        to_save = (copy.deepcopy(to_save) if to_save is model else to_save).merge_and_unload()
     to_save.save_pretrained(str(tmp), safe_serialization=True)
     tokenizer.save_pretrained(str(tmp))
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
     return final
+
+
+def _materialise(model: torch.nn.Module, state_dict: dict[str, torch.Tensor],
+                 dtypes: dict[str, torch.dtype]) -> torch.nn.Module:
+    """A CPU module like `model` (a transformers model, or a PEFT model around one) holding `state_dict`."""
+    peft_config = getattr(model, "peft_config", None)
+    base = model.get_base_model() if peft_config else model
+    with torch.device("meta"):
+        shell = type(base)(base.config)
+    if peft_config:
+        from peft import get_peft_model
+
+        name = getattr(model, "active_adapter", "default")
+        shell = get_peft_model(shell, peft_config[name])
+    sd = {k: v.to(dtypes[k]) if k in dtypes and v.is_floating_point() else v for k, v in state_dict.items()}
+    missing, _ = shell.load_state_dict(sd, strict=False, assign=True)
+    missing = [k for k in missing if k in dtypes]  # non-persistent buffers are not saved anyway
+    if missing:
+        raise PreftuneError(f"the gathered weights lack {len(missing)} of the model's (e.g. {missing[0]}); "
+                            "final/ was not written.")
+    if getattr(base, "generation_config", None) is not None:
+        getattr(shell, "get_base_model", lambda: shell)().generation_config = base.generation_config
+    shell.tie_weights() if hasattr(shell, "tie_weights") else None
+    return shell

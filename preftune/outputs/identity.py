@@ -1,6 +1,7 @@
 """Does a checkpoint belong to this run? Resume continues the math of the steps already taken, so the model, the
-training data (as token ids), the task, the number of processes and every setting that changes the math must be
-the ones the checkpoint was trained with.
+training data (as token ids), the task and every setting that changes the math must be the ones the checkpoint
+was trained with. The launch shape may change as long as the global batch (per device × processes ×
+accumulation, recorded under "launch") does not: it defines the steps and the batch order.
 
 Each checkpoint records the run's identity (in trainer_state.json, under "identity"); `check_resume` compares it
 with this run's and refuses naming every difference, unless --resume-force. The settings in MAY_CHANGE never
@@ -27,17 +28,20 @@ MAY_CHANGE = frozenset({
     "gradient_checkpointing", "prefix_sharing", "logits_chunk_size", "on_nonfinite", "merge_lora",
     # trackers and upload (issue 14's keys): what happens to the results, not how they are computed
     "report_to", "push_to_hub", "hub_private",
+    # the global batch (per device × processes × accumulation) is what defines the steps; `check_resume` compares
+    # it, so its factors may change with the launch shape
+    "batch_size", "gradient_accumulation_steps",
 })
 
 
-def run_identity(cfg: Any, task: str, model_path: str, pairs: Sequence, num_processes: int) -> dict[str, Any]:
+def run_identity(cfg: Any, task: str, model_path: str, pairs: Sequence) -> dict[str, Any]:
     """What a checkpoint of this run must match (plain JSON values)."""
     config = {k: v for k, v in cfg.to_dict().items() if k not in MAY_CHANGE}
     return json.loads(json.dumps({
         "task": task, "model": model_identity(model_path),
         "reference_model": model_identity(cfg.reference_model) if cfg.reference_model else None,
         "data": {"pairs": len(pairs), "sha256": token_digest(pairs)},
-        "num_processes": num_processes, "config": config}, default=str))
+        "config": config}, default=str))
 
 
 def _model_change(name: str, old: str | None, new: str | None) -> str:
@@ -63,9 +67,6 @@ def differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
         old, new = saved.get("data") or {}, current["data"]
         out.append(f"the training data differ as tokenized ({old.get('pairs')} pairs, sha256 "
                    f"{str(old.get('sha256'))[:12]} → {new['pairs']} pairs, sha256 {new['sha256'][:12]})")
-    if saved.get("num_processes") != current["num_processes"]:
-        out.append(f"it ran on {saved.get('num_processes')} processes and this run has {current['num_processes']} "
-                   "(the batch order depends on it)")
     old_cfg, new_cfg = saved.get("config") or {}, current["config"]
     # Keys known to only one of the two versions of preftune are not compared.
     for key in sorted(set(old_cfg) & set(new_cfg)):
@@ -74,15 +75,32 @@ def differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     return out
 
 
-def check_resume(checkpoint: Path, identity: dict[str, Any], *, force: bool,
+def global_batch_change(saved: dict[str, Any] | None, now: dict[str, Any] | None) -> str | None:
+    """The phrase for a changed global batch between two launches (distributed.Engine.launch), else None."""
+    if not saved or not now or saved.get("global_batch") == now.get("global_batch"):
+        return None
+
+    def shape(x: dict[str, Any]) -> str:
+        return (f"{x.get('batch_size')} per device × {x.get('num_processes')} processes × "
+                f"{x.get('gradient_accumulation_steps')} accumulation")
+
+    return (f"the global batch {saved.get('global_batch')} ({shape(saved)}) → {now.get('global_batch')} "
+            f"({shape(now)}): another launch shape may resume only with the same product")
+
+
+def check_resume(checkpoint: Path, identity: dict[str, Any], *, force: bool, launch: dict[str, Any] | None = None,
                  say: Callable[[str], None] = print) -> None:
-    """Refuse to resume `checkpoint` into a run it does not belong to (naming each difference), unless `force`."""
+    """Refuse to resume `checkpoint` into a run it does not belong to (naming each difference, the global batch of
+    `launch` included), unless `force`."""
     try:
-        saved = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8")).get("identity")
+        state = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
+        saved = state.get("identity")
     except (OSError, ValueError, AttributeError):
-        saved = None
+        state, saved = {}, None
     diffs = (differences(saved, identity) if isinstance(saved, dict)
              else ["it records no run identity (written by an older preftune)"])
+    batch = global_batch_change(state.get("launch") if isinstance(state, dict) else None, launch)
+    diffs += [batch] if batch else []
     if not diffs:
         return
     if force:

@@ -319,7 +319,9 @@ class RunDir:
         if not saved:
             try:
                 saved = [write_checkpoint()]
-            except Exception:  # the disk is still full: whatever was kept before is all there is
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except BaseException:  # the disk is still full (DCP raises BaseExceptions): what was kept is all there is
                 self.remove_temporaries()
         resume = "run the same command with --resume to write final/"
         if saved:
@@ -339,9 +341,9 @@ class RunDir:
         self.check_links()
         try:
             yield
-        except PreftuneError:
+        except (PreftuneError, KeyboardInterrupt, SystemExit, GeneratorExit):
             raise
-        except Exception as e:
+        except BaseException as e:  # torch.distributed.checkpoint wraps a write's OSError in a BaseException
             failure = write_failure(e, self.path)
             if failure is None:
                 raise

@@ -34,7 +34,7 @@ def _flip_a_byte(p):
     p.write_bytes(bytes(b))
 
 
-def _drop_manifest(p):  # p is the checkpoint folder's state.pt: its folder was never finished
+def _drop_manifest(p):  # p is the checkpoint folder's scheduler.pt: its folder was never finished
     (p.parent / MANIFEST).unlink()
 
 
@@ -46,16 +46,16 @@ def _link(p):
 
 
 @pytest.mark.parametrize("spoil, why", [
-    (_truncate, r"state.pt has [\d,]+ bytes instead of [\d,]+"),
-    (_flip_a_byte, "state.pt does not match its recorded SHA-256"),
-    (lambda p: p.unlink(), "state.pt is missing"),
+    (_truncate, r"scheduler.pt has [\d,]+ bytes instead of [\d,]+"),
+    (_flip_a_byte, "scheduler.pt does not match its recorded SHA-256"),
+    (lambda p: p.unlink(), "scheduler.pt is missing"),
     (_drop_manifest, "it has no manifest.json, so it was never completely written"),
-    (_link, "state.pt is a symbolic link"),
+    (_link, "scheduler.pt is a symbolic link"),
 ], ids=["truncated", "flipped-byte", "missing-file", "unfinished", "link"])
 def test_damaged_newest_checkpoint_falls_back_to_the_previous(tmp_path, spoil, why):
     cks = _three_checkpoints(tmp_path)
     assert [damage(c) for c in cks] == [None, None, None]
-    spoil(cks[2] / "state.pt")
+    spoil(cks[2] / "scheduler.pt")
     said = []
     assert pick_checkpoint(tmp_path, True, said.append) == cks[1]
     assert len(said) == 1 and said[0].startswith("resuming from step-0000002, the newest intact checkpoint")
@@ -65,7 +65,7 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous(tmp_path, spoil, w
 def test_every_checkpoint_damaged_is_refused_listing_each(tmp_path):
     cks = _three_checkpoints(tmp_path)
     for c in cks:
-        _truncate(c / "trainable.safetensors")
+        _truncate(c / "state" / "__0_0.distcp")
     with pytest.raises(PreftuneError, match="no intact checkpoint in .*step-0000003 is damaged .*step-0000001 is "
                                             "damaged"):
         pick_checkpoint(tmp_path, True)
@@ -113,7 +113,7 @@ def _cfg(model, data, out, **kw) -> TrainConfig:
 def test_resume_skips_a_corrupt_checkpoint_and_says_so(tiny_model_dir, pairs_file, tmp_path, capsys):
     out = tmp_path / "run"
     train(_cfg(tiny_model_dir, pairs_file, out, max_steps=3))
-    _truncate(out / "checkpoints" / "step-0000003" / "trainable.safetensors")
+    _truncate(out / "checkpoints" / "step-0000003" / "state" / "__0_0.distcp")
     capsys.readouterr()
     res = train(_cfg(tiny_model_dir, pairs_file, out, max_steps=4, resume=True))
     said = capsys.readouterr().out
@@ -128,7 +128,7 @@ def test_intact_but_unloadable_checkpoint_is_one_sentence(tiny_model_dir, pairs_
     out = tmp_path / "run"
     train(_cfg(tiny_model_dir, pairs_file, out, max_steps=2))
     ck = out / "checkpoints" / "step-0000002"
-    (ck / "state.pt").write_bytes(b"not a torch file")
+    (ck / "scheduler.pt").write_bytes(b"not a torch file")
     write_manifest(ck)
     with pytest.raises(PreftuneError, match="checkpoint .*step-0000002 could not be loaded"):
         train(_cfg(tiny_model_dir, pairs_file, out, max_steps=3, resume=True))
