@@ -90,9 +90,9 @@ class TrainConfig:
     seed: int = _f(42, "Seed for data order, initialisation and dropout.")
     disable_dropout: bool = _f(True, "Turn dropout off in policy and reference (DPO's log-ratios assume it).")
 
-    # --- speed (each exact; switch off to compare)
-    prefix_sharing: bool = _f(True, "Run each pair's prompt through the model once for both answers.")
-    logits_chunk_size: int = _f(1024, "Tokens per chunk of the vocab projection + log-softmax (0 = whole batch at once).")
+    # --- speed (each exact; switch off to compare). `auto` = chosen per device by measurement (BENCHMARKS.md).
+    prefix_sharing: Any = _f("auto", "How each prompt is shared by its two answers: auto, packed (one sequence prompt·chosen·rejected), cache (KV cache) or off (true = auto, false = off).")
+    logits_chunk_size: Any = _f("auto", "Tokens per chunk of the vocab projection + log-softmax: auto, a number, or 0 for the model's own full logits.")
     group_by_length: bool = _f(True, "Batch pairs of similar length together to cut padding.")
 
     # --- evaluation, logging, saving
@@ -135,7 +135,7 @@ class TrainConfig:
                  f"{name} must be a finite number, got {v!r}.")
         for name in ("max_length", "max_prompt_length", "batch_size", "gradient_accumulation_steps", "max_steps",
                      "warmup_steps", "eval_batch_size", "eval_steps", "logging_steps", "save_steps", "save_total_limit",
-                     "lora_r", "lora_alpha", "seed", "logits_chunk_size"):
+                     "lora_r", "lora_alpha", "seed"):
             v = getattr(self, name)
             need(isinstance(v, int) and not isinstance(v, bool), f"{name} must be a whole number, got {v!r}.")
         need(self.beta > 0, f"beta must be > 0 (got {self.beta}); it is the strength of the KL anchor to the "
@@ -157,6 +157,7 @@ class TrainConfig:
         need(self.logging_steps >= 1, f"logging_steps must be at least 1 (got {self.logging_steps}).")
         need(self.max_grad_norm >= 0, f"max_grad_norm must be >= 0 (got {self.max_grad_norm}).")
         need(self.lora_r >= 1, f"lora_r must be at least 1 (got {self.lora_r}).")
+        self._validate_speed()
         for name, allowed in (("dtype", ("float32", "bfloat16", "float16")),
                               ("mixed_precision", ("no", "bf16", "fp16")),
                               ("on_nonfinite", ("stop", "skip")),
@@ -172,6 +173,21 @@ class TrainConfig:
              "reference 'lora_disabled' needs lora: true (it reuses the base weights under the adapters).")
         # Building the loss config validates the loss names and their settings in one place.
         self.loss_config()
+
+    def _validate_speed(self) -> None:
+        # Booleans are the keys' old values: true meant "share the prompt", which is now the device's best way.
+        if isinstance(self.prefix_sharing, bool):
+            self.prefix_sharing = "auto" if self.prefix_sharing else "off"
+        if self.prefix_sharing not in ("auto", "packed", "cache", "off"):
+            hint = difflib.get_close_matches(str(self.prefix_sharing), ("auto", "packed", "cache", "off"), n=1)
+            extra = f" (did you mean {hint[0]!r}?)" if hint else ""
+            raise PreftuneError(f"prefix_sharing must be one of auto, packed, cache, off (or true/false); "
+                                f"got {self.prefix_sharing!r}{extra}.")
+        c = self.logits_chunk_size
+        if isinstance(c, str) and c.strip().isdigit():
+            c = self.logits_chunk_size = int(c)
+        if not (c == "auto" or (isinstance(c, int) and not isinstance(c, bool) and c >= 0)):
+            raise PreftuneError(f"logits_chunk_size must be auto or a whole number >= 0 (0 = full logits), got {c!r}.")
 
     def loss_types(self) -> tuple[str, ...]:
         if isinstance(self.loss, str):

@@ -26,6 +26,7 @@ from preftune.config import TrainConfig, check_keys
 from preftune.data.collate import collate
 from preftune.data.sampler import micro_batches
 from preftune.data.splits import load_splits
+from preftune.device import cpu_threads, plan_forward
 from preftune.errors import PreftuneError
 from preftune.logprobs import LogpsModel
 from preftune.losses import RewardShift, nll_loss, preference_loss
@@ -233,6 +234,7 @@ def run(cfg: TrainConfig, task: str = "dpo") -> RunResult:
     model_path = resolve_model_path(cfg.model, cfg.allow_pickle)
     accelerator = _accelerator(cfg.mixed_precision)
     say = accelerator.print
+    threads = cpu_threads() if accelerator.device.type == "cpu" else None
     seed_everything(cfg.seed)
 
     # --- data: validated and tokenized before the (expensive) model load
@@ -249,7 +251,9 @@ def run(cfg: TrainConfig, task: str = "dpo") -> RunResult:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     model.to(accelerator.device)
-    fwd = dict(prefix_sharing=cfg.prefix_sharing, chunk_size=cfg.logits_chunk_size)
+    plan = plan_forward(cfg, model, accelerator.device)
+    say(plan.description)
+    fwd = plan.reference_kwargs()
 
     # --- run folder: written only now that data, tokenizer and model have all loaded
     if accelerator.is_main_process:
@@ -313,7 +317,7 @@ def run(cfg: TrainConfig, task: str = "dpo") -> RunResult:
     # --- optimizer and schedule
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                  eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay)
+                                  eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay, **plan.optimizer_kwargs)
     n_proc, rank = accelerator.num_processes, accelerator.process_index
     batching = dict(batch_size=cfg.batch_size, accumulation=cfg.gradient_accumulation_steps, seed=cfg.seed,
                     group_by_length=cfg.group_by_length, num_processes=n_proc, process_index=rank)
@@ -321,7 +325,7 @@ def run(cfg: TrainConfig, task: str = "dpo") -> RunResult:
     total_steps = cfg.max_steps or max(1, math.ceil(steps_per_epoch * cfg.num_epochs))
     warmup = cfg.warmup_steps or int(round(cfg.warmup_ratio * total_steps))
     scheduler = lr_schedule(optimizer, cfg.lr_scheduler, warmup, total_steps)
-    policy, optimizer = accelerator.prepare(LogpsModel(model, **fwd), optimizer)
+    policy, optimizer = accelerator.prepare(LogpsModel(model, **plan.policy_kwargs()), optimizer)
     reward_shift = RewardShift()
 
     start_step = 0
@@ -432,6 +436,8 @@ def run(cfg: TrainConfig, task: str = "dpo") -> RunResult:
             optimizer.zero_grad(set_to_none=True)
             done = step + 1
             bar.update(1)
+            if threads is not None:
+                threads.update()
 
             if done % cfg.logging_steps == 0 or done == total_steps:
                 window.sync(accelerator)
