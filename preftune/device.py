@@ -264,11 +264,11 @@ def _threads_pinned() -> bool:
     return any(os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"))
 
 
-def cpu_threads(sample_s: float = 0.25) -> ThreadGovernor:
+def cpu_threads(sample_s: float = 0.1) -> ThreadGovernor:
     """Set torch's threads for this machine's current load and return a governor to call every step.
 
-    Samples the other processes' CPU use for `sample_s` seconds (the recipe calls this once at setup,
-    where a quarter second is lost in the noise of model loading). Leaves a pinned thread count alone.
+    Samples the other processes' CPU use for `sample_s` seconds (10 jiffies per core at Linux's 100 Hz:
+    enough to tell a busy core from an idle one). Leaves a pinned thread count alone.
     """
     gov = ThreadGovernor()
     if gov.active:

@@ -63,12 +63,13 @@ def pack(batch, rows: str = "pair", pad_to: int = 1) -> Packed:
     dev = c_ids.device
     b, tp = batch.prompt_ids.shape
     lp = batch.prompt_mask.sum(-1)
-    if bool((lp == 0).any()):
-        raise ValueError("packed prefix sharing needs a non-empty prompt for every pair")
     lc = c_mask.sum(-1)
     lr = r_mask.sum(-1) if r_mask is not None else torch.zeros_like(lc)
     total = lp + lc + lr
-    width = int(total.max())
+    # The only host sync of the layout (a GPU waits for nothing else here).
+    width, n, shortest_prompt = torch.stack([total.max(), total.sum(), lp.min()]).tolist()
+    if shortest_prompt == 0:
+        raise ValueError("packed prefix sharing needs a non-empty prompt for every pair")
     j = torch.arange(width, device=dev)[None, :]
     lp_, lc_, tot_ = lp[:, None], lc[:, None], total[:, None]
     in_p, in_c = j < lp_, (j >= lp_) & (j < lp_ + lc_)
@@ -106,7 +107,6 @@ def pack(batch, rows: str = "pair", pad_to: int = 1) -> Packed:
 
     # One row: real tokens in row-major order; pair i starts at the sum of the lengths before it.
     starts = total.cumsum(0) - total
-    n = int(total.sum())
     length = -(-n // pad_to) * pad_to
     pad = length - n
 
