@@ -10,10 +10,12 @@ Every loss is a function of these statistics only, so all paths below must give 
   a dense 4D mask. Attention backends that cannot take such a mask fall back, said once.
 - KV-cache prefix-shared ("cache"): the prompt runs once with a KV cache, then both answers continue from
   it (two forwards; dropped under activation checkpointing, which discards the cache).
-- chunked projection (default): the decoder's hidden states are gathered at the answer positions only,
-  then projected to the vocabulary and log-softmaxed a chunk of tokens at a time under activation
-  checkpointing, so `[tokens, vocab]` logits never exist for the whole batch and prompt positions never
-  get logits at all.
+- chunked projection (default, with any of the above): the decoder's hidden states are gathered at the
+  answer positions only, then projected to the vocabulary and log-softmaxed a chunk of tokens at a time,
+  each chunk recomputed in backward unless the micro-batch's logits fit `keep_logits_mib`; prompt
+  positions never get logits at all.
+
+preftune/device.py picks among these per device (`plan_forward`).
 
 The exactness of each against the plain path is tested in tests/test_logprobs.py.
 """
