@@ -8,7 +8,8 @@ a one-line description for the run's first lines). Measured choices (BENCHMARKS.
   4096 tokens whose logits are kept for backward while a micro-batch's fit in 256 MiB (the recompute is a
   quarter of the head's work and RAM is cheap); threads from `cpu_threads()`.
 - CUDA: packed prefix sharing, the whole micro-batch in one unpadded row under a FlexAttention block mask
-  (the model's attention is switched to transformers' `flex_attention` unless the config names one); LM
+  (the model's attention is switched to transformers' `flex_attention` unless the config names one, once a
+  tiny packed forward matches the plain path and a tiny backward runs; else sdpa, one pair per row); LM
   head chunks sized to ~256 MiB of fp32 logits, always recomputed in backward; fused AdamW (no full-size
   optimizer temporaries). Not yet measured on a GPU: bench/gpu_run.sh measures it.
 
@@ -91,6 +92,21 @@ def _switch_attention(lm: torch.nn.Module, impl: str) -> bool:
         return False
 
 
+def _probe_batch(lm: torch.nn.Module, device: torch.device):
+    """Two tiny synthetic pairs of uneven lengths (token ids drawn with a fixed seed)."""
+    from preftune.data.collate import collate
+    from preftune.data.tokenize import TokenizedPair
+
+    vocab = lm.get_input_embeddings().weight.shape[0]
+    ids = torch.randint(0, vocab, (40,), generator=torch.Generator().manual_seed(0)).tolist()
+    pairs = [TokenizedPair(ids[:7], ids[7:12], ids[12:20], 0), TokenizedPair(ids[20:23], ids[23:32], ids[32:35], 1)]
+    return collate(pairs, [0, 1], 0).to(device)
+
+
+def _failure(e: Exception) -> str:
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+
 @torch.no_grad()
 def packed_matches_plain(model: torch.nn.Module, device: torch.device) -> str | None:
     """Run two tiny synthetic pairs both packed and plain; None when they agree, else why not.
@@ -99,22 +115,15 @@ def packed_matches_plain(model: torch.nn.Module, device: torch.device) -> str | 
     answer token: 1e-4 in fp32, 2e-2 in half precision (their rounding alone); a leak of the chosen answer
     into the rejected one moves log-probs by far more in a trained model.
     """
-    from preftune.data.collate import collate
-    from preftune.data.tokenize import TokenizedPair
-
     lm = logprobs.causal_lm(model)
-    vocab = lm.get_input_embeddings().weight.shape[0]
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, vocab, (40,), generator=g).tolist()
-    pairs = [TokenizedPair(ids[:7], ids[7:12], ids[12:20], 0), TokenizedPair(ids[20:23], ids[23:32], ids[32:35], 1)]
-    batch = collate(pairs, [0, 1], 0).to(device)
+    batch = _probe_batch(lm, device)
     was_training = model.training
     model.eval()
     try:
         packed = logprobs.forward_logps(model, batch, prefix_sharing="packed", chunk_size=0)
         plain = logprobs.forward_logps(model, batch, prefix_sharing="off", chunk_size=0)
     except Exception as e:  # any failure of the custom mask means: not this path
-        return f"a packed forward failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        return f"a packed forward failed ({_failure(e)})"
     finally:
         model.train(was_training)
     tokens = torch.cat([batch.chosen_mask.sum(-1), batch.rejected_mask.sum(-1)]).float()
@@ -125,12 +134,35 @@ def packed_matches_plain(model: torch.nn.Module, device: torch.device) -> str | 
     return None if worst <= tol else f"packed and plain log-probs differ by {worst:.2g} per token on a test input"
 
 
-def _packed_backend(model: torch.nn.Module, cfg_attn: str | None, device: torch.device) -> str | None:
+def packed_trains(model: torch.nn.Module, device: torch.device, autocast_dtype: torch.dtype | None) -> str | None:
+    """One tiny packed forward + backward in training mode (under the run's autocast); None when it runs.
+
+    FlexAttention compiles its backward separately from its forward; a failure there would otherwise only
+    surface at the first training step, after the reference pass. The gradients are discarded.
+    """
+    batch = _probe_batch(logprobs.causal_lm(model), device)
+    was_training = model.training
+    model.train()
+    try:
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            out = logprobs.forward_logps(model, batch, prefix_sharing="packed", chunk_size=0)
+        (out.chosen_logps.sum() - out.rejected_logps.sum()).backward()
+    except Exception as e:
+        return f"a packed backward failed ({_failure(e)})"
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.train(was_training)
+    return None
+
+
+def _packed_backend(model: torch.nn.Module, cfg, device: torch.device) -> str | None:
     """Make the model ready for the packed path (FlexAttention on CUDA); None when it runs exactly, else why not."""
     lm = logprobs.causal_lm(model)
     previous = logprobs.attention_implementation(lm)
-    if _use_flex(lm, cfg_attn, device) and _switch_attention(lm, logprobs.FLEX_ATTENTION):
-        why = logprobs.packed_unsupported(lm) or packed_matches_plain(model, device)
+    if _use_flex(lm, cfg.attn_implementation, device) and _switch_attention(lm, logprobs.FLEX_ATTENTION):
+        autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
+        why = logprobs.packed_unsupported(lm) or packed_matches_plain(model, device) or \
+            packed_trains(model, device, autocast)
         if why is None:
             return None
         log.warning("FlexAttention cannot run the packed layout here (%s); trying %s", why, previous)
@@ -148,7 +180,7 @@ def plan_forward(cfg, model: torch.nn.Module, device: torch.device | str) -> For
     lm = logprobs.causal_lm(model)
     mode = {True: "auto", False: "off"}.get(cfg.prefix_sharing, cfg.prefix_sharing)
     if mode in ("auto", "packed"):
-        why = _packed_backend(model, cfg.attn_implementation, device)
+        why = _packed_backend(model, cfg, device)
         if why:
             logprobs.say_once(f"packed prefix sharing is off for this model: {why}; using the KV-cache path")
         mode = "cache" if why else "packed"

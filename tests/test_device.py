@@ -64,6 +64,15 @@ def test_model_ignoring_the_mask_falls_back(tiny, monkeypatch):
     assert device.plan_forward(TrainConfig(), tiny, "cpu").prefix_sharing == "cache"
 
 
+def test_training_probe_runs_backward_and_discards_gradients(tiny):
+    """The check run before FlexAttention is trusted for training (here through sdpa): it must pass on a
+    model that trains, and leave no gradients or mode change behind."""
+    tiny.eval()
+    assert device.packed_trains(tiny, torch.device("cpu"), None) is None
+    assert device.packed_trains(tiny, torch.device("cpu"), torch.bfloat16) is None  # under the run's autocast
+    assert all(p.grad is None for p in tiny.parameters()) and not tiny.training
+
+
 @pytest.mark.parametrize("kw, msg", [
     (dict(prefix_sharing="packd"), "did you mean 'packed'"),
     (dict(logits_chunk_size=-1), "logits_chunk_size must be auto or a whole number"),
