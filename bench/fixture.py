@@ -28,7 +28,9 @@ ROOT = Path(__file__).resolve().parent / "fixture"
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """Llama shape of the fixture model (fp32, untied embeddings, GQA like Llama 3)."""
+    """Shape of the fixture model (fp32 weights, random init). Default: a small Llama with untied embeddings
+    and GQA like Llama 3; PRESETS hold real models' shapes. The tokenizer has at most 8,192 tokens whatever
+    the model's vocabulary (a larger one only makes the LM head as costly as the real model's)."""
 
     vocab_size: int = 8192
     hidden_size: int = 256
@@ -38,6 +40,23 @@ class ModelSpec:
     num_key_value_heads: int = 2
     max_position_embeddings: int = 1024
     seed: int = 0
+    arch: str = "llama"
+    tie_word_embeddings: bool = False
+    rms_norm_eps: float = 1e-6
+
+
+# Real models' config values (from their config.json), random init, no download. Rotary settings (theta,
+# Llama 3's frequency scaling) are left at the defaults: they change no cost.
+PRESETS = {
+    "qwen05": ModelSpec(arch="qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864,
+                        num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                        max_position_embeddings=32768, tie_word_embeddings=True, rms_norm_eps=1e-6),
+    "llama1b": ModelSpec(arch="llama", vocab_size=128256, hidden_size=2048, intermediate_size=8192,
+                         num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+                         max_position_embeddings=131072, tie_word_embeddings=True, rms_norm_eps=1e-5),
+    "tiny": ModelSpec(vocab_size=4096, hidden_size=64, intermediate_size=176, num_hidden_layers=2),
+}
+TOKENIZER_VOCAB = 8192
 
 
 @dataclass(frozen=True)
@@ -55,6 +74,11 @@ class DataSpec:
 SETS = {
     "prompt_heavy": dict(prompt_tokens=320, completion_tokens=64),
     "response_heavy": dict(prompt_tokens=128, completion_tokens=128),
+}
+# The GPU benchmark's shapes (issue 12: prompt ≈ 435 / answers ≈ 67, prompt ≈ 113 / answers ≈ 238).
+GPU_SETS = {
+    "prompt_heavy": dict(prompt_tokens=435, completion_tokens=67),
+    "response_heavy": dict(prompt_tokens=113, completion_tokens=238),
 }
 
 _CONSONANTS = "b c d f g h j k l m n p r s t v w z ch sh th st tr".split()
@@ -122,22 +146,25 @@ def build_tokenizer(source: TextSource, vocab_size: int, seed: int):
                                    pad_token="<pad>")
 
 
-def build_model(folder: Path, spec: ModelSpec, source: TextSource) -> Path:
-    """Save a randomly initialised LlamaForCausalLM (safetensors) and its tokenizer into `folder`."""
+def build_model(folder: Path, spec: ModelSpec, source: TextSource, device: str = "cpu") -> Path:
+    """Save a randomly initialised Llama/Qwen2 causal LM (fp32 safetensors) and its tokenizer into `folder`."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-    tokenizer = build_tokenizer(source, spec.vocab_size, spec.seed)
+    tokenizer = build_tokenizer(source, min(spec.vocab_size, TOKENIZER_VOCAB), spec.seed)
     if len(tokenizer) > spec.vocab_size:
         raise ValueError(f"tokenizer has {len(tokenizer)} tokens, more than the model's vocab {spec.vocab_size}")
     torch.manual_seed(spec.seed)
-    cfg = LlamaConfig(vocab_size=spec.vocab_size, hidden_size=spec.hidden_size,
-                      intermediate_size=spec.intermediate_size, num_hidden_layers=spec.num_hidden_layers,
-                      num_attention_heads=spec.num_attention_heads, num_key_value_heads=spec.num_key_value_heads,
-                      max_position_embeddings=spec.max_position_embeddings, bos_token_id=tokenizer.bos_token_id,
-                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                      tie_word_embeddings=False)
-    model = LlamaForCausalLM(cfg)
+    config_cls, model_cls = (Qwen2Config, Qwen2ForCausalLM) if spec.arch == "qwen2" else (LlamaConfig, LlamaForCausalLM)
+    extra = {"use_sliding_window": False} if spec.arch == "qwen2" else {}
+    cfg = config_cls(vocab_size=spec.vocab_size, hidden_size=spec.hidden_size,
+                     intermediate_size=spec.intermediate_size, num_hidden_layers=spec.num_hidden_layers,
+                     num_attention_heads=spec.num_attention_heads, num_key_value_heads=spec.num_key_value_heads,
+                     max_position_embeddings=spec.max_position_embeddings, bos_token_id=tokenizer.bos_token_id,
+                     eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                     tie_word_embeddings=spec.tie_word_embeddings, rms_norm_eps=spec.rms_norm_eps, **extra)
+    with torch.device(device):  # a 1B model initialises in seconds on a GPU, a minute on 2 CPU cores
+        model = model_cls(cfg)
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
@@ -193,23 +220,29 @@ def model_info(model_dir: Path) -> dict:
     h, i, v, n_layers = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"], cfg["num_hidden_layers"]
     kv = h // cfg["num_attention_heads"] * cfg["num_key_value_heads"]
     per_layer = 2 * h * h + 2 * h * kv + 3 * h * i + 2 * h   # q,o + k,v + gate,up,down + two RMSNorms
+    if cfg.get("model_type") == "qwen2":
+        per_layer += h + 2 * kv                                 # q, k, v biases
     body = n_layers * per_layer + h                            # + final norm
+    tied = bool(cfg.get("tie_word_embeddings"))
     return {"hidden": h, "intermediate": i, "layers": n_layers, "vocab": v, "kv_dim": kv,
-            "params_total": body + 2 * v * h, "params_body": body, "params_head": v * h,
+            "model_type": cfg.get("model_type"), "tied_embeddings": tied,
+            "params_total": body + (1 if tied else 2) * v * h, "params_body": body, "params_head": v * h,
             "params_embedding": v * h}
 
 
 def build(n_pairs: dict[str, int], model: ModelSpec | None = None, root: Path = ROOT,
-          log=print) -> Fixture:
-    """Build (or reuse) the fixture model and one JSONL per set in `n_pairs` ({set name: pairs})."""
+          log=print, sets: dict | None = None, device: str = "cpu") -> Fixture:
+    """Build (or reuse) the fixture model and one JSONL per set in `n_pairs` ({set name: pairs});
+    `sets` gives the sets' token shapes (default SETS, the CPU fixture's)."""
     model = model or ModelSpec()
-    specs = [DataSpec(name=name, n=n, **SETS[name]) for name, n in n_pairs.items()]
-    folder = root / _key({"model": asdict(model), "v": 1})
+    shapes = sets or SETS
+    specs = [DataSpec(name=name, n=n, **shapes[name]) for name, n in n_pairs.items()]
+    folder = root / _key({"model": asdict(model), "v": 2})
     model_dir = folder / "model"
     source = TextSource(seed=model.seed)
     if not (model_dir / "config.json").is_file():
         log(f"building fixture model in {model_dir} ...")
-        build_model(model_dir, model, source)
+        build_model(model_dir, model, source, device=device)
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)

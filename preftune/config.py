@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import math
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from preftune.config_checks import TEXT_FIELDS, annotation, check_ranges, check_types, need
 from preftune.errors import PreftuneError
 
 
@@ -94,9 +93,9 @@ class TrainConfig:
     seed: int = _f(42, "Seed for data order, initialisation and dropout.")
     disable_dropout: bool = _f(True, "Turn dropout off in policy and reference (DPO's log-ratios assume it).")
 
-    # --- speed (each exact; switch off to compare)
-    prefix_sharing: bool = _f(True, "Run each pair's prompt through the model once for both answers.")
-    logits_chunk_size: int = _f(1024, "Tokens per chunk of the vocab projection + log-softmax (0 = whole batch at once).")
+    # --- speed (each exact; switch off to compare). `auto` = chosen per device by measurement (BENCHMARKS.md).
+    prefix_sharing: Any = _f("auto", "How each prompt is shared by its two answers: auto, packed (one sequence prompt·chosen·rejected), cache (KV cache) or off (true = auto, false = off).")
+    logits_chunk_size: Any = _f("auto", "Tokens per chunk of the vocab projection + log-softmax: auto, a number, or 0 for the model's own full logits.")
     group_by_length: bool = _f(True, "Batch pairs of similar length together to cut padding.")
 
     # --- evaluation, logging, saving
@@ -135,8 +134,9 @@ class TrainConfig:
     # The checks a user can get wrong; each raises one sentence saying what to do. Every field's type and range
     # is checked here, before anything is read or written.
     def validate(self) -> None:
-        _check_types(self)
-        _check_ranges(self)
+        check_types(self)
+        check_ranges(self)
+        self._validate_speed()
         for name, allowed in (("dtype", ("float32", "bfloat16", "float16")),
                               ("mixed_precision", ("no", "bf16", "fp16")),
                               ("on_nonfinite", ("stop", "skip")),
@@ -152,14 +152,29 @@ class TrainConfig:
             from preftune.data.layouts import PromptTemplate  # the data layer owns the template syntax
 
             PromptTemplate.parse(self.prompt_template)
-        _need(not (self.reference == "lora_disabled" and not self.lora),
+        need(not (self.reference == "lora_disabled" and not self.lora),
               "reference 'lora_disabled' needs lora: true (it reuses the base weights under the adapters).")
         self.report_to = parse_report_to(self.report_to)
-        _need(self.push_to_hub is None or (isinstance(self.push_to_hub, str) and _REPO_ID.match(self.push_to_hub)
+        need(self.push_to_hub is None or (isinstance(self.push_to_hub, str) and _REPO_ID.match(self.push_to_hub)
                                            and "--" not in self.push_to_hub and ".." not in self.push_to_hub),
               f"push_to_hub must be a Hub repository name like 'user/model-name', got {self.push_to_hub!r}.")
         # Building the loss config validates the loss names and their settings in one place.
         self.loss_config()
+
+    def _validate_speed(self) -> None:
+        # Booleans are the keys' old values: true meant "share the prompt", which is now the device's best way.
+        if isinstance(self.prefix_sharing, bool):
+            self.prefix_sharing = "auto" if self.prefix_sharing else "off"
+        if self.prefix_sharing not in ("auto", "packed", "cache", "off"):
+            hint = difflib.get_close_matches(str(self.prefix_sharing), ("auto", "packed", "cache", "off"), n=1)
+            extra = f" (did you mean {hint[0]!r}?)" if hint else ""
+            raise PreftuneError(f"prefix_sharing must be one of auto, packed, cache, off (or true/false); "
+                                f"got {self.prefix_sharing!r}{extra}.")
+        c = self.logits_chunk_size
+        if isinstance(c, str) and c.strip().isdigit():
+            c = self.logits_chunk_size = int(c)
+        if not (c == "auto" or (isinstance(c, int) and not isinstance(c, bool) and c >= 0)):
+            raise PreftuneError(f"logits_chunk_size must be auto or a whole number >= 0 (0 = full logits), got {c!r}.")
 
     def loss_types(self) -> tuple[str, ...]:
         if isinstance(self.loss, str):
@@ -181,6 +196,16 @@ class TrainConfig:
         return LossConfig(loss_types=self.loss_types(), loss_weights=weights, beta=float(self.beta),
                           label_smoothing=float(self.label_smoothing), simpo_gamma=float(self.simpo_gamma),
                           dpop_lambda=float(self.dpop_lambda), sft_weight=float(self.sft_weight))
+
+    def fit_to_context(self, limit: int | None) -> tuple[TrainConfig, str | None]:
+        """This config with max_length capped at a model's `limit` positions (positions past it were never
+        trained), and the line that says so; (self, None) when it fits."""
+        if limit is None or self.max_length <= limit:
+            return self, None
+        prompt = self.max_prompt_length if self.max_prompt_length < limit else limit // 2
+        note = f" and max_prompt_length {self.max_prompt_length} to {prompt}" if prompt != self.max_prompt_length else ""
+        return (dataclasses.replace(self, max_length=limit, max_prompt_length=prompt),
+                f"max_length {self.max_length} is more than the model's {limit} positions: capped it to {limit}{note}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -220,117 +245,6 @@ def parse_report_to(value: Any) -> list[str]:
             raise PreftuneError(f"report_to names an unknown tracker {n!r}{f' (did you mean {hint[0]!r}?)' if hint else ''}; "
                                 f"use any of {', '.join(TRACKERS)}, or none.")
     return list(dict.fromkeys(n for n in names if n != "none"))
-
-
-def _need(cond: bool, msg: str) -> None:
-    if not cond:
-        raise PreftuneError(msg)
-
-
-# Values that name files, models or losses: YAML must not turn `output_dir: 2024-06-01` into a date or
-# `--model 123` into a number (the str fields are found from their annotation; these are typed Any because
-# they also take lists or booleans).
-TEXT_FIELDS = ("data", "eval_data", "resume", "loss", "lora_target_modules")
-PATH_FIELDS = ("model", "output_dir", "reference_model", "data", "eval_data", "resume")
-MAX_INT = 2**31 - 1  # counts past this are typos, and overflow int32 tensors and progress bars
-MAX_SEED = 2**32 - 1  # numpy's seed range
-
-
-def _annotation(name: str) -> str:
-    return str(next(f.type for f in dataclasses.fields(TrainConfig) if f.name == name))
-
-
-def is_text_field(name: str) -> bool:
-    """Whether a field's value is text (a path, a name, a choice) that YAML must not reinterpret."""
-    return name in TEXT_FIELDS or _annotation(name) in ("str", "str | None")
-
-
-def _is_path_list(v: Any, allow_empty: bool = False) -> bool:
-    if isinstance(v, (str, os.PathLike)):
-        return True
-    return isinstance(v, (list, tuple)) and (allow_empty or len(v) > 0) and all(
-        isinstance(x, (str, os.PathLike)) for x in v)
-
-
-def _plain(v: Any) -> Any:
-    """Path objects → str (config.yaml and the resume check store plain values)."""
-    if isinstance(v, os.PathLike):
-        return os.fspath(v)
-    if isinstance(v, tuple) or (isinstance(v, list) and any(isinstance(x, os.PathLike) for x in v)):
-        return [os.fspath(x) if isinstance(x, os.PathLike) else x for x in v]
-    return v
-
-
-def _check_types(cfg: TrainConfig) -> None:
-    for f in dataclasses.fields(cfg):
-        name, v, kind = f.name, getattr(cfg, f.name), str(f.type)
-        if name in PATH_FIELDS:
-            v = _plain(v)
-            setattr(cfg, name, v)
-        for text in (v if isinstance(v, list) else [v]):
-            _need(not (isinstance(text, str) and "\x00" in text), f"{name} contains a NUL character; remove it.")
-        if kind == "bool":
-            _need(isinstance(v, bool), f"{name} must be true or false, got {v!r}.")
-        elif kind in ("str", "str | None"):
-            _need(isinstance(v, str) or (v is None and kind == "str | None"),
-                  f"{name} must be text, got {type(v).__name__} {v!r}.")
-        elif kind == "float":
-            _need(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
-                  f"{name} must be a finite number, got {v!r}.")
-        elif kind == "int":
-            _need(isinstance(v, int) and not isinstance(v, bool), f"{name} must be a whole number, got {v!r}.")
-            _need(v <= (MAX_SEED if name == "seed" else MAX_INT),
-                  f"{name} must be at most {MAX_SEED if name == 'seed' else MAX_INT}, got {v}.")
-    _need(_is_path_list(cfg.data, allow_empty=True), f"data must be a path or a list of paths, got {cfg.data!r}.")
-    _need(cfg.eval_data is None or _is_path_list(cfg.eval_data),
-          f"eval_data must be a path or a list of paths, got {cfg.eval_data!r}.")
-    _need(cfg.resume is None or isinstance(cfg.resume, (bool, str)),
-          f"resume must be true, false or a checkpoint path, got {cfg.resume!r}.")
-    for name in ("loss", "lora_target_modules"):
-        v = getattr(cfg, name)
-        _need(isinstance(v, str) or (isinstance(v, (list, tuple)) and len(v) > 0 and all(isinstance(x, str) for x in v)),
-              f"{name} must be a name or a list of names, got {v!r}.")
-    w = cfg.loss_weights
-    _need(w is None or isinstance(w, str) or (isinstance(w, (list, tuple)) and all(
-        isinstance(x, (int, float)) and not isinstance(x, bool) for x in w)),
-          f"loss_weights must be a list of numbers, got {w!r}.")
-
-
-# name: (lowest, lowest allowed?, highest, highest allowed?); None = no bound on that side.
-RANGES: dict[str, tuple[float | None, bool, float | None, bool]] = {
-    "learning_rate": (0, False, None, False), "label_smoothing": (0, True, 0.5, False),
-    "eval_fraction": (0, True, 1, False), "warmup_ratio": (0, True, 1, False), "max_grad_norm": (0, True, None, False),
-    "weight_decay": (0, True, None, False), "num_epochs": (0, False, 1e6, True), "simpo_gamma": (0, True, None, False),
-    "dpop_lambda": (0, True, None, False), "sft_weight": (0, True, None, False), "lora_dropout": (0, True, 1, False),
-    "adam_beta1": (0, True, 1, False), "adam_beta2": (0, True, 1, False), "adam_epsilon": (0, False, None, False),
-    "batch_size": (1, True, None, False), "gradient_accumulation_steps": (1, True, None, False),
-    "logging_steps": (1, True, None, False), "lora_r": (1, True, None, False), "lora_alpha": (1, True, None, False),
-    "max_steps": (0, True, None, False), "warmup_steps": (0, True, None, False),
-    "eval_batch_size": (0, True, None, False), "eval_steps": (0, True, None, False),
-    "save_steps": (0, True, None, False), "save_total_limit": (0, True, None, False),
-    "seed": (0, True, None, False), "logits_chunk_size": (0, True, None, False),
-}
-
-
-def _range_text(low: float | None, low_in: bool, high: float | None, high_in: bool, integer: bool) -> str:
-    if high is None:
-        return f"at least {low}" if integer and low_in else f"{'>=' if low_in else '>'} {low}"
-    return f"in {'[' if low_in else '('}{low}, {high:g}{']' if high_in else ')'}"
-
-
-def _check_ranges(cfg: TrainConfig) -> None:
-    _need(cfg.beta > 0, f"beta must be > 0 (got {cfg.beta}); it is the strength of the KL anchor to the "
-          "reference, larger keeps the policy closer to it, and 0.1 is the usual default.")
-    for name, (low, low_in, high, high_in) in RANGES.items():
-        v = getattr(cfg, name)
-        ok = (low is None or (v >= low if low_in else v > low)) and (high is None or (v <= high if high_in else v < high))
-        integer = _annotation(name) == "int"
-        _need(ok, f"{name} must be {_range_text(low, low_in, high, high_in, integer)} (got {v}).")
-    _need(cfg.max_prompt_length >= 1 and cfg.max_length >= 2,
-          f"max_length ({cfg.max_length}) and max_prompt_length ({cfg.max_prompt_length}) must be positive.")
-    _need(cfg.max_prompt_length < cfg.max_length,
-          f"max_prompt_length ({cfg.max_prompt_length}) must be smaller than max_length ({cfg.max_length}) "
-          "so that some completion tokens fit.")
 
 
 def check_keys(values: dict[str, Any], where: str) -> None:
@@ -427,6 +341,15 @@ def parse_yaml(text: str, where: str, *, name: str | None = None, mapping: bool 
 
 
 _FIELDS = frozenset(f.name for f in dataclasses.fields(TrainConfig))
+
+
+def _annotation(name: str) -> str:
+    return annotation(TrainConfig, name)
+
+
+def is_text_field(name: str) -> bool:
+    """Whether a field's value is text (a path, a name, a choice) that YAML must not reinterpret."""
+    return name in TEXT_FIELDS or _annotation(name) in ("str", "str | None")
 
 
 def flag_value(name: str, text: str) -> Any:

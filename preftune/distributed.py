@@ -182,6 +182,23 @@ class Engine:
         return (f"engine: {what}{' (' + ', '.join(extras) + ')' if extras else ''}; global batch {global_batch} = "
                 f"{batch_size} per device × {self.num_processes} processes × {accumulation} accumulation")
 
+    def main_first(self, fn: Callable[[], Any]) -> Any:
+        """fn() on the main process, its result (or its refusal) given to every process: a PreftuneError there
+        must stop the others too, not leave them waiting at the next barrier."""
+        result, error = None, None
+        if self.is_main_process:
+            try:
+                result = fn()
+            except PreftuneError as e:
+                error = str(e)
+        if self.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            result, error = broadcast_object_list([result, error])
+        if error is not None:
+            raise PreftuneError(error)
+        return result
+
     def launch(self, batch_size: int, accumulation: int) -> dict[str, Any]:
         """The launch shape a checkpoint records (see check_launch)."""
         return {"engine": self.kind, "num_processes": self.num_processes, "batch_size": batch_size,
@@ -196,10 +213,11 @@ class Engine:
             return policy.to(self.device), optimizer
         _expose_model_facts(policy)
         if self.kind == "fsdp2":
-            if self.activation_checkpointing and getattr(policy, "prefix_sharing", False):
+            options = getattr(policy, "options", {})
+            if self.activation_checkpointing and options.get("prefix_sharing") == "cache":
                 # A checkpointed layer replays its forward in backward, which would append the prompt's keys
                 # to the shared KV cache a second time.
-                policy.prefix_sharing = False
+                options["prefix_sharing"] = "off"
                 self.notes.append("prefix sharing off: FSDP activation checkpointing recomputes layers, which "
                                   "a shared KV cache cannot survive (one row per answer instead)")
         if self.kind == "deepspeed":

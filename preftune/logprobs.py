@@ -2,13 +2,20 @@
 
 Every loss is a function of these statistics only, so all paths below must give the same numbers:
 
-- plain: each prompt+answer as its own right-padded row (what TRL does), full-vocabulary logits.
-- prefix-shared (default): the prompt runs once per pair; both answers continue from its KV cache, so
-  the prompt's activations (and, in backward, their gradients) are computed once instead of twice.
-- chunked projection (default): the decoder's hidden states are gathered at the answer positions only,
-  then projected to the vocabulary and log-softmaxed a chunk of tokens at a time under activation
-  checkpointing, so `[tokens, vocab]` logits never exist for the whole batch and prompt positions never
-  get logits at all.
+- plain ("off"): each prompt+answer as its own right-padded row (what TRL does).
+- packed ("packed"): each pair as one sequence prompt·chosen·rejected whose rejected answer restarts its
+  positions at the prompt's end and is masked off the chosen one (preftune/packing.py). The prompt runs
+  once, in one forward, and it composes with activation checkpointing. With a FlexAttention model the
+  whole micro-batch is one unpadded row under a block-sparse mask; with sdpa/eager one pair per row under
+  a dense 4D mask. Attention backends that cannot take such a mask fall back, said once.
+- KV-cache prefix-shared ("cache"): the prompt runs once with a KV cache, then both answers continue from
+  it (two forwards; dropped under activation checkpointing, which discards the cache).
+- chunked projection (default, with any of the above): the decoder's hidden states are gathered at the
+  answer positions only, then projected to the vocabulary and log-softmaxed a chunk of tokens at a time,
+  each chunk recomputed in backward unless the micro-batch's logits fit `keep_logits_mib`; prompt
+  positions never get logits at all.
+
+preftune/device.py picks among these per device (`plan_forward`).
 
 The exactness of each against the plain path is tested in tests/test_logprobs.py.
 """
@@ -16,13 +23,29 @@ The exactness of each against the plain path is tested in tests/test_logprobs.py
 from __future__ import annotations
 
 import inspect
+import logging
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from preftune import packing
 from preftune.data.collate import Batch
+
+log = logging.getLogger("preftune")
+MODES = ("packed", "cache", "off")
+# Attention implementations that honour a custom 4D mask / BlockMask passed as attention_mask (transformers'
+# masking_utils returns a 4D mask unchanged); flash-attention kernels take only padding masks.
+DENSE_MASK_ATTENTION = ("sdpa", "eager")
+FLEX_ATTENTION = "flex_attention"
+_said: set[str] = set()
+
+
+def say_once(message: str) -> None:
+    if message not in _said:
+        _said.add(message)
+        log.warning(message)
 
 
 @dataclass
@@ -77,15 +100,21 @@ def _head_logps(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tens
     return logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
-def token_logps(lm, states: torch.Tensor, targets: torch.Tensor, full_logits: bool, chunk_size: int) -> torch.Tensor:
-    """log p(target) for N predicting states [N, H] (or logits [N, V]) and targets [N] → [N], fp32."""
+def token_logps(lm, states: torch.Tensor, targets: torch.Tensor, full_logits: bool, chunk_size: int,
+                keep_logits_mib: float = 0) -> torch.Tensor:
+    """log p(target) for N predicting states [N, H] (or logits [N, V]) and targets [N] → [N], fp32.
+
+    In training each chunk's logits are recomputed in backward unless all N tokens' fp32 logits fit in
+    `keep_logits_mib` (CPU: RAM is cheap and the recompute is 1/4 of the head's work; GPU: 0, always recompute).
+    """
     if full_logits:
         return torch.log_softmax(states.float(), dim=-1).gather(-1, targets[:, None]).squeeze(-1)
     head = lm.get_output_embeddings()
+    recompute = states.shape[0] * head.weight.shape[0] * 4 > keep_logits_mib * 2**20
     out = []
     for s in range(0, states.shape[0], chunk_size):
         h, t = states[s:s + chunk_size], targets[s:s + chunk_size]
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() and recompute:
             # Recompute this chunk's logits in backward instead of keeping [chunk, vocab] alive.
             out.append(checkpoint(_head_logps, head, h, t, use_reentrant=False))
         else:
@@ -100,7 +129,7 @@ def _answers(batch: Batch) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return sides
 
 
-def _plain(lm, batch: Batch, full_logits: bool, chunk_size: int) -> torch.Tensor:
+def _plain(lm, batch: Batch, full_logits: bool, chunk_size: int, keep_mib: float = 0) -> torch.Tensor:
     """Each prompt+answer its own right-padded row. Returns sums [S*B] ordered side-major (c0..cB, r0..rB)."""
     prompt_lens = batch.prompt_mask.sum(-1).tolist()
     rows, predict_at, targets, seg = [], [], [], []
@@ -122,11 +151,11 @@ def _plain(lm, batch: Batch, full_logits: bool, chunk_size: int) -> torch.Tensor
         attn[r, :len(row)] = 1
     states, _ = _states(lm, full_logits, input_ids=input_ids, attention_mask=attn, use_cache=False)
     at = torch.cat(predict_at).to(device)
-    logps = token_logps(lm, states[at[:, 0], at[:, 1]], torch.cat(targets), full_logits, chunk_size)
+    logps = token_logps(lm, states[at[:, 0], at[:, 1]], torch.cat(targets), full_logits, chunk_size, keep_mib)
     return torch.zeros(len(rows), device=device, dtype=torch.float32).index_add_(0, torch.cat(seg).to(device), logps)
 
 
-def _prefix_shared(lm, batch: Batch, full_logits: bool, chunk_size: int) -> torch.Tensor:
+def _prefix_shared(lm, batch: Batch, full_logits: bool, chunk_size: int, keep_mib: float = 0) -> torch.Tensor:
     """Prompt once with a KV cache, then every answer against it. Returns sums [S*B] side-major."""
     sides = _answers(batch)
     n_sides, b = len(sides), len(batch)
@@ -148,34 +177,103 @@ def _prefix_shared(lm, batch: Batch, full_logits: bool, chunk_size: int) -> torc
     # The state predicting answer token j is the prompt's last state for j = 0, else answer state j-1.
     predictors = torch.cat([last.repeat_interleave(n_sides, 0)[:, None], astates[:, :-1]], 1)
     sel = amask.bool()
-    logps = token_logps(lm, predictors[sel], ids[sel], full_logits, chunk_size)
+    logps = token_logps(lm, predictors[sel], ids[sel], full_logits, chunk_size, keep_mib)
     seg = torch.arange(n_sides * b, device=ids.device)[:, None].expand_as(sel)[sel]
     sums = torch.zeros(n_sides * b, device=ids.device, dtype=torch.float32).index_add_(0, seg, logps)
     return sums.view(b, n_sides).t().reshape(-1)  # back to side-major
 
 
-def forward_logps(model: torch.nn.Module, batch: Batch, *, prefix_sharing: bool = True,
-                  chunk_size: int = 1024) -> SequenceLogps:
+def _packed(lm, batch: Batch, full_logits: bool, chunk_size: int, keep_mib: float = 0,
+            rows: str | None = None) -> torch.Tensor:
+    """prompt·chosen·rejected as one sequence per pair. Returns sums [S*B] side-major."""
+    impl = attention_implementation(lm)
+    flex = impl == FLEX_ATTENTION
+    rows = rows or ("packed" if flex else "pair")
+    # 128 = FlexAttention's block size: the compiled kernel then sees few distinct row lengths.
+    p = packing.pack(batch, rows=rows, pad_to=128 if rows == "packed" and flex else 1)
+    if flex:
+        mask = packing.block_mask(p, compile_mask=p.input_ids.is_cuda)
+    else:
+        # sdpa takes a bool mask in any dtype; eager adds the mask to its scores.
+        mask = packing.dense_mask(p, None if impl == "sdpa" else torch.float32)
+    states, _ = _states(lm, full_logits, input_ids=p.input_ids, attention_mask=mask, position_ids=p.position_ids,
+                        use_cache=False)
+    flat = states.reshape(-1, states.shape[-1])
+    logps = token_logps(lm, flat[p.predict], p.targets, full_logits, chunk_size, keep_mib)
+    return torch.zeros(p.num_sequences, device=flat.device, dtype=torch.float32).index_add_(0, p.seq, logps)
+
+
+def attention_implementation(lm: torch.nn.Module) -> str | None:
+    impl = getattr(lm.config, "_attn_implementation", None)
+    return impl if isinstance(impl, str) else None
+
+
+def packed_unsupported(lm: torch.nn.Module) -> str | None:
+    """Why this model cannot run the packed layout exactly (None = it can)."""
+    impl = attention_implementation(lm)
+    if impl not in (*DENSE_MASK_ATTENTION, FLEX_ATTENTION):
+        return f"its attention implementation {impl!r} takes no custom mask"
+    cfg = lm.config
+    # A sliding window counts distances in the packed row, where a rejected token sits c tokens further from
+    # its prompt than in its own sequence; our mask would replace the window rather than add to it.
+    if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True) is not False:
+        return "it uses sliding-window attention"
+    if any("sliding" in str(t) or "chunked" in str(t) for t in (getattr(cfg, "layer_types", None) or ())):
+        return "some of its layers use sliding-window or chunked attention"
+    return None
+
+
+def resolve_mode(lm: torch.nn.Module, prefix_sharing: bool | str, training: bool) -> str:
+    """The path that will run: 'packed', 'cache' or 'off'. True/'auto' = packed where the model takes the
+    mask, else the KV cache; activation checkpointing in training rules the KV cache out (it drops the cache)."""
+    mode = {True: "auto", False: "off"}.get(prefix_sharing, prefix_sharing)
+    if mode not in (*MODES, "auto"):
+        raise ValueError(f"prefix_sharing must be auto, packed, cache, off or a bool, got {prefix_sharing!r}")
+    if mode in ("auto", "packed"):
+        why = packed_unsupported(lm)
+        if why is None:
+            return "packed"
+        if mode == "packed":
+            say_once(f"packed prefix sharing is off for this model: {why}; using the KV-cache path instead")
+        mode = "cache"
+    if mode == "cache" and training and is_checkpointing(lm):
+        say_once("the KV-cache prefix sharing cannot run under activation checkpointing (it drops the cache); "
+                 "using one row per answer")
+        mode = "off"
+    return mode
+
+
+def is_checkpointing(lm: torch.nn.Module) -> bool:
+    checkpointing = getattr(lm, "is_activation_checkpointing", None)
+    if checkpointing is None:
+        checkpointing = getattr(lm, "is_gradient_checkpointing", False)
+    return bool(checkpointing)
+
+
+def forward_logps(model: torch.nn.Module, batch: Batch, *, prefix_sharing: bool | str = "auto",
+                  chunk_size: int = 1024, keep_logits_mib: float = 0, rows: str | None = None) -> SequenceLogps:
     """Summed answer log-probs of a batch under `model`.
 
     Args:
         model: a causal LM, possibly wrapped (PEFT, DDP, accelerate).
         batch: from `collate`; B pairs (or SFT examples when `rejected_ids` is None).
-        prefix_sharing: run each prompt once for both answers (exact; off → one row per answer).
+        prefix_sharing: how each prompt is shared by its answers (all exact): "packed", "cache", "off" (one
+            row per answer), or "auto"/True (packed where the model's attention takes the mask, else cache).
         chunk_size: tokens per chunk of the vocabulary projection; 0 → full logits from the model's forward.
+        keep_logits_mib: in training, keep the head's logits for backward instead of recomputing them when the
+            micro-batch's fp32 logits fit in this many MiB (0 = always recompute).
+        rows: packed layout only: "pair" (one pair per row) or "packed" (one row); default from the
+            attention implementation (FlexAttention → "packed").
     Returns:
         SequenceLogps with [B] tensors (fp32).
     """
     lm = causal_lm(model)
     full_logits = chunk_size <= 0 or not supports_chunked_head(lm)
-    # Gradient checkpointing drops the KV cache in training, which the shared-prefix path relies on.
-    checkpointing = getattr(lm, "is_activation_checkpointing", None)
-    if checkpointing is None:
-        checkpointing = lm.is_gradient_checkpointing
-    if checkpointing and lm.training and torch.is_grad_enabled():
-        prefix_sharing = False
-    run = _prefix_shared if prefix_sharing else _plain
-    sums = run(lm, batch, full_logits, chunk_size)
+    mode = resolve_mode(lm, prefix_sharing, lm.training and torch.is_grad_enabled())
+    if mode == "packed":
+        sums = _packed(lm, batch, full_logits, chunk_size, keep_logits_mib, rows)
+    else:
+        sums = (_prefix_shared if mode == "cache" else _plain)(lm, batch, full_logits, chunk_size, keep_logits_mib)
     b = len(batch)
     chosen_lengths = batch.chosen_mask.sum(-1).float()
     if batch.rejected_ids is None:
@@ -187,10 +285,12 @@ class LogpsModel(torch.nn.Module):
     """`forward_logps` as a module, so DDP/FSDP wrap *this* and their forward hooks (gradient sync,
     parameter gathering) run around the whole computation even though it calls the decoder directly."""
 
-    def __init__(self, model: torch.nn.Module, *, prefix_sharing: bool = True, chunk_size: int = 1024):
+    def __init__(self, model: torch.nn.Module, *, prefix_sharing: bool | str = "auto", chunk_size: int = 1024,
+                 keep_logits_mib: float = 0, rows: str | None = None):
         super().__init__()
         self.model = model
-        self.prefix_sharing, self.chunk_size = prefix_sharing, chunk_size
+        self.options = dict(prefix_sharing=prefix_sharing, chunk_size=chunk_size, keep_logits_mib=keep_logits_mib,
+                            rows=rows)
 
     def forward(self, batch: Batch) -> SequenceLogps:
-        return forward_logps(self.model, batch, prefix_sharing=self.prefix_sharing, chunk_size=self.chunk_size)
+        return forward_logps(self.model, batch, **self.options)

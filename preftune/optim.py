@@ -16,8 +16,9 @@ import torch
 
 
 def build_optimizer(params: Iterable[torch.nn.Parameter], *, lr: float, betas: tuple[float, float], eps: float,
-                    weight_decay: float) -> torch.optim.AdamW:
-    return torch.optim.AdamW(list(params), lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+                    weight_decay: float, **kernel: bool) -> torch.optim.AdamW:
+    """`kernel`: AdamW's implementation switches (fused=True on CUDA: one kernel, no parameter-sized temporaries)."""
+    return torch.optim.AdamW(list(params), lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, **kernel)
 
 
 def lr_factor(step: int, kind: str, warmup: int, total: int) -> float:

@@ -17,13 +17,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import random
-import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import yaml
 
@@ -32,6 +29,7 @@ from preftune.config import TrainConfig, check_keys
 from preftune.data.collate import collate
 from preftune.data.sampler import micro_batches
 from preftune.data.splits import load_splits
+from preftune.device import cpu_threads, plan_forward
 from preftune.distributed import Engine, check_launch, rank_share, resolve_precision
 from preftune.errors import PreftuneError
 from preftune.logprobs import LogpsModel
@@ -50,8 +48,9 @@ from preftune.optim import build_optimizer, lr_schedule
 from preftune.outputs.checkpoint import load_checkpoint, save_checkpoint, save_final
 from preftune.outputs.identity import check_resume, run_identity
 from preftune.outputs.manifest import pick_checkpoint
-from preftune.outputs.metrics import MetricsWriter, Window
+from preftune.outputs.metrics import MetricsWriter, Window, zeroed
 from preftune.outputs.run_dir import RunDir
+from preftune.runtime import StopRequest, seed_everything
 from preftune.scoring import length_sorted_batches
 
 
@@ -87,7 +86,22 @@ def _as_config(config: TrainConfig | dict | str | Path) -> TrainConfig:
 
 
 def default_callbacks(cfg: TrainConfig) -> list[Callback]:
-    return ([ProgressBar()] if cfg.progress else []) + [ConsoleEval()]
+    """What every run reports: the progress bar, eval lines as they happen, trackers (`report_to`), the run
+    report (RUN/report/), the model card (final/README.md) and the hub upload (`push_to_hub`, after the card).
+    Built before anything loads, so a tracker whose package is missing stops the run at once."""
+    from preftune.hub import HubCallback
+    from preftune.outputs.model_card import ModelCardCallback
+    from preftune.outputs.report import ReportCallback
+    from preftune.outputs.trackers import TrackerCallback
+
+    callbacks: list[Callback] = [ProgressBar()] if cfg.progress else []
+    callbacks.append(ConsoleEval())
+    if cfg.report_to:
+        callbacks.append(TrackerCallback(cfg.report_to))
+    callbacks += [ReportCallback(), ModelCardCallback()]
+    if cfg.push_to_hub:
+        callbacks.append(HubCallback())
+    return callbacks
 
 
 class Recipe:
@@ -101,7 +115,7 @@ class Recipe:
         try:
             self.setup()
             self.callbacks.on_train_begin(self.state)
-            with _StopRequest() as stop:
+            with StopRequest() as stop:
                 self.train_loop(stop)
             if not self.state.interrupted:
                 self.evaluate(final=True)
@@ -116,52 +130,76 @@ class Recipe:
 
     # ------------------------------------------------------------------------------------------ setup
     def setup(self) -> None:
+        """config → launch → data → model → run folder → optimizer and engine → reference → resume."""
         import transformers
 
         transformers.utils.logging.set_verbosity_error()
-        cfg, task = self.cfg, self.task
-        self.objective = make_objective(task, cfg.loss_config())
+        cfg = self.cfg
+        self.objective = make_objective(self.task, cfg.loss_config())
         self.run_dir = RunDir.plan(cfg.output_dir, resume=cfg.resume, overwrite=cfg.overwrite)  # checks only
-        model_path = resolve_model_path(cfg.model, cfg.allow_pickle)
+        self.model_path = resolve_model_path(cfg.model, cfg.allow_pickle)
         notes: list[str] = []
         precision = resolve_precision(cfg.mixed_precision, notes.append)
         self.engine = engine = Engine.create(precision)
-        self.accelerator = acc = engine.accelerator
-        say = engine.print
+        self.accelerator = engine.accelerator
         self.cfg = cfg = dataclasses.replace(cfg, mixed_precision=precision)
+        launch = engine.launch(cfg.batch_size, cfg.gradient_accumulation_steps)
         # verified against its manifest (the newest intact one for --resume), hashed on the main process only
-        checkpoint = self._main_first(lambda: pick_checkpoint(self.run_dir.path, cfg.resume, say))
+        checkpoint = engine.main_first(lambda: pick_checkpoint(self.run_dir.path, cfg.resume, engine.print))
         if checkpoint is not None:
-            check_launch(checkpoint, self.engine.launch(cfg.batch_size, cfg.gradient_accumulation_steps))
+            check_launch(checkpoint, launch)
         seed_everything(cfg.seed)
 
-        # --- data: validated and tokenized before the (expensive) model load
-        self.tokenizer = load_tokenizer(model_path, trust_remote_code=cfg.trust_remote_code)
-        self.cfg = cfg = fit_to_context(cfg, context_length(model_path, trust_remote_code=cfg.trust_remote_code),
-                                        say)
-        self.train_split, self.eval_split = load_splits(cfg, self.tokenizer, task)
-        say(self.train_split.summary)
+        self._setup_data()  # validated and tokenized before the (expensive) model load
         # what every checkpoint records, and a resume must match: before the model loads, so a refusal is quick
-        self.identity = run_identity(cfg, task, model_path, self.train_split.pairs)
+        self.identity = run_identity(self.cfg, self.task, self.model_path, self.train_split.pairs)
         if checkpoint is not None:
-            check_resume(checkpoint, self.identity, force=cfg.resume_force, say=say,
-                         launch=engine.launch(cfg.batch_size, cfg.gradient_accumulation_steps))
+            check_resume(checkpoint, self.identity, force=cfg.resume_force, say=engine.print, launch=launch)
+        model, plan = self._setup_model()
+        # The run folder is written only now that data, tokenizer and model have all loaded; the main process
+        # locks it (a refusal there stops every process).
+        fresh = checkpoint is None and (cfg.overwrite or cfg.resume == "auto")  # auto: a requeued job's first try
+        engine.main_first(lambda: self._create_run_folder(clear=fresh))
+        self.metrics = MetricsWriter(self.run_dir.metrics)
+        model = self._setup_training(model, plan)
+        for line in [engine.describe(cfg.batch_size, cfg.gradient_accumulation_steps), plan.description, *notes,
+                     *engine.notes]:
+            engine.print(line)
+        self._setup_reference(model, plan)
+        if checkpoint is not None:
+            self.resume(checkpoint)
 
-        # --- model
-        model = load_model(model_path, dtype=cfg.dtype, attn_implementation=cfg.attn_implementation,
-                           trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle, say=say)
+    def _setup_data(self) -> None:
+        cfg = self.cfg
+        self.tokenizer = load_tokenizer(self.model_path, trust_remote_code=cfg.trust_remote_code)
+        limit = context_length(self.model_path, trust_remote_code=cfg.trust_remote_code)
+        self.cfg, note = cfg.fit_to_context(limit)
+        if note:
+            self.engine.print(note)
+        self.train_split, self.eval_split = load_splits(cfg, self.tokenizer, self.task)
+        self.engine.print(self.train_split.summary)
+
+    def _setup_model(self) -> tuple[torch.nn.Module, Any]:
+        """The model, checked against the tokenizer and the data, ready for training, and the forward plan."""
+        cfg, engine = self.cfg, self.engine
+        model = load_model(self.model_path, dtype=cfg.dtype, attn_implementation=cfg.attn_implementation,
+                           trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle, say=engine.print)
         check_vocabulary(model, self.tokenizer,
                          self.train_split.pairs + (self.eval_split.pairs if self.eval_split else []))
         prepare_for_training(model, dropout=not cfg.disable_dropout, gradient_checkpointing=cfg.gradient_checkpointing)
         if not engine.sharded:  # FSDP2 and ZeRO-3 move each process's shard to its device themselves
-            model.to(acc.device)
+            model.to(engine.device)
+        # The fastest exact forward for this model and device (device.py), decided on the bare model. Under
+        # FSDP2/ZeRO-3 the weights are not on the device yet, so the packed path (which is chosen by a test
+        # forward there) is not tried: the KV-cache path, which the sharded engines were tested with.
+        plan = plan_forward(dataclasses.replace(cfg, prefix_sharing="cache") if engine.sharded and
+                            cfg.prefix_sharing == "auto" else cfg, model, engine.device)
+        self.threads = cpu_threads() if engine.device.type == "cpu" else None
+        return model, plan
 
-        # --- run folder: written only now that data, tokenizer and model have all loaded; locked by the main
-        # process (a refusal there stops every process)
-        fresh = checkpoint is None and (cfg.overwrite or cfg.resume == "auto")  # auto: a requeued job's first try
-        self._main_first(lambda: self._create_run_folder(clear=fresh))
-        self.metrics = MetricsWriter(self.run_dir.metrics)
-
+    def _setup_training(self, model: torch.nn.Module, plan: Any) -> torch.nn.Module:
+        """LoRA, optimizer, schedule, batching and the engine's wrapping; returns the (maybe LoRA) model."""
+        cfg, engine = self.cfg, self.engine
         if cfg.lora:
             model = add_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                              target_modules=cfg.lora_target_modules)
@@ -169,83 +207,51 @@ class Recipe:
                 model.enable_input_require_grads()
         # The dtypes final/ is written in (FSDP2 upcasts trainable weights to fp32 under mixed precision).
         self.dtypes = {k: v.dtype for k, v in model.state_dict().items()} if engine.sharded else None
-
-        # --- optimizer, schedule, engine, batching
-        forward = dict(prefix_sharing=cfg.prefix_sharing, chunk_size=cfg.logits_chunk_size)
         optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate,
                                     betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
-                                    weight_decay=cfg.weight_decay)
+                                    weight_decay=cfg.weight_decay, **plan.optimizer_kwargs)
         # The order is drawn per global batch (per-device × processes × accumulation) and cut into
         # micro-batches of batch_size; each process then takes every n-th (rank_share): the same pairs in the
         # same steps whatever the launch shape, for a given global batch.
-        n_proc = engine.num_processes
-        self.batching = dict(batch_size=cfg.batch_size, accumulation=cfg.gradient_accumulation_steps * n_proc,
-                             seed=cfg.seed, group_by_length=cfg.group_by_length)
+        self.batching = dict(batch_size=cfg.batch_size, accumulation=cfg.gradient_accumulation_steps *
+                             engine.num_processes, seed=cfg.seed, group_by_length=cfg.group_by_length)
         steps_per_epoch = len(micro_batches(self.train_split.pairs, epoch=0, **self.batching))
         total_steps = cfg.max_steps or max(1, math.ceil(steps_per_epoch * cfg.num_epochs))
         warmup = cfg.warmup_steps or int(round(cfg.warmup_ratio * total_steps))
         self.scheduler = lr_schedule(optimizer, cfg.lr_scheduler, warmup, total_steps)
         self.policy, self.optimizer = engine.prepare(
-            LogpsModel(model, **forward), optimizer, batch_size=cfg.batch_size,
+            LogpsModel(model, **plan.policy_kwargs()), optimizer, batch_size=cfg.batch_size,
             accumulation=cfg.gradient_accumulation_steps, max_grad_norm=cfg.max_grad_norm)
         self.params = [p for p in self.policy.parameters() if p.requires_grad]  # FSDP2 swapped in DTensors
         self.model = model
         self._epoch_batches: dict[int, list] = {}
-        for line in [engine.describe(cfg.batch_size, cfg.gradient_accumulation_steps), *notes, *engine.notes]:
-            say(line)
+        self.state = TrainState(
+            config=cfg, task=self.task, output_dir=self.run_dir.path, total_steps=total_steps,
+            steps_per_epoch=steps_per_epoch, is_main_process=engine.is_main_process,
+            num_processes=engine.num_processes, device=engine.device, model=model, tokenizer=self.tokenizer,
+            data_summary=self.train_split.summary)
+        return model
 
-        # --- reference: after prepare, so a sharded policy can score the precomputed pass (split by process)
-        placement = Placement(rank=engine.process_index, world=n_proc, sharded=engine.sharded, device=acc.device,
-                              policy=self.policy, wrap_frozen=engine.prepare_frozen)
+    def _setup_reference(self, model: torch.nn.Module, plan: Any) -> None:
+        """After the engine's prepare, so a sharded policy can score the precomputed pass (split by process)."""
+        cfg, engine = self.cfg, self.engine
+        placement = Placement(rank=engine.process_index, world=engine.num_processes, sharded=engine.sharded,
+                              device=engine.device, policy=self.policy, wrap_frozen=engine.prepare_frozen)
         with self.run_dir.saving("the reference log-probs cache", "nothing else was changed"):
             self.reference = build_reference(
-                cfg, model=model, model_path=model_path, needs_reference=self.objective.needs_reference,
+                cfg, model=model, model_path=self.model_path, needs_reference=self.objective.needs_reference,
                 splits={"train": self.train_split.pairs, "eval": self.eval_split.pairs if self.eval_split else None},
-                cache_path=self.run_dir.reference_cache, pad_id=self.tokenizer.pad_token_id, device=acc.device,
-                forward=forward, autocast=engine.autocast, is_main_process=acc.is_main_process, say=say,
-                placement=placement)
-
-        self.state = TrainState(
-            config=cfg, task=task, output_dir=self.run_dir.path, total_steps=total_steps,
-            steps_per_epoch=steps_per_epoch, is_main_process=acc.is_main_process,
-            num_processes=acc.num_processes, device=acc.device, model=model, tokenizer=self.tokenizer,
-            data_summary=self.train_split.summary)
-        if checkpoint is not None:
-            self.resume(checkpoint)
+                cache_path=self.run_dir.reference_cache, pad_id=self.tokenizer.pad_token_id, device=engine.device,
+                forward=plan.reference_kwargs(), autocast=engine.autocast, is_main_process=engine.is_main_process,
+                say=engine.print, placement=placement)
 
     def _create_run_folder(self, clear: bool) -> None:
         self.run_dir.create(clear=clear, say=self.engine.print)
         self.run_dir.write_text(self.run_dir.config, yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
         self.run_dir.write_text(self.run_dir.data_summary, self.train_split.summary + "\n")
 
-    def _main_first(self, fn):
-        """fn() on the main process, its result (or its refusal) given to every process: a PreftuneError there
-        must stop the others too, not leave them waiting at the next barrier."""
-        engine = self.engine
-        result, error = None, None
-        if engine.is_main_process:
-            try:
-                result = fn()
-            except PreftuneError as e:
-                error = str(e)
-        if engine.num_processes > 1:
-            from accelerate.utils import broadcast_object_list
-
-            result, error = broadcast_object_list([result, error])
-        if error is not None:
-            raise PreftuneError(error)
-        return result
-
     def resume(self, checkpoint: Path) -> None:
-        try:
-            state = load_checkpoint(checkpoint, model=self.policy, optimizer=self.optimizer, scheduler=self.scheduler)
-        except PreftuneError:
-            raise
-        except Exception as e:
-            # Files as saved (the manifest matched) of another layout or version, or a pickle weights_only refuses.
-            first = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise PreftuneError(f"checkpoint {checkpoint} could not be loaded ({first}); resume from another "
-                                "checkpoint (--resume PATH) or start again without --resume.") from None
+        state = load_checkpoint(checkpoint, model=self.policy, optimizer=self.optimizer, scheduler=self.scheduler)
         self.state.step = state["step"]
         self.objective.load_state_dict(state)
         if self.accelerator.is_main_process:
@@ -256,7 +262,7 @@ class Recipe:
         self.accelerator.print(f"resumed from {checkpoint} at step {self.state.step}")
 
     # ------------------------------------------------------------------------------------------ the loop
-    def train_loop(self, stop: _StopRequest) -> None:
+    def train_loop(self, stop: StopRequest) -> None:
         cfg, st = self.cfg, self.state
         self.policy.train()
         window = Window()
@@ -309,7 +315,7 @@ class Recipe:
                     policy = self.policy(batch)
                 reference = self.reference.train.logps(batch) if self.reference.train is not None else None
                 total, sums = self.objective.loss(policy, reference, training=not filler)
-                window.add(_zeroed({**sums, "tokens": batch.num_tokens}) if filler else
+                window.add(zeroed({**sums, "tokens": batch.num_tokens}) if filler else
                            {**sums, "tokens": batch.num_tokens})
                 if filler:
                     loss = total * 0.0
@@ -335,6 +341,8 @@ class Recipe:
             engine.step(self.optimizer)
         self.objective.end_step(self.all_reduce_sum, skipped=bad is not None)
         self.scheduler.step()
+        if self.threads is not None:  # fewer threads while other processes keep cores busy (device.py)
+            self.threads.update()
         self.optimizer.zero_grad(set_to_none=True)
 
     def _nonfinite_reason(self, step: int, micro: list[list[int]], losses: list[torch.Tensor],
@@ -383,7 +391,7 @@ class Recipe:
                 reference = self.reference.eval.logps(batch) if self.reference.eval is not None else None
                 sums = self.objective.loss(policy, reference, training=False)[1]
                 # A filler batch (length_sorted_batches keeps the processes' forwards in step) counts nothing.
-                window.add(sums if idx else _zeroed(sums))
+                window.add(sums if idx else zeroed(sums))
         self.policy.train()
         self.state.eval_metrics = self._log("eval", self.objective.summarize(window.totals(acc)))
         return self.state.eval_metrics
@@ -433,52 +441,3 @@ class Recipe:
         return save_checkpoint(self.run_dir.path, self.state.step, model=self.policy, optimizer=self.optimizer,
                                scheduler=self.scheduler, trainer_state=state, reference_cache=self.reference.cache_file,
                                keep=cfg.save_total_limit, copies=(self.metrics.path, self.run_dir.config))
-
-
-# ---------------------------------------------------------------------------------------------- helpers
-
-def fit_to_context(cfg: TrainConfig, limit: int | None, say) -> TrainConfig:
-    """Cap max_length at the model's context (positions past it were never trained), saying so once."""
-    if limit is None or cfg.max_length <= limit:
-        return cfg
-    prompt = cfg.max_prompt_length if cfg.max_prompt_length < limit else limit // 2
-    note = f" and max_prompt_length {cfg.max_prompt_length} to {prompt}" if prompt != cfg.max_prompt_length else ""
-    say(f"max_length {cfg.max_length} is more than the model's {limit} positions: capped it to {limit}{note}")
-    return dataclasses.replace(cfg, max_length=limit, max_prompt_length=prompt)
-
-
-def _zeroed(sums: dict[str, Any]) -> dict[str, Any]:
-    """A filler's metric sums, all 0: every process must hold the same keys when the window is summed over
-    processes (a process with only fillers in a window would otherwise send an empty vector)."""
-    return {k: v * 0 for k, v in sums.items()}
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-class _StopRequest:
-    """SIGTERM/SIGINT set a flag; the loop checkpoints at the next step boundary and exits cleanly."""
-
-    def __init__(self) -> None:
-        self.signal: int | None = None
-        self._old: dict[int, Any] = {}
-
-    def __enter__(self) -> _StopRequest:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                self._old[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: leave signals alone
-                pass
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        if self.signal is not None:  # a second Ctrl-C means now
-            raise KeyboardInterrupt
-        self.signal = signum
-
-    def __exit__(self, *exc) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)

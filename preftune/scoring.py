@@ -40,7 +40,7 @@ def length_sorted_batches(pairs: Sequence[TokenizedPair], batch_size: int, *, pa
 
 @torch.no_grad()  # not inference_mode: FSDP2 would build its unsharded parameters as inference tensors
 def score(model: torch.nn.Module, pairs: Sequence[TokenizedPair], *, pad_id: int, batch_size: int,
-          prefix_sharing: bool = True, chunk_size: int = 1024,
+          prefix_sharing: bool | str = "auto", chunk_size: int = 1024,
           autocast: Callable[[], contextlib.AbstractContextManager] | None = None,
           progress: bool = False, desc: str = "scoring", rank: int = 0, world: int = 1,
           runner: Callable[[Batch], SequenceLogps] | None = None,

@@ -27,7 +27,7 @@ from preftune.errors import PreftuneError
     ({"save_total_limit": -2}, "save_total_limit must be at least 0"),
     ({"warmup_steps": -3}, "warmup_steps must be at least 0"),
     ({"max_steps": -1}, "max_steps must be at least 0"),
-    ({"logits_chunk_size": -1}, "logits_chunk_size must be at least 0"),
+    ({"logits_chunk_size": -1}, "logits_chunk_size must be auto or a whole number >= 0"),
     ({"lora_alpha": 0}, "lora_alpha must be at least 1"),
     ({"lora_dropout": 1.0}, r"lora_dropout must be in \[0, 1\)"),
     ({"simpo_gamma": -0.5}, "simpo_gamma must be >= 0"),

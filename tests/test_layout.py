@@ -17,9 +17,9 @@ PACKAGE = Path(__file__).resolve().parents[1] / "preftune"
 LAYERS = [
     ("preftune.errors", "preftune.version"),
     ("preftune.data",),
-    ("preftune.modeling", "preftune.logprobs", "preftune.scoring"),
+    ("preftune.modeling", "preftune.logprobs", "preftune.packing", "preftune.device", "preftune.scoring"),
     ("preftune.losses", "preftune.objectives", "preftune.optim"),
-    ("preftune.config", "preftune.outputs", "preftune.callbacks"),
+    ("preftune.config", "preftune.config_checks", "preftune.outputs", "preftune.callbacks"),
     None,  # every other module: a feature (recipe, audit, evaluation, generation, hub, ...)
     ("preftune.cli", "preftune.__main__", "preftune"),
 ]
@@ -40,6 +40,9 @@ def _modules() -> list[tuple[str, Path]]:
         name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
         out.append((name, path))
     return out
+
+
+KNOWN = {m for m, _ in _modules()}
 
 
 def _runtime_nodes(tree: ast.AST):
@@ -64,8 +67,9 @@ def _imports(path: Path, module: str) -> set[str]:
                 base = module.split(".")[: len(module.split(".")) - node.level + (path.name == "__init__.py")]
                 found.add(".".join(base + ([node.module] if node.module else [])))
             elif node.module:
-                found.add(node.module)
-                found |= {f"{node.module}.{a.name}" for a in node.names}
+                # `from preftune import packing` imports the submodule, not the package's __init__
+                subs = {f"{node.module}.{a.name}" for a in node.names} & KNOWN
+                found |= subs or {node.module}
     return {m for m in found if m == "preftune" or m.startswith("preftune.")}
 
 

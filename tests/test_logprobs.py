@@ -1,11 +1,18 @@
-"""Every forward path gives the plain path's log-probs and gradients (fp32, tiny Llama)."""
+"""Every forward path gives the plain path's log-probs and gradients (fp32, tiny Llama).
+
+Tolerances: 1e-4 per sequence log-prob and 1e-5 (+1e-4 relative) per gradient entry, the issue's exactness
+bar; the paths differ only in summation order and padding, which moves fp32 results by ~1e-6 here.
+"""
 
 from __future__ import annotations
 
+import types
+
 import pytest
 import torch
-from helpers import make_pairs
+from helpers import WORDS, make_pairs
 
+from preftune import logprobs
 from preftune.data.collate import collate
 from preftune.data.tokenize import tokenize_records
 from preftune.logprobs import forward_logps
@@ -13,11 +20,20 @@ from preftune.modeling.load import load_model_and_tokenizer
 from preftune.scoring import score_completions, score_records
 
 PATHS = [
-    dict(prefix_sharing=True, chunk_size=1024),
-    dict(prefix_sharing=True, chunk_size=3),   # many small chunks
-    dict(prefix_sharing=False, chunk_size=7),
-    dict(prefix_sharing=True, chunk_size=0),   # shared prefix with full logits
+    dict(prefix_sharing="cache", chunk_size=1024),
+    dict(prefix_sharing="cache", chunk_size=3),   # many small chunks
+    dict(prefix_sharing="off", chunk_size=7),
+    dict(prefix_sharing="cache", chunk_size=0),   # shared prefix with full logits
+    dict(prefix_sharing="packed", chunk_size=1024),                # one pair per row, sdpa 4D mask
+    dict(prefix_sharing="packed", chunk_size=0),                   # packed with the model's full logits
+    dict(prefix_sharing="packed", chunk_size=5, rows="packed"),    # whole batch in one row (document mask)
+    dict(prefix_sharing="packed", chunk_size=4, keep_logits_mib=64),  # head logits kept, not recomputed
+    dict(prefix_sharing=True, chunk_size=1024),   # old boolean: auto = packed for this model
 ]
+
+
+def _path_id(p: dict) -> str:
+    return "-".join(f"{k}={v}" for k, v in p.items())
 
 
 @pytest.fixture(scope="module")
@@ -48,30 +64,131 @@ def test_plain_full_logits_matches_unpadded_rows(model_and_batch):
         assert out.chosen_lengths[i] == len(c)
 
 
-@pytest.mark.parametrize("path", PATHS, ids=lambda p: f"prefix{int(p['prefix_sharing'])}-chunk{p['chunk_size']}")
-def test_paths_match_plain_values_and_gradients(model_and_batch, path):
-    model, _, batch = model_and_batch
+def _values_and_grads(model, batch, **kw):
+    model.zero_grad()
+    out = forward_logps(model, batch, **kw)
+    loss = out.chosen_logps.sum()
+    if out.rejected_logps is not None:
+        loss = loss - 0.5 * out.rejected_logps.sum()
+    loss.backward()
+    return out, {n: p.grad.clone() for n, p in model.named_parameters()}
 
-    def run(**kw):
-        model.zero_grad()
-        out = forward_logps(model, batch, **kw)
-        (out.chosen_logps.sum() - 0.5 * out.rejected_logps.sum()).backward()
-        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-        return out, grads
 
-    ref, ref_grads = run(prefix_sharing=False, chunk_size=0)
-    out, grads = run(**path)
+def _assert_same(out, grads, ref, ref_grads):
     torch.testing.assert_close(out.chosen_logps, ref.chosen_logps, atol=1e-4, rtol=0)
-    torch.testing.assert_close(out.rejected_logps, ref.rejected_logps, atol=1e-4, rtol=0)
+    if ref.rejected_logps is not None:
+        torch.testing.assert_close(out.rejected_logps, ref.rejected_logps, atol=1e-4, rtol=0)
     for n in ref_grads:
         torch.testing.assert_close(grads[n], ref_grads[n], atol=1e-5, rtol=1e-4, msg=n)
 
 
-def test_sft_batch_has_no_rejected(model_and_batch):
+@pytest.mark.parametrize("path", PATHS, ids=_path_id)
+def test_paths_match_plain_values_and_gradients(model_and_batch, path):
+    model, _, batch = model_and_batch
+    ref, ref_grads = _values_and_grads(model, batch, prefix_sharing="off", chunk_size=0)
+    _assert_same(*_values_and_grads(model, batch, **path), ref, ref_grads)
+
+
+@pytest.fixture(scope="module")
+def uneven_batches(model_and_batch):
+    """Pairs of very different lengths under truncation (max_length 24, max_prompt_length 23):
+    a 30-word prompt cut to 23 tokens whose answers keep 1 token each (the prompt fills the row),
+    a 2-word prompt with long answers cut to fit, and a middle one; plus the same as SFT examples."""
+    _, tok, _ = model_and_batch
+    long_text = " ".join(WORDS[i % len(WORDS)] for i in range(30))
+    texts = [(long_text, " yes good cat", " no bad dog"),
+             ("question:", " " + long_text, " no"),
+             ("question: red green blue answer:", " yes good five six", " no bad")]
+    pairs, stats = tokenize_records(tok, texts, max_length=24, max_prompt_length=23)
+    assert stats.prompt_truncated == 1 and stats.completion_truncated >= 2
+    assert len(pairs[0].prompt_ids) == 23 and len(pairs[0].chosen_ids) == len(pairs[0].rejected_ids) == 1
+    sft = [type(p)(p.prompt_ids, p.chosen_ids, None, p.index) for p in pairs]
+    return (collate(pairs, range(3), tok.pad_token_id), collate(sft, range(3), tok.pad_token_id))
+
+
+@pytest.mark.parametrize("rows", ["pair", "packed"])
+@pytest.mark.parametrize("sft", [False, True], ids=["pairs", "sft"])
+def test_packed_uneven_truncated_pairs_match_unpadded_rows(model_and_batch, uneven_batches, rows, sft):
+    model, tok, _ = model_and_batch
+    batch = uneven_batches[sft]
+    ref, ref_grads = _values_and_grads(model, batch, prefix_sharing="off", chunk_size=0)
+    _assert_same(*_values_and_grads(model, batch, prefix_sharing="packed", chunk_size=3, rows=rows), ref, ref_grads)
+    with torch.no_grad():  # and against the independent one-sequence-at-a-time reference
+        out = forward_logps(model, batch, prefix_sharing="packed", rows=rows)
+    for i in range(3):
+        p = batch.prompt_ids[i][batch.prompt_mask[i].bool()].tolist()
+        c = batch.chosen_ids[i][batch.chosen_mask[i].bool()].tolist()
+        torch.testing.assert_close(out.chosen_logps[i], _manual_logps(model, tok, p, c), atol=1e-4, rtol=0)
+
+
+def test_packed_composes_with_activation_checkpointing(tiny_model_dir, model_and_batch):
+    """Under checkpointing the KV cache is dropped, so `cache` falls back to one row per answer, but the
+    packed path keeps running packed, with the same values and gradients as the plain path without it."""
+    _, _, batch = model_and_batch
+    model, _ = load_model_and_tokenizer(str(tiny_model_dir))
+    ref, ref_grads = _values_and_grads(model, batch, prefix_sharing="off", chunk_size=0)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    assert logprobs.resolve_mode(model, "packed", training=True) == "packed"
+    assert logprobs.resolve_mode(model, "cache", training=True) == "off"
+    _assert_same(*_values_and_grads(model, batch, prefix_sharing="packed", chunk_size=4), ref, ref_grads)
+
+
+def _fake_lm(**config):
+    return types.SimpleNamespace(config=types.SimpleNamespace(**config), is_gradient_checkpointing=False)
+
+
+@pytest.mark.parametrize("config, reason", [
+    (dict(_attn_implementation="flash_attention_2"), "takes no custom mask"),
+    (dict(_attn_implementation="sdpa", sliding_window=4096), "sliding-window"),
+    (dict(_attn_implementation="sdpa", sliding_window=4096, use_sliding_window=False,
+          layer_types=["full_attention", "sliding_attention"]), "sliding-window or chunked"),
+])
+def test_backends_without_custom_masks_fall_back_once(config, reason, caplog):
+    lm = _fake_lm(**config)
+    assert reason in logprobs.packed_unsupported(lm)
+    logprobs._said.clear()
+    with caplog.at_level("WARNING", logger="preftune"):
+        assert logprobs.resolve_mode(lm, "packed", training=True) == "cache"
+        assert logprobs.resolve_mode(lm, "packed", training=True) == "cache"
+        assert logprobs.resolve_mode(lm, "auto", training=True) == "cache"
+    assert sum("packed prefix sharing is off" in r.message for r in caplog.records) == 1  # said once
+    # Qwen2-style: a sliding window configured but switched off is fine.
+    assert logprobs.packed_unsupported(_fake_lm(_attn_implementation="sdpa", sliding_window=4096,
+                                                use_sliding_window=False)) is None
+
+
+def test_unknown_mode_is_refused(model_and_batch):
+    model, _, batch = model_and_batch
+    with pytest.raises(ValueError, match="prefix_sharing must be"):
+        forward_logps(model, batch, prefix_sharing="fast")
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_flex_attention_block_mask_through_the_model(tiny_model_dir, model_and_batch, monkeypatch):
+    """transformers' flex_attention backend with our BlockMask (whole batch in one row), forward only:
+    FlexAttention has no CPU backward, and its compiled kernel takes ~25 s to build on this CPU, so the
+    eager FlexAttention implementation stands in for the compiled one (same mask semantics)."""
+    fa = pytest.importorskip("transformers.integrations.flex_attention")
+    from torch.nn.attention.flex_attention import flex_attention
+
+    monkeypatch.setattr(fa, "compile_friendly_flex_attention",
+                        lambda q, k, v, training=False, **kw: flex_attention(q, k, v, **kw))
+    model, _, batch = model_and_batch
+    flex_model, _ = load_model_and_tokenizer(str(tiny_model_dir), attn_implementation="flex_attention")
+    with torch.no_grad():
+        ref = forward_logps(model, batch, prefix_sharing="off", chunk_size=0)
+        out = forward_logps(flex_model, batch, prefix_sharing="packed", chunk_size=1024)
+    torch.testing.assert_close(out.chosen_logps, ref.chosen_logps, atol=1e-4, rtol=0)
+    torch.testing.assert_close(out.rejected_logps, ref.rejected_logps, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("mode", ["packed", "cache", "off"])
+def test_sft_batch_has_no_rejected(model_and_batch, mode):
     model, tok, _ = model_and_batch
     pairs, _ = tokenize_records(tok, [("question: red answer:", " yes good cat")], max_length=64, max_prompt_length=32)
     batch = collate(pairs, [0], tok.pad_token_id)
-    out = forward_logps(model, batch)
+    out = forward_logps(model, batch, prefix_sharing=mode)
     assert out.rejected_logps is None
     p, c = pairs[0].prompt_ids, pairs[0].chosen_ids
     torch.testing.assert_close(out.chosen_logps[0], _manual_logps(model, tok, p, c), atol=1e-4, rtol=0)

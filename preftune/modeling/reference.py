@@ -54,7 +54,7 @@ class FrozenModel(Reference):
     its adapters off, so the reference is the base weights whatever the adapters hold. `runner`: the model as
     the engine placed it (sharded like the policy), called instead of `forward_logps(model, ...)`."""
 
-    def __init__(self, model: torch.nn.Module, *, prefix_sharing: bool, chunk_size: int,
+    def __init__(self, model: torch.nn.Module, *, prefix_sharing: bool | str, chunk_size: int,
                  runner: Callable[[Any], SequenceLogps] | None = None):
         self.model = model.eval().requires_grad_(False)
         self.prefix_sharing, self.chunk_size = prefix_sharing, chunk_size
@@ -72,7 +72,7 @@ class DisabledAdapters(Reference):
     """The policy with its adapters off. `runner`: the policy as the engine wrapped it (needed when it is
     sharded: only the wrapper's forward gathers the weights)."""
 
-    def __init__(self, peft_model: torch.nn.Module, *, prefix_sharing: bool, chunk_size: int,
+    def __init__(self, peft_model: torch.nn.Module, *, prefix_sharing: bool | str, chunk_size: int,
                  runner: Callable[[Any], SequenceLogps] | None = None):
         self.model = peft_model
         self.prefix_sharing, self.chunk_size = prefix_sharing, chunk_size
@@ -194,7 +194,7 @@ def _read_cache(cache_file: Path, n: int, say: Callable[[str], None]) -> Precomp
 
 
 def precompute(model: torch.nn.Module, pairs: Sequence[TokenizedPair], *, cache_file: Path, pad_id: int,
-               batch_size: int, prefix_sharing: bool, chunk_size: int, autocast=None,
+               batch_size: int, prefix_sharing: bool | str, chunk_size: int, autocast=None,
                progress: bool = False, save: bool = True, say: Callable[[str], None] = print,
                placement: Placement | None = None,
                runner: Callable[[Any], SequenceLogps] | None = None) -> Precomputed:

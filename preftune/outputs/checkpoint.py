@@ -222,7 +222,19 @@ def find_checkpoint(run_dir: Path, resume: Any) -> Path | None:
 
 def load_checkpoint(path: Path, *, model: torch.nn.Module, optimizer, scheduler) -> dict[str, Any]:
     """Restore weights, optimizer, schedule and RNG from `path` into the prepared `model`/`optimizer` (every
-    process calls this); returns trainer_state.json."""
+    process calls this); returns trainer_state.json. Anything that cannot be read is one sentence."""
+    try:
+        return _load_checkpoint(path, model=model, optimizer=optimizer, scheduler=scheduler)
+    except PreftuneError:
+        raise
+    except Exception as e:
+        # Files as saved (the manifest matched) of another layout or version, or a pickle weights_only refuses.
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise PreftuneError(f"checkpoint {path} could not be loaded ({first}); resume from another checkpoint "
+                            "(--resume PATH) or start again without --resume.") from None
+
+
+def _load_checkpoint(path: Path, *, model: torch.nn.Module, optimizer, scheduler) -> dict[str, Any]:
     if not (path / "state").is_dir():
         raise PreftuneError(f"checkpoint {path} has no state/ folder: it was written by an older preftune or is "
                             "incomplete; start a fresh run or pass another checkpoint.")

@@ -47,6 +47,12 @@ class Window:
         return max(time.perf_counter() - self.t0, 1e-9)
 
 
+def zeroed(sums: dict[str, Any]) -> dict[str, Any]:
+    """A filler batch's metric sums, all 0: every process must hold the same keys when a window is summed over
+    processes (a process with only fillers in a window would otherwise send an empty vector)."""
+    return {k: v * 0 for k, v in sums.items()}
+
+
 class MetricsWriter:
     def __init__(self, path: Path):
         self.path = path

@@ -1,0 +1,134 @@
+"""Device-dependent speed choices: the forward plan, the LM-head chunk size, the speed config keys, and the
+CPU thread policy (its arithmetic on fed numbers: no timing)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from preftune import device, packing
+from preftune.config import TrainConfig
+from preftune.errors import PreftuneError
+from preftune.modeling.load import load_model_and_tokenizer
+
+
+@pytest.mark.parametrize("vocab, chunk", [
+    (8192, 4096),      # 256 MiB / (4 B x 8192) = 8192 tokens, capped at 4096
+    (128256, 512),     # 256 MiB / (4 B x 128256) = 523 → 512
+    (151936, 256),     # 256 MiB / (4 B x 151936) = 441 → 256
+    (2**22, 128),      # 16 tokens would fit; never below 128
+])
+def test_chunk_size_for_vocab(vocab, chunk):
+    assert device.chunk_size_for(vocab) == chunk
+
+
+@pytest.fixture()
+def tiny(tiny_model_dir):
+    model, _ = load_model_and_tokenizer(str(tiny_model_dir))
+    return model
+
+
+def test_cpu_plan_is_packed_pair_rows(tiny):
+    plan = device.plan_forward(TrainConfig(), tiny, "cpu")
+    assert (plan.prefix_sharing, plan.rows, plan.attn_implementation) == ("packed", "pair", "sdpa")
+    assert plan.chunk_size == 4096  # tiny vocab: the cap
+    assert plan.keep_logits_mib == device.CPU_KEEP_LOGITS_MIB and plan.optimizer_kwargs == {}
+    assert plan.description.startswith("speed: packed prefix sharing (prompt·chosen·rejected as one sequence, "
+                                       "one pair per row, sdpa 4D mask)")
+    assert "activation checkpointing off" in plan.description
+    assert plan.policy_kwargs() == dict(prefix_sharing="packed", chunk_size=4096, keep_logits_mib=256)
+    assert plan.reference_kwargs() == dict(prefix_sharing="packed", chunk_size=4096)
+
+
+@pytest.mark.parametrize("kw, mode, chunk", [
+    (dict(prefix_sharing=False, logits_chunk_size=0), "off", 0),
+    (dict(prefix_sharing="cache", logits_chunk_size=512), "cache", 512),
+    (dict(prefix_sharing="cache", gradient_checkpointing=True), "off", 4096),  # the cache cannot be checkpointed
+    (dict(prefix_sharing=True, gradient_checkpointing=True), "packed", 4096),  # packing can
+])
+def test_plan_follows_explicit_settings(tiny, kw, mode, chunk):
+    plan = device.plan_forward(TrainConfig(**kw), tiny, "cpu")
+    assert (plan.prefix_sharing, plan.chunk_size) == (mode, chunk)
+
+
+def test_model_ignoring_the_mask_falls_back(tiny, monkeypatch):
+    """A model that ignores the custom mask (simulated: the mask lets rejected tokens see the chosen ones)
+    gives different log-probs on the probe, so the plan falls back to the KV cache."""
+    def leaky(p, additive_dtype=None):
+        n = p.kind.shape[1]
+        return torch.ones(n, n, dtype=torch.bool).tril().expand(p.kind.shape[0], 1, n, n)
+
+    assert device.packed_matches_plain(tiny, torch.device("cpu")) is None
+    monkeypatch.setattr(packing, "dense_mask", leaky)
+    assert "differ" in device.packed_matches_plain(tiny, torch.device("cpu"))
+    assert device.plan_forward(TrainConfig(), tiny, "cpu").prefix_sharing == "cache"
+
+
+def test_training_probe_runs_backward_and_discards_gradients(tiny):
+    """The check run before FlexAttention is trusted for training (here through sdpa): it must pass on a
+    model that trains, and leave no gradients or mode change behind."""
+    tiny.eval()
+    assert device.packed_trains(tiny, torch.device("cpu"), None) is None
+    assert device.packed_trains(tiny, torch.device("cpu"), torch.bfloat16) is None  # under the run's autocast
+    assert all(p.grad is None for p in tiny.parameters()) and not tiny.training
+
+
+@pytest.mark.parametrize("kw, msg", [
+    (dict(prefix_sharing="packd"), "did you mean 'packed'"),
+    (dict(logits_chunk_size=-1), "logits_chunk_size must be auto or a whole number"),
+    (dict(logits_chunk_size="big"), "logits_chunk_size must be auto"),
+])
+def test_speed_keys_refuse_bad_values(kw, msg):
+    with pytest.raises(PreftuneError, match=msg):
+        TrainConfig(**kw)
+
+
+def test_speed_keys_accept_old_and_new_values():
+    assert TrainConfig(prefix_sharing=True).prefix_sharing == "auto"
+    assert TrainConfig(prefix_sharing=False).prefix_sharing == "off"
+    assert TrainConfig(prefix_sharing="cache").prefix_sharing == "cache"
+    assert TrainConfig(logits_chunk_size="512").logits_chunk_size == 512
+    assert TrainConfig().logits_chunk_size == "auto"
+
+
+@pytest.mark.parametrize("others, cores, threads", [
+    (0.0, 2, 2),    # quiet machine: every core
+    (0.2, 2, 2),    # a little background noise still leaves both: int(2 - 0.2 + 0.3) = 2
+    (0.5, 2, 1),    # half a core taken: int(1.8) = 1
+    (1.9, 2, 1),    # both busy: never below one
+    (2.0, 16, 14),  # int(16 - 2 + 0.3) = 14
+])
+def test_threads_for_free_cores(others, cores, threads):
+    assert device._threads_for(others, cores) == threads
+
+
+def test_governor_counts_only_other_processes(monkeypatch):
+    """Over 2 s on 2 cores the machine was busy 300 of 400 jiffies (1.5 cores) while this process used
+    2 CPU-seconds (1 core), so others used 0.5 core → 1 thread."""
+    clock = {"t": 100.0, "cpu": 10.0, "jiffies": (1000.0, 4000.0)}
+    monkeypatch.setattr(device, "_cores", lambda: 2)
+    monkeypatch.setattr(device, "_busy_jiffies", lambda: clock["jiffies"])
+    monkeypatch.setattr(device.time, "monotonic", lambda: clock["t"])
+    monkeypatch.setattr(device.time, "process_time", lambda: clock["cpu"])
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
+    threads = {"n": 2}
+    monkeypatch.setattr(device.torch, "get_num_threads", lambda: threads["n"])
+    monkeypatch.setattr(device.torch, "set_num_threads", lambda n: threads.update(n=n))
+    gov = device.ThreadGovernor(interval=2.0)
+    assert gov.active
+    clock.update(t=101.0)
+    assert gov.update() == 2  # under the 2 s interval: no decision yet
+    clock.update(t=102.0, cpu=12.0, jiffies=(1300.0, 4400.0))
+    assert gov.other_busy_cores() == pytest.approx(0.5)
+    assert gov.update() == 1 and threads["n"] == 1
+    clock.update(t=104.0, cpu=14.0, jiffies=(1500.0, 4800.0))  # 200 of 400 busy, all ours: quiet again
+    assert gov.update() == 2 and threads["n"] == 2
+
+
+def test_governor_leaves_pinned_threads_alone(monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    gov = device.ThreadGovernor()
+    assert not gov.active
+    before = torch.get_num_threads()
+    assert gov.update(force=True) == before
