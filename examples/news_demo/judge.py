@@ -10,7 +10,12 @@ checks three things against the facts the generator put in the article (`Article
 * good: factual and concise.
 
 Replace it with your own by passing ``module:function`` (`load_judge`), e.g. a function that calls a
-larger model; it may return a `JudgeResult` or a mapping with the keys "factual", "concise" and "good".
+larger model. It has the same pointwise protocol, ``judge(article: news.Article, summary: str)``, and may
+return a `JudgeResult` or a mapping with the keys "factual", "concise" and "good" (and optionally "reasons").
+
+`PairwiseJudge` turns a pointwise judge into preftune's pairwise protocol (`preftune.judging`:
+``judge(prompt, answer_a, answer_b) -> "a" | "b" | "tie"``), so the demo also reports the library's win
+rate of DPO over SFT with its 95% Wilson interval.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from examples.news_demo.news import MONTHS, ORGS, PLACES, Article, count_words
+from examples.news_demo.news import MONTHS, ORGS, PLACES, Article, count_words, make_prompt
 from preftune.errors import PreftuneError
 
 
@@ -107,3 +112,32 @@ def load_judge(spec: str | Judge | None) -> Judge:
     if not callable(func):
         raise PreftuneError(f"the judge {spec!r} is not a function (it is a {type(func).__name__}).")
     return func
+
+
+class PairwiseJudge:
+    """A pointwise `judge` in preftune's pairwise protocol, over the articles whose prompts it will be shown.
+
+    ``pairwise(prompt, answer_a, answer_b)`` finds the article by its prompt (`news.make_prompt`) and returns
+    "a" when only answer a is good, "b" when only b is, "tie" when both or neither are: the good verdict is
+    the demo's headline criterion, so wins minus losses equals the difference of the two good counts.
+    `verdict` judges one summary; verdicts are kept per (article, summary), so the good-rate table and the
+    win rate together call a user's judge (a larger model, say) once per summary.
+    """
+
+    def __init__(self, judge: Judge, articles: list[Article]):
+        self.judge = judge
+        self.articles = {make_prompt(a): a for a in articles}
+        self._verdicts: dict[tuple[str, str], JudgeResult] = {}
+
+    def verdict(self, article: Article, summary: str) -> JudgeResult:
+        key = (article.id, summary)
+        if key not in self._verdicts:
+            self._verdicts[key] = as_judge_result(self.judge(article, summary))
+        return self._verdicts[key]
+
+    def __call__(self, prompt: str, answer_a: str, answer_b: str) -> str:
+        article = self.articles.get(prompt)
+        if article is None:
+            raise PreftuneError("the pairwise judge was shown a prompt of none of its articles.")
+        a, b = (self.verdict(article, answer.strip()).good for answer in (answer_a, answer_b))
+        return "tie" if a == b else ("a" if a else "b")
