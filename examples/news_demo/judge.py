@@ -21,6 +21,7 @@ rate of DPO over SFT with its 95% Wilson interval.
 from __future__ import annotations
 
 import importlib
+import inspect
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -92,11 +93,24 @@ def as_judge_result(value: Any) -> JudgeResult:
 
 
 def load_judge(spec: str | Judge | None) -> Judge:
-    """The judge named by `spec`: None for `judge_summary`, a callable as is, or ``"module:function"``."""
+    """The judge named by `spec`: None for `judge_summary`, a callable as is, or ``"module:function"``;
+    refused with one sentence unless it can be called as ``judge(article, summary)``."""
     if spec is None:
         return judge_summary
-    if callable(spec):
-        return spec
+    func = spec if callable(spec) else _import_judge(spec)
+    try:
+        inspect.signature(func).bind("article", "summary")
+    except TypeError:
+        raise PreftuneError(
+            f"the judge {spec if isinstance(spec, str) else getattr(func, '__qualname__', func)!r} cannot be called "
+            "as judge(article, summary); the demo's judge is pointwise (a pairwise judge(prompt, answer_a, "
+            "answer_b) is what `preftune eval --judge` takes).") from None
+    except ValueError:  # builtins without a signature: trust them
+        pass
+    return func
+
+
+def _import_judge(spec: str) -> Judge:
     if not isinstance(spec, str) or spec.count(":") != 1 or not all(spec.split(":")):
         raise PreftuneError(f"a judge is named as 'module:function' (e.g. 'mypkg.judges:judge'), got {spec!r}.")
     module_name, func_name = spec.split(":")

@@ -94,7 +94,8 @@ def user_module(tmp_path, monkeypatch):
     """A user's own module on PYTHONPATH, with a judge function and a constant."""
     (tmp_path / "my_judges.py").write_text(
         "def short(article, summary):\n    return {'factual': True, 'concise': True, 'good': len(summary) < 10}\n"
-        "NOT_A_FUNCTION = 3\n")
+        "NOT_A_FUNCTION = 3\n"
+        "def pairwise(prompt, answer_a, answer_b):\n    return 'tie'\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     return "my_judges"
 
@@ -114,6 +115,7 @@ def test_load_judge_default_callable_and_module_function(user_module):
     ("no_such_module_xyz:judge", "cannot import"),
     ("examples.news_demo.judge:nothing_here", "has no function"),
     ("my_judges:NOT_A_FUNCTION", "not a function"),
+    ("my_judges:pairwise", r"cannot be called as judge\(article, summary\); the demo's judge is pointwise"),
 ])
 def test_load_judge_errors(spec, match, user_module):
     with pytest.raises(PreftuneError, match=match):
