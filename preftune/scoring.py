@@ -107,23 +107,6 @@ def score_records(model: torch.nn.Module, tokenizer, records: Sequence[dict], *,
     return result
 
 
-def score_completions(model: torch.nn.Module, tokenizer, prompts: Sequence[str], completions: Sequence[str], *,
-                      batch_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed log-prob (EOS appended) and token count of each completion given its prompt: ([N], [N]), in order.
-
-    An empty completion scores only its EOS token (the model chose to stop at once), so every sample of a
-    model, even an empty one, gets a score; nothing is truncated.
-    """
-    from preftune.data.tokenize import tokenize_texts
-
-    prompt_ids, answer_ids = [], []
-    for prompt, completion in zip(prompts, completions):
-        p_ids, (a_ids,) = tokenize_texts(tokenizer, prompt, [completion])
-        prompt_ids.append(p_ids or [tokenizer.eos_token_id])
-        answer_ids.append(a_ids or [tokenizer.eos_token_id])
-    return score_ids(model, prompt_ids, answer_ids, pad_id=tokenizer.pad_token_id, batch_size=batch_size)
-
-
 def score_ids(model: torch.nn.Module, prompt_ids: Sequence[list[int]], completion_ids: Sequence[list[int]], *,
               pad_id: int, batch_size: int = 16,
               autocast: Callable[[], contextlib.AbstractContextManager] | None = None) -> tuple[torch.Tensor, torch.Tensor]:

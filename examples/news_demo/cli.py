@@ -25,7 +25,10 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     p.add_argument("--output-dir", default="runs/demo", help="Folder for the demo's files (default runs/demo).")
     p.add_argument("--from-scratch", action="store_true", help="Also build the tiny base model (tokenizer, SFT).")
     p.add_argument("--eval-articles", type=int, default=200, help="Held-out articles to generate and judge.")
-    p.add_argument("--judge", help="Your own judge as module:function.")
+    p.add_argument("--judge", metavar="MODULE:FUNCTION",
+                   help="Your own pointwise judge, judge(article, summary) -> a JudgeResult or a mapping with "
+                        "factual, concise and good (see examples/news_demo/judge.py); its good verdicts also "
+                        "give the pairwise win rate of DPO over SFT.")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="A shortened run (fewer articles and steps).")
     p.add_argument("--overwrite", action="store_true",

@@ -10,18 +10,24 @@ checks three things against the facts the generator put in the article (`Article
 * good: factual and concise.
 
 Replace it with your own by passing ``module:function`` (`load_judge`), e.g. a function that calls a
-larger model; it may return a `JudgeResult` or a mapping with the keys "factual", "concise" and "good".
+larger model. It has the same pointwise protocol, ``judge(article: news.Article, summary: str)``, and may
+return a `JudgeResult` or a mapping with the keys "factual", "concise" and "good" (and optionally "reasons").
+
+`PairwiseJudge` turns a pointwise judge into preftune's pairwise protocol (`preftune.judging`:
+``judge(prompt, answer_a, answer_b) -> "a" | "b" | "tie"``), so the demo also reports the library's win
+rate of DPO over SFT with its 95% Wilson interval.
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from examples.news_demo.news import MONTHS, ORGS, PLACES, Article, count_words
+from examples.news_demo.news import MONTHS, ORGS, PLACES, Article, count_words, make_prompt
 from preftune.errors import PreftuneError
 
 
@@ -87,11 +93,24 @@ def as_judge_result(value: Any) -> JudgeResult:
 
 
 def load_judge(spec: str | Judge | None) -> Judge:
-    """The judge named by `spec`: None for `judge_summary`, a callable as is, or ``"module:function"``."""
+    """The judge named by `spec`: None for `judge_summary`, a callable as is, or ``"module:function"``;
+    refused with one sentence unless it can be called as ``judge(article, summary)``."""
     if spec is None:
         return judge_summary
-    if callable(spec):
-        return spec
+    func = spec if callable(spec) else _import_judge(spec)
+    try:
+        inspect.signature(func).bind("article", "summary")
+    except TypeError:
+        raise PreftuneError(
+            f"the judge {spec if isinstance(spec, str) else getattr(func, '__qualname__', func)!r} cannot be called "
+            "as judge(article, summary); the demo's judge is pointwise (a pairwise judge(prompt, answer_a, "
+            "answer_b) is what `preftune eval --judge` takes).") from None
+    except ValueError:  # builtins without a signature: trust them
+        pass
+    return func
+
+
+def _import_judge(spec: str) -> Judge:
     if not isinstance(spec, str) or spec.count(":") != 1 or not all(spec.split(":")):
         raise PreftuneError(f"a judge is named as 'module:function' (e.g. 'mypkg.judges:judge'), got {spec!r}.")
     module_name, func_name = spec.split(":")
@@ -107,3 +126,32 @@ def load_judge(spec: str | Judge | None) -> Judge:
     if not callable(func):
         raise PreftuneError(f"the judge {spec!r} is not a function (it is a {type(func).__name__}).")
     return func
+
+
+class PairwiseJudge:
+    """A pointwise `judge` in preftune's pairwise protocol, over the articles whose prompts it will be shown.
+
+    ``pairwise(prompt, answer_a, answer_b)`` finds the article by its prompt (`news.make_prompt`) and returns
+    "a" when only answer a is good, "b" when only b is, "tie" when both or neither are: the good verdict is
+    the demo's headline criterion, so wins minus losses equals the difference of the two good counts.
+    `verdict` judges one summary; verdicts are kept per (article, summary), so the good-rate table and the
+    win rate together call a user's judge (a larger model, say) once per summary.
+    """
+
+    def __init__(self, judge: Judge, articles: list[Article]):
+        self.judge = judge
+        self.articles = {make_prompt(a): a for a in articles}
+        self._verdicts: dict[tuple[str, str], JudgeResult] = {}
+
+    def verdict(self, article: Article, summary: str) -> JudgeResult:
+        key = (article.id, summary)
+        if key not in self._verdicts:
+            self._verdicts[key] = as_judge_result(self.judge(article, summary))
+        return self._verdicts[key]
+
+    def __call__(self, prompt: str, answer_a: str, answer_b: str) -> str:
+        article = self.articles.get(prompt)
+        if article is None:
+            raise PreftuneError("the pairwise judge was shown a prompt of none of its articles.")
+        a, b = (self.verdict(article, answer.strip()).good for answer in (answer_a, answer_b))
+        return "tie" if a == b else ("a" if a else "b")

@@ -8,13 +8,18 @@ summary for some articles and a long, vague or wrong one for others. `run_demo`:
 1. takes the SFT model (shipped, or built from scratch with `from_scratch=True`);
 2. generates preference pairs on training articles: the reference summary chosen, a bad one rejected;
 3. runs DPO (`preftune.train`) with the SFT model as the frozen reference;
-4. writes greedy summaries of held-out articles (new organisation/place combinations) with both models;
-5. judges them (`judge.judge_summary` or the user's own), and measures on held-out pairs the preference
-   accuracy of DPO's implicit reward, and the per-token KL of DPO to SFT on DPO's own samples;
+4. writes greedy summaries of held-out articles (new organisation/place combinations) with both models
+   (`preftune.generate`);
+5. judges each summary (`judge.judge_summary` or the user's own pointwise judge) for the good-rate table,
+   and the two models' summaries side by side for preftune's win rate of DPO over SFT (`PairwiseJudge`,
+   `preftune.judging`); measures with `preftune.evaluate` on held-out pairs the preference accuracy of
+   DPO's implicit reward, both models' likelihood preference, and the per-token KL of DPO to SFT on DPO's
+   own samples;
 6. prints a before/after table and the metrics, and writes everything to OUTPUT_DIR/demo.json.
 
 It lives outside the preftune package (so the wheel ships no demo weights) and uses only preftune's public
-functions: `train`, `TrainConfig`, `scoring.score_records`/`score_completions`, `modeling.load`.
+functions: `train`, `TrainConfig`, `generate`, `evaluate`, `judging`, `modeling.load`. Every measurement is
+the library's; the demo adds only its own judge and the table.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from typing import Any
 
 from examples.news_demo import news
 from examples.news_demo.base import ASSETS_BASE, BaseRecipe, build_base, check_base, write_jsonl
-from examples.news_demo.judge import Judge, as_judge_result, load_judge
+from examples.news_demo.judge import Judge, PairwiseJudge, load_judge
 from preftune.errors import PreftuneError
 
 # Files and folders a demo run writes into OUTPUT_DIR (the last two only with from_scratch).
@@ -57,6 +62,8 @@ class DemoSettings:
     # a margin of a few nats (beta 1, lr 3e-4: good 99%, KL 0.08), measured on the shipped base with seed 0.
     beta: float = 1.0
     max_new_tokens: int = 64       # a verbose summary is ~45 words; a good one ~17 tokens
+    max_length: int = 256          # training's and the held-out pairs' token limits (prompts are ~150 tokens)
+    max_prompt_length: int = 224
     gen_batch_size: int = 64
     n_show: int = 3                # articles in the before/after table
     base: BaseRecipe = field(default_factory=BaseRecipe)
@@ -74,9 +81,9 @@ def run_demo(output_dir: str | Path = "runs/demo", *, from_scratch: bool = False
     """Run the demo end to end and return what it writes to `output_dir`/demo.json.
 
     `judge` is ``"module:function"`` or a callable ``(article, summary) -> JudgeResult`` (default: the
-    fact-checking `judge_summary`). `quick` shortens everything (the tests' demo); `settings` overrides
-    the sizes and hyperparameters entirely. `base_dir` starts from another SFT model folder than the
-    shipped one (with the demo's tokenizer); `from_scratch` builds one first.
+    fact-checking `judge_summary`; see `judge` for the protocol). `quick` shortens everything (the tests'
+    demo); `settings` overrides the sizes and hyperparameters entirely. `base_dir` starts from another SFT
+    model folder than the shipped one (with the demo's tokenizer); `from_scratch` builds one first.
     """
     t_start = time.time()
     settings = settings or (DemoSettings.quick() if quick else DemoSettings())
@@ -101,29 +108,27 @@ def run_demo(output_dir: str | Path = "runs/demo", *, from_scratch: bool = False
 
         from preftune.modeling.load import load_model_and_tokenizer
 
-        torch.manual_seed(seed)
         sft_model, tokenizer = load_model_and_tokenizer(str(sft_dir))
         dpo_model, _ = load_model_and_tokenizer(str(dpo_dir))
         prompts = [news.make_prompt(a) for a in held]
         _say(f"[4/5] writing greedy summaries of {len(held)} held-out articles with the SFT and the DPO model")
-        gen = dict(batch_size=settings.gen_batch_size, max_new_tokens=settings.max_new_tokens)
-        sft_out = generate(sft_model, tokenizer, prompts, **gen)
-        dpo_out = generate(dpo_model, tokenizer, prompts, **gen)
+        sft_out = summarize(sft_model, tokenizer, prompts, settings)
+        dpo_out = summarize(dpo_model, tokenizer, prompts, settings)
 
-    with stages("evaluate"):  # 5. judge, preference accuracy, KL
-        _say("[5/5] judging the summaries; preference accuracy on held-out pairs; KL of DPO to SFT on DPO's samples")
-        sft_verdicts = [as_judge_result(judge_fn(a, s)) for a, s in zip(held, sft_out)]
-        dpo_verdicts = [as_judge_result(judge_fn(a, s)) for a, s in zip(held, dpo_out)]
-        pref = preference_accuracy(sft_model, dpo_model, tokenizer, held_pairs, beta=settings.beta)
-        samples = generate(dpo_model, tokenizer, prompts, do_sample=True, **gen)
-        kl = per_token_kl(dpo_model, sft_model, tokenizer, prompts, samples)
+    with stages("evaluate"):  # 5. judge, preference accuracy, likelihood preference, KL, win rate
+        _say("[5/5] judging the summaries (each, and side by side); preference accuracy on held-out pairs; "
+             "KL of DPO to SFT on DPO's samples")
+        pairwise = PairwiseJudge(judge_fn, held)
+        sft_verdicts = [pairwise.verdict(a, s) for a, s in zip(held, sft_out)]
+        dpo_verdicts = [pairwise.verdict(a, s) for a, s in zip(held, dpo_out)]
+        evaluation = measure(dpo_model, sft_model, tokenizer, held_pairs, settings, seed=seed)
+        side_by_side = judge_side_by_side(pairwise, prompts, dpo_out, sft_out, seed=seed)
 
     metrics = {
         "n_eval": len(held),
         "sft": summary_metrics(sft_out, sft_verdicts),
         "dpo": summary_metrics(dpo_out, dpo_verdicts),
-        **pref,
-        "kl_dpo_sft_per_token": kl,
+        **headline_metrics(evaluation, side_by_side),
     }
     metrics["good_rate_gain"] = round(metrics["dpo"]["good_rate"] - metrics["sft"]["good_rate"], 4)
     examples = pick_examples(held, sft_out, dpo_out, sft_verdicts, dpo_verdicts, settings.n_show)
@@ -134,14 +139,15 @@ def run_demo(output_dir: str | Path = "runs/demo", *, from_scratch: bool = False
         "judge": getattr(judge_fn, "__module__", "?") + ":" + getattr(judge_fn, "__qualname__", "?"),
         "seed": seed, "quick": quick, "from_scratch": from_scratch,
         "settings": asdict(settings), "metrics": metrics, "examples": examples,
-        "dpo_train_metrics": res.train_metrics, "timings_s": stages.timings,
+        "eval": evaluation, "dpo_train_metrics": res.train_metrics, "timings_s": stages.timings,
         "machine": {"python": platform.python_version(), "torch": torch.__version__,
                     "threads": torch.get_num_threads()},
     }
     write_jsonl(out / "summaries.jsonl", (
         {"id": a.id, "reference": a.reference, "sft": s, "dpo": d, "sft_verdict": sv.to_dict(),
-         "dpo_verdict": dv.to_dict()}
-        for a, s, d, sv, dv in zip(held, sft_out, dpo_out, sft_verdicts, dpo_verdicts)))
+         "dpo_verdict": dv.to_dict(), "pairwise_verdict": _SIDES[row["verdict"]],
+         "dpo_shown_as": row["model_shown_as"]}
+        for a, s, d, sv, dv, row in zip(held, sft_out, dpo_out, sft_verdicts, dpo_verdicts, side_by_side)))
     (out / "demo.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     _say(render_report(result))
     return result
@@ -202,7 +208,8 @@ def _train_dpo(sft_dir: Path, pairs_file: Path, run_dir: Path, settings: DemoSet
     res = train(TrainConfig(
         model=str(sft_dir), data=str(pairs_file), output_dir=str(run_dir), max_steps=settings.dpo_steps,
         batch_size=settings.batch_size, learning_rate=settings.learning_rate, lr_scheduler="cosine",
-        warmup_ratio=0.1, beta=settings.beta, loss="sigmoid", max_length=256, max_prompt_length=224, seed=seed,
+        warmup_ratio=0.1, beta=settings.beta, loss="sigmoid", max_length=settings.max_length,
+        max_prompt_length=settings.max_prompt_length, seed=seed,
         logging_steps=max(1, settings.dpo_steps // 5), progress=progress, overwrite=True))
     if res.interrupted:
         raise PreftuneError(f"DPO was stopped after {res.steps} of {settings.dpo_steps} steps; run the demo again.")
@@ -256,63 +263,59 @@ def _read_manifest(out: Path) -> set[str]:
     return set(entries)
 
 
-def generate(model, tokenizer, prompts: list[str], *, batch_size: int = 64, max_new_tokens: int = 64,
-             do_sample: bool = False) -> list[str]:
-    """Summaries of `prompts` by `model`: greedy, or sampled at temperature 1 from the full distribution.
+def summarize(model, tokenizer, prompts: list[str], settings: DemoSettings) -> list[str]:
+    """Greedy summaries of `prompts` by `model` (`preftune.generate`: prompts encoded as training encodes
+    them, left-padded batches), stripped of the space that starts each answer."""
+    from preftune.generate import generate
 
-    Prompts are left-padded so that every row's next token sits at the same position.
-    """
-    import torch
-
-    tokenizer.padding_side = "left"
-    model.eval()
-    texts: list[str] = []
-    sampling = {"do_sample": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0} if do_sample else {"do_sample": False}
-    with torch.inference_mode():
-        for s in range(0, len(prompts), batch_size):
-            enc = tokenizer(prompts[s:s + batch_size], return_tensors="pt", padding=True)
-            # use_cache explicitly: a model saved by a training run may carry use_cache=False in its config.
-            out = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                                 eos_token_id=tokenizer.eos_token_id, use_cache=True, **sampling)
-            new = out[:, enc["input_ids"].shape[1]:]
-            texts.extend(t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True))
-    return texts
+    outs = generate(model, tokenizer, prompts, max_new_tokens=settings.max_new_tokens,
+                    batch_size=settings.gen_batch_size)
+    return [c.text.strip() for c in outs]
 
 
-def preference_accuracy(sft_model, dpo_model, tokenizer, pairs: list[dict], *, beta: float) -> dict[str, float]:
-    """Held-out preference accuracy of DPO's implicit reward, and the SFT model's likelihood preference.
+def measure(dpo_model, sft_model, tokenizer, held_pairs: list[dict], settings: DemoSettings, *,
+            seed: int) -> dict[str, Any]:
+    """`preftune.evaluate` of DPO against SFT (its reference) on the held-out pairs: preference accuracy of
+    DPO's implicit reward and its margins, both models' likelihood preference, and KL(DPO || SFT) per token
+    on one sample of DPO per held-out prompt (temperature 1, the sampled token ids scored). The greedy
+    summaries are the demo's own (`summarize`), so evaluate generates none (`generate=0`)."""
+    from preftune.evaluate import evaluate
 
-    DPO's reward of an answer y is r(y) = beta * (log pi_dpo(y|x) - log pi_sft(y|x)) (Rafailov et al., 2023,
-    eq. 5); a pair is ranked right when r(chosen) > r(rejected). The SFT model has no reward of its own, so
-    its column is how often it finds the chosen summary more likely than the rejected one.
-    """
-    from preftune.scoring import score_records
+    return evaluate(dpo_model, tokenizer, held_pairs, reference=sft_model, beta=settings.beta, generate=0,
+                    kl_samples=len(held_pairs), max_new_tokens=settings.max_new_tokens, seed=seed,
+                    batch_size=settings.gen_batch_size, max_length=settings.max_length,
+                    max_prompt_length=settings.max_prompt_length)
 
-    kw = dict(max_length=256, max_prompt_length=224, batch_size=32)
-    s = score_records(sft_model, tokenizer, pairs, **kw)
-    d = score_records(dpo_model, tokenizer, pairs, **kw)
-    margin = beta * ((d["chosen_logps"] - s["chosen_logps"]) - (d["rejected_logps"] - s["rejected_logps"]))
+
+def judge_side_by_side(pairwise: PairwiseJudge, prompts: list[str], dpo_out: list[str], sft_out: list[str], *,
+                       seed: int) -> list[dict]:
+    """preftune's pairwise judging of DPO's and SFT's summaries of each prompt (which one is shown first is
+    a seeded coin flip); verdicts "model" (DPO better), "reference" (SFT better) or "tie"."""
+    from preftune.judging import judge_pairs
+
+    return judge_pairs(pairwise, prompts, dpo_out, sft_out, seed=seed)
+
+
+_SIDES = {"model": "dpo", "reference": "sft", "tie": "tie"}
+
+
+def headline_metrics(evaluation: dict[str, Any], side_by_side: list[dict]) -> dict[str, Any]:
+    """The figures the demo prints, rounded, from `measure`'s result and the judged side-by-side rows."""
+    from preftune.judging import win_rate
+
+    r4 = lambda x: round(float(x), 4)  # noqa: E731
+    pref, wins = evaluation["preference"], win_rate([row["verdict"] for row in side_by_side])
     return {
-        "preference_accuracy": round(float((margin > 0).float().mean()), 4),
-        "reward_margin_mean": round(float(margin.mean()), 4),
-        "sft_likelihood_preference": round(float((s["chosen_logps"] > s["rejected_logps"]).float().mean()), 4),
-        "dpo_likelihood_preference": round(float((d["chosen_logps"] > d["rejected_logps"]).float().mean()), 4),
+        "preference_accuracy": r4(pref["accuracy"]),
+        "preference_accuracy_ci95": [r4(x) for x in pref["accuracy_ci95"]],
+        "reward_margin_mean": r4(pref["margin"]["mean"]),
+        "sft_likelihood_preference": r4(pref["likelihood_prefers_chosen"]["reference"]),
+        "dpo_likelihood_preference": r4(pref["likelihood_prefers_chosen"]["model"]),
+        "kl_dpo_sft_per_token": r4(evaluation["kl"]["per_token"]),
+        "win_rate_dpo_over_sft": {"win_rate": r4(wins["win_rate"]), "ci95": [r4(x) for x in wins["ci95"]],
+                                  "dpo_better": wins["wins"], "sft_better": wins["losses"], "ties": wins["ties"],
+                                  "interval": wins["interval"]},
     }
-
-
-def per_token_kl(policy, reference, tokenizer, prompts: list[str], samples: list[str]) -> float:
-    """Monte-Carlo KL(pi_policy || pi_reference) per token on samples y ~ pi_policy:
-
-        KL ≈ sum_i [log pi_policy(y_i|x_i) - log pi_reference(y_i|x_i)] / sum_i |y_i|
-
-    (|y_i| counts the EOS that ends each sample, which both models also score).
-    """
-    from preftune.scoring import score_completions
-
-    completions = [" " + s for s in samples]
-    lp_pol, n_tok = score_completions(policy, tokenizer, prompts, completions, batch_size=32)
-    lp_ref, _ = score_completions(reference, tokenizer, prompts, completions, batch_size=32)
-    return round(float((lp_pol - lp_ref).sum() / n_tok.sum()), 4)
 
 
 def summary_metrics(summaries: list[str], verdicts: list) -> dict[str, float]:
@@ -355,7 +358,8 @@ def render_report(result: dict) -> str:
         for i in range(max(len(left), len(right))):
             lines.append(f"{left[i] if i < len(left) else '':<{width}} | {right[i] if i < len(right) else ''}")
     lines.append("-" * (2 * width + 3))
-    s, d = m["sft"], m["dpo"]
+    s, d, w = m["sft"], m["dpo"], m["win_rate_dpo_over_sft"]
+    (acc_lo, acc_hi), (w_lo, w_hi) = m["preference_accuracy_ci95"], w["ci95"]
     pct = lambda x: f"{100 * x:5.1f}%"  # noqa: E731
     lines += [
         "",
@@ -366,8 +370,12 @@ def render_report(result: dict) -> str:
         f"  mean length (words)                           {s['mean_words']:6.1f}    {d['mean_words']:6.1f}",
         f"  prefers the good summary (log-likelihood)     {pct(m['sft_likelihood_preference'])}    "
         f"{pct(m['dpo_likelihood_preference'])}",
-        f"  preference accuracy of DPO's implicit reward            {pct(m['preference_accuracy'])}",
+        f"  preference accuracy of DPO's implicit reward            {pct(m['preference_accuracy'])}   "
+        f"95% Wilson {pct(acc_lo)} .. {pct(acc_hi)}",
         f"  KL(DPO || SFT) per token on DPO's own samples            {m['kl_dpo_sft_per_token']:.3f} nats",
+        f"  judged win rate of DPO over SFT (ties count half)       {pct(w['win_rate'])}   "
+        f"95% Wilson {pct(w_lo)} .. {pct(w_hi)}",
+        f"    (DPO's summary better {w['dpo_better']}, SFT's better {w['sft_better']}, ties {w['ties']})",
         "",
         f"good-rate gain: {100 * m['good_rate_gain']:+.1f} points; total time {result['timings_s']['total']:.0f}s "
         f"({', '.join(f'{k} {v:.0f}s' for k, v in result['timings_s'].items() if k != 'total')})",

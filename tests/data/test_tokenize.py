@@ -193,14 +193,3 @@ def test_answers_identical_after_truncation_are_dropped(tok):
     pairs, stats = tokenize_records(tok, texts, max_length=n_prompt + 3, max_prompt_length=n_prompt)
     assert [p.index for p in pairs] == [1] and stats.dropped_identical == [0]
     assert "1 dropped (chosen and rejected identical after truncation: no signal)" in stats.summary()
-
-
-def test_score_completions_counts_one_eos(tiny_model_dir):
-    """Scoring uses the same rule: a sample that ends in EOS is scored over the same tokens as one without."""
-    from preftune.modeling.load import load_model_and_tokenizer
-    from preftune.scoring import score_completions
-
-    model, t = load_model_and_tokenizer(str(tiny_model_dir))
-    _, lengths = score_completions(model, t, ["question: red answer:"] * 2, [" yes good</s>", " yes good"])
-    n = len(tokenize_texts(t, "question: red answer:", [" yes good"])[1][0])
-    assert lengths.tolist() == [n, n]

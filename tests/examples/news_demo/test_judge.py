@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from examples.news_demo.judge import JudgeResult, as_judge_result, judge_summary, load_judge
-from examples.news_demo.news import Article
+from examples.news_demo.judge import JudgeResult, PairwiseJudge, as_judge_result, judge_summary, load_judge
+from examples.news_demo.news import Article, make_prompt
 from preftune.errors import PreftuneError
 
 FACTS = {"org": "Redfern Company", "verb": "open", "what": "sports halls", "number": "300", "place": "Krakow",
@@ -94,7 +94,8 @@ def user_module(tmp_path, monkeypatch):
     """A user's own module on PYTHONPATH, with a judge function and a constant."""
     (tmp_path / "my_judges.py").write_text(
         "def short(article, summary):\n    return {'factual': True, 'concise': True, 'good': len(summary) < 10}\n"
-        "NOT_A_FUNCTION = 3\n")
+        "NOT_A_FUNCTION = 3\n"
+        "def pairwise(prompt, answer_a, answer_b):\n    return 'tie'\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     return "my_judges"
 
@@ -114,6 +115,7 @@ def test_load_judge_default_callable_and_module_function(user_module):
     ("no_such_module_xyz:judge", "cannot import"),
     ("examples.news_demo.judge:nothing_here", "has no function"),
     ("my_judges:NOT_A_FUNCTION", "not a function"),
+    ("my_judges:pairwise", r"cannot be called as judge\(article, summary\); the demo's judge is pointwise"),
 ])
 def test_load_judge_errors(spec, match, user_module):
     with pytest.raises(PreftuneError, match=match):
@@ -126,3 +128,43 @@ def test_as_judge_result_accepts_mappings_and_refuses_other_values():
     assert as_judge_result(r) is r
     with pytest.raises(PreftuneError, match="JudgeResult or a mapping"):
         as_judge_result(True)
+
+
+GOOD = "Redfern Company will open 300 sports halls in Krakow, it said on March 12."
+BAD = "A local organisation announced new plans for sport in a city."
+VERBOSE = GOOD + " This is a very important development that many people in the area have been waiting for."
+
+
+def test_pairwise_judge_compares_good_verdicts():
+    """Only one answer good: it wins, whichever side it is on; both good or both bad (VERBOSE is factual but
+    30 words, over 21): a tie."""
+    pairwise = PairwiseJudge(judge_summary, [ARTICLE])
+    prompt = make_prompt(ARTICLE)
+    assert pairwise(prompt, GOOD, BAD) == "a" and pairwise(prompt, BAD, GOOD) == "b"
+    assert pairwise(prompt, " " + GOOD, VERBOSE) == "a"  # answers are stripped as the demo's summaries are
+    assert pairwise(prompt, GOOD, GOOD) == "tie" and pairwise(prompt, BAD, VERBOSE) == "tie"
+    with pytest.raises(PreftuneError, match="none of its articles"):
+        pairwise("another prompt", GOOD, BAD)
+
+
+def test_pairwise_judge_with_preftune_judging_gives_the_hand_counted_win_rate():
+    """preftune's `load_judge` accepts the wrapper as a pairwise judge; on 4 side-by-side rows (DPO, SFT) =
+    (good, bad), (good, good), (bad, bad), (good, bad): 2 wins, 2 ties, 0 losses whatever the coin flips,
+    so the win rate is (2 + 2/2)/4 = 0.75. Each distinct summary is judged once (2 of them)."""
+    from preftune.judging import judge_pairs, load_judge, win_rate
+
+    calls = []
+
+    def counting(article, summary):
+        calls.append(summary)
+        return judge_summary(article, summary)
+
+    pairwise = PairwiseJudge(counting, [ARTICLE])
+    assert load_judge(pairwise) is pairwise
+    prompts = [make_prompt(ARTICLE)] * 4
+    rows = judge_pairs(pairwise, prompts, [GOOD, GOOD, BAD, GOOD], [BAD, GOOD, BAD, BAD], seed=3)
+    result = win_rate([r["verdict"] for r in rows])
+    assert (result["wins"], result["losses"], result["ties"], result["win_rate"]) == (2, 0, 2, 0.75)
+    assert sorted(calls) == sorted([GOOD, BAD])
+    assert pairwise.verdict(ARTICLE, GOOD).good and not pairwise.verdict(ARTICLE, BAD).good
+    assert len(calls) == 2
