@@ -35,24 +35,28 @@ Judge = Callable[[Any, str, str], str]
 Z95 = 1.959963984540054  # the standard normal's 97.5% quantile
 
 
+def import_function(spec: str, what: str = "judge") -> Callable[..., Any]:
+    """The function named by `spec`, "module:function" or "path/to/file.py:function" (the current directory is
+    searched for a module); one sentence naming `what` it is for when it cannot be imported or is not callable."""
+    if not isinstance(spec, str) or spec.count(":") < 1 or not all(spec.rsplit(":", 1)):
+        raise PreftuneError(f"a {what} is named as 'module:function' or 'file.py:function', got {spec!r}.")
+    module_name, func_name = spec.rsplit(":", 1)
+    module = _import(module_name, what)
+    func = getattr(module, func_name, None)
+    if func is None:
+        raise PreftuneError(f"the {what} module {module_name!r} has no function {func_name!r}.")
+    if not callable(func):
+        raise PreftuneError(f"the {what} {spec!r} is a {type(func).__name__}, not a function.")
+    return func
+
+
 def load_judge(spec: str | Judge) -> Judge:
     """The judge named by `spec` ("module:function" or "path/to/file.py:function"), or a callable as is.
 
     Raises PreftuneError with one sentence when the module cannot be imported, has no such function, or the
     function cannot be called as judge(prompt, answer_a, answer_b).
     """
-    if callable(spec):
-        func = spec
-    else:
-        if not isinstance(spec, str) or spec.count(":") < 1 or not all(spec.rsplit(":", 1)):
-            raise PreftuneError(f"a judge is named as 'module:function' or 'file.py:function', got {spec!r}.")
-        module_name, func_name = spec.rsplit(":", 1)
-        module = _import(module_name)
-        func = getattr(module, func_name, None)
-        if func is None:
-            raise PreftuneError(f"the judge module {module_name!r} has no function {func_name!r}.")
-        if not callable(func):
-            raise PreftuneError(f"the judge {spec!r} is a {type(func).__name__}, not a function.")
+    func = spec if callable(spec) else import_function(spec)
     try:
         inspect.signature(func).bind("prompt", "answer a", "answer b")
     except TypeError:
@@ -63,11 +67,11 @@ def load_judge(spec: str | Judge) -> Judge:
     return func
 
 
-def _import(module_name: str):
+def _import(module_name: str, what: str):
     if module_name.endswith(".py"):
         path = Path(module_name).expanduser()
         if not path.is_file():
-            raise PreftuneError(f"the judge file {path} does not exist.")
+            raise PreftuneError(f"the {what} file {path} does not exist.")
         spec = importlib.util.spec_from_file_location(f"preftune_judge_{path.stem}", path)
         module = importlib.util.module_from_spec(spec)
         loader = spec.loader
@@ -83,10 +87,10 @@ def _import(module_name: str):
         loader.exec_module(module)
         return module
     except ImportError as e:
-        raise PreftuneError(f"cannot import the judge module {module_name!r} ({e}); check the name and that "
+        raise PreftuneError(f"cannot import the {what} module {module_name!r} ({e}); check the name and that "
                             "it is on PYTHONPATH.") from None
     except Exception as e:  # the module's own top-level code failed
-        raise PreftuneError(f"importing the judge module {module_name!r} failed with "
+        raise PreftuneError(f"importing the {what} module {module_name!r} failed with "
                             f"{type(e).__name__}: {e}.") from None
 
 

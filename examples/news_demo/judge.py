@@ -20,7 +20,6 @@ rate of DPO over SFT with its 95% Wilson interval.
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import re
 from collections.abc import Callable, Mapping
@@ -29,6 +28,7 @@ from typing import Any
 
 from examples.news_demo.news import MONTHS, ORGS, PLACES, Article, count_words, make_prompt
 from preftune.errors import PreftuneError
+from preftune.judging import import_function
 
 
 @dataclass(frozen=True)
@@ -97,7 +97,7 @@ def load_judge(spec: str | Judge | None) -> Judge:
     refused with one sentence unless it can be called as ``judge(article, summary)``."""
     if spec is None:
         return judge_summary
-    func = spec if callable(spec) else _import_judge(spec)
+    func = spec if callable(spec) else import_function(spec, "demo judge")
     try:
         inspect.signature(func).bind("article", "summary")
     except TypeError:
@@ -107,24 +107,6 @@ def load_judge(spec: str | Judge | None) -> Judge:
             "answer_b) is what `preftune eval --judge` takes).") from None
     except ValueError:  # builtins without a signature: trust them
         pass
-    return func
-
-
-def _import_judge(spec: str) -> Judge:
-    if not isinstance(spec, str) or spec.count(":") != 1 or not all(spec.split(":")):
-        raise PreftuneError(f"a judge is named as 'module:function' (e.g. 'mypkg.judges:judge'), got {spec!r}.")
-    module_name, func_name = spec.split(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise PreftuneError(
-            f"cannot import the judge's module {module_name!r} ({e}); check the name and that it is on "
-            f"PYTHONPATH.") from e
-    func = getattr(module, func_name, None)
-    if func is None:
-        raise PreftuneError(f"module {module_name!r} has no function {func_name!r} for the judge.")
-    if not callable(func):
-        raise PreftuneError(f"the judge {spec!r} is not a function (it is a {type(func).__name__}).")
     return func
 
 

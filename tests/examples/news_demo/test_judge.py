@@ -110,7 +110,7 @@ def test_load_judge_default_callable_and_module_function(user_module):
 
 @pytest.mark.parametrize("spec, match", [
     ("judge_summary", "module:function"),
-    ("a:b:c", "module:function"),
+    ("a:b:c", "cannot import the demo judge module .a:b."),
     (":judge", "module:function"),
     ("no_such_module_xyz:judge", "cannot import"),
     ("examples.news_demo.judge:nothing_here", "has no function"),
