@@ -70,6 +70,7 @@ def test_truncation_keeps_prompt_end_and_bos_then_cuts_answers_right():
     assert pair.prompt_ids == [1, 6, 7, 5]
     assert pair.chosen_ids == [8, 9] and pair.rejected_ids == [10, 2]
     assert stats.prompt_truncated == 1 and stats.completion_truncated == 1
+    assert stats.summary() == "tokenized: 1 kept, 1 prompts truncated (left), 1 answers truncated (right)"
 
 
 def test_truncation_without_bos_keeps_the_last_ids():
@@ -84,6 +85,7 @@ def test_empty_answer_is_dropped_with_its_index():
                                     max_prompt_length=4)
     assert [(p.index, p.chosen_ids) for p in pairs] == [(0, [8, 2]), (2, [12, 2])]
     assert stats.dropped_empty == [1] and stats.kept == 2
+    assert stats.summary() == "tokenized: 2 kept, 1 dropped (empty answer after tokenization)"
 
 
 def test_collate_layout_by_hand():
