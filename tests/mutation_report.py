@@ -33,7 +33,7 @@ def main() -> int:
         return 1
     total = Counter()
     print("# Mutation report\n")
-    print("| module | killed | survived | no tests | other | score |")
+    print("| module | killed | survived | no tests | not run / other | score |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for module in sorted(by_module):
         c = by_module[module]

@@ -426,3 +426,50 @@ def test_readme_lists_every_registered_loss():
     rows = [ln for ln in section.splitlines() if ln.startswith("| `")]
     documented = {name for ln in rows for name in re.findall(r"`(\w+)`", ln.split("|")[1])}
     assert documented == set(LOSSES)
+
+
+# --------------------------------------------------------------------------------------------- edges (mutation)
+
+
+def test_registry_names_match_their_keys():
+    from preftune.losses import LOSSES
+
+    assert all(spec.name == name for name, spec in LOSSES.items())
+
+
+def test_bco_shift_defaults_to_zero():
+    """Called without a reward shift, BCO uses δ = 0: β=1, c=1, r=-1 → 2·sp(-1) = 0.626523."""
+    out = run(LossConfig(loss_types=("bco_pair",), beta=1.0), t(1.0), t(-1.0), t(0.0), t(0.0))
+    close(out.losses, [0.626523])
+
+
+@pytest.mark.parametrize("missing", ["chosen", "rejected"])
+def test_one_missing_reference_side_raises(missing):
+    rc, rr = (None, t(-2.0)) if missing == "chosen" else (t(-1.0), None)
+    with pytest.raises(ValueError, match="need reference_chosen_logps and reference_rejected_logps"):
+        preference_loss(t(-1.0), t(-2.0), rc, rr, t(1.0), t(1.0), LossConfig())
+
+
+@pytest.mark.parametrize("eps", [0.5, 0.7, -0.1])
+def test_robust_refuses_eps_outside_0_to_half(eps):
+    """1 - 2ε would be 0 (a division by zero) or negative (a sign flip)."""
+    with pytest.raises(ValueError, match="0 <= label_smoothing < 0.5"):
+        robust_loss(t(1.0), t(0.0), beta=1.0, label_smoothing=eps)
+
+
+def test_nll_loss_of_a_single_token():
+    """One sequence of one token with log-prob -3: NLL 3 (the clamp only guards an empty batch → 0, not NaN)."""
+    close(nll_loss(t(-3.0), t(1.0)), torch.tensor(3.0, dtype=torch.float64))
+    close(nll_loss(t(0.0), t(0.0)), torch.tensor(0.0, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("bad", range(6))
+def test_shape_error_names_the_argument(bad):
+    """B comes from policy_chosen_logps; each other argument of 3 entries instead of 2 is named. The first is
+    named when it is not 1-D ([1, 2])."""
+    names = ["policy_chosen_logps", "policy_rejected_logps", "reference_chosen_logps", "reference_rejected_logps",
+             "chosen_lengths", "rejected_lengths"]
+    args = [t(-1.0, -2.0) for _ in names]
+    args[bad] = t(-1.0, -2.0, -3.0) if bad else t(-1.0, -2.0)[None]
+    with pytest.raises(ValueError, match=f"^{names[bad]} must have shape"):
+        preference_loss(*args, LossConfig())
