@@ -44,3 +44,5 @@ def test_events_in_order_with_the_logged_rows(tiny_model_dir, pairs_file, tmp_pa
     assert rec.events[-1][3:] == (False, 4)
     logged = [e[3] for e in rec.events if e[0] == "log"]
     assert logged == read_metrics(res.output_dir)  # the same rows, at full precision
+    # epochs done at each training log: 2/12 and 4/12 of an epoch
+    assert [r["epoch"] for r in logged if r["split"] == "train"] == [0.1667, 0.3333]
