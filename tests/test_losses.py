@@ -398,9 +398,10 @@ def test_a_registered_loss_is_usable_by_name():
     relu(1 - (pc - pr)): pc = [-1, -3], pr = [-2, -1] → margins [1, -2] → losses [0, 3]."""
     from preftune.losses import LOSSES, register
 
-    register("test_margin", lambda s, c: torch.relu(1.0 - (s.policy_chosen_logps - s.policy_rejected_logps)),
-             reference_free=True)
+    spec = register("test_margin", reference_free=True,
+                    compute=lambda s, c: torch.relu(1.0 - (s.policy_chosen_logps - s.policy_rejected_logps)))
     try:
+        assert spec.name == "test_margin" and LOSSES["test_margin"] is spec
         config = LossConfig(loss_types=("test_margin",))
         assert not config.needs_reference
         t = torch.tensor
@@ -439,7 +440,8 @@ def test_registry_names_match_their_keys():
 
 def test_bco_shift_defaults_to_zero():
     """Called without a reward shift, BCO uses δ = 0: β=1, c=1, r=-1 → 2·sp(-1) = 0.626523."""
-    out = run(LossConfig(loss_types=("bco_pair",), beta=1.0), t(1.0), t(-1.0), t(0.0), t(0.0))
+    config = LossConfig(loss_types=("bco_pair",), beta=1.0)
+    out = preference_loss(t(1.0), t(-1.0), t(0.0), t(0.0), t(1.0), t(1.0), config)
     close(out.losses, [0.626523])
 
 
