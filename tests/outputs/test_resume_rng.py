@@ -41,7 +41,8 @@ def test_resume_with_dropout_equals_the_uninterrupted_run(tiny_model_dir, pairs_
     """LoRA dropout 0.3 draws a fresh mask from torch's RNG at every training forward. Run 4 steps with a
     checkpoint at step 2; copy the run folder, remove what steps 3-4 wrote and resume from step 2: the final
     adapters must be bit-identical (same machine, same code path), which needs the RNG state of step 2 back.
-    Without it, steps 3-4 reuse the masks drawn from the seed at the start and the adapters differ (measured: every element, by up to 9e-3)."""
+    Without it, steps 3-4 reuse the masks drawn from the seed at the start and the adapters differ (measured:
+    every element, by up to 9e-3)."""
     cfg = dict(model=str(tiny_model_dir), data=str(pairs_file), max_steps=4, batch_size=4, learning_rate=1e-2,
                warmup_ratio=0.0, progress=False, seed=7, max_length=64, max_prompt_length=32, lora=True, lora_r=4,
                lora_dropout=0.3, save_steps=2, save_total_limit=2)
