@@ -475,3 +475,14 @@ def test_shape_error_names_the_argument(bad):
     args[bad] = t(-1.0, -2.0, -3.0) if bad else t(-1.0, -2.0)[None]
     with pytest.raises(ValueError, match=f"^{names[bad]} must have shape"):
         preference_loss(*args, LossConfig())
+
+
+def test_config_edges():
+    """A scalar weight for one loss, a zero weight (a loss switched off), a non-number weight named, and an
+    unknown loss with no close name gets no hint."""
+    assert LossConfig(loss_types="sigmoid", loss_weights=2).loss_weights == (2.0,)  # type: ignore[arg-type]
+    assert LossConfig(loss_types=("sigmoid", "ipo"), loss_weights=(1.0, 0.0)).weights == (1.0, 0.0)
+    with pytest.raises(PreftuneError, match="^each of loss_weights must be a number, got 'x'"):
+        LossConfig(loss_weights=("x",))  # type: ignore[arg-type]
+    with pytest.raises(PreftuneError, match="^Unknown loss type 'zzzz'; valid loss types are: sigmoid, "):
+        LossConfig(loss_types=("zzzz",))
