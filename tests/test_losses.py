@@ -486,3 +486,16 @@ def test_config_edges():
         LossConfig(loss_weights=("x",))  # type: ignore[arg-type]
     with pytest.raises(PreftuneError, match="^Unknown loss type 'zzzz'; valid loss types are: sigmoid, "):
         LossConfig(loss_types=("zzzz",))
+
+
+def test_config_numbers_are_converted_and_named():
+    """YAML or flags may give numbers as strings or ints: each becomes a float on the config; a non-number is
+    refused naming its key. λ = 0 and λ = 0.5 are valid (no or a mild DPOP penalty)."""
+    cfg = LossConfig(loss_types=("sigmoid",), beta="0.5", label_smoothing="0.1", simpo_gamma=1, dpop_lambda="2",
+                     sft_weight=1)  # type: ignore[arg-type]
+    values = (cfg.beta, cfg.label_smoothing, cfg.simpo_gamma, cfg.dpop_lambda, cfg.sft_weight)
+    assert values == (0.5, 0.1, 1.0, 2.0, 1.0) and all(type(v) is float for v in values)
+    assert LossConfig(dpop_lambda=0).dpop_lambda == 0.0 and LossConfig(dpop_lambda=0.5).dpop_lambda == 0.5
+    for key in ("beta", "label_smoothing", "simpo_gamma", "dpop_lambda", "sft_weight"):
+        with pytest.raises(PreftuneError, match=f"^{key} must be a number, got 'abc'"):
+            LossConfig(**{key: "abc"})
