@@ -83,6 +83,7 @@ def test_sft_loss_and_summary_by_hand():
     assert float(total) == 8
     assert _floats(sums) == {"loss": 8.0, "pairs": 2.0, "chosen_tokens": 4.0, "logps/chosen": -8.0}
     assert obj.summarize(_floats(sums)) == {"loss": 2.0, "logps/chosen": -4.0}
+    assert obj.summarize({}) == {"loss": 0.0, "logps/chosen": 0.0}  # an empty window: zeros, not an error
 
 
 def test_bco_shift_moves_once_per_step_and_not_after_a_skipped_step():

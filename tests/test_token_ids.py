@@ -111,3 +111,27 @@ def test_collate_sft_batch_has_no_rejected_side():
 def test_batch_to_keeps_every_field():
     b = collate([TokenizedPair([4, 5], [8, 2], [10, 2], 3)], [3], PAD).to("cpu")
     assert b.indices.tolist() == [3] and b.rejected_ids.tolist() == [[10, 2]]
+
+
+def test_boundary_inside_a_word_moves_into_the_answers():
+    """'question: red ca' + 't yes': the prompt alone encodes 'ca' as <unk> (0), the joint text as 'cat' (7), in
+    both answers. The prompt keeps only the common prefix [4, 6]; 'cat' starts each answer."""
+    (pair,), _ = tokenize_records(word_tokenizer(), [("question: red ca", "t yes", "t no")], max_length=64,
+                                  max_prompt_length=32)
+    assert (pair.prompt_ids, pair.chosen_ids, pair.rejected_ids) == ([4, 6], [7, 8, 2], [7, 10, 2])
+
+
+def test_boundary_where_only_one_answer_differs_from_the_prompt():
+    """'question: ca' + 't' → [4, 7] but + ' dog' → [4, 0, 12]: the prompt alone is [4, 0]. Only the chosen
+    side disagrees at position 1, which is enough to cut there: prompt [4], chosen [7, EOS], rejected
+    [0, 12, EOS]."""
+    (pair,), _ = tokenize_records(word_tokenizer(), [("question: ca", "t", " dog")], max_length=64,
+                                  max_prompt_length=32)
+    assert (pair.prompt_ids, pair.chosen_ids, pair.rejected_ids) == ([4], [7, 2], [0, 12, 2])
+
+
+def test_bos_survives_truncation_to_two():
+    """max_prompt_length 2 with a BOS: BOS and the prompt's last id ([1, 5]), not its last two."""
+    (pair,), _ = tokenize_records(word_tokenizer("<s> $A"), [("question: red answer:", " yes", " no")],
+                                  max_length=8, max_prompt_length=2)
+    assert pair.prompt_ids == [1, 5]

@@ -103,3 +103,30 @@ def test_load_refuses_a_checkpoint_of_another_model(tmp_path):
     o = torch.optim.AdamW(other.parameters())
     with pytest.raises(PreftuneError, match="does not match this model"):
         load_checkpoint(path, model=other, optimizer=o, scheduler=torch.optim.lr_scheduler.LambdaLR(o, lambda s: 1))
+
+
+def test_a_stale_temporary_folder_is_replaced(tmp_path):
+    """A crash mid-write leaves .tmp-step-N behind; the next save of step N starts from an empty folder."""
+    model, opt, sched = _toy()
+    stale = tmp_path / "checkpoints" / ".tmp-step-0000001"
+    stale.mkdir(parents=True)
+    (stale / "junk.bin").write_bytes(b"half-written")
+    path = _save(tmp_path, 1, model, opt, sched)
+    assert not (path / "junk.bin").exists() and not stale.exists()
+
+
+class Payload:
+    """Any class: unpickling it means running code named by the file."""
+
+
+def test_state_file_is_read_without_unpickling_objects(tmp_path):
+    """state.pt is read with weights_only=True: a file that names a class (here a harmless one; a malicious
+    file would name os.system) is refused instead of unpickled."""
+    import pickle
+
+    model, opt, sched = _toy()
+    path = _save(tmp_path, 1, model, opt, sched)
+    state = torch.load(path / "state.pt", weights_only=True)
+    torch.save({**state, "extra": Payload()}, path / "state.pt")
+    with pytest.raises(pickle.UnpicklingError):
+        load_checkpoint(path, model=model, optimizer=opt, scheduler=sched)
