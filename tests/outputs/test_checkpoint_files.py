@@ -130,3 +130,37 @@ def test_state_file_is_read_without_unpickling_objects(tmp_path):
     torch.save({**state, "extra": Payload()}, path / "state.pt")
     with pytest.raises(pickle.UnpicklingError):
         load_checkpoint(path, model=model, optimizer=opt, scheduler=sched)
+
+
+def test_reference_cache_is_copied_where_it_cannot_be_linked(tmp_path, monkeypatch):
+    """A hard link fails across file systems; the cache is then copied into the checkpoint."""
+    import os
+
+    def no_link(src, dst):
+        raise OSError("Invalid cross-device link")
+
+    monkeypatch.setattr(os, "link", no_link)
+    model, opt, sched = _toy()
+    cache = tmp_path / "train-abc.safetensors"
+    cache.write_bytes(b"reference log-probs")
+    path = _save(tmp_path / "run", 1, model, opt, sched, reference_cache=cache)
+    assert (path / "train-abc.safetensors").read_bytes() == b"reference log-probs"
+
+
+def test_full_disk_while_creating_the_folder(tmp_path, monkeypatch):
+    """ENOSPC already at the temporary folder's mkdir: the one-sentence error, not a FileNotFoundError from the
+    clean-up of a folder that was never made."""
+    import errno
+    from pathlib import Path
+
+    real_mkdir = Path.mkdir
+
+    def mkdir(self, *a, **k):
+        if self.name.startswith(".tmp-step"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_mkdir(self, *a, **k)
+
+    monkeypatch.setattr(Path, "mkdir", mkdir)
+    model, opt, sched = _toy()
+    with pytest.raises(PreftuneError, match="disk filled"):
+        _save(tmp_path, 1, model, opt, sched)

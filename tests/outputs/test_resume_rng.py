@@ -55,6 +55,8 @@ def test_resume_with_dropout_equals_the_uninterrupted_run(tiny_model_dir, pairs_
         if ckpt.name != "step-0000002":
             shutil.rmtree(ckpt)
     resumed = train(TrainConfig(output_dir=str(resumed_dir), resume=True, **cfg))
+    # each checkpoint carries the reference log-probs it trained against
+    assert list((resumed_dir / "checkpoints" / "step-0000002").glob("train-*.safetensors"))
 
     a = load_file(str(full.final_dir / "adapter_model.safetensors"))
     b = load_file(str(resumed.final_dir / "adapter_model.safetensors"))
