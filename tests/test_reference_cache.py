@@ -60,3 +60,9 @@ def test_cache_key_covers_every_token_id_and_the_precision():
     keys |= {cache_key("other", pairs, extra), cache_key("m", pairs, {**extra, "dtype": "bfloat16"}),
              cache_key("m", pairs, {**extra, "mixed_precision": "bf16"})}
     assert key not in keys and len(keys) == len(variants) + 3
+
+
+def test_cache_key_does_not_depend_on_the_order_of_settings():
+    pairs = [TokenizedPair([1], [2], [3], 0)]
+    assert cache_key("m", pairs, {"dtype": "float32", "mixed_precision": "no"}) == \
+        cache_key("m", pairs, {"mixed_precision": "no", "dtype": "float32"})

@@ -76,3 +76,24 @@ def test_cache_of_another_size_is_recomputed(tmp_path, monkeypatch):
     again = precompute(torch.nn.Linear(1, 1), two, **kw)
     assert calls == [1, 2] and again.chosen.tolist() == [-3.0, -1.0]
     assert not list(cache.parent.glob("*.tmp"))  # written through a temporary file, renamed into place
+
+
+def test_precompute_scores_the_base_weights_under_adapters(tiny_model_dir, tmp_path):
+    """A PeftModel whose adapters are not zero (init_lora_weights=False) is scored with them switched off:
+    the cached log-probs equal the plain model's, to fp32 rounding (same forward, same batches: ~1e-6)."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    peft = get_peft_model(copy.deepcopy(base), LoraConfig(r=2, target_modules=["q_proj", "v_proj"],
+                                                           init_lora_weights=False))
+    pairs = [TokenizedPair([5, 6, 7], [8, 9, 2], [10, 2], 0), TokenizedPair([5], [11, 2], [12, 13, 2], 1)]
+    kw = dict(pad_id=3, batch_size=2, prefix_sharing=True, chunk_size=0)
+    got = precompute(peft, pairs, cache_file=tmp_path / "a.safetensors", **kw)
+    want = precompute(base, pairs, cache_file=tmp_path / "b.safetensors", **kw)
+    torch.testing.assert_close(got.chosen, want.chosen, atol=1e-5, rtol=0)
+    torch.testing.assert_close(got.rejected, want.rejected, atol=1e-5, rtol=0)
+    assert (got.chosen - precompute(peft.merge_and_unload(), pairs, cache_file=tmp_path / "c.safetensors",
+                                    **kw).chosen).abs().max() > 1e-3  # the adapters do change the scores
