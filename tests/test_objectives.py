@@ -65,6 +65,11 @@ def test_preference_summary_by_hand():
                                "rewards/margins": 0.3, "rewards/accuracies": 0.75, "logps/chosen": -10.0,
                                "logps/rejected": -15.0, "kl": 0.25})
     assert "kl" not in obj.summarize({"loss": 1.0, "pairs": 1.0})
+    one = obj.summarize({"loss": 0.7, "pairs": 1.0, "kl_sum": 0.3, "chosen_tokens": 1.0})
+    assert (one["loss"], one["kl"]) == pytest.approx((0.7, 0.3))  # one pair, one token: the sums themselves
+    assert obj.summarize({}) == {k: 0.0 for k in ("loss", "rewards/chosen", "rewards/rejected",
+                                                  "rewards/accuracies", "logps/chosen", "logps/rejected",
+                                                  "rewards/margins")}
 
 
 def test_normalisers():
@@ -88,8 +93,8 @@ def test_sft_loss_and_summary_by_hand():
 
 def test_bco_shift_moves_once_per_step_and_not_after_a_skipped_step():
     """Step 1 (two micro-batches): rewards β·logratios with β = 1: chosen [1, 2] and [3], rejected [0, -1] and
-    [1] → δ = (1 + 2 + 3 + 0 - 1 + 1) / 6 = 1, applied only at end_step. A skipped step adds nothing; the
-    state round-trips."""
+    [1] → δ = (1 + 2 + 3 + 0 - 1 + 1) / 6 = 1, applied only at end_step. A skipped step adds nothing, the next
+    one counts; evaluation never feeds δ; the state round-trips."""
     obj = PreferenceObjective(LossConfig(loss_types=("bco_pair",), beta=1.0))
     zero = t(0, 0)
 
@@ -105,9 +110,12 @@ def test_bco_shift_moves_once_per_step_and_not_after_a_skipped_step():
     add(t(100, 100), zero)
     obj.end_step(lambda values: values, skipped=True)
     assert obj.reward_shift.value == pytest.approx(1.0) and obj.reward_shift.count == 6
+    add(t(4), t(2))  # the step after a skipped one counts again: (6 + 4 + 2) / 8 = 1.5
+    obj.end_step(lambda values: values)
+    assert obj.reward_shift.value == pytest.approx(1.5) and obj.reward_shift.count == 8
     resumed = PreferenceObjective(LossConfig(loss_types=("bco_pair",), beta=1.0))
     resumed.load_state_dict(obj.state_dict())
     assert resumed.reward_shift.state_dict() == obj.reward_shift.state_dict()
     obj.loss(SequenceLogps(t(50), t(1), t(50), t(1)), SequenceLogps(t(0), t(1), t(0), t(1)), training=False)
     obj.end_step(lambda values: values)  # evaluation rewards never feed the shift
-    assert obj.reward_shift.value == pytest.approx(1.0) and obj.reward_shift.count == 6
+    assert obj.reward_shift.value == pytest.approx(1.5) and obj.reward_shift.count == 8

@@ -65,7 +65,7 @@ def test_cache_of_another_size_is_recomputed(tmp_path, monkeypatch):
         return SequenceLogps(-n, n, -r, r)
 
     monkeypatch.setattr(scoring, "score", fake_score)
-    cache = tmp_path / "ref" / "train-key.safetensors"
+    cache = tmp_path / "run" / "ref" / "train-key.safetensors"  # folders made as needed
     one = [TokenizedPair([1], [2, 3, 4], [5, 6], 0)]
     two = one + [TokenizedPair([1], [7], [8, 9], 1)]
     kw = dict(cache_file=cache, pad_id=0, batch_size=2, prefix_sharing=True, chunk_size=0)
@@ -76,6 +76,10 @@ def test_cache_of_another_size_is_recomputed(tmp_path, monkeypatch):
     again = precompute(torch.nn.Linear(1, 1), two, **kw)
     assert calls == [1, 2] and again.chosen.tolist() == [-3.0, -1.0]
     assert not list(cache.parent.glob("*.tmp"))  # written through a temporary file, renamed into place
+    other = tmp_path / "other.safetensors"
+    not_saved = precompute(torch.nn.Linear(1, 1), two, **{**kw, "cache_file": other}, save=False)
+    assert not_saved.chosen.tolist() == [-3.0, -1.0] and not_saved.rejected.tolist() == [-2.0, -2.0]
+    assert not other.exists()  # another process of the job writes it
 
 
 def test_precompute_scores_the_base_weights_under_adapters(tiny_model_dir, tmp_path):
