@@ -52,3 +52,29 @@ def test_stop_request_flags_the_first_signal_and_raises_on_the_second():
         with pytest.raises(KeyboardInterrupt):
             signal.raise_signal(signal.SIGINT)
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_evaluating_does_not_change_training(tiny_model_dir, pairs_file, eval_pairs_file, tmp_path):
+    """BCO keeps a running reward mean δ that only training rewards may feed: 3 steps with an evaluation after
+    every step train exactly like 3 steps with one evaluation at the end (same process, same code path, so
+    bit-identical training rows and weights; evaluation rewards in δ would move step 2's loss)."""
+    from safetensors.torch import load_file
+
+    from preftune import train
+    from preftune.outputs.metrics import read_metrics
+
+    def run(out, eval_steps):
+        return train(TrainConfig(model=str(tiny_model_dir), data=str(pairs_file), eval_data=str(eval_pairs_file),
+                                 output_dir=str(out), max_steps=3, batch_size=4, learning_rate=1e-2,
+                                 warmup_ratio=0.0, loss="bco_pair", eval_steps=eval_steps, progress=False, seed=3,
+                                 max_length=64, max_prompt_length=32))
+
+    a, b = run(tmp_path / "a", 1), run(tmp_path / "b", 0)
+    def train_rows(res):
+        timing = ("pairs_per_s", "tokens_per_s")
+        return [{k: v for k, v in r.items() if k not in timing} for r in read_metrics(res.output_dir)
+                if r["split"] == "train"]
+
+    assert train_rows(a) == train_rows(b)
+    wa, wb = load_file(str(a.final_dir / "model.safetensors")), load_file(str(b.final_dir / "model.safetensors"))
+    assert all(torch.equal(wa[n], wb[n]) for n in wa)
