@@ -78,3 +78,28 @@ def test_evaluating_does_not_change_training(tiny_model_dir, pairs_file, eval_pa
     assert train_rows(a) == train_rows(b)
     wa, wb = load_file(str(a.final_dir / "model.safetensors")), load_file(str(b.final_dir / "model.safetensors"))
     assert all(torch.equal(wa[n], wb[n]) for n in wa)
+
+
+def test_sigterm_stops_after_the_step_with_a_checkpoint(tiny_model_dir, pairs_file, tmp_path):
+    """A SIGTERM during step 2 (sent by a callback, in this process): the run finishes that step, writes its
+    checkpoint (no save_steps asked), reports itself interrupted and writes no final/; the task is 'dpo'."""
+    from preftune import train
+    from preftune.callbacks import Callback
+    from preftune.outputs.checkpoint import list_checkpoints
+
+    class Term(Callback):
+        def on_train_begin(self, state):
+            self.task = state.task
+
+        def on_step_end(self, state):
+            if state.step == 2:
+                signal.raise_signal(signal.SIGTERM)
+
+    term = Term()
+    res = train(TrainConfig(model=str(tiny_model_dir), data=str(pairs_file), output_dir=str(tmp_path / "run"),
+                            max_steps=5, batch_size=4, progress=False, max_length=64, max_prompt_length=32),
+                callbacks=[term])
+    assert term.task == "dpo"
+    assert res.interrupted and res.steps == 2
+    assert [p.name for p in list_checkpoints(res.output_dir)] == ["step-0000002"]
+    assert not res.final_dir.exists()
