@@ -98,6 +98,26 @@ def test_dpo_step_gradient_is_the_mean_over_pairs(tiny_model_dir, eight_pairs, t
     first = read_metrics(res.output_dir)[0]
     assert first["grad_norm"] == pytest.approx(_norm(want), rel=REL_TOL)
 
+    # AdamW's first step from zero moments: m̂ = G, v̂ = G², so W1 = W0 - lr·G/(|G| + ε) (weight decay 0),
+    # whatever G's scale; lr = 1e-3 (constant, no warmup), ε = 1e-8. Where |G| > 1e-6 the update is ~lr·sign(G)
+    # and rounding in G (~1e-10 absolute) moves it by < 1e-9; where G = 0 exactly (rows of tokens that never
+    # occur) W does not move. The few left (|G| near ε, where G's last bits decide the update) are only checked
+    # to move by at most lr.
+    from safetensors.torch import load_file
+
+    w0 = load_file(str(tiny_model_dir / "model.safetensors"))
+    w1 = load_file(str(res.final_dir / "model.safetensors"))
+    checked = total = 0
+    for name, g in want.items():
+        g, step = g.double(), w1[name].double() - w0[name].double()
+        sure = (g.abs() > 1e-6) | (g == 0)
+        expected = -1e-3 * g / (g.abs() + 1e-8)
+        torch.testing.assert_close(step[sure], expected[sure], atol=1e-7, rtol=0,
+                                   msg=lambda m, name=name: f"{name} {m}")
+        assert step.abs().max() <= 1e-3 * (1 + 1e-4), name
+        checked, total = checked + int(sure.sum()), total + g.numel()
+    assert checked > 0.99 * total  # measured 99.6%
+
 
 def test_sft_step_gradient_is_the_token_mean(tiny_model_dir, eight_pairs, tmp_path):
     """SFT on the chosen answers, 3+3+2 micro-batches: the loss is the NLL summed over all answer tokens of
