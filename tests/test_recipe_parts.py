@@ -103,3 +103,75 @@ def test_sigterm_stops_after_the_step_with_a_checkpoint(tiny_model_dir, pairs_fi
     assert res.interrupted and res.steps == 2
     assert [p.name for p in list_checkpoints(res.output_dir)] == ["step-0000002"]
     assert not res.final_dir.exists()
+
+
+def _short(model, data, out, **kw) -> TrainConfig:
+    base = dict(model=str(model), data=str(data), output_dir=str(out), max_steps=2, batch_size=4,
+                learning_rate=1e-3, warmup_ratio=0.0, progress=False, seed=3, max_length=64, max_prompt_length=32)
+    return TrainConfig(**{**base, **kw})
+
+
+def test_logged_throughputs_have_the_window_s_tokens_per_pair(tiny_model_dir, tmp_path):
+    """tokens/s ÷ pairs/s does not depend on the clock: it is the window's tokens per pair, each prompt counted
+    once plus both answers (EOS included), here for one step over all 8 pairs, ids from the tokenizer alone."""
+    from helpers import make_pairs, write_jsonl
+    from independent import hand_ids
+    from transformers import AutoTokenizer
+
+    from preftune import train
+    from preftune.outputs.metrics import read_metrics
+
+    rows = make_pairs(8, seed=51)
+    res = train(_short(tiny_model_dir, write_jsonl(tmp_path / "d.jsonl", rows), tmp_path / "run", max_steps=1,
+                       batch_size=8))
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tokens = 0
+    for r in rows:
+        p, c = hand_ids(tok, r["prompt"], r["chosen"])
+        _, rj = hand_ids(tok, r["prompt"], r["rejected"])
+        tokens += len(p) + len(c) + len(rj)
+    first = read_metrics(res.output_dir)[0]
+    assert first["pairs_per_s"] > 0
+    assert first["tokens_per_s"] / first["pairs_per_s"] == pytest.approx(tokens / 8, rel=1e-9)
+
+
+def test_logged_grad_norm_is_the_window_mean(tiny_model_dir, pairs_file, tmp_path):
+    """Logging every 2 steps logs the mean of the two steps' norms, which a run logging every step shows
+    (same process, same numbers)."""
+    from preftune import train
+    from preftune.outputs.metrics import read_metrics
+
+    each = read_metrics(train(_short(tiny_model_dir, pairs_file, tmp_path / "a")).output_dir)
+    pair = read_metrics(train(_short(tiny_model_dir, pairs_file, tmp_path / "b", logging_steps=2)).output_dir)
+    assert [r["step"] for r in pair] == [2]
+    assert pair[0]["grad_norm"] == pytest.approx((each[0]["grad_norm"] + each[1]["grad_norm"]) / 2, rel=1e-12)
+    assert pair[0]["loss"] == pytest.approx((each[0]["loss"] + each[1]["loss"]) / 2, rel=1e-6)
+
+
+def test_a_skipped_step_logs_zero_grad_norm_and_keeps_the_weights(tiny_model_dir, pairs_file, tmp_path,
+                                                                   monkeypatch):
+    """NaN log-probs in step 2's forward with on_nonfinite=skip: step 2 logs grad_norm 0 and one skipped step,
+    and the weights after it are those after step 1 (a 2-step run's final/ equals a 1-step run's)."""
+    from safetensors.torch import load_file
+
+    import preftune.logprobs as logprobs
+    from preftune import train
+    from preftune.outputs.metrics import read_metrics
+
+    one = train(_short(tiny_model_dir, pairs_file, tmp_path / "one", max_steps=1, lr_scheduler="constant"))
+    real, calls = logprobs.forward_logps, []
+
+    def nan_on_second(*a, **k):
+        out = real(*a, **k)
+        if torch.is_grad_enabled():
+            calls.append(1)
+            if len(calls) == 2:
+                out.chosen_logps = out.chosen_logps * float("nan")
+        return out
+
+    monkeypatch.setattr(logprobs, "forward_logps", nan_on_second)
+    two = train(_short(tiny_model_dir, pairs_file, tmp_path / "two", on_nonfinite="skip", lr_scheduler="constant"))
+    rows = read_metrics(two.output_dir)
+    assert rows[1]["grad_norm"] == 0.0 and rows[1]["skipped_steps"] == 1
+    wa, wb = load_file(str(one.final_dir / "model.safetensors")), load_file(str(two.final_dir / "model.safetensors"))
+    assert all(torch.equal(wa[n], wb[n]) for n in wa)
