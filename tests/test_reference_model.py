@@ -31,9 +31,15 @@ def test_step_one_rewards_against_a_separate_reference(tiny_model_dir, other_mod
 
     rows = make_pairs(8, seed=61)
     data = write_jsonl(tmp_path / "d.jsonl", rows)
-    res = train(TrainConfig(model=str(tiny_model_dir), reference_model=str(other_model), reference=strategy,
-                            data=str(data), eval_data=str(data), output_dir=str(tmp_path / "run"), max_steps=1,
-                            batch_size=8, beta=BETA, progress=False, max_length=64, max_prompt_length=32))
+    kw = dict(model=str(tiny_model_dir), data=str(data), output_dir=str(tmp_path / "run"), max_steps=1,
+              batch_size=8, beta=BETA, progress=False, max_length=64, max_prompt_length=32)
+    # First a run whose reference is the policy itself, in the same folder: its cached log-probs must not be
+    # taken for the other model's (the cache key names the reference model).
+    train(TrainConfig(**kw))
+    res = train(TrainConfig(reference_model=str(other_model), reference=strategy, eval_data=str(data),
+                            overwrite=True, **kw))
+    caches = list((tmp_path / "run" / "reference_logps").glob("*.safetensors"))
+    assert len(caches) == (1 if strategy == "copy" else 3)  # copy keeps a live model and writes no cache
     policy = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     ref = AutoModelForCausalLM.from_pretrained(other_model)
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
