@@ -66,6 +66,9 @@ def test_find_checkpoint(tmp_path):
     newest = _save(run, 12, model, opt, sched)
     (run / "checkpoints" / "step-0000099").mkdir()  # no trainer_state.json: a half-written folder, ignored
     assert find_checkpoint(run, True) == newest and find_checkpoint(run, "latest") == newest
+    # YAML and flags may hand the value over as text
+    assert [find_checkpoint(run, v) for v in ("true", "True")] == [newest, newest]
+    assert [find_checkpoint(run, v) for v in ("", "false", "False")] == [None, None, None]
     assert find_checkpoint(run, str(first)) == first
     with pytest.raises(PreftuneError, match="not a preftune checkpoint"):
         find_checkpoint(run, str(tmp_path))
