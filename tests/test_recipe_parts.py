@@ -175,3 +175,39 @@ def test_a_skipped_step_logs_zero_grad_norm_and_keeps_the_weights(tiny_model_dir
     assert rows[1]["grad_norm"] == 0.0 and rows[1]["skipped_steps"] == 1
     wa, wb = load_file(str(one.final_dir / "model.safetensors")), load_file(str(two.final_dir / "model.safetensors"))
     assert all(torch.equal(wa[n], wb[n]) for n in wa)
+
+
+def test_steps_from_epochs_warmup_from_ratio_and_the_result(tiny_model_dir, tmp_path):
+    """No max_steps: 8 pairs in batches of 4 are 2 steps an epoch, so num_epochs 1.5 → ceil(3) = 3 steps; 4 pairs
+    and 0.5 epochs → 1 step (never 0). warmup_ratio 0.5 of 3 steps → round(1.5) = 2 warmup steps: constant lr
+    1e-3 logged as 0, 0.5e-3, 1e-3. The result carries the last training row and interrupted False."""
+    from helpers import make_pairs, write_jsonl
+
+    from preftune import train
+    from preftune.outputs.metrics import read_metrics
+
+    data = write_jsonl(tmp_path / "d8.jsonl", make_pairs(8, seed=71))
+    res = train(_short(tiny_model_dir, data, tmp_path / "a", max_steps=0, num_epochs=1.5, warmup_ratio=0.5,
+                       lr_scheduler="constant"))
+    rows = read_metrics(res.output_dir)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert [r["lr"] for r in rows] == pytest.approx([0.0, 0.5e-3, 1e-3])
+    assert res.train_metrics == rows[-1] and res.interrupted is False and res.steps == 3
+    small = write_jsonl(tmp_path / "d4.jsonl", make_pairs(4, seed=72))
+    res = train(_short(tiny_model_dir, small, tmp_path / "b", max_steps=0, num_epochs=0.5))
+    assert [r["step"] for r in read_metrics(res.output_dir)] == [1]
+
+
+def test_config_as_dict_is_checked_and_as_yaml_is_read(tiny_model_dir, pairs_file, tmp_path):
+    import yaml
+
+    from preftune import train
+    from preftune.errors import PreftuneError
+
+    with pytest.raises(PreftuneError, match="unknown config key 'bogus'"):
+        train({"model": str(tiny_model_dir), "data": str(pairs_file), "output_dir": str(tmp_path / "x"), "bogus": 1})
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(dict(model=str(tiny_model_dir), data=str(pairs_file), max_steps=1,
+                                        output_dir=str(tmp_path / "y"), batch_size=4, progress=False,
+                                        max_length=64, max_prompt_length=32)))
+    assert train(str(path)).steps == 1
