@@ -211,3 +211,25 @@ def test_config_as_dict_is_checked_and_as_yaml_is_read(tiny_model_dir, pairs_fil
                                         output_dir=str(tmp_path / "y"), batch_size=4, progress=False,
                                         max_length=64, max_prompt_length=32)))
     assert train(str(path)).steps == 1
+
+
+@pytest.mark.parametrize("mixed, dtype", [("no", torch.float32), ("bf16", torch.bfloat16)])
+def test_mixed_precision_really_autocasts(tiny_model_dir, pairs_file, tmp_path, mixed, dtype):
+    """Step 1's loss is ln 2 within bf16 rounding either way, so it cannot tell whether autocast was on; the
+    dtype a linear layer's output has in the training forward does."""
+    from preftune import train
+    from preftune.callbacks import Callback
+    from preftune.logprobs import causal_lm
+
+    class Dtypes(Callback):
+        def on_train_begin(self, state):
+            layer = causal_lm(state.model).get_decoder().layers[0].self_attn.q_proj
+            self.handle = layer.register_forward_hook(lambda m, i, out: self.seen.add(out.dtype))
+
+        def on_step_end(self, state):
+            self.handle.remove()
+
+    cb = Dtypes()
+    cb.seen = set()
+    train(_short(tiny_model_dir, pairs_file, tmp_path / "run", max_steps=1, mixed_precision=mixed), callbacks=[cb])
+    assert cb.seen == {dtype}
