@@ -66,3 +66,12 @@ def test_lora_disabled_reference_also_serves_evaluation(tiny_model_dir, pairs_fi
     ev = res.eval_metrics
     assert ev["split"] == "eval" and "kl" in ev and math.isfinite(ev["loss"])
     assert ev["rewards/margins"] != 0.0
+
+
+def test_reference_free_loss_evaluates_without_a_reference(tiny_model_dir, pairs_file, eval_pairs_file, tmp_path):
+    """SimPO needs no reference: no cache is written, and evaluation runs without one (no KL estimate)."""
+    res = train(TrainConfig(model=str(tiny_model_dir), data=str(pairs_file), eval_data=str(eval_pairs_file),
+                            output_dir=str(tmp_path / "run"), max_steps=1, batch_size=4, loss="simpo",
+                            progress=False, max_length=64, max_prompt_length=32))
+    assert math.isfinite(res.eval_metrics["loss"]) and "kl" not in res.eval_metrics
+    assert not (res.output_dir / "reference_logps").exists()
