@@ -369,7 +369,7 @@ class Recipe:
         seconds = window.seconds()
         row = {**self.objective.summarize(sums), "grad_norm": window.grad_norm / max(window.steps, 1),
                "lr": window.lr, "pairs_per_s": sums.get("pairs", 0.0) / seconds,
-               "tokens_per_s": sums.get("tokens", 0.0) / seconds, "epoch": round(step / self.state.steps_per_epoch, 4)}
+               "tokens_per_s": sums.get("tokens", 0.0) / seconds, "epoch": round((step + 1) / self.state.steps_per_epoch, 4)}
         if self.skipped:
             row["skipped_steps"] = self.skipped
         self.state.train_metrics = self._log("train", row)

@@ -18,6 +18,11 @@ from helpers import build_tiny_model, make_pairs, write_jsonl  # noqa: E402
 
 torch.set_num_threads(1)
 
+if os.environ.get("MUTANT_UNDER_TEST") == "stats":  # `make mutate` is collecting which tests reach what
+    from mutmut_stats_fix import install
+
+    install()
+
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:

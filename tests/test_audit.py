@@ -212,9 +212,9 @@ def test_model_margins_from_score_pairs(data_file, monkeypatch):
 
 def test_real_model_margin_matches_a_plain_forward(tmp_path):
     """With the lead's score_pairs on a tiny random Llama, the reported margin of the single pair equals
-    sum log p(chosen tokens) - sum log p(rejected tokens) from one plain forward each."""
-    from preftune.data.tokenize import tokenize_texts
-
+    sum log p(chosen tokens) - sum log p(rejected tokens) from one plain forward each. The ids come from the
+    word-level tokenizer alone (whitespace-split words, so prompt + answer encodes as the two encodings
+    joined), plus EOS after each answer, not from preftune's tokenization."""
     tok = word_tokenizer()
     torch.manual_seed(0)
     cfg = LlamaConfig(
@@ -232,9 +232,9 @@ def test_real_model_margin_matches_a_plain_forward(tmp_path):
     r = audit(path, tokenizer=tok, model=model, max_length=16, max_prompt_length=8)
 
     rec = TOKEN_RECORDS[0]
-    prompt_ids, (chosen_ids, rejected_ids) = tokenize_texts(
-        tok, rec["prompt"], [rec["chosen"], rec["rejected"]]
-    )
+    prompt_ids = tok(rec["prompt"])["input_ids"]
+    chosen_ids, rejected_ids = (tok(rec[k])["input_ids"] + [tok.eos_token_id] for k in ("chosen", "rejected"))
+    assert (len(prompt_ids), len(chosen_ids), len(rejected_ids)) == (3, 2, 3)
 
     def logp(answer: list[int]) -> float:
         ids = torch.tensor([prompt_ids + answer])

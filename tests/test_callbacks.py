@@ -13,6 +13,7 @@ class Recorder(Callback):
 
     def on_train_begin(self, state):
         self.events.append(("begin", state.step, state.total_steps, state.steps_per_epoch))
+        self.seen = (type(state.config).__name__, state.tokenizer is not None, state.is_main_process, state.task)
 
     def on_step_end(self, state):
         self.events.append(("step", state.step))
@@ -41,6 +42,9 @@ def test_events_in_order_with_the_logged_rows(tiny_model_dir, pairs_file, tmp_pa
                      ("step", 3), ("save", 3, "step-0000003"), ("step", 4), ("log", 4, "train"),
                      ("log", 4, "eval"), ("save", 4, "final"), ("end", 4, "final")]
     assert rec.events[0][3] == 12
+    assert rec.seen == ("TrainConfig", True, True, "dpo")
     assert rec.events[-1][3:] == (False, 4)
     logged = [e[3] for e in rec.events if e[0] == "log"]
     assert logged == read_metrics(res.output_dir)  # the same rows, at full precision
+    # epochs done at each training log: 2/12 and 4/12 of an epoch
+    assert [r["epoch"] for r in logged if r["split"] == "train"] == [0.1667, 0.3333]

@@ -17,7 +17,6 @@ from preftune.data.collate import collate
 from preftune.data.tokenize import tokenize_records
 from preftune.logprobs import forward_logps
 from preftune.modeling.load import load_model_and_tokenizer
-from preftune.scoring import score_ids, score_records
 
 PATHS = [
     dict(prefix_sharing="cache", chunk_size=1024),
@@ -192,19 +191,3 @@ def test_sft_batch_has_no_rejected(model_and_batch, mode):
     assert out.rejected_logps is None
     p, c = pairs[0].prompt_ids, pairs[0].chosen_ids
     torch.testing.assert_close(out.chosen_logps[0], _manual_logps(model, tok, p, c), atol=1e-4, rtol=0)
-
-
-def test_score_records_and_ids_keep_input_order(model_and_batch):
-    model, tok, batch = model_and_batch
-    records = make_pairs(6, seed=5)
-    scored = score_records(model, tok, records, max_length=64, max_prompt_length=32, batch_size=4)
-    assert scored["kept"] == list(range(6))
-    with torch.no_grad():
-        direct = forward_logps(model, batch)
-    torch.testing.assert_close(scored["chosen_logps"], direct.chosen_logps, atol=1e-4, rtol=0)
-    pairs, _ = tokenize_records(tok, [(r["prompt"], r["chosen"], r["rejected"]) for r in records], max_length=64,
-                                max_prompt_length=32)
-    logps, n = score_ids(model, [p.prompt_ids for p in pairs], [p.rejected_ids for p in pairs],
-                         pad_id=tok.pad_token_id, batch_size=4)
-    torch.testing.assert_close(logps, direct.rejected_logps, atol=1e-4, rtol=0)
-    torch.testing.assert_close(n, direct.rejected_lengths)

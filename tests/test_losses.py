@@ -1,4 +1,5 @@
-"""Tests for preftune.losses: every formula against values worked out by hand.
+"""Tests for preftune.losses: every formula against values worked out by hand (test_losses_numpy.py checks
+every registered loss, combinations and gradients against a float64 numpy implementation).
 
 Notation: σ is the logistic function, sp(z) = log(1 + e^z) = -logσ(-z).
 Reference numbers used below (6 decimals):
@@ -309,26 +310,6 @@ def test_nll_loss_token_level_mean():
 # --------------------------------------------------------------------------------------------- combination
 
 
-def test_weighted_combination_equals_weighted_sum_of_singles():
-    """sigmoid(w=1) + ipo(w=0.5) + sft(α=0.25) == the three pieces computed alone."""
-    gen = torch.Generator().manual_seed(1)
-    pc, pr, rc, rr = (torch.randn(4, generator=gen, dtype=torch.float64) * 3 - 10 for _ in range(4))
-    lc, lr = t(3.0, 5.0, 1.0, 8.0), t(2.0, 6.0, 4.0, 7.0)
-    combo = preference_loss(
-        pc,
-        pr,
-        rc,
-        rr,
-        lc,
-        lr,
-        LossConfig(loss_types=("sigmoid", "ipo"), loss_weights=(1.0, 0.5), sft_weight=0.25),
-    )
-    sig = preference_loss(pc, pr, rc, rr, lc, lr, LossConfig(loss_types=("sigmoid",)))
-    ipo = preference_loss(pc, pr, rc, rr, lc, lr, LossConfig(loss_types=("ipo",)))
-    assert_close(combo.losses, sig.losses + 0.5 * ipo.losses + 0.25 * (-pc / lc))
-    assert_close(combo.chosen_rewards, sig.chosen_rewards)
-
-
 def test_simpo_combined_with_reference_loss_uses_reference_rewards():
     """simpo + sigmoid needs a reference; rewards are then β·logratios (β=1: [1] and [-1])."""
     config = LossConfig(loss_types=("simpo", "sigmoid"), beta=1.0)
@@ -338,37 +319,6 @@ def test_simpo_combined_with_reference_loss_uses_reference_rewards():
     close(out.rejected_rewards, [-1.0])
     # simpo: margin -1 - (-3) = 2, z = 2 - 0.5 = 1.5 → 0.201413; sigmoid: h=2 → 0.126928.
     close(out.losses, [0.201413 + SP_M2])
-
-
-@pytest.mark.parametrize("loss_type", LOSS_TYPES)
-def test_dispatch_matches_single_function(loss_type):
-    """preference_loss(loss_type) equals calling that loss's own function directly; grads are finite."""
-    gen = torch.Generator().manual_seed(2)
-    pc, pr, rc, rr = (torch.randn(3, generator=gen, dtype=torch.float64) - 5 for _ in range(4))
-    lc, lr = t(2.0, 3.0, 5.0), t(4.0, 1.0, 2.0)
-    beta = 0.3
-    c_lr, r_lr = pc - rc, pr - rr
-    direct = {
-        "sigmoid": lambda: sigmoid_loss(c_lr, r_lr, beta),
-        "robust": lambda: robust_loss(c_lr, r_lr, beta),
-        "ipo": lambda: ipo_loss(c_lr, r_lr, lc, lr, beta),
-        "hinge": lambda: hinge_loss(c_lr, r_lr, beta),
-        "sigmoid_norm": lambda: sigmoid_norm_loss(c_lr, r_lr, lc, lr, beta),
-        "simpo": lambda: simpo_loss(pc, pr, lc, lr, beta, 0.5),
-        "apo_zero": lambda: apo_zero_loss(c_lr, r_lr, beta),
-        "apo_down": lambda: apo_down_loss(c_lr, r_lr, beta),
-        "nca_pair": lambda: nca_pair_loss(c_lr, r_lr, beta),
-        "bco_pair": lambda: bco_pair_loss(c_lr, r_lr, beta, 0.2),
-        "dpop": lambda: dpop_loss(c_lr, r_lr, beta, 50.0),
-    }[loss_type]()
-    pc_g = pc.clone().requires_grad_()
-    out = preference_loss(
-        pc_g, pr, rc, rr, lc, lr, LossConfig(loss_types=(loss_type,), beta=beta), reward_shift=0.2
-    )
-    assert out.losses.shape == (3,)
-    assert_close(out.losses.detach(), direct)
-    out.losses.sum().backward()
-    assert torch.isfinite(pc_g.grad).all()
 
 
 def test_low_precision_inputs_are_computed_in_float32():
@@ -448,9 +398,10 @@ def test_a_registered_loss_is_usable_by_name():
     relu(1 - (pc - pr)): pc = [-1, -3], pr = [-2, -1] → margins [1, -2] → losses [0, 3]."""
     from preftune.losses import LOSSES, register
 
-    register("test_margin", lambda s, c: torch.relu(1.0 - (s.policy_chosen_logps - s.policy_rejected_logps)),
-             reference_free=True)
+    spec = register("test_margin", reference_free=True,
+                    compute=lambda s, c: torch.relu(1.0 - (s.policy_chosen_logps - s.policy_rejected_logps)))
     try:
+        assert spec.name == "test_margin" and LOSSES["test_margin"] is spec
         config = LossConfig(loss_types=("test_margin",))
         assert not config.needs_reference
         t = torch.tensor
@@ -476,3 +427,75 @@ def test_readme_lists_every_registered_loss():
     rows = [ln for ln in section.splitlines() if ln.startswith("| `")]
     documented = {name for ln in rows for name in re.findall(r"`(\w+)`", ln.split("|")[1])}
     assert documented == set(LOSSES)
+
+
+# --------------------------------------------------------------------------------------------- edges (mutation)
+
+
+def test_registry_names_match_their_keys():
+    from preftune.losses import LOSSES
+
+    assert all(spec.name == name for name, spec in LOSSES.items())
+
+
+def test_bco_shift_defaults_to_zero():
+    """Called without a reward shift, BCO uses δ = 0: β=1, c=1, r=-1 → 2·sp(-1) = 0.626523."""
+    config = LossConfig(loss_types=("bco_pair",), beta=1.0)
+    out = preference_loss(t(1.0), t(-1.0), t(0.0), t(0.0), t(1.0), t(1.0), config)
+    close(out.losses, [0.626523])
+
+
+@pytest.mark.parametrize("missing", ["chosen", "rejected"])
+def test_one_missing_reference_side_raises(missing):
+    rc, rr = (None, t(-2.0)) if missing == "chosen" else (t(-1.0), None)
+    with pytest.raises(ValueError, match="need reference_chosen_logps and reference_rejected_logps"):
+        preference_loss(t(-1.0), t(-2.0), rc, rr, t(1.0), t(1.0), LossConfig())
+
+
+@pytest.mark.parametrize("eps", [0.5, 0.7, -0.1])
+def test_robust_refuses_eps_outside_0_to_half(eps):
+    """1 - 2ε would be 0 (a division by zero) or negative (a sign flip)."""
+    with pytest.raises(ValueError, match="0 <= label_smoothing < 0.5"):
+        robust_loss(t(1.0), t(0.0), beta=1.0, label_smoothing=eps)
+
+
+def test_nll_loss_of_a_single_token():
+    """One sequence of one token with log-prob -3: NLL 3 (the clamp only guards an empty batch → 0, not NaN)."""
+    close(nll_loss(t(-3.0), t(1.0)), torch.tensor(3.0, dtype=torch.float64))
+    close(nll_loss(t(0.0), t(0.0)), torch.tensor(0.0, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("bad", range(6))
+def test_shape_error_names_the_argument(bad):
+    """B comes from policy_chosen_logps; each other argument of 3 entries instead of 2 is named. The first is
+    named when it is not 1-D ([1, 2])."""
+    names = ["policy_chosen_logps", "policy_rejected_logps", "reference_chosen_logps", "reference_rejected_logps",
+             "chosen_lengths", "rejected_lengths"]
+    args = [t(-1.0, -2.0) for _ in names]
+    args[bad] = t(-1.0, -2.0, -3.0) if bad else t(-1.0, -2.0)[None]
+    with pytest.raises(ValueError, match=f"^{names[bad]} must have shape"):
+        preference_loss(*args, LossConfig())
+
+
+def test_config_edges():
+    """A scalar weight for one loss, a zero weight (a loss switched off), a non-number weight named, and an
+    unknown loss with no close name gets no hint."""
+    assert LossConfig(loss_types="sigmoid", loss_weights=2).loss_weights == (2.0,)  # type: ignore[arg-type]
+    assert LossConfig(loss_types=("sigmoid", "ipo"), loss_weights=(1.0, 0.0)).weights == (1.0, 0.0)
+    with pytest.raises(PreftuneError, match="^each of loss_weights must be a number, got 'x'"):
+        LossConfig(loss_weights=("x",))  # type: ignore[arg-type]
+    with pytest.raises(PreftuneError, match="^Unknown loss type 'zzzz'; valid loss types are: sigmoid, "):
+        LossConfig(loss_types=("zzzz",))
+
+
+def test_config_numbers_are_converted_and_named():
+    """YAML or flags may give numbers as strings or ints: each becomes a float on the config; a non-number is
+    refused naming its key. λ = 0 and λ = 0.5 are valid (no or a mild DPOP penalty)."""
+    cfg = LossConfig(loss_types=("sigmoid",), beta="0.5", label_smoothing="0.1", simpo_gamma=1, dpop_lambda="2",
+                     sft_weight=1)  # type: ignore[arg-type]
+    values = (cfg.beta, cfg.label_smoothing, cfg.simpo_gamma, cfg.dpop_lambda, cfg.sft_weight)
+    assert values == (0.5, 0.1, 1.0, 2.0, 1.0) and all(type(v) is float for v in values)
+    assert LossConfig(dpop_lambda=0).dpop_lambda == 0.0 and LossConfig(dpop_lambda=0.5).dpop_lambda == 0.5
+    for key in ("beta", "label_smoothing", "simpo_gamma", "dpop_lambda", "sft_weight"):
+        with pytest.raises(PreftuneError, match=f"^{key} must be a number, got 'abc'"):
+            LossConfig(**{key: "abc"})

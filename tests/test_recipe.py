@@ -26,6 +26,9 @@ def test_first_step_loss_is_ln2_with_zero_rewards(tiny_model_dir, pairs_file, tm
     train(_cfg(tiny_model_dir, pairs_file, tmp_path / "run", max_steps=1))
     first = read_metrics(tmp_path / "run")[0]
     assert first["step"] == 1 and first["split"] == "train"
+    # The precomputed reference comes from batches of another composition and padding: fp32 log-ratios are
+    # ~1e-7, not exactly 0. 1e-5 is far above that and far below a wrong reference (stale log-probs gave
+    # rewards of ~1 in test_reference_cache.py).
     assert first["loss"] == pytest.approx(math.log(2), abs=1e-5)
     for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "kl"):
         assert first[key] == pytest.approx(0.0, abs=1e-5)
@@ -44,6 +47,8 @@ def test_accumulation_4x2_equals_batch_8(tiny_model_dir, pairs_file, tmp_path, l
     kw = dict(max_steps=3, loss=loss)
     a = train(_cfg(tiny_model_dir, pairs_file, tmp_path / "a", batch_size=2, gradient_accumulation_steps=4, **kw))
     b = train(_cfg(tiny_model_dir, pairs_file, tmp_path / "b", batch_size=8, gradient_accumulation_steps=1, **kw))
+    # Micro-batch sums and one batch's sum round differently in fp32 (~1e-7); 1e-5 is far above that. AdamW
+    # hides the gradient's overall scale from this comparison: test_gradient_scale.py checks the scale.
     for ra, rb in zip(read_metrics(a.output_dir), read_metrics(b.output_dir), strict=True):
         assert ra["loss"] == pytest.approx(rb["loss"], abs=1e-5)
     wa = load_file(str(a.final_dir / "model.safetensors"))
@@ -146,6 +151,8 @@ def test_sft_masks_the_prompt(tiny_model_dir, tmp_path):
             tok_lp = lp.gather(-1, tgt[:, None]).squeeze(-1)[len(p) - 1:]
             nll -= float(tok_lp.sum())
             count += len(full) - len(p)
+    # fp32 batched vs one unpadded row per example: ~1e-6 on a loss of ~6; 1e-4 still catches one prompt token
+    # counted in (that would move the mean NLL by ~0.5).
     assert first["loss"] == pytest.approx(nll / count, abs=1e-4)
 
 
@@ -162,6 +169,9 @@ def test_precision_and_memory_options_start_at_ln2(tiny_model_dir, pairs_file, t
     """Whatever the precision or recomputation, policy == reference at step 1: loss ln 2 (bf16: within 1e-2)."""
     res = train(_cfg(tiny_model_dir, pairs_file, tmp_path / "run", max_steps=2, **kw))
     first, second = read_metrics(res.output_dir)[:2]
+    # bf16 keeps ~3 significant digits, so log-ratios of summed bf16 log-probs are off by up to ~1e-2 nats·β;
+    # fp32 with recomputation is exact up to fp32 rounding (see test_first_step_loss_is_ln2_with_zero_rewards).
+    # That recomputation really happens is tested in tests/modeling/test_gradient_checkpointing.py.
     tol = 1e-5 if kw.get("gradient_checkpointing") else 1e-2
     assert first["loss"] == pytest.approx(math.log(2), abs=tol)
     assert math.isfinite(second["loss"]) and math.isfinite(second["grad_norm"])

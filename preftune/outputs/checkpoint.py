@@ -257,6 +257,51 @@ def _load_checkpoint(path: Path, *, model: torch.nn.Module, optimizer, scheduler
     return json.loads((path / "trainer_state.json").read_text())
 
 
+# What a DCP .metadata file may name (torch pickles it); anything else is refused unread, since unpickling a
+# planted file could run code. Tensors themselves are read with torch.load(weights_only=True) by DCP.
+_METADATA_CLASSES = {
+    "torch": {"Size"},
+    "torch.serialization": {"_get_layout"},
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "pathlib": {"Path", "PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath"},
+    "collections": {"OrderedDict"},
+    "builtins": {"set", "frozenset", "tuple", "list", "dict", "slice"},
+}
+
+
+def _safe_reader(folder: Path):
+    """torch.distributed.checkpoint's file reader with a restricted unpickler for the metadata."""
+    import pickle
+
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class Unpickler(pickle.Unpickler):
+        def find_class(self, module: str, name: str) -> Any:
+            allowed = module == "torch.distributed.checkpoint.metadata" or name in _METADATA_CLASSES.get(module, ())
+            if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+                allowed = True
+            if not allowed:
+                raise PreftuneError(f"the checkpoint metadata in {folder} names {module}.{name}, which no checkpoint "
+                                    "holds; it was not read (unpickling it could run code): resume from another "
+                                    "checkpoint or start again without --resume.")
+            return super().find_class(module, name)
+
+    class Reader(FileSystemReader):
+        def read_metadata(self, *args: Any, **kwargs: Any):
+            # As FileSystemReader.read_metadata (torch 2.4-2.13), with the unpickler above.
+            rank = kwargs.get("rank")
+            name = ".metadata" if rank is None else f"__{rank}.metadata"
+            with open(folder / name, "rb") as f:
+                metadata = Unpickler(f).load()
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = getattr(self, "load_id", None)
+            return metadata
+
+    return Reader(str(folder))
+
+
 def _load_dcp(path: Path, model: torch.nn.Module, optimizer) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
@@ -264,8 +309,10 @@ def _load_dcp(path: Path, model: torch.nn.Module, optimizer) -> None:
     state, optim = _dcp_state(model, optimizer)
     try:
         with _quiet():
-            dcp.load(state, checkpoint_id=str(path / "state"))
-    except (KeyboardInterrupt, SystemExit):
+            reader = _safe_reader(path / "state")
+            reader.read_metadata()  # refused here with its own sentence, before DCP wraps errors in collectives
+            dcp.load(state, storage_reader=reader)
+    except (KeyboardInterrupt, SystemExit, PreftuneError):
         raise
     except BaseException as e:  # DCP wraps every process's failure; a line names the missing weight
         detail = str(e).splitlines()

@@ -1,0 +1,121 @@
+"""Objectives on hand-made log-probs: the loss sum, the metric sums and the logged means, worked out by hand.
+
+σ-loss values used: -log σ(0) = ln 2 = 0.693147, -log σ(0.2) = 0.598139, -log σ(-0.1) = 0.744397.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from preftune.data.tokenize import TokenizedPair
+from preftune.logprobs import SequenceLogps
+from preftune.losses import LossConfig
+from preftune.objectives import PreferenceObjective, SFTObjective, make_objective
+
+
+def t(*v: float) -> torch.Tensor:
+    return torch.tensor(v, dtype=torch.float64)
+
+
+def _floats(sums: dict) -> dict:
+    return {k: float(v) for k, v in sums.items()}
+
+
+def test_preference_loss_and_metric_sums_by_hand():
+    """β = 0.1, 3 pairs. Policy chosen [-10, -20, -5], rejected [-12, -20, -4]; reference chosen [-11, -20, -5],
+    rejected [-11, -21, -5]. Log-ratios: chosen [1, 0, 0], rejected [-1, 1, 1]; β·h = [0.2, -0.1, -0.1].
+    Loss sum = 0.598139 + 2·0.744397 = 2.086933. Rewards chosen 0.1·[1, 0, 0] → sum 0.1, rejected
+    0.1·[-1, 1, 1] → sum 0.1; accuracies: 0.1 > -0.1 yes, 0 > 0.1 no, 0 > 0.1 no → 1. kl_sum = Σ(pc - rc) = 1;
+    chosen tokens 4 + 5 + 1 = 10."""
+    obj = PreferenceObjective(LossConfig(beta=0.1))
+    policy = SequenceLogps(t(-10, -20, -5), t(4, 5, 1), t(-12, -20, -4), t(3, 3, 3))
+    ref = SequenceLogps(t(-11, -20, -5), t(4, 5, 1), t(-11, -21, -5), t(3, 3, 3))
+    total, sums = obj.loss(policy, ref)
+    assert float(total) == pytest.approx(2.086933, abs=1e-6)
+    assert _floats(sums) == pytest.approx({
+        "loss": 2.086933, "pairs": 3, "chosen_tokens": 10, "logps/chosen": -35, "logps/rejected": -36,
+        "rewards/chosen": 0.1, "rewards/rejected": 0.1, "rewards/accuracies": 1, "kl_sum": 1}, abs=1e-6)
+
+
+def test_equal_rewards_are_not_counted_as_accurate():
+    """Policy == reference: every reward is exactly 0, and a tie is not a win (accuracy 0, loss 2·ln 2)."""
+    obj = PreferenceObjective(LossConfig())
+    policy = SequenceLogps(t(-3, -4), t(1, 1), t(-5, -6), t(1, 1))
+    total, sums = obj.loss(policy, policy)
+    assert float(total) == pytest.approx(2 * 0.693147, abs=1e-6)
+    assert float(sums["rewards/accuracies"]) == 0
+
+
+def test_reference_free_loss_has_no_kl():
+    obj = make_objective("dpo", LossConfig(loss_types=("simpo",)))
+    assert not obj.needs_reference
+    _, sums = obj.loss(SequenceLogps(t(-4), t(2), t(-6), t(3)), None)
+    assert "kl_sum" not in sums
+
+
+def test_preference_summary_by_hand():
+    """Window sums over 4 pairs: loss 2 → 0.5; rewards chosen 0.8 → 0.2, rejected -0.4 → -0.1, margins 0.3;
+    accuracies 3 → 0.75; logps -40 → -10, -60 → -15; kl = kl_sum / chosen tokens = 5 / 20 = 0.25."""
+    obj = PreferenceObjective(LossConfig())
+    m = obj.summarize({"loss": 2.0, "pairs": 4.0, "rewards/chosen": 0.8, "rewards/rejected": -0.4,
+                       "rewards/accuracies": 3.0, "logps/chosen": -40.0, "logps/rejected": -60.0,
+                       "kl_sum": 5.0, "chosen_tokens": 20.0})
+    assert m == pytest.approx({"loss": 0.5, "rewards/chosen": 0.2, "rewards/rejected": -0.1,
+                               "rewards/margins": 0.3, "rewards/accuracies": 0.75, "logps/chosen": -10.0,
+                               "logps/rejected": -15.0, "kl": 0.25})
+    assert "kl" not in obj.summarize({"loss": 1.0, "pairs": 1.0})
+    one = obj.summarize({"loss": 0.7, "pairs": 1.0, "kl_sum": 0.3, "chosen_tokens": 1.0})
+    assert (one["loss"], one["kl"]) == pytest.approx((0.7, 0.3))  # one pair, one token: the sums themselves
+    assert obj.summarize({}) == {k: 0.0 for k in ("loss", "rewards/chosen", "rewards/rejected",
+                                                  "rewards/accuracies", "logps/chosen", "logps/rejected",
+                                                  "rewards/margins")}
+
+
+def test_normalisers():
+    """DPO: pairs of the global batch; SFT: answer tokens (3 + 1 + 4 = 8)."""
+    pairs = [TokenizedPair([1], [2, 3, 4], [5], 0), TokenizedPair([1, 2], [6], [7, 8], 1),
+             TokenizedPair([], [9, 9, 9, 9], None, 2)]
+    assert PreferenceObjective(LossConfig()).normaliser(pairs) == 3.0
+    assert SFTObjective().normaliser(pairs) == 8.0
+
+
+def test_sft_loss_and_summary_by_hand():
+    """SFT: loss sum = -Σ log p = 6 + 2 = 8 over 3 + 1 tokens → logged token mean 2; logps/chosen mean -4."""
+    obj = make_objective("sft", LossConfig())
+    assert not obj.needs_reference and obj.name == "sft"
+    total, sums = obj.loss(SequenceLogps(t(-6, -2), t(3, 1)), None)
+    assert float(total) == 8
+    assert _floats(sums) == {"loss": 8.0, "pairs": 2.0, "chosen_tokens": 4.0, "logps/chosen": -8.0}
+    assert obj.summarize(_floats(sums)) == {"loss": 2.0, "logps/chosen": -4.0}
+    assert obj.summarize({}) == {"loss": 0.0, "logps/chosen": 0.0}  # an empty window: zeros, not an error
+
+
+def test_bco_shift_moves_once_per_step_and_not_after_a_skipped_step():
+    """Step 1 (two micro-batches): rewards β·logratios with β = 1: chosen [1, 2] and [3], rejected [0, -1] and
+    [1] → δ = (1 + 2 + 3 + 0 - 1 + 1) / 6 = 1, applied only at end_step. A skipped step adds nothing, the next
+    one counts; evaluation never feeds δ; the state round-trips."""
+    obj = PreferenceObjective(LossConfig(loss_types=("bco_pair",), beta=1.0))
+    zero = t(0, 0)
+
+    def add(pc, pr):
+        obj.loss(SequenceLogps(pc, torch.ones_like(pc), pr, torch.ones_like(pr)),
+                 SequenceLogps(torch.zeros_like(pc), torch.ones_like(pc), torch.zeros_like(pr), torch.ones_like(pr)))
+
+    add(t(1, 2), t(0, -1))
+    assert obj.reward_shift.value == 0.0  # not yet: the step is not over
+    add(t(3), t(1))
+    obj.end_step(lambda values: values)
+    assert obj.reward_shift.value == pytest.approx(1.0) and obj.reward_shift.count == 6
+    add(t(100, 100), zero)
+    obj.end_step(lambda values: values, skipped=True)
+    assert obj.reward_shift.value == pytest.approx(1.0) and obj.reward_shift.count == 6
+    add(t(4), t(2))  # the step after a skipped one counts again: (6 + 4 + 2) / 8 = 1.5
+    obj.end_step(lambda values: values)
+    assert obj.reward_shift.value == pytest.approx(1.5) and obj.reward_shift.count == 8
+    resumed = PreferenceObjective(LossConfig(loss_types=("bco_pair",), beta=1.0))
+    resumed.load_state_dict(obj.state_dict())
+    assert resumed.reward_shift.state_dict() == obj.reward_shift.state_dict()
+    obj.loss(SequenceLogps(t(50), t(1), t(50), t(1)), SequenceLogps(t(0), t(1), t(0), t(1)), training=False)
+    obj.end_step(lambda values: values)  # evaluation rewards never feed the shift
+    assert obj.reward_shift.value == pytest.approx(1.5) and obj.reward_shift.count == 8
