@@ -31,8 +31,8 @@ import yaml
 from preftune.callbacks import Callback, CallbackList, ConsoleEval, ProgressBar, TrainState
 from preftune.config import TrainConfig, check_keys
 from preftune.data.collate import collate
-from preftune.data.sampler import micro_batches
-from preftune.data.splits import load_splits
+from preftune.data.sampler import micro_batches, used_positions
+from preftune.data.splits import keep_data_in, load_splits
 from preftune.errors import PreftuneError
 from preftune.logprobs import LogpsModel
 from preftune.modeling.load import (
@@ -125,7 +125,7 @@ class Recipe:
         self.tokenizer = load_tokenizer(model_path, trust_remote_code=cfg.trust_remote_code)
         self.cfg = cfg = fit_to_context(cfg, context_length(model_path, trust_remote_code=cfg.trust_remote_code),
                                         say)
-        self.train_split, self.eval_split = load_splits(cfg, self.tokenizer, task)
+        self.train_split, self.eval_split = load_splits(cfg, self.tokenizer, task, cache_dir=self.run_dir.data_cache)
         say(self.train_split.summary)
 
         # --- model
@@ -139,6 +139,7 @@ class Recipe:
             self.run_dir.create(clear=checkpoint is None and cfg.overwrite)
             self.run_dir.write_text(self.run_dir.config, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
             self.run_dir.write_text(self.run_dir.data_summary, self.train_split.summary + "\n")
+            keep_data_in(self.train_split, self.run_dir.data_cache)  # a fresh run's data was staged in TMPDIR
         acc.wait_for_everyone()
         self.metrics = MetricsWriter(self.run_dir.metrics)
 
@@ -147,33 +148,40 @@ class Recipe:
                              target_modules=cfg.lora_target_modules)
             if cfg.gradient_checkpointing:
                 model.enable_input_require_grads()
+        # --- batching: the order is known up front, so the reference pass scores only the pairs it will use
+        self.batching = dict(batch_size=cfg.batch_size, accumulation=cfg.gradient_accumulation_steps,
+                             seed=cfg.seed, group_by_length=cfg.group_by_length,
+                             num_processes=acc.num_processes, process_index=acc.process_index)
+        self._epoch_batches: dict[int, list] = {0: micro_batches(self.train_split.pairs, epoch=0, **self.batching)}
+        steps_per_epoch = len(self._epoch_batches[0])
+        total_steps = cfg.max_steps or max(1, math.ceil(steps_per_epoch * cfg.num_epochs))
+
+        def used() -> np.ndarray:
+            return used_positions(self.train_split.pairs, total_steps, **{k: v for k, v in self.batching.items()
+                                                                          if k != "process_index"})
+
         forward = dict(prefix_sharing=cfg.prefix_sharing, chunk_size=cfg.logits_chunk_size)
         self.reference = build_reference(
             cfg, model=model, model_path=model_path, needs_reference=self.objective.needs_reference,
             splits={"train": self.train_split.pairs, "eval": self.eval_split.pairs if self.eval_split else None},
             cache_path=self.run_dir.reference_cache, pad_id=self.tokenizer.pad_token_id, device=acc.device,
-            forward=forward, autocast=acc.autocast, is_main_process=acc.is_main_process, say=say)
+            forward=forward, autocast=acc.autocast, is_main_process=acc.is_main_process, say=say,
+            used={"train": used})
 
-        # --- optimizer, schedule, batching
+        # --- optimizer, schedule
         self.params = [p for p in model.parameters() if p.requires_grad]
         optimizer = build_optimizer(self.params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                     eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay)
-        self.batching = dict(batch_size=cfg.batch_size, accumulation=cfg.gradient_accumulation_steps,
-                             seed=cfg.seed, group_by_length=cfg.group_by_length,
-                             num_processes=acc.num_processes, process_index=acc.process_index)
-        steps_per_epoch = len(micro_batches(self.train_split.pairs, epoch=0, **self.batching))
-        total_steps = cfg.max_steps or max(1, math.ceil(steps_per_epoch * cfg.num_epochs))
         warmup = cfg.warmup_steps or int(round(cfg.warmup_ratio * total_steps))
         self.scheduler = lr_schedule(optimizer, cfg.lr_scheduler, warmup, total_steps)
         self.policy, self.optimizer = acc.prepare(LogpsModel(model, **forward), optimizer)
         self.model = model
-        self._epoch_batches: dict[int, list] = {}
 
         self.state = TrainState(
             config=cfg, task=task, output_dir=self.run_dir.path, total_steps=total_steps,
             steps_per_epoch=steps_per_epoch, is_main_process=acc.is_main_process,
             num_processes=acc.num_processes, device=acc.device, model=model, tokenizer=self.tokenizer,
-            data_summary=self.train_split.summary)
+            data_summary=self.train_split.summary, data_info=dict(self.train_split.info))
         if checkpoint is not None:
             self.resume(checkpoint)
 

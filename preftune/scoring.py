@@ -9,9 +9,11 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
 
+import numpy as np
 import torch
 
 from preftune.data.collate import Batch, collate
+from preftune.data.store import padded_lengths
 from preftune.data.tokenize import TokenizedPair
 from preftune.logprobs import SequenceLogps, forward_logps
 
@@ -21,7 +23,8 @@ def length_sorted_batches(pairs: Sequence[TokenizedPair], batch_size: int, *, pa
                           world: int = 1) -> Iterator[tuple[list[int], Batch]]:
     """(positions, batch) over `pairs`, longest first so each batch pads little; process `rank` of `world`
     takes every world-th pair of that order, so the processes' shares are disjoint and of similar cost."""
-    order = sorted(range(len(pairs)), key=lambda i: -pairs[i].padded_length)[rank::world]
+    # a stable sort, longest first: the same order as sorted(key=-padded_length), from a lengths array
+    order = np.argsort(-padded_lengths(pairs), kind="stable")[rank::world].tolist()
     for s in range(0, len(order), batch_size):
         idx = order[s:s + batch_size]
         yield idx, collate([pairs[i] for i in idx], idx, pad_id).to(device)

@@ -304,27 +304,36 @@ def split_records(
             f"cannot hold out an eval split: all {len(records)} records share one prompt; use eval fraction 0"
         )
     target = max(1, round(eval_fraction * len(records)))
-
-    def rank(key: str) -> str:
-        return hashlib.sha256(f"{seed}\x00{key}".encode("utf-8", "surrogatepass")).hexdigest()
-
-    order = sorted(groups, key=rank)
-    chosen_keys: list[str] = []
-    taken = 0
-    for key in order:
-        if taken + len(groups[key]) <= target:
-            chosen_keys.append(key)
-            taken += len(groups[key])
-        if taken >= target:
-            break
-    if not chosen_keys:  # every group is larger than the target: take the smallest, ties broken by rank
-        chosen_keys = [min(order, key=lambda k: len(groups[k]))]
-    if len(chosen_keys) == len(groups):
-        chosen_keys = chosen_keys[:-1]
+    order = sorted(groups, key=lambda key: group_rank(key, seed))
+    chosen_keys = [order[g] for g in holdout_groups([len(groups[k]) for k in order], target)]
     in_eval = {i for key in chosen_keys for i in groups[key]}
     train = [r for i, r in enumerate(records) if i not in in_eval]
     held = [r for i, r in enumerate(records) if i in in_eval]
     return train, held
+
+
+def group_rank(key: str, seed: int) -> bytes:
+    """Where a prompt group (`value_key` of its prompt) comes in the hold-out order: a hash of (seed, prompt),
+    independent of the record order and of Python's hash salt."""
+    return hashlib.sha256(f"{seed}\x00{key}".encode("utf-8", "surrogatepass")).digest()
+
+
+def holdout_groups(sizes: Sequence[int], target: int) -> list[int]:
+    """Which prompt groups (given in rank order, by size) go to eval: each in turn while it fits into `target`
+    records; if none fits, the smallest (the first of equals); never all of them."""
+    chosen: list[int] = []
+    taken = 0
+    for g, size in enumerate(sizes):
+        if taken + size <= target:
+            chosen.append(g)
+            taken += size
+        if taken >= target:
+            break
+    if not chosen:  # every group is larger than the target: take the smallest, ties broken by rank
+        chosen = [min(range(len(sizes)), key=lambda g: sizes[g])]
+    if len(chosen) == len(sizes):
+        chosen = chosen[:-1]
+    return chosen
 
 
 # ----------------------------------------------------------------------------------------------------------

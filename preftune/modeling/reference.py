@@ -3,9 +3,10 @@
 - `copy`: a frozen second copy of the starting model (full fine-tuning).
 - `lora_disabled`: the policy itself with its LoRA adapters switched off: the base weights under the
   adapters *are* the reference, so no second copy is held in memory.
-- `precomputed`: the reference's log-probs for every pair, computed once in inference mode before
-  training, stored in the run folder and reused by later runs (and resumes) with the same model, data
-  and tokenization; the reference model is freed afterwards. Exact as long as dropout is off.
+- `precomputed`: the reference's log-probs for the pairs the run's steps use (all of them for a full epoch),
+  computed once in inference mode before training, stored in the run folder and reused (and extended) by
+  later runs and resumes with the same model, data and tokenization; the reference model is freed
+  afterwards. Exact as long as dropout is off.
 - `none`: reference-free losses (SimPO).
 
 `build_reference` is the one place that picks the strategy (what `auto` means) and builds it; the recipe
@@ -23,9 +24,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from preftune.data.store import pairs_digest
 from preftune.data.tokenize import TokenizedPair
 from preftune.logprobs import SequenceLogps, forward_logps
 
@@ -73,24 +76,30 @@ class DisabledAdapters(Reference):
 
 
 class Precomputed(Reference):
-    """Reference log-probs looked up by the batch's dataset positions."""
+    """Reference log-probs looked up by the batch's dataset positions. `scored` marks the positions computed so
+    far (a run scores only the pairs its steps use); looking up any other is a bug, refused loudly."""
 
-    def __init__(self, chosen: torch.Tensor, rejected: torch.Tensor):
+    def __init__(self, chosen: torch.Tensor, rejected: torch.Tensor, scored: torch.Tensor | None = None):
         self.chosen, self.rejected = chosen, rejected
+        self.scored = torch.ones(len(chosen), dtype=torch.bool) if scored is None else scored.bool()
 
     def logps(self, batch) -> SequenceLogps:
         idx = batch.indices.cpu()
+        if not bool(self.scored[idx].all()):
+            missing = idx[~self.scored[idx]].tolist()
+            raise RuntimeError(f"reference log-probs of dataset positions {missing[:8]} were not precomputed; the "
+                               "run's steps should only use positions precompute() was given")
         dev = batch.chosen_ids.device
         return SequenceLogps(self.chosen[idx].to(dev), batch.chosen_mask.sum(-1).float(),
                              self.rejected[idx].to(dev), batch.rejected_mask.sum(-1).float())
 
 
 def cache_key(model_id: str, pairs: Sequence[TokenizedPair], extra: dict) -> str:
-    """Hash of everything the reference log-probs depend on: the model, the exact token ids, the precision."""
+    """Hash of everything the reference log-probs depend on: the model, the exact token ids of every pair in
+    order, the precision. The ids are hashed as arrays (`preftune.data.store.pairs_digest`), fast at any size."""
     h = hashlib.sha256()
     h.update(json.dumps({"model": model_id, **extra}, sort_keys=True).encode())
-    for p in pairs:
-        h.update(json.dumps([p.prompt_ids, p.chosen_ids, p.rejected_ids]).encode())
+    h.update(pairs_digest(pairs).encode())
     return h.hexdigest()[:20]
 
 
@@ -105,25 +114,41 @@ def model_identity(path: str) -> str:
 
 def precompute(model: torch.nn.Module, pairs: Sequence[TokenizedPair], *, cache_file: Path, pad_id: int,
                batch_size: int, prefix_sharing: bool, chunk_size: int, autocast=None,
-               progress: bool = False, save: bool = True) -> Precomputed:
-    """Reference log-probs for all pairs, loaded from `cache_file` when it exists, else computed and saved."""
+               progress: bool = False, save: bool = True, positions: np.ndarray | None = None) -> Precomputed:
+    """Reference log-probs of the pairs at `positions` (all pairs when None), as many as `cache_file` holds
+    loaded from it, the rest computed and added to it.
+
+    The file holds full-length `chosen` and `rejected` vectors, with NaN where a pair is not scored yet, and
+    `scored` (uint8, 1 = computed): a run scores only the pairs its steps use, a later run that needs more
+    extends the same file. A file without `scored` (written before this) is complete.
+    """
+    n = len(pairs)
+    chosen, rejected = torch.full((n,), float("nan")), torch.full((n,), float("nan"))
+    scored = torch.zeros(n, dtype=torch.bool)
     if cache_file.is_file():
         t = load_file(str(cache_file))
-        if t["chosen"].shape[0] == len(pairs):
-            return Precomputed(t["chosen"], t["rejected"])
-    from preftune.scoring import score
+        if t["chosen"].shape[0] == n:
+            chosen, rejected = t["chosen"], t["rejected"]
+            scored = t["scored"].bool() if "scored" in t else torch.ones(n, dtype=torch.bool)
+    want = torch.arange(n) if positions is None else torch.as_tensor(np.asarray(positions, dtype=np.int64))
+    missing = want[~scored[want]]
+    if len(missing):
+        from preftune.scoring import score
 
-    with without_adapters(model):
-        out = score(model, pairs, pad_id=pad_id, batch_size=batch_size, prefix_sharing=prefix_sharing,
-                    chunk_size=chunk_size, autocast=autocast, progress=progress, desc="reference log-probs")
-    chosen, rejected = out.chosen_logps, out.rejected_logps
-    if not save:  # another process of the same job writes it
-        return Precomputed(chosen, rejected)
-    cache_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache_file.with_suffix(".tmp")
-    save_file({"chosen": chosen, "rejected": rejected}, str(tmp))
-    tmp.replace(cache_file)
-    return Precomputed(chosen, rejected)
+        todo = missing.tolist()
+        subset = pairs.subset(todo) if hasattr(pairs, "subset") else [pairs[i] for i in todo]
+        with without_adapters(model):
+            out = score(model, subset, pad_id=pad_id, batch_size=batch_size, prefix_sharing=prefix_sharing,
+                        chunk_size=chunk_size, autocast=autocast, progress=progress, desc="reference log-probs")
+        chosen, rejected = chosen.clone(), rejected.clone()
+        chosen[missing], rejected[missing] = out.chosen_logps, out.rejected_logps
+        scored[missing] = True
+        if save:  # else another process of the same job writes it
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache_file.with_suffix(".tmp")
+            save_file({"chosen": chosen, "rejected": rejected, "scored": scored.to(torch.uint8)}, str(tmp))
+            tmp.replace(cache_file)
+    return Precomputed(chosen, rejected, scored)
 
 
 @dataclass
@@ -146,14 +171,16 @@ def choose_strategy(requested: str, *, needs_reference: bool) -> str:
 def build_reference(cfg: Any, *, model: torch.nn.Module, model_path: str, needs_reference: bool,
                     splits: dict[str, Sequence[TokenizedPair] | None], cache_path: Callable[[str, str], Path],
                     pad_id: int, device: torch.device, forward: dict[str, Any], autocast=None,
-                    is_main_process: bool = True, say: Callable[[str], None] = print) -> ReferenceSetup:
+                    is_main_process: bool = True, say: Callable[[str], None] = print,
+                    used: dict[str, Callable[[], np.ndarray]] | None = None) -> ReferenceSetup:
     """Build the reference `cfg.reference` asks for (a TrainConfig's reference, reference_model, dtype,
     mixed_precision, eval_batch_size, batch_size, progress, ... are read).
 
     `model` is the policy as it will be trained (a PeftModel when LoRA is on: its base weights are the
     reference). `splits` maps "train"/"eval" to their tokenized pairs (eval may be None); `cache_path(split,
     key)` names the precomputed cache file of a split; `forward` holds the forward options (prefix_sharing,
-    chunk_size) the reference passes use.
+    chunk_size) the reference passes use. `used[split]()` gives the positions the run will use (the sampler
+    knows them up front); only those are precomputed (all of a split without one).
     """
     strategy = choose_strategy(cfg.reference, needs_reference=needs_reference)
     if strategy == "none":
@@ -180,10 +207,13 @@ def build_reference(cfg: Any, *, model: torch.nn.Module, model_path: str, needs_
         if pairs is None:
             continue
         cache_file = cache_path(name, cache_key(ident, pairs, extra))
-        say(f"reference log-probs for {len(pairs):,} {name} pairs → {cache_file.parent.name}/{cache_file.name}")
+        positions = (used or {}).get(name)
+        positions = positions() if positions is not None else None
+        count = f"{len(pairs):,}" if positions is None else f"{len(positions):,} of {len(pairs):,}"
+        say(f"reference log-probs for {count} {name} pairs → {cache_file.parent.name}/{cache_file.name}")
         ref = precompute(source, pairs, cache_file=cache_file, pad_id=pad_id,
                          batch_size=cfg.eval_batch_size or 2 * cfg.batch_size, autocast=autocast,
-                         progress=cfg.progress, save=is_main_process, **forward)
+                         progress=cfg.progress, save=is_main_process, positions=positions, **forward)
         setattr(setup, name, ref)
         if name == "train":
             setup.cache_file = cache_file

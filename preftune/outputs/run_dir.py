@@ -5,6 +5,7 @@
       data_summary.txt     what was loaded, dropped, truncated (the lines `train` prints)
       metrics.jsonl        one JSON object per log step (outputs/metrics.py)
       reference_logps/     precomputed reference log-probs, keyed by model, token ids and precision
+      data_cache/          tokenized data (memory-mapped arrays), keyed by data, tokenizer and settings
       checkpoints/         step-NNNNNNN/ folders (outputs/checkpoint.py)
       final/               the trained model (or adapters)
 
@@ -21,8 +22,8 @@ from pathlib import Path
 
 from preftune.errors import PreftuneError
 
-# What --overwrite replaces. reference_logps/ stays: its files are keyed by model, token ids and precision,
-# so a rerun can only ever reuse a matching one.
+# What --overwrite replaces. reference_logps/ and data_cache/ stay: their files are keyed by everything they
+# depend on, so a rerun can only ever reuse a matching one.
 RUN_FILES = ("config.yaml", "metrics.jsonl", "final", "checkpoints", "data_summary.txt")
 
 
@@ -65,6 +66,10 @@ class RunDir:
     @property
     def final(self) -> Path:
         return self.path / "final"
+
+    @property
+    def data_cache(self) -> Path:
+        return self.path / "data_cache"
 
     def reference_cache(self, split: str, key: str) -> Path:
         return self.path / "reference_logps" / f"{split}-{key}.safetensors"
