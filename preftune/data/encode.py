@@ -311,8 +311,6 @@ class PrefixReuse:
     def encode(self, enc: BatchEncoder, prompts: list[str], answers: list[list[str]]):
         """(prompt ids, head, tails) for `BatchEncoder._finish`; pairs without a safe restart point get head 0 and
         their whole encodings as tails."""
-        from bisect import bisect_left
-
         bos = enc.bos
         plain = self.backend.encode_batch(prompts, add_special_tokens=False)
         prompt_ids, head, cut_at = [], [], []
@@ -320,16 +318,14 @@ class PrefixReuse:
             special = not (bos and text.startswith(bos))
             ids = e.ids
             prompt_ids.append(self.prefix + ids if special else ids)
-            words = e.word_ids
-            at = -1
-            if ids and None not in words and (not bos or len(text) >= len(bos)):
-                j = bisect_left(words, words[-1] - PIECE_MARGIN)
-                start = e.offsets[j][0] if j > 0 else 0
-                if j > 0 and start > 0 and len(text) - start > self.margin_chars:
-                    at = start
-                    head.append(j + (len(self.prefix) if special else 0))
-            if at < 0:
-                head.append(0)
+            # restart at the first token of the piece PIECE_MARGIN pieces before the last one
+            last = e.token_to_word(len(ids) - 1) if ids else None
+            span = e.word_to_tokens(last - PIECE_MARGIN) if last is not None and last > PIECE_MARGIN else None
+            at, j = -1, span[0] if span else 0
+            chars = e.token_to_chars(j) if j > 0 and (not bos or len(text) >= len(bos)) else None
+            if chars is not None and 0 < chars[0] < len(text) - self.margin_chars:
+                at = chars[0]
+            head.append(j + (len(self.prefix) if special else 0) if at >= 0 else 0)
             cut_at.append(at)
         fast = [i for i, at in enumerate(cut_at) if at >= 0]
         slow = [i for i, at in enumerate(cut_at) if at < 0]
