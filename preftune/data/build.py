@@ -65,8 +65,8 @@ def build_source(source: Any, folder: Path, *, tokenizer: Any, encoder: BatchEnc
     with tqdm(total=_expected_rows(stream), desc=desc, unit="pair", disable=not progress, leave=False) as bar:
         for chunk in stream:
             n = len(chunk.records)
-            bar.update(n)
             if stream.failed:  # the load will raise at the end: only validate the rest
+                bar.update(n)
                 continue
             parts = ("prompt", "chosen", "rejected") if "chosen" in chunk.records[0] else ("prompt", "completion")
             dup += b"".join(_digest(r, parts) for r in chunk.records)
@@ -83,6 +83,7 @@ def build_source(source: Any, folder: Path, *, tokenizer: Any, encoder: BatchEnc
             eos.append(enc.eos)
             for i in enc.kept[:max(0, SAMPLES - len(samples))].tolist():
                 samples[chunk.start + i] = (chunk.records[i], texts[i], chunk.origins[i])
+            bar.update(n)
     loaded = stream.finish()
     if writer is None:  # no record at all (finish() raises before this for a real source)
         writer = StoreWriter(folder, vocab_size=len(tokenizer), width=3 if loaded.kind == "preference" else 2)

@@ -149,4 +149,8 @@ def staging_folder(cache_dir: Path | None, key: str) -> tuple[Path, bool]:
         shutil.rmtree(path, ignore_errors=True)
         path.mkdir()
         return path, False
-    return Path(tempfile.mkdtemp(prefix=f"preftune-data-{key[:8]}-")), True
+    path = Path(tempfile.mkdtemp(prefix=f"preftune-data-{key[:8]}-"))
+    umask = os.umask(0)
+    os.umask(umask)
+    path.chmod(0o777 & ~umask)  # mkdtemp's 0700 would follow the entry into the run folder
+    return path, True
