@@ -124,6 +124,8 @@ def commit(staging: Path, cache_dir: Path, key: str) -> Path:
             shutil.copytree(staging, local)
             shutil.rmtree(staging, ignore_errors=True)
         staging = local
+    if target.exists() and not (target / "meta.json").is_file():  # a broken entry (meta.json removed): replace it
+        shutil.rmtree(target, ignore_errors=True)
     try:
         os.rename(staging, target)
     except OSError:  # another process committed the same key first: its entry is identical, keep it

@@ -40,6 +40,17 @@ def _bpe(pre_tokenizer, *, normalizer=None, bos_template: bool = False, eos_temp
                                    pad_token="<pad>")
 
 
+def _wordpiece():
+    """BERT-style pieces (whitespace and punctuation split, digits one by one) and WordPiece, no normalizer."""
+    tok = Tokenizer(models.WordPiece(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.BertPreTokenizer(),
+                                                 pre_tokenizers.Digits(individual_digits=True)])
+    tok.train_from_iterator(CORPUS, trainers.WordPieceTrainer(vocab_size=300, show_progress=False,
+                                                               special_tokens=["<unk>", "<s>", "</s>", "<pad>"]))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="<pad>")
+
+
 class _Wrapped(PreTrainedTokenizerFast):
     """A tokenizer class that changes how text is encoded: the batch path must call it one text at a time."""
 
@@ -55,10 +66,11 @@ TOKENIZERS = {
     "bos-and-eos-template": lambda: _bpe(pre_tokenizers.ByteLevel(add_prefix_space=False), bos_template=True,
                                          eos_template=True),
     "whitespace-split": lambda: _bpe(pre_tokenizers.WhitespaceSplit()),
+    "bert-wordpiece": lambda: _wordpiece(),
     "nfkc-normalizer": lambda: _bpe(pre_tokenizers.ByteLevel(add_prefix_space=False), normalizer=normalizers.NFKC()),
     "no-pre-tokenizer": lambda: _bpe(None),
 }
-REUSES = {"gpt2-bytelevel", "llama3-split", "bos-and-eos-template", "whitespace-split"}
+REUSES = {"gpt2-bytelevel", "llama3-split", "bos-and-eos-template", "whitespace-split", "bert-wordpiece"}
 
 
 @pytest.fixture(scope="module", params=sorted(TOKENIZERS))

@@ -88,15 +88,24 @@ def test_cache_key_follows_the_token_ids(model_and_pairs):
     assert cache_key("m", pairs.subset([0, 1]), {}) != cache_key("m", pairs.subset([1, 0]), {})
 
 
-def test_a_run_scores_exactly_the_pairs_its_steps_use(tiny_model_dir, pairs_file, tmp_path):
+def test_a_run_scores_exactly_the_pairs_its_steps_use(tiny_model_dir, pairs_file, tmp_path, monkeypatch):
     """2 steps of 4 pairs out of 64: the cache holds the 8 pairs of the sampler's first two global batches; a
-    rerun with 5 steps adds the pairs of steps 3-5 and keeps the first 8 values as they were."""
+    rerun with 5 steps adds the pairs of steps 3-5 and keeps the first 8 values as they were. The tokenized data
+    is built once, staged outside the run folder, kept in its data_cache/, and reused by the rerun."""
+    import preftune.data.splits as splits
+
+    builds = []
+    real = splits.build_entry
+    monkeypatch.setattr(splits, "build_entry", lambda *a, **k: builds.append(1) or real(*a, **k))
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
     out = tmp_path / "run"
     kw = dict(model=str(tiny_model_dir), data=str(pairs_file), output_dir=str(out), batch_size=4, progress=False,
               max_length=64, max_prompt_length=32, seed=3)
     res = train(TrainConfig(max_steps=2, **kw))
     file = next((out / "reference_logps").glob("train-*.safetensors"))
-    pairs = load_splits(TrainConfig(**kw), load_model_and_tokenizer(str(tiny_model_dir))[1], "dpo")[0].pairs
+    tok = load_model_and_tokenizer(str(tiny_model_dir))[1]
+    pairs = load_splits(TrainConfig(**kw), tok, "dpo", cache_dir=out / "data_cache")[0].pairs  # the run's own
     batching = dict(batch_size=4, accumulation=1, seed=3, group_by_length=True)
     first = load_file(str(file))
     assert first["scored"].nonzero().flatten().tolist() == used_positions(pairs, 2, **batching).tolist()
@@ -107,4 +116,6 @@ def test_a_run_scores_exactly_the_pairs_its_steps_use(tiny_model_dir, pairs_file
     assert int(second["scored"].sum()) == 20
     kept = first["scored"].bool()
     assert torch.equal(second["chosen"][kept], first["chosen"][kept])
+    assert len(builds) == 1 and len(list((out / "data_cache").glob("*/meta.json"))) == 1
+    assert not list((tmp_path / "tmp").iterdir())
     assert all(math.isfinite(v) for v in second["chosen"][second["scored"].bool()].tolist())
