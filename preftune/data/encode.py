@@ -173,7 +173,7 @@ class BatchEncoder:
         mpl = self.max_prompt_length
         over = cut > mpl
         first = p[np.minimum(p_start, max(len(p) - 1, 0))] if p.size else np.full(len(cut), -1)
-        keep_bos = over & (cut > 0) & (mpl > 1) & (self.bos_id is not None) & (first == self.bos_id)
+        keep_bos = over & (cut > 0) & (mpl > 1) & ((first == self.bos_id) if self.bos_id is not None else False)
         body_start = np.where(over, p_start + cut - mpl + keep_bos, p_start)
         body_len = np.where(over, mpl - keep_bos, cut)
         prompt_len = body_len + keep_bos
@@ -200,11 +200,10 @@ class BatchEncoder:
         lens = np.stack([ln[kept] for _, ln in segments], axis=1).reshape(-1)
         flags = ((over & ~empty) * PROMPT_TRUNCATED + (long & ~empty) * ANSWERS_TRUNCATED + empty * DROPPED_EMPTY
                  + identical * DROPPED_IDENTICAL).astype(np.uint8)
-        keep = ~empty & ~identical
         return EncodedChunk(
             ids=gather(source, starts, lens),
             lengths=np.stack([prompt_len[kept], *(ln[kept] for ln in kept_len)], axis=1).astype(np.int32),
-            kept=kept, flags=flags, eos=(np.sum(had_eos, axis=0) * keep).astype(np.uint8))
+            kept=kept, flags=flags, eos=(np.sum(had_eos, axis=0) * (~empty & ~identical)).astype(np.uint8))
 
 
 def _with_eos(values: np.ndarray, start: np.ndarray, length: np.ndarray, full: np.ndarray,

@@ -67,10 +67,13 @@ TOKENIZERS = {
                                          eos_template=True),
     "whitespace-split": lambda: _bpe(pre_tokenizers.WhitespaceSplit()),
     "bert-wordpiece": lambda: _wordpiece(),
+    "no-bos-token": lambda: PreTrainedTokenizerFast(
+        tokenizer_object=_bpe(pre_tokenizers.ByteLevel(add_prefix_space=False)).backend_tokenizer, eos_token="</s>"),
     "nfkc-normalizer": lambda: _bpe(pre_tokenizers.ByteLevel(add_prefix_space=False), normalizer=normalizers.NFKC()),
     "no-pre-tokenizer": lambda: _bpe(None),
 }
-REUSES = {"gpt2-bytelevel", "llama3-split", "bos-and-eos-template", "whitespace-split", "bert-wordpiece"}
+REUSES = {"gpt2-bytelevel", "llama3-split", "bos-and-eos-template", "whitespace-split", "bert-wordpiece",
+          "no-bos-token"}
 
 
 @pytest.fixture(scope="module", params=sorted(TOKENIZERS))
