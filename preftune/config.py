@@ -45,6 +45,8 @@ class TrainConfig:
     skip_invalid: bool = _f(False, "Drop invalid rows (and report them) instead of stopping.")
     max_length: int = _f(1024, "Longest prompt+completion in tokens; completions are truncated from the right to fit.")
     max_prompt_length: int = _f(512, "Longest prompt in tokens; prompts are truncated from the left to fit.")
+    data_cache_dir: str | None = _f(None, "Folder for tokenized data that runs share (default: the run folder's "
+                                    "data_cache/, reused by reruns and resumes of that run).")
 
     # --- model
     dtype: str = _f("float32", "Weights dtype: float32, bfloat16 or float16.")

@@ -9,9 +9,11 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
 
+import numpy as np
 import torch
 
 from preftune.data.collate import Batch, collate
+from preftune.data.store import padded_lengths
 from preftune.data.tokenize import TokenizedPair
 from preftune.logprobs import SequenceLogps, forward_logps
 
@@ -27,7 +29,8 @@ def length_sorted_batches(pairs: Sequence[TokenizedPair], batch_size: int, *, pa
     Under FSDP2 and ZeRO-3 each forward is a collective (the layers' weights are gathered from all
     processes), so a process that skipped one would leave the others waiting forever.
     """
-    order = sorted(range(len(pairs)), key=lambda i: -pairs[i].padded_length)
+    # a stable sort, longest first: the same order as sorted(key=-padded_length), from a lengths array
+    order = np.argsort(-padded_lengths(pairs), kind="stable").tolist()
     mine = order[rank::world]
     for s in range(0, len(mine), batch_size):
         idx = mine[s:s + batch_size]

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -346,9 +346,12 @@ def _row_layout(obj: dict, kind: str, template: PromptTemplate | None) -> str:
 
 
 def detect_layout(rows: Rows, kind: str, names: dict[str, str], template: PromptTemplate | None,
-                  where: str) -> Layout:
+                  where: str, more: Callable[[], Iterable[tuple[int, Any]]] | None = None) -> Layout:
     """The layout of one file, by a vote of its first rows; raises the one-sentence hint for a known layout
-    that preftune does not read. Field names the user set switch detection off."""
+    that preftune does not read. Field names the user set switch detection off.
+
+    `rows` is iterated only as far as the vote needs; a decision that needs every row (whether any Alpaca row
+    has a history) iterates `more()` instead when given (every row, without keeping them in memory)."""
     if names != DEFAULT_NAMES:
         return fields_layout(names, template)
     votes: Counter[str] = Counter()
@@ -374,7 +377,9 @@ def detect_layout(rows: Rows, kind: str, names: dict[str, str], template: Prompt
         # Earlier turns and a system prompt only fit in message lists; without them the prompt stays a string
         # (no chat template needed), as plain prompt/chosen/rejected data.
         uses_system = template is not None and "system" in template.names
-        chat = any(isinstance(obj, dict) and (obj.get("history") or (obj.get("system") and not uses_system))
-                   for _, obj in rows)
+        def chat_row(obj: Any) -> bool:
+            return isinstance(obj, dict) and bool(obj.get("history") or (obj.get("system") and not uses_system))
+
+        chat = any(chat_row(obj) for _, obj in (rows if more is None else more()))
         return _alpaca(template, chat)
     return fields_layout(names, template)

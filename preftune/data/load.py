@@ -13,13 +13,15 @@ OpenAI, Alpaca, a prompt template); `preftune.data.validate` checks each row and
 from __future__ import annotations
 
 import hashlib
+import itertools
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from preftune.data.layouts import LAYOUT_LABELS, PromptTemplate, detect_layout
-from preftune.data.sources import Bad, Input, Rows, read_rows, resolve
+from preftune.data.sources import CHUNK_ROWS, Bad, Input, Rows, iter_rows, resolve
 from preftune.data.stats import value_key
 from preftune.data.validate import PREFERENCE_FORMATS, SFT_FORMATS, RowChecker, detect_format
 from preftune.errors import PreftuneError
@@ -75,16 +77,18 @@ class LoadedData:
     origins: list[str] = field(default_factory=list)
     layout: str = "fields"
     notes: dict[str, int] = field(default_factory=dict)
+    count: int = -1  # valid records when `records` is not kept (a streamed load); -1: len(records)
 
     def summary(self) -> str:
         """One line for the log: "loaded 1,000 pairs (standard) from 2 files; dropped 3 invalid rows: ..."."""
+        n = self.count if self.count >= 0 and not self.records else len(self.records)
         noun = "pair" if self.kind == "preference" else "example"
-        noun += "" if len(self.records) == 1 else "s"
+        noun += "" if n == 1 else "s"
         n_src = len(self.sources)
         where = self.sources[0] if n_src == 1 else f"{n_src} files"
         label = LAYOUT_LABELS.get(self.layout)
         shape = self.format + (f", {label} layout" if label else "")
-        text = f"loaded {len(self.records):,} {noun} ({shape}) from {where}"
+        text = f"loaded {n:,} {noun} ({shape}) from {where}"
         if self.invalid:
             text += f"; dropped {len(self.invalid):,} invalid row{'s' if len(self.invalid) != 1 else ''}: "
             text += _count_text(self.invalid)
@@ -125,71 +129,157 @@ def load_records(
     valid row, an empty, missing or binary file, sources of different formats and layouts preftune does not
     read (with the flag or format that does) always raise.
     """
-    if kind not in ("preference", "sft"):
-        raise PreftuneError(f"unknown data kind {kind!r}; use 'preference' or 'sft'")
-    allowed = PREFERENCE_FORMATS if kind == "preference" else SFT_FORMATS
-    if kind == "sft" and format in PREFERENCE_FORMATS:
-        # one `format` setting serves train and sft: for SFT the string/message shape is read from each row
-        format = "preference-chosen" if format == "implicit" else "auto"
-    if format != "auto" and format not in allowed:
-        raise PreftuneError(
-            f"unknown data format {format!r} for {kind} data; use 'auto' or one of {', '.join(allowed)}"
-        )
-    names = {"prompt": prompt_field, "chosen": chosen_field, "rejected": rejected_field,
-             "completion": completion_field}
-    template = PromptTemplate.parse(prompt_template) if prompt_template is not None else None
-
+    stream = RecordStream(source, kind=kind, format=format, prompt_field=prompt_field, chosen_field=chosen_field,
+                          rejected_field=rejected_field, completion_field=completion_field,
+                          prompt_template=prompt_template, skip_invalid=skip_invalid, split=split)
     records: list[dict] = []
-    invalid: list[InvalidRow] = []
-    formats: dict[str, str] = {}
-    layouts: dict[str, str] = {}
-    rows_per_source: dict[str, int] = {}
     origins: list[str] = []
-    notes: Counter[str] = Counter()
-    inputs = resolve(source)
-    for inp in inputs:
-        rows = read_rows(inp, split)
-        if not rows:
+    for chunk in stream:
+        records += chunk.records
+        origins += chunk.origins
+    return stream.finish(records, origins)
+
+
+@dataclass
+class Chunk:
+    """Consecutive valid records of a `RecordStream` (`start`: the position of the first among all of them)."""
+
+    records: list[dict]
+    origins: list[str]
+    start: int
+
+
+class RecordStream:
+    """`load_records` one chunk of records at a time, for data larger than memory.
+
+    Iterating yields `Chunk`s in file order; `finish()` then raises what `load_records` raises at the end (mixed
+    formats, mixed string/message rows, invalid rows without skip_invalid) or returns the `LoadedData` (with
+    the records given to it, or only their count). Errors about one file (empty, no valid row, a layout
+    preftune does not read) are raised while iterating, as `load_records` does. Once the end is sure to raise,
+    `failed` is True, so a consumer can stop expensive work (tokenization) and let the rest be validated fast.
+    """
+
+    def __init__(self, source: str | Path | Sequence[str | Path], *, kind: str = "preference", format: str = "auto",
+                 prompt_field: str = "prompt", chosen_field: str = "chosen", rejected_field: str = "rejected",
+                 completion_field: str = "completion", prompt_template: str | None = None,
+                 skip_invalid: bool = False, split: str = "train", chunk_rows: int = CHUNK_ROWS):
+        if kind not in ("preference", "sft"):
+            raise PreftuneError(f"unknown data kind {kind!r}; use 'preference' or 'sft'")
+        allowed = PREFERENCE_FORMATS if kind == "preference" else SFT_FORMATS
+        if kind == "sft" and format in PREFERENCE_FORMATS:
+            # one `format` setting serves train and sft: for SFT the string/message shape is read from each row
+            format = "preference-chosen" if format == "implicit" else "auto"
+        if format != "auto" and format not in allowed:
+            raise PreftuneError(
+                f"unknown data format {format!r} for {kind} data; use 'auto' or one of {', '.join(allowed)}"
+            )
+        self.kind, self.format, self.skip_invalid, self.split, self.chunk_rows = (kind, format, skip_invalid,
+                                                                                  split, chunk_rows)
+        self.names = {"prompt": prompt_field, "chosen": chosen_field, "rejected": rejected_field,
+                      "completion": completion_field}
+        self.template = PromptTemplate.parse(prompt_template) if prompt_template is not None else None
+        self.inputs = resolve(source)
+        self.invalid: list[InvalidRow] = []
+        self.formats: dict[str, str] = {}
+        self.layouts: dict[str, str] = {}
+        self.rows_per_source: dict[str, int] = {}
+        self.notes: Counter[str] = Counter()
+        self.shapes: set[bool] = set()
+        self.count = 0
+
+    @property
+    def failed(self) -> bool:
+        return ((bool(self.invalid) and not self.skip_invalid) or len(self.shapes) > 1
+                or len(set(self.formats.values())) > 1)
+
+    def __iter__(self) -> Iterator[Chunk]:
+        for inp in self.inputs:
+            yield from self._file(inp)
+
+    def _file(self, inp: Input) -> Iterator[Chunk]:
+        head = _Replay(iter_rows(inp, self.split, self.chunk_rows))
+        if next(iter(head), None) is None:
             raise PreftuneError(f"data file {inp.name} is empty; it holds no rows")
-        layout = detect_layout(rows, kind, names, template, inp.name)
-        fmt = format if format != "auto" else detect_format(rows, kind, layout)
-        n_before = len(records)
-        file_invalid = _check_rows(inp, rows, RowChecker(kind, fmt, layout, notes), records, origins)
-        if len(records) == n_before:
-            raise PreftuneError(_no_valid_rows_message(inp, rows, file_invalid))
-        formats[inp.name], layouts[inp.name] = fmt, layout.name
-        rows_per_source[inp.name] = len(rows)
-        invalid.extend(file_invalid)
 
-    distinct = sorted(set(formats.values()))
-    if len(distinct) > 1:
-        listing = "; ".join(f"{name}: {fmt}" for name, fmt in formats.items())
-        raise PreftuneError(
-            f"the data files mix formats ({listing}); convert them to one format or load them separately"
-        )
-    shapes = {isinstance(r["prompt"], list) for r in records}
-    if len(shapes) > 1:
-        raise PreftuneError(
-            "the data mixes string rows and message-list rows; "
-            "convert them to one format or load them separately"
-        )
-    if invalid and not skip_invalid:
-        raise PreftuneError(_invalid_message(invalid, sum(rows_per_source.values())))
-    return LoadedData(records, invalid, distinct[0], [i.name for i in inputs], kind, shapes == {True},
-                      rows_per_source, origins, "+".join(dict.fromkeys(layouts.values())), dict(notes))
+        def every_row() -> Iterator[tuple[int, Any]]:  # without keeping them: a rare Alpaca question
+            fresh = (row for rows in iter_rows(inp, self.split, self.chunk_rows) for row in rows)
+            return itertools.chain(list(head.rows), itertools.islice(fresh, len(head.rows), None))
+
+        # detection reads only as far as its votes need; those rows are validated first, then the rest
+        layout = detect_layout(head, self.kind, self.names, self.template, inp.name, every_row)
+        fmt = self.format if self.format != "auto" else detect_format(head, self.kind, layout)
+        self.formats[inp.name], self.layouts[inp.name] = fmt, layout.name
+        check = RowChecker(self.kind, fmt, layout, self.notes)
+        first_dict = None
+        n_rows = n_valid = 0
+        file_invalid: list[InvalidRow] = []
+        for rows in head.then_rest():
+            n_rows += len(rows)
+            records: list[dict] = []
+            origins: list[str] = []
+            for number, obj in rows:
+                if first_dict is None and isinstance(obj, dict):
+                    first_dict = obj
+                out = obj.reason if isinstance(obj, Bad) else check(obj)
+                if isinstance(out, str):
+                    file_invalid.append(InvalidRow(inp.name, number, out, inp.unit))
+                    self.invalid.append(file_invalid[-1])
+                else:
+                    records.append(out)
+                    origins.append(f"{inp.name} {inp.unit} {number}")
+            if records:
+                self.shapes.update(isinstance(r["prompt"], list) for r in records)
+                yield Chunk(records, origins, self.count)
+                self.count += len(records)
+                n_valid += len(records)
+        if not n_valid:
+            raise PreftuneError(_no_valid_rows_message(inp, n_rows, first_dict, file_invalid))
+        self.rows_per_source[inp.name] = n_rows
+
+    def finish(self, records: list[dict] | None = None, origins: list[str] | None = None) -> LoadedData:
+        """The end of `load_records`: its final checks, then the `LoadedData` (records as given, if any)."""
+        distinct = sorted(set(self.formats.values()))
+        if len(distinct) > 1:
+            listing = "; ".join(f"{name}: {fmt}" for name, fmt in self.formats.items())
+            raise PreftuneError(
+                f"the data files mix formats ({listing}); convert them to one format or load them separately"
+            )
+        if len(self.shapes) > 1:
+            raise PreftuneError(
+                "the data mixes string rows and message-list rows; convert them to one format or load them separately"
+            )
+        if self.invalid and not self.skip_invalid:
+            raise PreftuneError(_invalid_message(self.invalid, sum(self.rows_per_source.values())))
+        return LoadedData(records if records is not None else [], self.invalid, distinct[0],
+                          [i.name for i in self.inputs], self.kind, self.shapes == {True}, self.rows_per_source,
+                          origins if origins is not None else [], "+".join(dict.fromkeys(self.layouts.values())),
+                          dict(self.notes), count=self.count)
 
 
-def _check_rows(inp: Input, rows: Rows, check: RowChecker, records: list[dict], origins: list[str]) -> list[InvalidRow]:
-    """Append the valid rows' records and origins; return the invalid rows."""
-    invalid = []
-    for number, obj in rows:
-        out = obj.reason if isinstance(obj, Bad) else check(obj)
-        if isinstance(out, str):
-            invalid.append(InvalidRow(inp.name, number, out, inp.unit))
-        else:
-            records.append(out)
-            origins.append(f"{inp.name} {inp.unit} {number}")
-    return invalid
+class _Replay:
+    """Rows of one file read chunk by chunk on demand and kept, so that format detection can read as far as
+    it needs and validation then starts again from the first row (`then_rest`)."""
+
+    def __init__(self, chunks: Iterator[Rows]):
+        self.chunks, self.rows = chunks, []
+
+    def __iter__(self) -> Iterator[tuple[int, Any]]:
+        i = 0
+        while True:
+            while i < len(self.rows):
+                yield self.rows[i]
+                i += 1
+            more = next(self.chunks, None)
+            if more is None:
+                return
+            self.rows += more
+
+    def then_rest(self) -> Iterator[Rows]:
+        """The kept rows (as one chunk) and then the chunks nobody has read yet."""
+        kept, self.rows = self.rows, []
+        if kept:
+            yield kept
+        yield from self.chunks
 
 
 def split_records(
@@ -214,27 +304,36 @@ def split_records(
             f"cannot hold out an eval split: all {len(records)} records share one prompt; use eval fraction 0"
         )
     target = max(1, round(eval_fraction * len(records)))
-
-    def rank(key: str) -> str:
-        return hashlib.sha256(f"{seed}\x00{key}".encode("utf-8", "surrogatepass")).hexdigest()
-
-    order = sorted(groups, key=rank)
-    chosen_keys: list[str] = []
-    taken = 0
-    for key in order:
-        if taken + len(groups[key]) <= target:
-            chosen_keys.append(key)
-            taken += len(groups[key])
-        if taken >= target:
-            break
-    if not chosen_keys:  # every group is larger than the target: take the smallest, ties broken by rank
-        chosen_keys = [min(order, key=lambda k: len(groups[k]))]
-    if len(chosen_keys) == len(groups):
-        chosen_keys = chosen_keys[:-1]
+    order = sorted(groups, key=lambda key: group_rank(key, seed))
+    chosen_keys = [order[g] for g in holdout_groups([len(groups[k]) for k in order], target)]
     in_eval = {i for key in chosen_keys for i in groups[key]}
     train = [r for i, r in enumerate(records) if i not in in_eval]
     held = [r for i, r in enumerate(records) if i in in_eval]
     return train, held
+
+
+def group_rank(key: str, seed: int) -> bytes:
+    """Where a prompt group (`value_key` of its prompt) comes in the hold-out order: a hash of (seed, prompt),
+    independent of the record order and of Python's hash salt."""
+    return hashlib.sha256(f"{seed}\x00{key}".encode("utf-8", "surrogatepass")).digest()
+
+
+def holdout_groups(sizes: Sequence[int], target: int) -> list[int]:
+    """Which prompt groups (given in rank order, by size) go to eval: each in turn while it fits into `target`
+    records; if none fits, the smallest (the first of equals); never all of them."""
+    chosen: list[int] = []
+    taken = 0
+    for g, size in enumerate(sizes):
+        if taken + size <= target:
+            chosen.append(g)
+            taken += size
+        if taken >= target:
+            break
+    if not chosen:  # every group is larger than the target: take the smallest, ties broken by rank
+        chosen = [min(range(len(sizes)), key=lambda g: sizes[g])]
+    if len(chosen) == len(sizes):
+        chosen = chosen[:-1]
+    return chosen
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -259,13 +358,12 @@ def _invalid_message(invalid: Sequence[InvalidRow], total: int) -> str:
     return "\n".join(lines)
 
 
-def _no_valid_rows_message(inp: Input, rows: Rows, invalid: Sequence[InvalidRow]) -> str:
-    n = f"{len(rows):,} row{'s' if len(rows) != 1 else ''}"
+def _no_valid_rows_message(inp: Input, n_rows: int, first: dict | None, invalid: Sequence[InvalidRow]) -> str:
+    n = f"{n_rows:,} row{'s' if n_rows != 1 else ''}"
     lines = [f"{inp.name} has no valid rows ({n}, all invalid: {_count_text(invalid)})"]
     lines += [f"  {row}" for row in invalid[:MAX_LISTED]]
     if len(invalid) > MAX_LISTED:
         lines.append(f"  ... and {len(invalid) - MAX_LISTED:,} more")
-    first = next((obj for _, obj in rows if isinstance(obj, dict)), None)
     missing = sorted({r.reason.split("'")[1] for r in invalid if r.reason.startswith("missing field '")})
     if first is not None and missing:
         lines.append(

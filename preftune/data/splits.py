@@ -1,16 +1,41 @@
-"""Training data as the recipe needs it: load, validate, hold out, render, tokenize, summarise.
+"""Training data as the recipe needs it: load, validate, hold out, render, tokenize, summarise, cache.
 
 `load_splits` is the one road from a config's data settings to tokenized train/eval splits, so `train`,
 `sft` and every test see the same rows, the same truncation and the same summary lines.
+
+The data streams through validation and batched tokenization into memory-mapped arrays (`preftune.data.build`,
+`preftune.data.store`); a split is a `Pairs` view of them, never a list of Python objects per pair. The result,
+summary included, is cached on disk under a key of everything that shapes it (`preftune.data.cache`), so a
+rerun or a resume opens it in a moment. A cache entry holds:
+
+    meta.json                 the key's ingredients, the stores' sizes and digests, the summary lines, the example
+    data/                     the training data's store (ids.bin, lengths.bin, index.bin)
+    eval/                     the eval_data store, when eval_data is given
+    train.bin, eval.bin       int64 positions into a store of each split's pairs (train and held-out eval)
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from preftune.data.examples import example, format_example, render_record
-from preftune.data.tokenize import TokenizedPair, tokenize_records
+import numpy as np
+
+from preftune.data.cache import (
+    DataEntry,
+    commit,
+    find,
+    library_versions,
+    make_key,
+    source_fingerprint,
+    staging_folder,
+)
+from preftune.data.encode import ANSWERS_TRUNCATED, DROPPED_EMPTY, DROPPED_IDENTICAL, PROMPT_TRUNCATED
+from preftune.data.store import Pairs, PairStore
+from preftune.data.tokenize import TokenizeStats
 from preftune.errors import PreftuneError
 
 if TYPE_CHECKING:  # the data layer sits below the config; it only reads the data settings
@@ -19,72 +44,193 @@ if TYPE_CHECKING:  # the data layer sits below the config; it only reads the dat
 
 @dataclass
 class Split:
-    pairs: list[TokenizedPair]
+    pairs: Pairs  # a Sequence[TokenizedPair] backed by the cache entry's arrays
     summary: str
     # the first pair as training sees it (`preftune.data.examples.example`), shown in the summary
     example: dict | None = None
+    info: dict = field(default_factory=dict)  # files, rows per file, records, pairs, cache key (TrainState.data_info)
+    entry: DataEntry | None = None  # the cache entry the pairs live in (`keep_data_in` moves a staged one)
 
 
 SUMMARY_TEXT_LIMIT = 600  # characters of each text the summary's example shows before eliding the middle
 
 
-def load_splits(cfg: TrainConfig, tokenizer, task: str) -> tuple[Split, Split | None]:
+def load_splits(cfg: TrainConfig, tokenizer, task: str, *, cache_dir: Path | None = None,
+                progress: bool | None = None) -> tuple[Split, Split | None]:
     """Tokenized (train, eval or None) splits of `cfg`'s data; the train split's summary holds the lines the
     recipe prints: what was loaded and dropped, held out, tokenized (truncated, dropped), length bias, exact
-    duplicates, and one example exactly as training sees it."""
-    from preftune.data.load import load_records, split_records
-    from preftune.data.stats import duplicates_warning, exact_duplicates
+    duplicates, and one example exactly as training sees it.
 
-    kind = "sft" if task == "sft" else "preference"
-    kw = dict(kind=kind, format=cfg.format, prompt_field=cfg.prompt_field, chosen_field=cfg.chosen_field,
-              rejected_field=cfg.rejected_field, completion_field=cfg.completion_field,
-              prompt_template=cfg.prompt_template, skip_invalid=cfg.skip_invalid)
-    loaded = load_records(cfg.data, **kw)
-    train_records, eval_records = loaded.records, None
-    lines = [loaded.summary()]
+    The result is cached under `cfg.data_cache_dir` when set, else under `cache_dir` (the run folder's
+    `data_cache/`): reused when present; built there when that folder exists; otherwise built in the temporary
+    folder, and `keep_data_in` moves it to `cache_dir` once that may be written. Without either, nothing is kept.
+    """
+    shared = getattr(cfg, "data_cache_dir", None)
+    where = Path(shared).expanduser() if shared else cache_dir
+    if shared:
+        where.mkdir(parents=True, exist_ok=True)
+    ingredients = data_ingredients(cfg, tokenizer, task)
+    key = make_key(ingredients)
+    found = find(where, key)
+    if found is not None:
+        return open_entry(DataEntry(found, key, staged=False))
+    staging, staged = staging_folder(where, key)
+    try:
+        build_entry(cfg, tokenizer, task, staging, ingredients, cfg.progress if progress is None else progress)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if staged:
+        return open_entry(DataEntry(staging, key, staged=True))
+    return open_entry(DataEntry(commit(staging, where, key), key, staged=False))
+
+
+def keep_data_in(split: Split, cache_dir: Path) -> None:
+    """Move a split's staged cache entry into `cache_dir` (a fresh run, once its folder exists)."""
+    if split.entry is not None:
+        split.entry.keep_in(cache_dir)
+
+
+def data_ingredients(cfg: TrainConfig, tokenizer, task: str) -> dict:
+    """Everything the tokenized splits depend on (the cache key is its hash)."""
+    from preftune.data.cache import tokenizer_fingerprint
+
+    holdout = cfg.eval_fraction > 0 and not cfg.eval_data
+    return {"task": "sft" if task == "sft" else "preference", "data": source_fingerprint(cfg.data),
+            "eval_data": source_fingerprint(cfg.eval_data) if cfg.eval_data else None,
+            "eval_fraction": cfg.eval_fraction if holdout else 0.0, "seed": cfg.seed if holdout else None,
+            **_load_kwargs(cfg, task), "max_length": cfg.max_length, "max_prompt_length": cfg.max_prompt_length,
+            "tokenizer": tokenizer_fingerprint(tokenizer), **library_versions()}
+
+
+def _load_kwargs(cfg: TrainConfig, task: str) -> dict:
+    return dict(kind="sft" if task == "sft" else "preference", format=cfg.format, prompt_field=cfg.prompt_field,
+                chosen_field=cfg.chosen_field, rejected_field=cfg.rejected_field,
+                completion_field=cfg.completion_field, prompt_template=cfg.prompt_template,
+                skip_invalid=cfg.skip_invalid)
+
+
+def build_entry(cfg: TrainConfig, tokenizer, task: str, folder: Path, ingredients: dict, progress: bool) -> None:
+    """Stream, tokenize and split the data into a cache entry in `folder` (meta.json written last)."""
+    from preftune.data.build import build_source
+    from preftune.data.encode import BatchEncoder
+    from preftune.data.stats import duplicates_warning
+
+    kw = _load_kwargs(cfg, task)
+    encoder = BatchEncoder(tokenizer, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length)
+    holdout = cfg.eval_fraction > 0 and not cfg.eval_data
+    data = build_source(cfg.data, folder / "data", tokenizer=tokenizer, encoder=encoder, load_kwargs=kw,
+                        rank_seed=cfg.seed if holdout else None, progress=progress)
+    held = None
     if cfg.eval_data:
-        held = load_records(cfg.eval_data, **kw)
-        eval_records = held.records
-        lines.append("eval: " + held.summary())
-    elif cfg.eval_fraction > 0:
-        train_records, eval_records = split_records(train_records, cfg.eval_fraction, cfg.seed)
-        lines.append(f"held out {len(eval_records):,} of {len(loaded.records):,} for evaluation "
-                     f"(eval_fraction {cfg.eval_fraction})")
-
-    def tok(records, name):
-        texts = [render_record(tokenizer, r) for r in records]
-        pairs, stats = tokenize_records(tokenizer, texts, max_length=cfg.max_length,
-                                        max_prompt_length=cfg.max_prompt_length)
-        if not pairs:
-            raise PreftuneError(f"no {name} example is left after tokenization ({stats.summary()}); check the data "
-                                "and max_length / max_prompt_length.")
-        return pairs, texts, f"{name} {stats.summary()}"
-
-    train_pairs, train_texts, s = tok(train_records, "train")
-    lines.append(s)
+        held = build_source(cfg.eval_data, folder / "eval", tokenizer=tokenizer, encoder=encoder, load_kwargs=kw,
+                            progress=progress, desc="tokenizing eval")
+    n = len(data.position)
+    lines = [data.loaded.summary()]
+    in_eval = np.zeros(n, dtype=bool)
+    if held is not None:
+        lines.append("eval: " + held.loaded.summary())
+    elif holdout:
+        in_eval = _held_out(data.rank, cfg.eval_fraction)
+        lines.append(f"held out {int(in_eval.sum()):,} of {n:,} for evaluation (eval_fraction {cfg.eval_fraction})")
+    train = _split_of(data, ~in_eval, "train")
+    lines.append(train["line"])
+    store = PairStore(folder / "data", data.store)
     if task == "dpo":
-        lines.append(_length_bias_line(train_pairs))
-    dup = duplicates_warning(len(exact_duplicates(train_records)), "pairs" if task == "dpo" else "examples")
+        chosen, rejected = store.lengths[train["positions"], 1], store.lengths[train["positions"], 2]
+        lines.append(_length_bias_line(chosen.tolist(), rejected.tolist()))
+    dup_keys = data.duplicate_key[~in_eval]
+    dup = duplicates_warning(len(dup_keys) - len(np.unique(dup_keys)), "pairs" if task == "dpo" else "examples")
     if dup:
         lines.append(dup)
-    eval_split = None
-    if eval_records:
-        eval_pairs, _, s = tok(eval_records, "eval")
-        lines.append(s)
-        eval_split = Split(eval_pairs, s)
-    first = train_pairs[0]
-    origin = dict(zip(map(id, loaded.records), loaded.origins)).get(id(train_records[first.index]), "")
-    shown = example(tokenizer, train_records[first.index], train_texts[first.index], first, origin)
+    evaluation = None
+    if held is not None:
+        evaluation = _split_of(held, np.ones(len(held.position), dtype=bool), "eval", store="eval")
+    elif in_eval.any():
+        evaluation = _split_of(data, in_eval, "eval")
+    if evaluation is not None:
+        lines.append(evaluation["line"])
+    shown = _first_example(cfg, tokenizer, task, data, store, int(train["positions"][0]))
+    from preftune.data.examples import format_example
+
     lines += format_example(shown, "first training example as the model sees it", SUMMARY_TEXT_LIMIT)
-    return Split(train_pairs, "\n".join(lines), shown), eval_split
+    splits = {}
+    for name, split in (("train", train), ("eval", evaluation)):
+        if split is not None:
+            split["positions"].astype(np.int64).tofile(folder / f"{name}.bin")
+            splits[name] = {"store": split["store"], "summary": split["line"]}
+    info = {"files": data.loaded.sources, "rows": data.loaded.rows_per_source, "records": n,
+            "pairs": int(len(train["positions"]))}
+    meta = {"ingredients": ingredients, "stores": {"data": data.store, **({"eval": held.store} if held else {})},
+            "splits": splits, "summary": "\n".join(lines), "example": shown, "info": info}
+    (folder / "meta.json").write_text(json.dumps(meta, ensure_ascii=False, default=str), encoding="utf-8")
 
 
-def _length_bias_line(pairs: list[TokenizedPair]) -> str:
+def _held_out(ranks: np.ndarray, eval_fraction: float) -> np.ndarray:
+    """`split_records`' hold-out, from each record's prompt rank: whole prompt groups, in rank order."""
+    from preftune.data.load import holdout_groups
+
+    groups, group_of, sizes = np.unique(ranks, return_inverse=True, return_counts=True)
+    if len(groups) < 2:
+        raise PreftuneError(
+            f"cannot hold out an eval split: all {len(ranks)} records share one prompt; use eval fraction 0")
+    target = max(1, round(eval_fraction * len(ranks)))
+    chosen = np.zeros(len(groups), dtype=bool)
+    chosen[holdout_groups(sizes.tolist(), target)] = True
+    return chosen[group_of.reshape(-1)]
+
+
+def _split_of(built: Any, records: np.ndarray, name: str, store: str = "data") -> dict:
+    """The pairs of the records selected by the mask `records`, and their "<name> tokenized: ..." line."""
+    flags, position = built.flags[records], built.position[records]
+    index = np.flatnonzero(records)
+    stats = TokenizeStats(kept=int((position >= 0).sum()),
+                          dropped_empty=index[(flags & DROPPED_EMPTY) > 0].tolist(),
+                          dropped_identical=index[(flags & DROPPED_IDENTICAL) > 0].tolist(),
+                          prompt_truncated=int(np.count_nonzero(flags & PROMPT_TRUNCATED)),
+                          completion_truncated=int(np.count_nonzero(flags & ANSWERS_TRUNCATED)),
+                          eos_in_text=int(built.eos[records].sum()))
+    if not stats.kept:
+        raise PreftuneError(f"no {name} example is left after tokenization ({stats.summary()}); check the data "
+                            "and max_length / max_prompt_length.")
+    return {"positions": position[position >= 0], "line": f"{name} {stats.summary()}", "store": store}
+
+
+def _first_example(cfg: TrainConfig, tokenizer, task: str, data: Any, store: PairStore, position: int) -> dict:
+    """The first training pair as the model sees it, from its record (kept while streaming, else read again)."""
+    from preftune.data.build import find_record
+    from preftune.data.examples import example, render_record
+
+    pair = store.pairs()[position]
+    if pair.index in data.samples:
+        record, texts, origin = data.samples[pair.index]
+    else:
+        record, origin = find_record(cfg.data, _load_kwargs(cfg, task), pair.index)
+        texts = render_record(tokenizer, record)
+    return example(tokenizer, record, texts, pair, origin)
+
+
+def open_entry(entry: DataEntry) -> tuple[Split, Split | None]:
+    """The splits of a complete cache entry, memory-mapped."""
+    meta = json.loads((entry.path / "meta.json").read_text(encoding="utf-8"))
+    stores = {name: PairStore(entry.path / name, store) for name, store in meta["stores"].items()}
+    info = {**meta["info"], "cache_key": entry.key}
+    out: dict[str, Split] = {}
+    for name, split in meta["splits"].items():
+        positions = np.fromfile(entry.path / f"{name}.bin", dtype=np.int64)
+        pairs = stores[split["store"]].pairs(positions)
+        if name == "train":
+            out[name] = Split(pairs, meta["summary"], meta["example"], info, entry)
+        else:
+            out[name] = Split(pairs, split["summary"], None, {}, entry)
+    return out["train"], out.get("eval")
+
+
+def _length_bias_line(chosen: list[int], rejected: list[int]) -> str:
     """DPO learns "longer is better" from data where chosen is usually the longer answer: say so up front."""
     from preftune.data.stats import length_bias, length_bias_warning
 
-    b = length_bias({"chosen": [len(p.chosen_ids) for p in pairs], "rejected": [len(p.rejected_ids) for p in pairs],
-                     "unit": "tokens"})
+    b = length_bias({"chosen": chosen, "rejected": rejected, "unit": "tokens"})
     return length_bias_warning(b) or (f"length bias: chosen is longer in {b['chosen_longer']:.0%} and shorter in "
                                       f"{b['chosen_shorter']:.0%} of pairs (mean difference "
                                       f"{b['mean_difference']:+.1f} tokens)")

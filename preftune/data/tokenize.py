@@ -53,6 +53,17 @@ class TokenizeStats:
     completion_truncated: int = 0
     eos_in_text: int = 0  # answers that already ended in EOS (from the chat template or the data)
 
+    def add(self, chunk, start: int) -> None:
+        """Count a `preftune.data.encode.EncodedChunk` whose first text is number `start`."""
+        from preftune.data.encode import ANSWERS_TRUNCATED, DROPPED_EMPTY, DROPPED_IDENTICAL, PROMPT_TRUNCATED
+
+        self.kept += len(chunk.kept)
+        self.dropped_empty += [start + i for i in chunk.where(DROPPED_EMPTY)]
+        self.dropped_identical += [start + i for i in chunk.where(DROPPED_IDENTICAL)]
+        self.prompt_truncated += chunk.count(PROMPT_TRUNCATED)
+        self.completion_truncated += chunk.count(ANSWERS_TRUNCATED)
+        self.eos_in_text += int(chunk.eos.sum())
+
     def summary(self) -> str:
         parts = [f"{self.kept:,} kept"]
         if self.prompt_truncated:
@@ -167,23 +178,29 @@ def truncate_pair(pair: TokenizedPair, *, max_length: int, max_prompt_length: in
     return TokenizedPair(prompt, answers[0], answers[1] if len(answers) > 1 else None, pair.index)
 
 
-def tokenize_records(tokenizer, texts: Sequence[tuple[str, ...]], *, max_length: int,
-                     max_prompt_length: int) -> tuple[list[TokenizedPair], TokenizeStats]:
-    """Tokenize rendered texts: (prompt, chosen, rejected) for pairs or (prompt, completion) for SFT."""
-    check_tokenizer(tokenizer)
-    encoder = _Encoder(tokenizer)
+def tokenize_records(tokenizer, texts: Sequence[tuple[str, ...]], *, max_length: int, max_prompt_length: int,
+                     chunk: int = 4096, reuse: bool = True) -> tuple[list[TokenizedPair], TokenizeStats]:
+    """Tokenize rendered texts: (prompt, chosen, rejected) for pairs or (prompt, completion) for SFT.
+
+    The ids are those of `tokenize_texts` + `truncate_pair` per pair; the work is batched
+    (`preftune.data.encode.BatchEncoder`; `reuse=False` switches its prefix reuse off). For a few thousand
+    pairs; training data goes through `preftune.data.splits`, which keeps the ids in arrays instead.
+    """
+    from preftune.data.encode import BatchEncoder
+
+    encoder = BatchEncoder(tokenizer, max_length=max_length, max_prompt_length=max_prompt_length, reuse=reuse)
     stats = TokenizeStats()
     out: list[TokenizedPair] = []
-    for index, (prompt, *answers) in enumerate(texts):
-        prompt_ids, answer_ids, had_eos = encoder.texts(prompt, answers)
-        if any(not a for a in answer_ids):  # the answer added no token of its own: nothing to learn from
-            stats.dropped_empty.append(index)
-            continue
-        pair = TokenizedPair(prompt_ids, answer_ids[0], answer_ids[1] if len(answer_ids) > 1 else None, index)
-        pair = truncate_pair(pair, max_length=max_length, max_prompt_length=max_prompt_length,
-                             bos_id=tokenizer.bos_token_id, stats=stats)
-        if pair is not None:
-            stats.eos_in_text += sum(had_eos)
-            out.append(pair)
+    for s in range(0, len(texts), chunk):
+        enc = encoder(list(texts[s:s + chunk]))
+        stats.add(enc, s)
+        ids = enc.ids.tolist()
+        at = 0
+        for local, lengths in zip(enc.kept.tolist(), enc.lengths.tolist()):
+            parts = []
+            for n in lengths:
+                parts.append(ids[at:at + n])
+                at += n
+            out.append(TokenizedPair(parts[0], parts[1], parts[2] if len(parts) > 2 else None, s + local))
     stats.kept = len(out)
     return out, stats

@@ -109,16 +109,18 @@ def check_loading_info(model: torch.nn.Module, info: dict, name: str, say: Calla
             f"(e.g. {unexpected[0]})")
 
 
-def check_vocabulary(model: torch.nn.Module, tokenizer, pairs) -> None:
-    """Every token id the data (TokenizedPairs) or the tokenizer's special tokens use must have a row in the
-    model's input and output embeddings (a smaller vocabulary fails deep inside the forward, on a GPU as an
-    opaque device assert)."""
-    largest_id = max((max(p.prompt_ids + p.chosen_ids + (p.rejected_ids or []), default=0) for p in pairs), default=0)
+def check_vocabulary(model: torch.nn.Module, tokenizer, *pair_sets) -> None:
+    """Every token id the data (each a sequence of TokenizedPairs) or the tokenizer's special tokens use must
+    have a row in the model's input and output embeddings (a smaller vocabulary fails deep inside the forward,
+    on a GPU as an opaque device assert)."""
+    from preftune.data.store import largest_id
+
+    largest = max((largest_id(pairs) for pairs in pair_sets), default=0)
     rows = [m.weight.shape[0] for m in (model.get_input_embeddings(), model.get_output_embeddings())
             if m is not None and getattr(m, "weight", None) is not None]
     specials = [i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.bos_token_id)
                 if isinstance(i, int)]
-    top = max([largest_id, *specials])
+    top = max([largest, *specials])
     if rows and top >= min(rows):
         raise PreftuneError(f"the model's vocabulary has {min(rows):,} tokens but the tokenizer gives token id "
                             f"{top:,} (it has {len(tokenizer):,} tokens); the tokenizer does not belong to this "

@@ -3,9 +3,10 @@
 - `copy`: a frozen second copy of the starting model (full fine-tuning).
 - `lora_disabled`: the policy itself with its LoRA adapters switched off: the base weights under the
   adapters *are* the reference, so no second copy is held in memory.
-- `precomputed`: the reference's log-probs for every pair, computed once in inference mode before
-  training, stored in the run folder and reused by later runs (and resumes) with the same model, data
-  and tokenization; the reference model is freed afterwards. Exact as long as dropout is off.
+- `precomputed`: the reference's log-probs for the pairs the run's steps use (all of them for a full epoch),
+  computed once in inference mode before training, stored in the run folder and reused (and extended) by
+  later runs and resumes with the same model, data and tokenization; the reference model is freed
+  afterwards. Exact as long as dropout is off.
 - `none`: reference-free losses (SimPO).
 
 `build_reference` is the one place that picks the strategy (what `auto` means) and builds it; the recipe
@@ -23,15 +24,16 @@ import contextlib
 import copy
 import hashlib
 import json
-from array import array
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from preftune.data.store import pairs_digest
 from preftune.data.tokenize import TokenizedPair
 from preftune.errors import PreftuneError
 from preftune.logprobs import SequenceLogps, forward_logps
@@ -95,30 +97,32 @@ class DisabledAdapters(Reference):
 
 
 class Precomputed(Reference):
-    """Reference log-probs looked up by the batch's dataset positions."""
+    """Reference log-probs looked up by the batch's dataset positions. `scored` marks the positions computed so
+    far (a run scores only the pairs its steps use); looking up any other is a bug, refused loudly."""
 
-    def __init__(self, chosen: torch.Tensor, rejected: torch.Tensor):
+    def __init__(self, chosen: torch.Tensor, rejected: torch.Tensor, scored: torch.Tensor | None = None):
         self.chosen, self.rejected = chosen, rejected
+        self.scored = torch.ones(len(chosen), dtype=torch.bool) if scored is None else scored.bool()
 
     def logps(self, batch) -> SequenceLogps:
         idx = batch.indices.cpu()
+        if not bool(self.scored[idx].all()):
+            missing = idx[~self.scored[idx]].tolist()
+            raise RuntimeError(f"reference log-probs of dataset positions {missing[:8]} were not precomputed; the "
+                               "run's steps should only use positions precompute() was given")
         dev = batch.chosen_ids.device
         return SequenceLogps(self.chosen[idx].to(dev), batch.chosen_mask.sum(-1).float(),
                              self.rejected[idx].to(dev), batch.rejected_mask.sum(-1).float())
 
 
 def token_digest(pairs: Sequence[TokenizedPair]) -> str:
-    """SHA-256 of the exact token ids of every pair, in order (the data as training sees it)."""
-    h = hashlib.sha256()
-    for p in pairs:
-        for ids in (p.prompt_ids, p.chosen_ids, p.rejected_ids):
-            # length first, so [1, 2] + [3] and [1] + [2, 3] differ; -1 marks an SFT example's missing side
-            h.update(array("q", [-1] if ids is None else [len(ids), *ids]).tobytes())
-    return h.hexdigest()
+    """SHA-256 of the exact token ids of every pair, in order (the data as training sees it), from arrays."""
+    return pairs_digest(pairs)
 
 
-# Bumped when what a cache file holds changes meaning, so older files are never read as the new kind.
-CACHE_FORMAT = 2
+# Bumped when what a cache file holds changes meaning, so older files are never read as the new kind
+# (3: partial files, with `scored`).
+CACHE_FORMAT = 3
 
 
 def cache_key(model_id: str, pairs: Sequence[TokenizedPair], extra: dict) -> str:
@@ -165,18 +169,25 @@ def model_identity(path: str) -> str:
 
 
 def cache_problem(tensors: dict[str, torch.Tensor], n: int) -> str | None:
-    """Why stored reference log-probs cannot be right for `n` pairs, or None. Summed log-probs are finite and
-    <= 0, and never all exactly 0 (that is what a pass that scored nothing leaves behind)."""
-    if set(tensors) != {"chosen", "rejected"}:
-        return f"it holds {sorted(tensors)} instead of chosen and rejected"
-    for name, t in tensors.items():
+    """Why stored reference log-probs cannot be right for `n` pairs, or None. `scored` (1 = computed; absent in a
+    complete file) marks the pairs a run has scored so far, the others are NaN. Scored summed log-probs are
+    finite and <= 0, and never all exactly 0 (that is what a pass that scored nothing leaves behind)."""
+    if not {"chosen", "rejected"} <= set(tensors) <= {"chosen", "rejected", "scored"}:
+        return f"it holds {sorted(tensors)} instead of chosen, rejected (and scored)"
+    scored = tensors.get("scored")
+    if scored is not None and tuple(scored.shape) != (n,):
+        return f"it marks {tuple(scored.shape)} scored values for {n} pairs"
+    done = torch.ones(n, dtype=torch.bool) if scored is None else scored.bool()
+    for name in ("chosen", "rejected"):
+        t = tensors[name]
         if tuple(t.shape) != (n,):
             return f"it holds {tuple(t.shape)} {name} values for {n} pairs"
+        t = t[done]
         if not t.is_floating_point() or not torch.isfinite(t).all():
             return f"its {name} values are not all finite numbers"
         if (t > 1e-3).any():  # log-probs are <= 0; 1e-3 leaves room for rounding
             return f"it holds positive {name} log-probabilities"
-    if n and all(bool((t == 0).all()) for t in tensors.values()):
+    if bool(done.any()) and all(bool((tensors[k][done] == 0).all()) for k in ("chosen", "rejected")):
         return "it holds only zeros"
     return None
 
@@ -188,7 +199,7 @@ def _read_cache(cache_file: Path, n: int, say: Callable[[str], None]) -> Precomp
     except Exception as e:  # a truncated or foreign file: safetensors raises its own error type
         problem = f"it is unreadable: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
     if problem is None:
-        return Precomputed(tensors["chosen"], tensors["rejected"])
+        return Precomputed(tensors["chosen"], tensors["rejected"], tensors.get("scored"))
     say(f"reference cache {cache_file.name} is unusable ({problem}); computing it again")
     return None
 
@@ -196,40 +207,56 @@ def _read_cache(cache_file: Path, n: int, say: Callable[[str], None]) -> Precomp
 def precompute(model: torch.nn.Module, pairs: Sequence[TokenizedPair], *, cache_file: Path, pad_id: int,
                batch_size: int, prefix_sharing: bool | str, chunk_size: int, autocast=None,
                progress: bool = False, save: bool = True, say: Callable[[str], None] = print,
-               placement: Placement | None = None,
-               runner: Callable[[Any], SequenceLogps] | None = None) -> Precomputed:
-    """Reference log-probs for all pairs, loaded from `cache_file` when it exists and is plausible, else computed,
-    checked and saved.
+               placement: Placement | None = None, runner: Callable[[Any], SequenceLogps] | None = None,
+               positions: np.ndarray | None = None) -> Precomputed:
+    """Reference log-probs of the pairs at `positions` (all pairs when None): as many as `cache_file` holds
+    loaded from it (when it is plausible), the rest computed, checked and added to it.
 
-    Under several processes each scores its share of the pairs and the shares are gathered (scoring.score),
-    so every process ends with all of them; only the main process writes the cache (`save`)."""
+    The file holds full-length `chosen` and `rejected` vectors, with NaN where a pair is not scored yet, and
+    `scored` (uint8, 1 = computed): a run scores only the pairs its steps use, a later run that needs more
+    extends the same file. Under several processes each scores its share of the missing pairs and the shares
+    are gathered (scoring.score), so every process ends with all of them; only the main process writes (`save`).
+    """
     placement = placement or Placement()
-    cached = _read_cache(cache_file, len(pairs), say) if cache_file.is_file() else None
+    n = len(pairs)
+    cached = _read_cache(cache_file, n, say) if cache_file.is_file() else None
     # Every process must take the same branch: scoring is collective (the gather, and under sharding
     # every forward), and a run folder on node-local disks may hold the cache for some processes only.
-    if _everywhere(cached is not None, placement):
+    if not _everywhere(cached is not None, placement):
+        cached = None
+    if cached is None:
+        cached = Precomputed(torch.full((n,), float("nan")), torch.full((n,), float("nan")),
+                             torch.zeros(n, dtype=torch.bool))
+    want = torch.arange(n) if positions is None else torch.as_tensor(np.asarray(positions, dtype=np.int64))
+    missing = want[~cached.scored[want]]
+    if not len(missing):
         return cached
     from preftune.scoring import score
 
+    todo = missing.tolist()
+    subset = pairs.subset(todo) if hasattr(pairs, "subset") else [pairs[i] for i in todo]
     with without_adapters(model):
-        out = score(model, pairs, pad_id=pad_id, batch_size=batch_size, prefix_sharing=prefix_sharing,
+        out = score(model, subset, pad_id=pad_id, batch_size=batch_size, prefix_sharing=prefix_sharing,
                     chunk_size=chunk_size, autocast=autocast, progress=progress, desc="reference log-probs",
                     rank=placement.rank, world=placement.world, runner=runner, device=placement.device)
-    chosen, rejected = out.chosen_logps, out.rejected_logps
-    bad = [pairs[i].index for i in torch.nonzero(~(torch.isfinite(chosen) & torch.isfinite(rejected))).flatten()]
+    bad = [subset[i].index for i in torch.nonzero(~(torch.isfinite(out.chosen_logps) &
+                                                    torch.isfinite(out.rejected_logps))).flatten().tolist()]
     if bad:
         raise PreftuneError(f"the reference model gave non-finite log-probs for {len(bad)} pairs (e.g. examples "
                             f"{bad[:5]}); load it in float32 or bfloat16 (float16 overflows), or check the model.")
-    problem = cache_problem({"chosen": chosen, "rejected": rejected}, len(pairs))
+    chosen, rejected, scored = cached.chosen.clone(), cached.rejected.clone(), cached.scored.clone()
+    chosen[missing], rejected[missing] = out.chosen_logps, out.rejected_logps
+    scored[missing] = True
+    tensors = {"chosen": chosen, "rejected": rejected, "scored": scored.to(torch.uint8)}
+    problem = cache_problem(tensors, n)
     if problem is not None:  # a scoring pass that left values unset: a bug, never stored
-        raise RuntimeError(f"reference log-probs for {len(pairs)} pairs are impossible: {problem}")
-    if not save:  # another process of the same job writes it
-        return Precomputed(chosen, rejected)
-    cache_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache_file.with_name(".tmp-" + cache_file.name)  # the run folder removes `.tmp-*` after a failed save
-    save_file({"chosen": chosen, "rejected": rejected}, str(tmp))
-    tmp.replace(cache_file)
-    return Precomputed(chosen, rejected)
+        raise RuntimeError(f"reference log-probs for {n} pairs are impossible: {problem}")
+    if save:  # else another process of the same job writes it
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_file.with_name(".tmp-" + cache_file.name)  # the run folder removes `.tmp-*` after a failed save
+        save_file(tensors, str(tmp))
+        tmp.replace(cache_file)
+    return Precomputed(chosen, rejected, scored)
 
 
 @dataclass
@@ -278,7 +305,8 @@ def build_reference(cfg: Any, *, model: torch.nn.Module, model_path: str, needs_
                     splits: dict[str, Sequence[TokenizedPair] | None], cache_path: Callable[[str, str], Path],
                     pad_id: int, device: torch.device, forward: dict[str, Any], autocast=None,
                     is_main_process: bool = True, say: Callable[[str], None] = print,
-                    placement: Placement | None = None) -> ReferenceSetup:
+                    placement: Placement | None = None,
+                    used: dict[str, Callable[[], np.ndarray]] | None = None) -> ReferenceSetup:
     """Build the reference `cfg.reference` asks for (a TrainConfig's reference, reference_model, dtype,
     mixed_precision, eval_batch_size, batch_size, progress, ... are read).
 
@@ -287,6 +315,8 @@ def build_reference(cfg: Any, *, model: torch.nn.Module, model_path: str, needs_
     key)` names the precomputed cache file of a split; `forward` holds the forward options (prefix_sharing,
     chunk_size) the reference passes use; `placement` says how the launch split the work (one process when
     None). Under a sharded engine, call this after the policy was prepared (`placement.policy`).
+    `used[split]()` gives the positions the run will use (the sampler knows them up front); only those are
+    precomputed (all of a split without one).
     """
     placement = placement or Placement(device=device)
     strategy = choose_strategy(cfg.reference, needs_reference=needs_reference)
@@ -314,11 +344,14 @@ def build_reference(cfg: Any, *, model: torch.nn.Module, model_path: str, needs_
         if pairs is None:
             continue
         cache_file = cache_path(name, cache_key(ident, pairs, extra))
-        say(f"reference log-probs for {len(pairs):,} {name} pairs → {cache_file.parent.name}/{cache_file.name}")
+        positions = (used or {}).get(name)
+        positions = positions() if positions is not None else None
+        count = f"{len(pairs):,}" if positions is None else f"{len(positions):,} of {len(pairs):,}"
+        say(f"reference log-probs for {count} {name} pairs → {cache_file.parent.name}/{cache_file.name}")
         ref = precompute(source, pairs, cache_file=cache_file, pad_id=pad_id,
                          batch_size=cfg.eval_batch_size or 2 * cfg.batch_size, autocast=autocast,
                          progress=cfg.progress, save=is_main_process, say=say, placement=placement,
-                         runner=runner, **forward)
+                         runner=runner, positions=positions, **forward)
         setattr(setup, name, ref)
         if name == "train":
             setup.cache_file = cache_file

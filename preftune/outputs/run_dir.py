@@ -8,6 +8,7 @@ through here (or is wrapped by `RunDir.saving`).
       data_summary.txt     what was loaded, dropped, truncated (the lines `train` prints)
       metrics.jsonl        one JSON object per log step (outputs/metrics.py)
       reference_logps/     precomputed reference log-probs, keyed by model, token ids and precision
+      data_cache/          tokenized data (memory-mapped arrays), keyed by data, tokenizer and settings
       checkpoints/         step-NNNNNNN/ folders (outputs/checkpoint.py), each with a manifest (outputs/manifest.py)
       final/               the trained model (or adapters)
 
@@ -42,14 +43,15 @@ from preftune.outputs.lock import LOCK, RunLock
 MARK = ".preftune-run.json"
 TMP = ".tmp-"
 CACHE_DIR = "reference_logps"
+DATA_CACHE = "data_cache"
 CHECKPOINTS = "checkpoints"
-# What --overwrite replaces. reference_logps/ stays: its files are keyed by model, token ids and precision,
-# so a rerun can only ever reuse a matching one.
+# What --overwrite replaces. reference_logps/ and data_cache/ stay: their files are keyed by everything they
+# depend on, so a rerun can only ever reuse a matching one.
 # report/, eval.json and the trackers' folders are written by the run's callbacks (outputs/report.py,
 # evaluate.py, outputs/trackers.py).
 RUN_FILES = ("config.yaml", "metrics.jsonl", "final", CHECKPOINTS, "data_summary.txt", "report", "eval.json",
              "tensorboard", "wandb", "mlruns")
-OWNED = RUN_FILES + (CACHE_DIR,)  # the names the mark lists
+OWNED = RUN_FILES + (CACHE_DIR, DATA_CACHE)  # the names the mark lists
 _CHECKPOINT_NAME = re.compile(r"(\.tmp-)?step-\d+$")
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 
@@ -201,6 +203,10 @@ class RunDir:
     def final(self) -> Path:
         return self.path / "final"
 
+    @property
+    def data_cache(self) -> Path:
+        return self.path / DATA_CACHE
+
     def reference_cache(self, split: str, key: str) -> Path:
         path = self.path / CACHE_DIR / f"{split}-{key}.safetensors"
         for p in (path.parent, path, path.with_name(TMP + path.name)):
@@ -249,7 +255,7 @@ class RunDir:
         for name in names:
             if (self.path / name).is_symlink():
                 raise link_error(self.path / name)
-        for folder in (self.checkpoints, self.path / CACHE_DIR):
+        for folder in (self.checkpoints, self.path / CACHE_DIR, self.path / DATA_CACHE):
             if folder.is_dir():
                 for child in folder.iterdir():
                     if child.is_symlink():

@@ -27,7 +27,7 @@ GOOD = {"chosen": -torch.arange(1.0, N + 1), "rejected": -torch.arange(2.0, N + 
      "its rejected values are not all finite numbers"),
     ({"chosen": torch.tensor([-1.0, 0.5, -2, -3]), "rejected": GOOD["rejected"]},
      "it holds positive chosen log-probabilities"),
-    ({"chosen": GOOD["chosen"]}, "it holds ['chosen'] instead of chosen and rejected"),
+    ({"chosen": GOOD["chosen"]}, "it holds ['chosen'] instead of chosen, rejected (and scored)"),
     ({"chosen": GOOD["chosen"].long(), "rejected": GOOD["rejected"]}, "its chosen values are not all finite numbers"),
 ])
 def test_cache_problem(tensors, problem):

@@ -89,7 +89,7 @@ def test_overwrite_replaces_only_what_the_run_wrote(done_run, tiny_model_dir, pa
     assert not (out / "checkpoints").exists()  # the earlier run's checkpoints went with --overwrite
     assert res.final_dir.is_dir() and not (out / LOCK).exists()
     assert json.loads((out / MARK).read_text())["names"] == sorted(
-        ["checkpoints", "config.yaml", "data_summary.txt", "final", "metrics.jsonl", "reference_logps",
+        ["checkpoints", "config.yaml", "data_cache", "data_summary.txt", "final", "metrics.jsonl", "reference_logps",
          "report", "eval.json", "tensorboard", "wandb", "mlruns"])
 
 

@@ -1,0 +1,162 @@
+"""Tokenized data kept on disk (preftune.data.splits / cache / store): reused when nothing that shapes the ids
+changed, rebuilt when anything did; the stored pairs are the per-pair rule's; the held-out split is
+split_records'; a fresh run's entry is staged outside the (not yet existing) run folder and moved in."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import preftune.data.splits as splits
+from preftune.config import TrainConfig
+from preftune.data.cache import commit
+from preftune.data.examples import render_record
+from preftune.data.load import load_records, split_records
+from preftune.data.splits import keep_data_in, load_splits
+from preftune.data.tokenize import tokenize_records
+
+from .files import write_jsonl
+from .test_render import tiny_tokenizer
+
+ROWS = [{"prompt": f"what color {'is the sky ' * (i % 3)}", "chosen": " blue", "rejected": " green"} for i in range(6)]
+ROWS += [{"prompt": "hello there", "chosen": " the sky is blue", "rejected": " the sky is green"}] * 2
+ROWS += [{"prompt": f"hello {'there ' * i}", "chosen": " blue", "rejected": " the sky"} for i in range(1, 5)]
+
+
+def _cfg(path, **kw):
+    return TrainConfig(model="m", data=str(path), output_dir="unused", progress=False, **kw)
+
+
+@pytest.fixture
+def builds(monkeypatch):
+    """Counts cache entries built (as opposed to opened)."""
+    count = {"n": 0}
+    real = splits.build_entry
+
+    def counted(*a, **k):
+        count["n"] += 1
+        return real(*a, **k)
+
+    monkeypatch.setattr(splits, "build_entry", counted)
+    return count
+
+
+def test_reused_unless_something_that_shapes_the_ids_changes(tmp_path, builds):
+    """One build, then reuse for the same settings and for settings the ids do not depend on (learning rate, batch
+    size); a new entry for each key ingredient: an edited data file, a changed tokenizer (a chat template, an added
+    token), max lengths, a prompt template, the hold-out seed."""
+    path = write_jsonl(tmp_path / "d.jsonl", ROWS)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    tok = tiny_tokenizer()
+    first, _ = load_splits(_cfg(path), tok, "dpo", cache_dir=cache)
+    load_splits(_cfg(path, learning_rate=1e-3, batch_size=2), tok, "dpo", cache_dir=cache)
+    assert builds["n"] == 1 and len(list(cache.iterdir())) == 1
+
+    changes = [
+        lambda: (write_jsonl(tmp_path / "d.jsonl", ROWS[:-1] + [{**ROWS[-1], "chosen": " red"}]), _cfg(path), tok)[1:],
+        lambda: (_cfg(path), tiny_tokenizer(template="{{ messages }}")),
+        lambda: (_cfg(path), _with_token(tok)),
+        lambda: (_cfg(path, max_length=5, max_prompt_length=2), tok),
+        lambda: (_cfg(path, max_prompt_length=3), tok),
+        lambda: (_cfg(path, prompt_template="{prompt}!"), tok),
+        lambda: (_cfg(path, eval_fraction=0.25, seed=1), tok),
+        lambda: (_cfg(path, eval_fraction=0.25, seed=2), tok),
+    ]
+    for n, change in enumerate(changes, start=2):
+        cfg, t = change()
+        load_splits(cfg, t, "dpo", cache_dir=cache)
+        assert builds["n"] == n, n
+        load_splits(cfg, t, "dpo", cache_dir=cache)  # and that one is reused in turn
+        assert builds["n"] == n, n
+    assert len([p for p in cache.iterdir() if not p.name.startswith(".")]) == len(changes) + 1
+
+
+def _with_token(tok):
+    import copy
+
+    t = copy.deepcopy(tok)
+    t.add_tokens(["sky is"])
+    return t
+
+
+def test_stored_pairs_are_the_per_pair_rule(tmp_path, monkeypatch):
+    """Chunks of 3 records through the store give, pair by pair, exactly tokenize_records' ids and record indices
+    (max_length 5 / max_prompt_length 2 truncate and drop some), reopened from the cache too."""
+    import preftune.data.load as load
+
+    monkeypatch.setattr(load, "CHUNK_ROWS", 3)
+    path = write_jsonl(tmp_path / "d.jsonl", ROWS)
+    tok = tiny_tokenizer()
+    cfg = _cfg(path, max_length=5, max_prompt_length=2)
+    records = load_records(path).records
+    want, stats = tokenize_records(tok, [render_record(tok, r) for r in records], max_length=5, max_prompt_length=2)
+    assert stats.dropped_identical  # the hello-there pairs become identical: the check below covers dropping
+    (tmp_path / "c").mkdir()
+    for _ in range(2):  # built, then opened
+        train, held = load_splits(cfg, tok, "dpo", cache_dir=tmp_path / "c")
+        assert held is None and list(train.pairs) == want
+        assert train.pairs.index.tolist() == [p.index for p in want]
+        assert train.pairs.padded_lengths.tolist() == [p.padded_length for p in want]
+
+
+def test_held_out_split_is_split_records(tmp_path):
+    """Streaming holds out by each record's prompt rank; the groups are exactly split_records' (record order kept
+    on both sides), and the summary says how many records were held out."""
+    path = write_jsonl(tmp_path / "d.jsonl", ROWS)
+    tok = tiny_tokenizer()
+    records = load_records(path).records
+    for seed in (0, 1, 5):
+        train, held = load_splits(_cfg(path, eval_fraction=0.3, seed=seed), tok, "dpo")
+        want_train, want_held = split_records(records, 0.3, seed)
+        assert [records[i] for i in train.pairs.index.tolist()] == want_train
+        assert [records[i] for i in held.pairs.index.tolist()] == want_held
+        assert f"held out {len(want_held)} of {len(records)} for evaluation" in train.summary
+        assert held.summary.startswith("eval tokenized: ")
+
+
+def test_fresh_run_is_staged_then_moved_into_the_run_folder(tmp_path, monkeypatch):
+    """The run folder does not exist yet: the entry is built under TMPDIR, nothing is written where the run folder
+    will be, and keep_data_in moves it there; the pairs stay readable; the staging folder is gone."""
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    run = tmp_path / "run"
+    path = write_jsonl(tmp_path / "d.jsonl", ROWS)
+    train, _ = load_splits(_cfg(path), tiny_tokenizer(), "dpo", cache_dir=run / "data_cache")
+    assert not run.exists() and len(list((tmp_path / "tmp").iterdir())) == 1
+    before = list(train.pairs)
+    keep_data_in(train, run / "data_cache")
+    entries = list((run / "data_cache").iterdir())
+    assert [e.name for e in entries] == [train.entry.key] and (entries[0] / "meta.json").is_file()
+    assert list(train.pairs) == before and not list((tmp_path / "tmp").iterdir())
+
+
+def test_shared_cache_dir_serves_every_run(tmp_path, builds):
+    path = write_jsonl(tmp_path / "d.jsonl", ROWS)
+    shared = tmp_path / "shared"
+    for run in ("a", "b"):
+        load_splits(_cfg(path, data_cache_dir=str(shared)), tiny_tokenizer(), "dpo", cache_dir=tmp_path / run)
+    assert builds["n"] == 1 and not (tmp_path / "a").exists()
+    meta = json.loads(next(shared.glob("*/meta.json")).read_text())
+    assert meta["info"]["records"] == len(ROWS) and meta["ingredients"]["max_length"] == 1024
+
+
+def test_two_processes_committing_one_key_keep_one_entry(tmp_path):
+    """Both built the same entry; the second rename finds the first in place and drops its own copy."""
+    for name in ("one", "two"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "meta.json").write_text(name)
+    cache = tmp_path / "cache"
+    assert commit(tmp_path / "one", cache, "k") == commit(tmp_path / "two", cache, "k") == cache / "k"
+    assert (cache / "k" / "meta.json").read_text() == "one" and sorted(p.name for p in cache.iterdir()) == ["k"]
+
+
+def test_sft_split_and_store_layout(tmp_path):
+    """SFT pairs have one answer: rejected_ids is None and the store is [n, 2] lengths."""
+    path = write_jsonl(tmp_path / "s.jsonl", [{"prompt": "what color", "completion": " blue"}])
+    train, _ = load_splits(_cfg(path), tiny_tokenizer(None), "sft")
+    (pair,) = list(train.pairs)
+    assert pair.rejected_ids is None and train.pairs.lengths.shape == (1, 2)
+    assert np.array_equal(train.pairs.padded_lengths, [len(pair.prompt_ids) + len(pair.chosen_ids)])
