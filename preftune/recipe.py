@@ -21,14 +21,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import yaml
 
 from preftune.callbacks import Callback, CallbackList, ConsoleEval, ProgressBar, TrainState
 from preftune.config import TrainConfig, check_keys
 from preftune.data.collate import collate
-from preftune.data.sampler import micro_batches
-from preftune.data.splits import load_splits
+from preftune.data.sampler import micro_batches, used_positions
+from preftune.data.splits import keep_data_in, load_splits
 from preftune.device import cpu_threads, plan_forward
 from preftune.distributed import Engine, check_launch, rank_share, resolve_precision
 from preftune.errors import PreftuneError
@@ -176,7 +177,9 @@ class Recipe:
         self.cfg, note = cfg.fit_to_context(limit)
         if note:
             self.engine.print(note)
-        self.train_split, self.eval_split = load_splits(cfg, self.tokenizer, self.task)
+        # self.cfg, not cfg: the data is cut at the capped lengths
+        self.train_split, self.eval_split = load_splits(self.cfg, self.tokenizer, self.task,
+                                                        cache_dir=self.run_dir.data_cache)
         self.engine.print(self.train_split.summary)
 
     def _setup_model(self) -> tuple[torch.nn.Module, Any]:
@@ -184,8 +187,8 @@ class Recipe:
         cfg, engine = self.cfg, self.engine
         model = load_model(self.model_path, dtype=cfg.dtype, attn_implementation=cfg.attn_implementation,
                            trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle, say=engine.print)
-        check_vocabulary(model, self.tokenizer,
-                         self.train_split.pairs + (self.eval_split.pairs if self.eval_split else []))
+        check_vocabulary(model, self.tokenizer, self.train_split.pairs,
+                         *([self.eval_split.pairs] if self.eval_split else []))
         prepare_for_training(model, dropout=not cfg.disable_dropout, gradient_checkpointing=cfg.gradient_checkpointing)
         if not engine.sharded:  # FSDP2 and ZeRO-3 move each process's shard to its device themselves
             model.to(engine.device)
@@ -229,7 +232,7 @@ class Recipe:
             config=cfg, task=self.task, output_dir=self.run_dir.path, total_steps=total_steps,
             steps_per_epoch=steps_per_epoch, is_main_process=engine.is_main_process,
             num_processes=engine.num_processes, device=engine.device, model=model, tokenizer=self.tokenizer,
-            data_summary=self.train_split.summary)
+            data_summary=self.train_split.summary, data_info=dict(self.train_split.info))
         return model
 
     def _setup_reference(self, model: torch.nn.Module, plan: Any) -> None:
@@ -237,18 +240,22 @@ class Recipe:
         cfg, engine = self.cfg, self.engine
         placement = Placement(rank=engine.process_index, world=engine.num_processes, sharded=engine.sharded,
                               device=engine.device, policy=self.policy, wrap_frozen=engine.prepare_frozen)
+        def used() -> np.ndarray:  # the order is known up front: only the pairs the steps use are scored
+            return used_positions(self.train_split.pairs, self.state.total_steps, **self.batching)
+
         with self.run_dir.saving("the reference log-probs cache", "nothing else was changed"):
             self.reference = build_reference(
                 cfg, model=model, model_path=self.model_path, needs_reference=self.objective.needs_reference,
                 splits={"train": self.train_split.pairs, "eval": self.eval_split.pairs if self.eval_split else None},
                 cache_path=self.run_dir.reference_cache, pad_id=self.tokenizer.pad_token_id, device=engine.device,
                 forward=plan.reference_kwargs(), autocast=engine.autocast, is_main_process=engine.is_main_process,
-                say=engine.print, placement=placement)
+                say=engine.print, placement=placement, used={"train": used})
 
     def _create_run_folder(self, clear: bool) -> None:
         self.run_dir.create(clear=clear, say=self.engine.print)
         self.run_dir.write_text(self.run_dir.config, yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
         self.run_dir.write_text(self.run_dir.data_summary, self.train_split.summary + "\n")
+        keep_data_in(self.train_split, self.run_dir.data_cache)  # a fresh run's data was staged in TMPDIR
 
     def resume(self, checkpoint: Path) -> None:
         state = load_checkpoint(checkpoint, model=self.policy, optimizer=self.optimizer, scheduler=self.scheduler)

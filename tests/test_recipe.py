@@ -222,13 +222,20 @@ def test_lr_schedule_equals_transformers(kind, theirs, warmup, total):
     assert ours == pytest.approx(ref, abs=1e-12)
 
 
-def test_max_length_is_capped_at_the_models_positions(tiny_model_dir, pairs_file, tmp_path, capsys):
-    """The tiny model has 256 positions: max_length 1024 / max_prompt_length 512 become 256 / 128, said once."""
+def test_max_length_is_capped_at_the_models_positions(tiny_model_dir, tmp_path, capsys):
+    """The tiny model has 256 positions: max_length 1024 / max_prompt_length 512 become 256 / 128, said once,
+    and the data is cut at the capped lengths: one prompt of 100 "ok" (3 tokens each in the tiny vocabulary, so
+    300+) is longer than 128 tokens but shorter than 512: it is truncated only if the cap reached the tokenizer."""
     import yaml
+    from helpers import make_pairs, write_jsonl
 
-    res = train(_cfg(tiny_model_dir, pairs_file, tmp_path / "run", max_steps=1, max_length=1024, max_prompt_length=512))
+    rows = make_pairs(8, seed=4)
+    rows[0]["prompt"] = "question: " + " ".join(["ok"] * 100) + " answer:"
+    data = write_jsonl(tmp_path / "long.jsonl", rows)
+    res = train(_cfg(tiny_model_dir, data, tmp_path / "run", max_steps=1, max_length=1024, max_prompt_length=512))
     out = capsys.readouterr().out
     assert out.count("max_length 1024 is more than the model's 256 positions: capped it to 256 and "
                      "max_prompt_length 512 to 128") == 1
     saved = yaml.safe_load((res.output_dir / "config.yaml").read_text())
     assert (saved["max_length"], saved["max_prompt_length"]) == (256, 128)
+    assert "1 prompts truncated (left)" in (res.output_dir / "data_summary.txt").read_text()
