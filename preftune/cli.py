@@ -293,6 +293,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("preftune: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if "torch" in sys.modules:  # no process group without torch, and `--help` need not import it
+            from preftune.distributed import shutdown
+
+            shutdown()
 
 
 if __name__ == "__main__":

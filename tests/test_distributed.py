@@ -62,8 +62,9 @@ def _torchrun(script: Path, model: Path, data: Path, out: Path, env: dict, **kw)
     cmd = [str(TORCHRUN if TORCHRUN.exists() else "torchrun"), "--standalone", "--nproc_per_node", "2",
            str(script), "train", "--model", str(model), "--data", str(data), "--output-dir", str(out),
            *_flags({**ARGS, **kw})]
-    return subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1", **env}, capture_output=True,
-                          text=True, timeout=300)
+    # PYTHONFAULTHANDLER: a process that dies of a signal prints every thread's Python stack in stderr
+    return subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1", **env},
+                          capture_output=True, text=True, timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -87,8 +88,12 @@ def _same_run(a: Path, b: Path) -> None:
     for x, y in zip(ra, rb):  # logged figures cover the global batch, not rank 0's half
         # At step 1 policy == reference: margins are float noise around 0, so accuracy there is a coin toss.
         keys = ("loss", "rewards/chosen", "kl", "logps/chosen") + (("rewards/accuracies",) if x["step"] > 1 else ())
+        # grad_norm is the clipped-before norm of the global batch's mean gradient: a scale error in how the
+        # processes' gradients are averaged (AdamW hides it in the weights) shows here.
         for key in keys:
             assert x[key] == pytest.approx(y[key], abs=1e-5), (x["step"], x["split"], key)
+        if x["split"] == "train":
+            assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-4), x["step"]
     wa = load_file(str(a / "final" / "model.safetensors"))
     wb = load_file(str(b / "final" / "model.safetensors"))
     assert wa.keys() == wb.keys()
@@ -98,8 +103,11 @@ def _same_run(a: Path, b: Path) -> None:
 
 @needs_torchrun
 def test_ddp_two_processes_equal_one_process(tiny_model_dir, pairs_file, one_process, script, tmp_path):
-    res = _torchrun(script, tiny_model_dir, pairs_file, tmp_path / "ddp", {}, batch_size=8)
+    # With a shared data cache, rank 0 tokenizes first and rank 1 reads its entry (Engine.local_main_first).
+    res = _torchrun(script, tiny_model_dir, pairs_file, tmp_path / "ddp", {}, batch_size=8,
+                    data_cache_dir=tmp_path / "cache")
     assert res.returncode == 0, res.stderr[-3000:]
+    assert [p.name.startswith(".tmp") for p in (tmp_path / "cache").iterdir()] == [False]  # one entry, no leftovers
     assert res.stdout.count("done: 3 steps") == 1  # one summary line per job
     assert "engine: DDP over 2 processes; global batch 16 = 8 per device × 2 processes × 1" in res.stdout
     _same_run(one_process, tmp_path / "ddp")
