@@ -2,11 +2,10 @@
 
 Read top to bottom, a run is: setup (config → run folder checks → data → model → run folder → reference →
 optimizer and schedule → resume) → the step loop (micro-batches, loss, backward, clip, step, log, evaluate,
-checkpoint) → save (final/) → the end. Each concern lives in one room and this file only calls it:
-what the task's loss, normaliser and metrics are (objectives.py), where reference log-probs come from
-(modeling/reference.py), every path the run writes (outputs/run_dir.py), the batch order
-(data/sampler.py), the forward paths (logprobs.py). Events go to callbacks (callbacks.py): the progress
-bar, the console, benchmarks, trackers and reports listen there.
+checkpoint) → save (final/) → the end. Each concern lives in one room; this file calls it: the task's loss,
+normaliser and metrics (objectives.py), reference log-probs (modeling/reference.py), every path the run writes
+(outputs/run_dir.py), the batch order (data/sampler.py), the forward paths (logprobs.py). Events go to
+callbacks (callbacks.py): the progress bar, the console, benchmarks, trackers and reports listen there.
 
 Assumptions: a causal LM from transformers; one process, or several launched by `accelerate launch` /
 torchrun, each taking its share of every global batch; dropout off unless asked for.
@@ -119,9 +118,10 @@ class Recipe:
             with StopRequest() as stop:
                 self.train_loop(stop)
             if not self.state.interrupted:
-                self.evaluate(final=True)
+                self.evaluate()
                 self.save()
             self.callbacks.on_train_end(self.state)
+            self.engine.barrier()  # no process leaves (and tears down its process group) while another still writes
         finally:  # however the run ends, the folder is free for the next one
             if getattr(self, "run_dir", None) is not None:
                 self.run_dir.release()
@@ -145,7 +145,7 @@ class Recipe:
         self.accelerator = engine.accelerator
         self.cfg = cfg = dataclasses.replace(cfg, mixed_precision=precision)
         launch = engine.launch(cfg.batch_size, cfg.gradient_accumulation_steps)
-        # verified against its manifest (the newest intact one for --resume), hashed on the main process only
+        # checked against its manifest (the newest intact one for --resume) by the main process
         checkpoint = engine.main_first(lambda: pick_checkpoint(self.run_dir.path, cfg.resume, engine.print))
         if checkpoint is not None:
             check_launch(checkpoint, launch)
@@ -157,8 +157,7 @@ class Recipe:
         if checkpoint is not None:
             check_resume(checkpoint, self.identity, force=cfg.resume_force, say=engine.print, launch=launch)
         model, plan = self._setup_model()
-        # The run folder is written only now that data, tokenizer and model have all loaded; the main process
-        # locks it (a refusal there stops every process).
+        # The run folder is written only once everything loaded; the main process locks it (a refusal stops all).
         fresh = checkpoint is None and (cfg.overwrite or cfg.resume == "auto")  # auto: a requeued job's first try
         engine.main_first(lambda: self._create_run_folder(clear=fresh))
         self.metrics = MetricsWriter(self.run_dir.metrics)
@@ -177,9 +176,10 @@ class Recipe:
         self.cfg, note = cfg.fit_to_context(limit)
         if note:
             self.engine.print(note)
-        # self.cfg, not cfg: the data is cut at the capped lengths
-        self.train_split, self.eval_split = load_splits(self.cfg, self.tokenizer, self.task,
-                                                        cache_dir=self.run_dir.data_cache)
+        # Where a cache all processes can read exists, one process per machine tokenizes; the others read it.
+        with self.engine.local_main_first(bool(cfg.data_cache_dir) or self.run_dir.data_cache.is_dir()):
+            self.train_split, self.eval_split = load_splits(self.cfg, self.tokenizer, self.task,  # capped lengths
+                                                            cache_dir=self.run_dir.data_cache)
         self.engine.print(self.train_split.summary)
 
     def _setup_model(self) -> tuple[torch.nn.Module, Any]:
@@ -381,7 +381,7 @@ class Recipe:
             row["skipped_steps"] = self.skipped
         self.state.train_metrics = self._log("train", row)
 
-    def evaluate(self, final: bool = False) -> dict[str, Any]:
+    def evaluate(self) -> dict[str, Any]:
         """Loss and metrics on the held-out split, every process scoring its share; {} without eval data."""
         if self.eval_split is None:
             return {}

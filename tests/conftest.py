@@ -24,6 +24,20 @@ if os.environ.get("MUTANT_UNDER_TEST") == "stats":  # `make mutate` is collectin
     install()
 
 
+def pytest_configure(config) -> None:
+    config.addinivalue_line("markers", "report: this test needs the run report that train() writes at the end")
+
+
+@pytest.fixture(autouse=True)
+def _no_end_of_run_report(request, monkeypatch) -> None:
+    """Drawing the run report (matplotlib, 8 PNGs) costs ~0.65 s, four times a whole tiny run: only tests
+    marked `report` get it from train(); the report itself is tested by tests/outputs/test_report.py, which is."""
+    if request.node.get_closest_marker("report") is None:
+        from preftune.outputs.report import ReportCallback
+
+        monkeypatch.setattr(ReportCallback, "on_train_end", lambda self, state: None)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny_model"))

@@ -186,8 +186,6 @@ def test_corrupt_checkpoint_without_intact_one(tmp_path, tiny_model_dir, pairs_f
             "no intact checkpoint", "scheduler.pt has 100 bytes instead of")
 
 
-@pytest.mark.xfail(reason="data layer (issue 13, for the data owner): a lone UTF-16 surrogate escape reaches the "
-                          "tokenizer as a TypeError; the fix is in notes/runfolder.md", strict=False)
 def test_lone_surrogate_in_json_string(tmp_path, tiny_model_dir, capsys):
     data = _jsonl(tmp_path / "d.jsonl", [GOOD, b'{"prompt": "a \\ud800 b", "chosen": " yes", "rejected": " no"}'])
     _expect(capsys, _train_cli(tiny_model_dir, data, tmp_path / "o"), "line 2", "surrogate")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import time
 
 import pytest
 
@@ -164,19 +163,3 @@ def test_file_level_errors(tmp_path):
         load_records(tmp_path / "header.csv")
     with pytest.raises(PreftuneError, match="unknown data kind"):
         load_records(tmp_path / "header.csv", kind="rm")
-
-
-def test_100k_rows_load_fast(tmp_path):
-    """The same loader runs before every training run; 100k rows must not cost more than a few seconds."""
-    path = tmp_path / "big.jsonl"
-    row = {
-        "prompt": "Question number {} about something?",
-        "chosen": "A helpful answer " * 8,
-        "rejected": "Nope " * 8,
-    }
-    path.write_text("\n".join(json.dumps({**row, "prompt": row["prompt"].format(i)}) for i in range(100_000)))
-    start = time.perf_counter()
-    data = load_records(path)
-    elapsed = time.perf_counter() - start
-    assert len(data.records) == 100_000
-    assert elapsed < 5.0, elapsed

@@ -14,6 +14,8 @@ import pytest
 from preftune.cli import main
 from preftune.outputs.report import ReportCallback, find_problems, write_report
 
+pytestmark = pytest.mark.report  # these tests read the report train() writes
+
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
