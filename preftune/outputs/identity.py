@@ -26,6 +26,7 @@ MAY_CHANGE = frozenset({
     "eval_data", "progress", "resume", "resume_force", "overwrite", "output_dir", "model", "data",
     "reference_model", "skip_invalid", "trust_remote_code", "allow_pickle", "attn_implementation",
     "gradient_checkpointing", "prefix_sharing", "logits_chunk_size", "on_nonfinite", "merge_lora",
+    "data_cache_dir",  # where the tokenized data is kept; the data itself is compared by its token ids
     # trackers and upload (issue 14's keys): what happens to the results, not how they are computed
     "report_to", "push_to_hub", "hub_private",
     # the global batch (per device × processes × accumulation) is what defines the steps; `check_resume` compares

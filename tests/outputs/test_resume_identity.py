@@ -86,9 +86,10 @@ def test_moved_model_folder_is_the_same_model(run, tiny_model_dir, pairs_file, t
     assert [r["step"] for r in read_metrics(res.output_dir)] == [1, 2, 3]
 
 
-def test_allowed_changes_resume(run, tiny_model_dir, pairs_file, capsys):
+def test_allowed_changes_resume(run, tiny_model_dir, pairs_file, capsys, tmp_path):
     res = train(_cfg(tiny_model_dir, pairs_file, run, resume=True, max_steps=4, save_steps=2, logging_steps=2,
-                     save_total_limit=1, prefix_sharing=False, logits_chunk_size=0, eval_batch_size=3))
+                     save_total_limit=1, prefix_sharing=False, logits_chunk_size=0, eval_batch_size=3,
+                     data_cache_dir=str(tmp_path / "shared_cache")))
     assert "resumed from" in capsys.readouterr().out
     assert [r["step"] for r in read_metrics(res.output_dir)] == [1, 2, 4]
 
