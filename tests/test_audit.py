@@ -210,23 +210,20 @@ def test_model_margins_from_score_pairs(data_file, monkeypatch):
     assert not any("too easy" in w or "noisy" in w for w in r["warnings"])
 
 
+def _tiny_llama(tok) -> LlamaForCausalLM:
+    """A one-layer random Llama (seed 0) over the word-level tokenizer's vocabulary."""
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32))
+
+
 def test_real_model_margin_matches_a_plain_forward(tmp_path):
     """With the lead's score_pairs on a tiny random Llama, the reported margin of the single pair equals
     sum log p(chosen tokens) - sum log p(rejected tokens) from one plain forward each. The ids come from the
     word-level tokenizer alone (whitespace-split words, so prompt + answer encodes as the two encodings
     joined), plus EOS after each answer, not from preftune's tokenization."""
     tok = word_tokenizer()
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=32,
-    )
-    model = LlamaForCausalLM(cfg).eval()
+    model = _tiny_llama(tok).eval()
     path = tmp_path / "one.jsonl"
     path.write_text(json.dumps(TOKEN_RECORDS[0]))
     r = audit(path, tokenizer=tok, model=model, max_length=16, max_prompt_length=8)
@@ -275,17 +272,7 @@ def test_cli_inspect_writes_json_png_html(data_file, tmp_path, capsys):
     assert "data:image/png;base64," in (tmp_path / "r.html").read_text()
 
     tok = word_tokenizer()
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=32,
-    )
-    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "model")
+    _tiny_llama(tok).save_pretrained(tmp_path / "model")
     tok.save_pretrained(tmp_path / "model")
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text("\n".join(json.dumps(r) for r in TOKEN_RECORDS))
