@@ -7,8 +7,7 @@ normaliser and metrics (objectives.py), reference log-probs (modeling/reference.
 (outputs/run_dir.py), the batch order (data/sampler.py), the forward paths (logprobs.py). Events go to
 callbacks (callbacks.py): the progress bar, the console, benchmarks, trackers and reports listen there.
 
-Assumptions: a causal LM from transformers; one process, or several launched by `accelerate launch` /
-torchrun, each taking its share of every global batch; dropout off unless asked for.
+Assumptions: a causal LM from transformers; one or more processes (accelerate, torchrun); dropout if asked.
 """
 
 from __future__ import annotations
@@ -282,10 +281,11 @@ class Recipe:
             if done % cfg.logging_steps == 0 or done == st.total_steps:
                 self.log_train(window, step)
                 window = Window()
-            if cfg.eval_steps and done % cfg.eval_steps == 0 and done < st.total_steps:
-                self.evaluate()
-            if (cfg.save_steps and done % cfg.save_steps == 0) or stop.signal is not None:
-                self.save_checkpoint()
+            with window.paused():  # evaluations and checkpoints are not training time (pairs_per_s)
+                if cfg.eval_steps and done % cfg.eval_steps == 0 and done < st.total_steps:
+                    self.evaluate()
+                if (cfg.save_steps and done % cfg.save_steps == 0) or stop.signal is not None:
+                    self.save_checkpoint()
             if stop.signal is not None:
                 st.interrupted = True
                 self.accelerator.print(f"stopped by signal {stop.signal} after step {done}; checkpoint saved; "

@@ -3,9 +3,11 @@ with `step` and `split`)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +47,15 @@ class Window:
 
     def seconds(self) -> float:
         return max(time.perf_counter() - self.t0, 1e-9)
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """A block whose time does not count as the window's (an evaluation, a checkpoint)."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.t0 += time.perf_counter() - start
 
 
 def zeroed(sums: dict[str, Any]) -> dict[str, Any]:
