@@ -6,6 +6,8 @@ and model code shipped in the folder never runs unless `trust_remote_code`.
 
 from __future__ import annotations
 
+import contextlib
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -147,6 +149,15 @@ def disable_dropout(model: torch.nn.Module) -> None:
             setattr(cfg, key, 0.0)
 
 
+@contextlib.contextmanager
+def _peft_quietly():
+    # peft reads transformers' deprecated `is_gradient_checkpointing` alias when it wraps a model: a FutureWarning
+    # about peft's code, not the user's, printed on every `preftune generate/eval` of an adapter folder.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
+
+
 def add_lora(model: torch.nn.Module, *, r: int, alpha: int, dropout: float, target_modules) -> torch.nn.Module:
     from peft import LoraConfig, get_peft_model
 
@@ -155,7 +166,8 @@ def add_lora(model: torch.nn.Module, *, r: int, alpha: int, dropout: float, targ
         targets = [t.strip() for t in targets.split(",") if t.strip()]
     cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM")
     try:
-        return get_peft_model(model, cfg)
+        with _peft_quietly():
+            return get_peft_model(model, cfg)
     except ValueError as e:
         raise PreftuneError(f"could not add LoRA adapters ({str(e).splitlines()[0]}); "
                             "check lora_target_modules against the model's module names.") from None
@@ -226,7 +238,8 @@ def load_adapter_model(name: str, *, base_model: str | None = None, dtype: str =
     base = load_model(base_name, dtype=dtype, attn_implementation=attn_implementation,
                       trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
     try:
-        return PeftModel.from_pretrained(base, str(Path(name).expanduser()), is_trainable=False)
+        with _peft_quietly():
+            return PeftModel.from_pretrained(base, str(Path(name).expanduser()), is_trainable=False)
     except (OSError, ValueError, RuntimeError) as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise PreftuneError(f"could not load the LoRA adapter in {name} onto {base_name} ({first}).") from None
