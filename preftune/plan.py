@@ -240,19 +240,20 @@ def _gb(x: float) -> str:
 def report(shape: Shape, *, gpus: int, gpu_memory: float, lora: bool, batch_size: int, seq_len: int,
            lora_r: int) -> str:
     """The printed plan: both full fine-tuning and LoRA at `gpus` GPUs, then the smallest setup that fits."""
-    lines = [f"{shape.name}: {shape.params / 1e9:.2f}B parameters ({shape.layers} layers, hidden {shape.hidden}, "
+    size = f"{shape.params / 1e9:.2f}B" if shape.params >= 1e8 else f"{shape.params / 1e6:.1f}M"
+    lines = [f"{shape.name}: {size} parameters ({shape.layers} layers, hidden {shape.hidden}, "
              f"vocab {shape.vocab}); LoRA r={lora_r} on all linear layers: {shape.lora_params / 1e6:.1f}M trainable",
              f"per GPU, GB; micro-batch {batch_size} pairs × seq_len {seq_len}; bf16 mixed precision; "
              f"+{OVERHEAD / GB:.0f} GB CUDA overhead; a GPU of {gpu_memory / GB:.0f} GB fits up to "
              f"{gpu_memory * HEADROOM / GB:.0f}"]
-    header = f"  {'setup':32} {'weights':>7} {'grads':>7} {'optim':>7} {'working':>7} {'activ.':>7} {'total':>7}  fits"
+    header = f"  {'setup':36} {'weights':>7} {'grads':>7} {'optim':>7} {'working':>7} {'activ.':>7} {'total':>7}  fits"
     for mode in (False, True):
         lines += ["", ("LoRA" if mode else "full fine-tuning") + f" on {gpus} GPU{'s' if gpus > 1 else ''}:", header]
         for setup in candidates(gpus, mode):
             est = estimate(shape, setup, batch_size=batch_size, seq_len=seq_len)
             fits = "yes" if est.total <= gpu_memory * HEADROOM else "no"
             host = f"  (+{est.host / GB:.0f} GB host RAM per node)" if est.host else ""
-            lines.append(f"  {setup.label:32} {_gb(est.weights)} {_gb(est.grads)} {_gb(est.optimizer)} "
+            lines.append(f"  {setup.label:36} {_gb(est.weights)} {_gb(est.grads)} {_gb(est.optimizer)} "
                          f"{_gb(est.working)} {_gb(est.activations)} {_gb(est.total)}  {fits}{host}")
     what = "LoRA" if lora else "full fine-tuning"
     lines.append("")

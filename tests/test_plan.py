@@ -79,7 +79,7 @@ def test_cli_prints_a_plan_and_refuses_a_missing_model(config_dir, capsys):
 
     assert main(["plan", "--model", str(config_dir), "--gpus", "2", "--gpu-memory", "24GB"]) == 0
     out = capsys.readouterr().out
-    assert "0.00B parameters" in out and "FSDP2 ×2 + act. ckpt" in out
+    assert "0.1M parameters" in out and "FSDP2 ×2 + act. ckpt" in out
     assert "smallest setup for full fine-tuning: 1 GPU" in out
     assert main(["plan", "--model", str(config_dir / "nope")]) == 2
     assert "could not read a model config" in capsys.readouterr().err
