@@ -184,7 +184,8 @@ class Engine:
 
     def local_main_first(self, active: bool = True) -> contextlib.AbstractContextManager:
         """A block each machine's main process runs before its other processes (who then find, say, the
-        tokenized data it cached); a plain block in a one-process run or when not `active`."""
+        tokenized data it cached); a plain block in a one-process run or when not `active`. Collective: every
+        process must pass the same `active` (accelerate's barrier is global)."""
         if self.num_processes == 1 or not active:
             return contextlib.nullcontext()
         return self.accelerator.local_main_process_first()

@@ -175,8 +175,8 @@ class Recipe:
         self.cfg, note = cfg.fit_to_context(limit)
         if note:
             self.engine.print(note)
-        # Where a cache all processes can read exists, one process per machine tokenizes; the others read it.
-        with self.engine.local_main_first(bool(cfg.data_cache_dir) or self.run_dir.data_cache.is_dir()):
+        # A shared cache: one process per machine tokenizes, the others read (a setting: the same on every process)
+        with self.engine.local_main_first(bool(cfg.data_cache_dir)):
             self.train_split, self.eval_split = load_splits(self.cfg, self.tokenizer, self.task,  # capped lengths
                                                             cache_dir=self.run_dir.data_cache)
         self.engine.print(self.train_split.summary)
