@@ -56,13 +56,32 @@ def _digest(record: dict, parts: tuple[str, ...]) -> bytes:
 def build_source(source: Any, folder: Path, *, tokenizer: Any, encoder: BatchEncoder, load_kwargs: dict,
                  rank_seed: int | None = None, progress: bool = False, desc: str = "tokenizing") -> Built:
     """Validate and tokenize `source` into a store in `folder`; raises what `load_records` raises."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from tqdm.auto import tqdm
 
     stream = RecordStream(source, **load_kwargs)
     writer: StoreWriter | None = None
     position, flags, eos, dup, ranks = [], [], [], bytearray(), bytearray()
     samples: dict[int, tuple[dict, tuple[str, ...], str]] = {}
-    with tqdm(total=_expected_rows(stream), desc=desc, unit="pair", disable=not progress, leave=False) as bar:
+
+    def store(chunk: Any, texts: list[tuple[str, ...]], enc: Any) -> None:
+        nonlocal writer
+        if writer is None:
+            writer = StoreWriter(folder, vocab_size=len(tokenizer), width=len(texts[0]))
+        where = np.full(len(chunk.records), -1, dtype=np.int64)
+        where[enc.kept] = writer.add(enc, chunk.start)
+        position.append(where)
+        flags.append(enc.flags)
+        eos.append(enc.eos)
+        for i in enc.kept[:max(0, SAMPLES - len(samples))].tolist():
+            samples[chunk.start + i] = (chunk.records[i], texts[i], chunk.origins[i])
+
+    # One chunk is tokenized in a worker thread (the Rust batch call releases the GIL) while this thread reads,
+    # validates and renders the next one and stores the one before: chunks keep their order.
+    pending = None
+    with ThreadPoolExecutor(1) as worker, \
+            tqdm(total=_expected_rows(stream), desc=desc, unit="pair", disable=not progress, leave=False) as bar:
         for chunk in stream:
             n = len(chunk.records)
             if stream.failed:  # the load will raise at the end: only validate the rest
@@ -73,17 +92,13 @@ def build_source(source: Any, folder: Path, *, tokenizer: Any, encoder: BatchEnc
             if rank_seed is not None:
                 ranks += b"".join(group_rank(value_key(r["prompt"]), rank_seed) for r in chunk.records)
             texts = [render_record(tokenizer, r) for r in chunk.records]
-            enc = encoder(texts)
-            if writer is None:
-                writer = StoreWriter(folder, vocab_size=len(tokenizer), width=len(texts[0]))
-            where = np.full(n, -1, dtype=np.int64)
-            where[enc.kept] = writer.add(enc, chunk.start)
-            position.append(where)
-            flags.append(enc.flags)
-            eos.append(enc.eos)
-            for i in enc.kept[:max(0, SAMPLES - len(samples))].tolist():
-                samples[chunk.start + i] = (chunk.records[i], texts[i], chunk.origins[i])
+            job = (chunk, texts, worker.submit(encoder, texts))
+            if pending is not None:
+                store(pending[0], pending[1], pending[2].result())
+            pending = job
             bar.update(n)
+        if pending is not None:
+            store(pending[0], pending[1], pending[2].result())
     loaded = stream.finish()
     if writer is None:  # no record at all (finish() raises before this for a real source)
         writer = StoreWriter(folder, vocab_size=len(tokenizer), width=3 if loaded.kind == "preference" else 2)

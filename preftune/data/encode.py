@@ -91,6 +91,16 @@ def common_prefix(a: np.ndarray, a_start: np.ndarray, a_len: np.ndarray, b: np.n
     return out
 
 
+
+def ids_batch(backend: Any, texts: list[str], add_special: bool) -> list[list[int]]:
+    """The token ids of each text from one Rust batch call. `encode_batch_fast` (tokenizers >= 0.20) gives the
+    same ids without computing character offsets, ~25% less work on short texts; offsets are needed only where
+    prefix reuse looks for its restart point."""
+    fast = getattr(backend, "encode_batch_fast", None)
+    encodings = fast(texts, add_special_tokens=add_special) if fast else backend.encode_batch(
+        texts, add_special_tokens=add_special)
+    return [e.ids for e in encodings]
+
 class BatchEncoder:
     """The per-pair rule of `preftune.data.tokenize` over chunks of (prompt, answer[, answer]) texts."""
 
@@ -110,7 +120,7 @@ class BatchEncoder:
     # --- encodings as the per-pair rule defines them
     def _encode_raw(self, texts: list[str], add_special: bool) -> list[list[int]]:
         if self.backend is not None:
-            return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=add_special)]
+            return ids_batch(self.backend, texts, add_special)
         return [list(self.tokenizer(t, add_special_tokens=add_special)["input_ids"]) for t in texts]
 
     def encode(self, texts: list[str]) -> list[list[int]]:
@@ -333,8 +343,8 @@ class PrefixReuse:
             tail: list[list[int]] = [[] for _ in prompts]
             if fast:
                 texts = [prompts[i][cut_at[i]:] + answers[i][j] for i in fast]
-                for i, e in zip(fast, self.backend.encode_batch(texts, add_special_tokens=False)):
-                    tail[i] = e.ids
+                for i, ids in zip(fast, ids_batch(self.backend, texts, False)):
+                    tail[i] = ids
             if slow:
                 for i, ids in zip(slow, enc.encode([prompts[i] + answers[i][j] for i in slow])):
                     tail[i] = ids

@@ -162,7 +162,7 @@ class RecordStream:
     def __init__(self, source: str | Path | Sequence[str | Path], *, kind: str = "preference", format: str = "auto",
                  prompt_field: str = "prompt", chosen_field: str = "chosen", rejected_field: str = "rejected",
                  completion_field: str = "completion", prompt_template: str | None = None,
-                 skip_invalid: bool = False, split: str = "train", chunk_rows: int = CHUNK_ROWS):
+                 skip_invalid: bool = False, split: str = "train", chunk_rows: int | None = None):
         if kind not in ("preference", "sft"):
             raise PreftuneError(f"unknown data kind {kind!r}; use 'preference' or 'sft'")
         allowed = PREFERENCE_FORMATS if kind == "preference" else SFT_FORMATS
@@ -173,8 +173,9 @@ class RecordStream:
             raise PreftuneError(
                 f"unknown data format {format!r} for {kind} data; use 'auto' or one of {', '.join(allowed)}"
             )
+        # None: this module's CHUNK_ROWS, read now (so a test can make chunks small for every stream)
         self.kind, self.format, self.skip_invalid, self.split, self.chunk_rows = (kind, format, skip_invalid,
-                                                                                  split, chunk_rows)
+                                                                                  split, chunk_rows or CHUNK_ROWS)
         self.names = {"prompt": prompt_field, "chosen": chosen_field, "rejected": rejected_field,
                       "completion": completion_field}
         self.template = PromptTemplate.parse(prompt_template) if prompt_template is not None else None

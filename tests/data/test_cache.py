@@ -25,6 +25,19 @@ ROWS += [{"prompt": "hello there", "chosen": " the sky is blue", "rejected": " t
 ROWS += [{"prompt": f"hello {'there ' * i}", "chosen": " blue", "rejected": " the sky"} for i in range(1, 5)]
 
 
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Chunks of 3 records: detection votes on 3 rows (it otherwise reads up to 1,000 before the first chunk),
+    then the reader hands on 3 rows at a time."""
+    import preftune.data.layouts as layouts
+    import preftune.data.load as load
+    import preftune.data.validate as validate
+
+    monkeypatch.setattr(load, "CHUNK_ROWS", 3)
+    monkeypatch.setattr(layouts, "VOTERS", 3)
+    monkeypatch.setattr(validate, "VOTERS", 3)
+
+
 def _cfg(path, **kw):
     return TrainConfig(model="m", data=str(path), output_dir="unused", progress=False, **kw)
 
@@ -82,24 +95,28 @@ def _with_token(tok):
     return t
 
 
-def test_stored_pairs_are_the_per_pair_rule(tmp_path, monkeypatch):
+def test_stored_pairs_are_the_per_pair_rule(tmp_path, small_chunks, monkeypatch):
     """Chunks of 3 records through the store give, pair by pair, exactly tokenize_records' ids and record indices
     (max_length 5 / max_prompt_length 2 truncate and drop some), reopened from the cache too."""
-    import preftune.data.load as load
+    import preftune.data.encode as encode
 
-    monkeypatch.setattr(load, "CHUNK_ROWS", 3)
+    sizes = []
+    real = encode.BatchEncoder.__call__
+    monkeypatch.setattr(encode.BatchEncoder, "__call__", lambda self, texts: sizes.append(len(texts)) or real(self, texts))
     path = write_jsonl(tmp_path / "d.jsonl", ROWS)
     tok = tiny_tokenizer()
     cfg = _cfg(path, max_length=5, max_prompt_length=2)
     records = load_records(path).records
     want, stats = tokenize_records(tok, [render_record(tok, r) for r in records], max_length=5, max_prompt_length=2)
     assert stats.dropped_identical  # the hello-there pairs become identical: the check below covers dropping
+    sizes.clear()  # tokenize_records above used the encoder too
     (tmp_path / "c").mkdir()
     for _ in range(2):  # built, then opened
         train, held = load_splits(cfg, tok, "dpo", cache_dir=tmp_path / "c")
         assert held is None and list(train.pairs) == want
         assert train.pairs.index.tolist() == [p.index for p in want]
         assert train.pairs.padded_lengths.tolist() == [p.padded_length for p in want]
+    assert sizes == [3, 3, 3, 3]  # built once, in chunks of 3 (12 rows)
 
 
 def test_held_out_split_is_split_records(tmp_path):
@@ -160,3 +177,25 @@ def test_sft_split_and_store_layout(tmp_path):
     (pair,) = list(train.pairs)
     assert pair.rejected_ids is None and train.pairs.lengths.shape == (1, 2)
     assert np.array_equal(train.pairs.padded_lengths, [len(pair.prompt_ids) + len(pair.chosen_ids)])
+
+
+def test_a_tokenizing_failure_in_a_later_chunk_reaches_the_caller(tmp_path, small_chunks, monkeypatch):
+    """Chunks are tokenized in a worker thread while the next is read: an error there (here in the second of
+    four 3-record chunks) is raised by load_splits itself, and no partial entry is left in the cache."""
+    import preftune.data.encode as encode
+
+    calls = []
+    real = encode.BatchEncoder.__call__
+
+    def failing(self, texts):
+        calls.append(len(texts))
+        if len(calls) == 2:
+            raise RuntimeError("tokenizer broke")
+        return real(self, texts)
+
+    monkeypatch.setattr(encode.BatchEncoder, "__call__", failing)
+    (tmp_path / "c").mkdir()
+    with pytest.raises(RuntimeError, match="tokenizer broke"):
+        load_splits(_cfg(write_jsonl(tmp_path / "d.jsonl", ROWS)), tiny_tokenizer(), "dpo", cache_dir=tmp_path / "c")
+    # the third chunk was already handed to the worker when the second's result was collected
+    assert calls == [3, 3, 3] and list((tmp_path / "c").iterdir()) == []
