@@ -15,6 +15,7 @@ from preftune.data.cache import commit
 from preftune.data.examples import render_record
 from preftune.data.load import load_records, split_records
 from preftune.data.splits import keep_data_in, load_splits
+from preftune.data.store import largest_id
 from preftune.data.tokenize import tokenize_records
 
 from .files import write_jsonl
@@ -116,6 +117,8 @@ def test_stored_pairs_are_the_per_pair_rule(tmp_path, small_chunks, monkeypatch)
         assert held is None and list(train.pairs) == want
         assert train.pairs.index.tolist() == [p.index for p in want]
         assert train.pairs.padded_lengths.tolist() == [p.padded_length for p in want]
+        # the largest id, kept in the store's meta at write time (the vocabulary check reads no ids)
+        assert largest_id(train.pairs) == max(max(p.prompt_ids + p.chosen_ids + p.rejected_ids) for p in want)
     assert sizes == [3, 3, 3, 3]  # built once, in chunks of 3 (12 rows)
 
 
