@@ -286,18 +286,18 @@ def _run_eval_command(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     try:
-        return _run(argv)
+        code = _run(argv)
     except PreftuneError as e:
         print(f"preftune: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
+        code = EXIT_USAGE
     except KeyboardInterrupt:
         print("preftune: interrupted", file=sys.stderr)
-        return 130
-    finally:
-        if "torch" in sys.modules:  # no process group without torch, and `--help` need not import it
-            from preftune.distributed import shutdown
+        code = 130
+    if "torch" in sys.modules:  # no process group without torch, and `--help` need not import it
+        from preftune.distributed import shutdown
 
-            shutdown()
+        shutdown(code)
+    return code
 
 
 if __name__ == "__main__":

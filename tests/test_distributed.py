@@ -142,6 +142,22 @@ def test_fsdp2_killed_and_resumed_equals_one_process(tiny_model_dir, pairs_file,
     assert torch.equal(model.lm_head.weight, load_file(str(out / "final" / "model.safetensors"))["lm_head.weight"])
 
 
+@needs_torchrun
+def test_fsdp2_packed_prefix_sharing_with_activation_checkpointing(tiny_model_dir, pairs_file, one_process, script,
+                                                                  tmp_path):
+    """`--prefix-sharing packed` under FSDP2 with activation checkpointing: the packed layout needs no KV cache, so
+    it keeps sharing the prompt (no fallback line) and trains exactly like one process."""
+    if not hasattr(torch.distributed, "fsdp") or not hasattr(torch.distributed.fsdp, "fully_shard"):
+        pytest.skip(f"this torch ({torch.__version__}) has no FSDP2 (torch.distributed.fsdp.fully_shard)")
+    env = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP",
+           "FSDP_ACTIVATION_CHECKPOINTING": "true"}
+    res = _torchrun(script, tiny_model_dir, pairs_file, tmp_path / "packed", env, batch_size=4,
+                    gradient_accumulation_steps=2, prefix_sharing="packed")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "speed: packed prefix sharing" in res.stdout and "prefix sharing off" not in res.stdout
+    _same_run(one_process, tmp_path / "packed")
+
+
 # ------------------------------------------------------------------------------------------ no processes needed
 def _pairs(n: int, seed: int = 0):
     import random
