@@ -7,6 +7,16 @@
 #
 #   bash bench/scale_gpu_check.sh                   # SCALE_DIR=/tmp/scale_gpu by default (models: GBs)
 #   DS_WHEELS=path/to/wheels bash bench/scale_gpu_check.sh   # also ZeRO-3 (pip installs deepspeed from there)
+#
+# The GPU image has no DeepSpeed and Python 3.12; build its wheels on the CPU machine, in the repo root (checked
+# there: a py3-none-any deepspeed wheel and cp312 wheels of its compiled dependencies):
+#   echo /ds_wheels/ >> .git/info/exclude
+#   DS_BUILD_OPS=0 .venv/bin/pip wheel --no-deps --no-build-isolation deepspeed==0.19.8 -w ds_wheels
+#   .venv/bin/pip download --python-version 3.12 --only-binary=:all: --no-deps hjson msgpack ninja py-cpuinfo \
+#       einops pydantic pydantic_core annotated_types typing_inspection -d ds_wheels
+# then, with the device tool (ignored paths travel only when named in carry):
+#   run(command="SCALE_DIR=/tmp/scale_gpu DS_WHEELS=ds_wheels timeout 560 bash bench/scale_gpu_check.sh; cp /tmp/scale_gpu/*.log $OUT/",
+#       carry=["ds_wheels"], timeout_s=590)
 set -uo pipefail
 OUT=${SCALE_DIR:-/tmp/scale_gpu}  # not $OUT: the device tool uses that name for what comes back
 PY=${PY:-python}
