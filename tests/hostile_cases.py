@@ -260,42 +260,21 @@ run("traceback → sentence", "uncreatable output folder (a parent is a file)", 
 disk = ROOT / "disk"
 disk.mkdir()
 if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(disk)]).returncode == 0:
-    def fill():
-        with open(disk / "filler", "ab", buffering=0) as f:
-            for size in (1 << 20, 1 << 16, 1 << 12, 1):
-                with contextlib.suppress(OSError):
-                    while True:
-                        f.write(b"\0" * size)
+    from outputs.test_disk_full import Disk, FillAt  # the full-disk tests' own filler and trigger
 
-    class FillAt(Callback):
-        def __init__(self, event, step):
-            self.at, self.done = (event, step), False
-
-        def _maybe(self, event, step):
-            if (event, step) == self.at and not self.done:
-                self.done = True
-                fill()
-
-        def on_step_end(self, state):
-            self._maybe("step", state.step)
-
-        def on_log(self, state, row):
-            self._maybe("log", state.step)
-
-        def on_save(self, state, path):
-            self._maybe("save", state.step)
+    tmpfs = Disk(disk, "tmpfs", None)
 
     def leftovers(out):
         return [str(p.relative_to(out)) for p in out.rglob(".tmp-*")]
 
-    for k, (case, cb, extra) in enumerate((("checkpoint of step 2", FillAt("log", 2), ["--save-steps", "1"]),
-                                           ("final/ (save-steps 1)", FillAt("save", 2), ["--save-steps", "1"]),
-                                           ("final/ (save-steps 0)", FillAt("log", 2), []),
-                                           ("metrics.jsonl (first line)", FillAt("step", 1), []))):
+    for k, (case, cb, extra) in enumerate((("checkpoint of step 2", FillAt(tmpfs, "log", 2), ["--save-steps", "1"]),
+                                           ("final/ (save-steps 1)", FillAt(tmpfs, "save", 2), ["--save-steps", "1"]),
+                                           ("final/ (save-steps 0)", FillAt(tmpfs, "log", 2), []),
+                                           ("metrics.jsonl (first line)", FillAt(tmpfs, "step", 1), []))):
         out = disk / f"site{k}"
         run("full disk (tmpfs, real ENOSPC)", f"disk fills at the {case}", argv(out, *extra), callbacks=[cb])
         ROWS[-1] = ROWS[-1][:3] + (ROWS[-1][3] + f" — .tmp-* left: {leftovers(out)}",)
-        (disk / "filler").unlink()
+        tmpfs.free()
         if case.startswith(("checkpoint", "final/ (save-steps 1)")):
             run("full disk (tmpfs, real ENOSPC)", "… after freeing space: the same command with --resume",
                 argv(out, *extra, "--resume"), look_for="done:")
@@ -304,21 +283,21 @@ if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(disk)]
     real_save = reference.save_file
 
     def fill_then_save(*a, **k):
-        fill()
+        tmpfs.fill()
         return real_save(*a, **k)
 
     reference.save_file = fill_then_save
     run("full disk (tmpfs, real ENOSPC)", "disk fills at the reference cache", argv(disk / "ref"))
     ROWS[-1] = ROWS[-1][:3] + (ROWS[-1][3] + f" — .tmp-* left: {leftovers(disk / 'ref')}",)
     reference.save_file = real_save
-    (disk / "filler").unlink()
+    tmpfs.free()
     from preftune.outputs import run_dir
 
     real_create = run_dir.RunDir.create
 
     def create_then_fill(self, **kw):
         real_create(self, **kw)
-        fill()
+        tmpfs.fill()
 
     run_dir.RunDir.create = create_then_fill
     run("full disk (tmpfs, real ENOSPC)", "disk fills at config.yaml", argv(disk / "cfg"))
