@@ -75,6 +75,10 @@ class TrainConfig:
     simpo_gamma: float = _f(0.5, "SimPO target reward margin gamma.")
     dpop_lambda: float = _f(50.0, "DPO-Positive penalty weight lambda.")
     sft_weight: float = _f(0.0, "Weight of an added NLL term on the chosen response (RPO alpha).")
+    cpo_alpha: float = _f(1.0, "Weight of CPO's NLL term on the chosen response (loss cpo).")
+    discopop_tau: float = _f(0.05, "DiscoPOP's temperature tau (loss discopop).")
+    f_divergence_type: str = _f("reverse_kl", "f-DPO divergence for the reward-gap losses: reverse_kl (DPO), forward_kl, js_divergence or alpha_divergence.")
+    f_alpha_divergence_coef: float = _f(0.5, "alpha of f_divergence_type alpha_divergence, in (0, 1).")
 
     # --- optimisation
     learning_rate: float = _f(1e-6, "Peak learning rate of AdamW.")
@@ -161,7 +165,7 @@ class TrainConfig:
                                            and "--" not in self.push_to_hub and ".." not in self.push_to_hub),
               f"push_to_hub must be a Hub repository name like 'user/model-name', got {self.push_to_hub!r}.")
         # Building the loss config validates the loss names and their settings in one place.
-        self.loss_config()
+        self.loss_config().check_reference(self.reference, self.reference_model)
 
     def _validate_speed(self) -> None:
         # Booleans are the keys' old values: true meant "share the prompt", which is now the device's best way.
@@ -197,7 +201,10 @@ class TrainConfig:
                 raise PreftuneError(f"loss_weights must be a list of numbers, got {self.loss_weights!r}.") from None
         return LossConfig(loss_types=self.loss_types(), loss_weights=weights, beta=float(self.beta),
                           label_smoothing=float(self.label_smoothing), simpo_gamma=float(self.simpo_gamma),
-                          dpop_lambda=float(self.dpop_lambda), sft_weight=float(self.sft_weight))
+                          dpop_lambda=float(self.dpop_lambda), sft_weight=float(self.sft_weight),
+                          cpo_alpha=float(self.cpo_alpha), discopop_tau=float(self.discopop_tau),
+                          f_divergence_type=self.f_divergence_type,
+                          f_alpha_divergence_coef=float(self.f_alpha_divergence_coef))
 
     def fit_to_context(self, limit: int | None) -> tuple[TrainConfig, str | None]:
         """This config with max_length capped at a model's `limit` positions (positions past it were never

@@ -97,6 +97,8 @@ RANGES: dict[str, tuple[float | None, bool, float | None, bool]] = {
     "eval_batch_size": (0, True, None, False), "eval_steps": (0, True, None, False),
     "save_steps": (0, True, None, False), "save_total_limit": (0, True, None, False),
     "seed": (0, True, None, False),
+    "cpo_alpha": (0, True, None, False), "discopop_tau": (0, False, None, False),
+    "f_alpha_divergence_coef": (0, False, 1, False),
 }
 
 

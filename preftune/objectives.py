@@ -23,6 +23,7 @@ class Objective:
 
     name: str
     needs_reference: bool = False
+    notes: tuple[str, ...] = ()  # lines the run prints before training (what the objective decided)
 
     def normaliser(self, pairs: Sequence[TokenizedPair]) -> float:
         """What one global batch's loss sum is divided by (these are this process's examples of it)."""
@@ -61,6 +62,9 @@ class PreferenceObjective(Objective):
     def __init__(self, loss_config: LossConfig):
         self.loss_config = loss_config
         self.needs_reference = loss_config.needs_reference
+        if not self.needs_reference:
+            self.notes = (f"reference: none — loss {'+'.join(loss_config.loss_types)} needs no reference model "
+                          "(no reference pass, no reference_logps/ folder)",)
         # BCO's δ is the mean of all rewards seen before this step: rewards of the step's micro-batches are
         # held back until `end_step`, so accumulation gives the same δ (and loss) as one big batch.
         self.reward_shift = RewardShift()

@@ -162,7 +162,7 @@ class Recipe:
         self.metrics = MetricsWriter(self.run_dir.metrics)
         model = self._setup_training(model, plan)
         for line in [engine.describe(cfg.batch_size, cfg.gradient_accumulation_steps), plan.description, *notes,
-                     *engine.notes]:
+                     *engine.notes, *self.objective.notes]:
             engine.print(line)
         self._setup_reference(model, plan)
         if checkpoint is not None:

@@ -11,6 +11,8 @@ Useful identity: sp(z) - sp(-z) = z, so -(1-ε)logσ(z) - ε logσ(-z) = sp(-z) 
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch.testing import assert_close
@@ -22,20 +24,28 @@ from preftune.losses import (
     LossConfig,
     LossOutput,
     RewardShift,
+    aot_loss,
+    aot_unpaired_loss,
     apo_down_loss,
     apo_zero_loss,
     bco_pair_loss,
+    cpo_loss,
+    discopop_loss,
     dpop_loss,
+    exo_pair_loss,
+    f_divergence_scores,
     hinge_loss,
     ipo_loss,
     nca_pair_loss,
     nll_loss,
+    orpo_loss,
     preference_loss,
     robust_loss,
     sft_loss,
     sigmoid_loss,
     sigmoid_norm_loss,
     simpo_loss,
+    sppo_hard_loss,
 )
 
 LN2 = 0.693147
@@ -286,6 +296,89 @@ def test_dpop():
     close(dpop_loss(c_lr, r_lr, beta=1.0), [SP_M2, 48.0])
 
 
+# --------------------------------------------------------------------------------------------- issue 24's losses
+
+
+def test_exo_pair():
+    """β=1, h=0, ε=0.1: q = σ(0) = 0.5 → 0.5·(ln 0.5 - ln 0.9) + 0.5·(ln 0.5 - ln 0.1) = 0.5·ln(0.25/0.09) =
+    0.510826. At q = 1-ε exactly (βh = ln 9: σ = 0.9) the KL is 0: EXO stops pushing the gap, DPO would not."""
+    close(exo_pair_loss(t(0.0, math.log(9.0)), t(0.0, 0.0), beta=1.0, label_smoothing=0.1), [0.510826, 0.0])
+    with pytest.raises(ValueError, match="0 < label_smoothing < 1"):
+        exo_pair_loss(t(0.0), t(0.0), beta=1.0, label_smoothing=0.0)
+
+
+def test_sppo_hard():
+    """β=0.5 → targets ±1/(2β) = ±1: (c, r) = (1, -1) → 0; (0, 0) → 1 + 1 = 2; (2, 1) → 1 + 4 = 5."""
+    close(sppo_hard_loss(t(1.0, 0.0, 2.0), t(-1.0, 0.0, 1.0), beta=0.5), [0.0, 2.0, 5.0])
+
+
+def test_aot_matches_quantiles_not_pairs():
+    """β=1. Policy margins pc-pr = [3, -1], reference margins rc-rr = [0, 2]: sorted [-1, 3] against [0, 2] →
+    Δ = [-1, 1] → [sp(1), sp(-1)] = [1.313262, 0.313262]. Pair by pair (DPO) the gaps would be [3, -3]. The
+    unpaired form sorts the log-ratios: chosen [2, -1], rejected [0, 1] → [-1, 2] - [0, 1] = Δ [-1, 1] too."""
+    pc, pr, rc, rr = t(0.0, -4.0), t(-3.0, -3.0), t(-1.0, 0.0), t(-1.0, -2.0)
+    close(aot_loss(pc, pr, rc, rr, beta=1.0), [SP_P1, SP_M1])
+    close(aot_unpaired_loss(t(2.0, -1.0), t(0.0, 1.0), beta=1.0), [SP_P1, SP_M1])
+    out = run(LossConfig(loss_types=("aot",), beta=1.0), pc, pr, rc, rr)
+    close(out.losses, [SP_P1, SP_M1])
+    close(out.chosen_rewards, [1.0, -4.0])  # rewards stay per pair: β·(pc - rc)
+
+
+def test_discopop():
+    """τ = 0.05, h = 0: m = σ(0) = 0.5 → 0.5·ln 2 + 0.5·e⁰ = 0.846574. β=1, h = -1000: m = σ(-20000) → the
+    logistic part only, sp(1000) = 1000, finite (the product m·e^1000 would be 0·inf = NaN)."""
+    close(discopop_loss(t(0.0), t(0.0), beta=0.1), [0.846574])
+    close(discopop_loss(t(-1000.0), t(0.0), beta=1.0), [1000.0])
+
+
+def test_orpo_by_hand():
+    """λ = 0.1. Chosen: |c| = 2, pc = -2 ln 2 → mean log-prob -ln 2, P = 0.5, odds 1; rejected: |r| = 3,
+    pr = -3 ln 4 → P = 0.25, odds 1/3. log odds ratio = ln 3 → L_OR = -logσ(ln 3) = ln(4/3) = 0.287682;
+    L_SFT = ln 2 = 0.693147 → 0.693147 + 0.1·0.287682 = 0.721915. Reference-free: rewards β·p/|p|."""
+    pc, pr, lc, lr = t(-2 * math.log(2.0)), t(-3 * math.log(4.0)), t(2.0), t(3.0)
+    close(orpo_loss(pc, pr, lc, lr, lam=0.1), [0.721915])
+    config = LossConfig(loss_types=("orpo",), beta=0.1)
+    assert not config.needs_reference
+    out = preference_loss(pc, pr, None, None, lc, lr, config)
+    close(out.losses, [0.721915])
+    close(out.chosen_rewards, [-0.1 * math.log(2.0)])
+
+
+def test_cpo_by_hand():
+    """β = 0.5, pc = -1, pr = -3 → z = 1 → sp(-1) = 0.313262; NLL -pc/|c| = 0.5 (|c| = 2); α = 1 → 0.813262,
+    α = 0 → the contrast alone; ε = 0.1 adds ε·z = 0.1."""
+    pc, pr, lc = t(-1.0), t(-3.0), t(2.0)
+    close(cpo_loss(pc, pr, lc, beta=0.5), [0.813262])
+    close(cpo_loss(pc, pr, lc, beta=0.5, nll_weight=0.0), [SP_M1])
+    close(cpo_loss(pc, pr, lc, beta=0.5, label_smoothing=0.1), [0.913262])
+    out = preference_loss(pc, pr, None, None, lc, t(1.0), LossConfig(loss_types=("cpo",), beta=0.5))
+    close(out.losses, [0.813262])
+
+
+def test_f_divergence_scores_by_hand():
+    """forward KL 1 - 1/u: u = 2 → 0.5; JS log(2u/(1+u)): u = 1 → 0, u = 3 → ln 1.5 = 0.405465;
+    α-divergence (1 - u^-α)/α, α = 0.5: u = 4 → (1 - 0.5)/0.5 = 1; reverse KL is the log-ratio itself."""
+    x = t(math.log(2.0), 0.0, math.log(3.0), math.log(4.0))
+    close(f_divergence_scores(x, "forward_kl"), [0.5, 0.0, 2 / 3, 0.75])
+    close(f_divergence_scores(x, "js_divergence")[1:3], [0.0, 0.405465])
+    close(f_divergence_scores(x, "alpha_divergence", 0.5)[3:], [1.0])
+    assert f_divergence_scores(x, "reverse_kl") is x
+    huge = f_divergence_scores(t(-1000.0), "forward_kl")  # e^1000 would be inf; capped at e^80
+    assert torch.isfinite(huge).all()
+    with pytest.raises(ValueError, match="0 < alpha < 1"):
+        f_divergence_scores(x, "alpha_divergence", 1.0)
+
+
+def test_f_divergence_changes_the_dpo_loss():
+    """β = 1, chosen log-ratio ln 2, rejected 0 under forward KL: scores 0.5 and 0 → -logσ(0.5) = 0.474077,
+    where reverse KL (DPO) gives -logσ(ln 2) = ln(1.5) = 0.405465. Rewards stay β·log-ratio."""
+    pc, pr, rc, rr = t(math.log(2.0)), t(0.0), t(0.0), t(0.0)
+    out = run(LossConfig(beta=1.0, f_divergence_type="forward_kl"), pc, pr, rc, rr)
+    close(out.losses, [0.474077])
+    close(out.chosen_rewards, [math.log(2.0)])
+    close(run(LossConfig(beta=1.0), pc, pr, rc, rr).losses, [0.405465])
+
+
 # --------------------------------------------------------------------------------------------- sft / nll
 
 
@@ -333,7 +426,7 @@ def test_low_precision_inputs_are_computed_in_float32():
 
 
 def test_needs_reference():
-    assert REFERENCE_FREE == frozenset({"simpo"})
+    assert REFERENCE_FREE == frozenset({"simpo", "orpo", "cpo"})
     assert "sft" not in LOSS_TYPES
     assert LossConfig().needs_reference
     assert not LossConfig(loss_types=("simpo",)).needs_reference
@@ -380,6 +473,14 @@ def test_config_normalises_lists_and_strings():
         ({"loss_weights": (-1.0,)}, "loss_weights must all be >= 0"),
         ({"sft_weight": -0.5}, "sft_weight must be >= 0"),
         ({"dpop_lambda": -1.0}, "dpop_lambda must be >= 0"),
+        ({"loss_types": ("exo_pair",)}, r"exo_pair needs label_smoothing > 0.*1e-3"),
+        ({"discopop_tau": 0.0}, "discopop_tau must be > 0"),
+        ({"cpo_alpha": -1.0}, "cpo_alpha must be >= 0"),
+        ({"f_alpha_divergence_coef": 1.0}, r"f_alpha_divergence_coef must be in \(0, 1\).*forward_kl"),
+        ({"f_alpha_divergence_coef": 0.0}, "f_alpha_divergence_coef must be > 0"),
+        ({"f_divergence_type": "forward_k"}, "f_divergence_type must be one of.*did you mean 'forward_kl'"),
+        ({"loss_types": ("sigmoid", "apo_zero"), "f_divergence_type": "js_divergence"},
+         "js_divergence does not apply to apo_zero .*sigmoid, robust"),
     ],
 )
 def test_config_validation_errors(kwargs, match):
@@ -499,3 +600,18 @@ def test_config_numbers_are_converted_and_named():
     for key in ("beta", "label_smoothing", "simpo_gamma", "dpop_lambda", "sft_weight"):
         with pytest.raises(PreftuneError, match=f"^{key} must be a number, got 'abc'"):
             LossConfig(**{key: "abc"})
+
+
+@pytest.mark.parametrize(("loss", "reference", "reference_model", "match"), [
+    ("orpo", "copy", None, r"^reference 'copy' has no use with loss orpo: it needs no reference model"),
+    ("simpo+cpo", "precomputed", None, "reference 'precomputed' has no use with loss simpo\\+cpo"),
+    ("cpo", "auto", "some/model", "^reference_model has no use with loss cpo"),
+    ("sigmoid+orpo", "none", None, r"^reference 'none' leaves no reference model, but sigmoid needs one"),
+])
+def test_reference_settings_that_cannot_apply_are_refused(loss, reference, reference_model, match):
+    """A reference-free loss loads no reference, so naming one would be silently ignored; `none` with a loss that
+    reads log π/π_ref would fail at the first step. A mixture that needs one takes any strategy."""
+    with pytest.raises(PreftuneError, match=match):
+        LossConfig(loss_types=tuple(loss.split("+"))).check_reference(reference, reference_model)
+    LossConfig(loss_types=("sigmoid", "orpo")).check_reference("copy")
+    LossConfig(loss_types=("orpo",)).check_reference("none")

@@ -1,9 +1,7 @@
 """`preference_loss` against a second implementation in float64 numpy, written from the papers' formulas
-(not from preftune's code), and its gradients against numpy central differences.
+(tests/independent.py, not from preftune's code), and its gradients against numpy central differences.
 
-This replaces the old circular checks that compared `preference_loss` with the same module's own functions.
 Inputs are drawn from a seeded generator; the seed is in every assertion message, so a failure replays.
-sp(z) = log(1 + e^z) = -log σ(-z), computed with logaddexp (exact for large |z|).
 """
 
 from __future__ import annotations
@@ -11,51 +9,20 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from independent import numpy_losses
 
-from preftune.losses import LOSS_TYPES, LossConfig, preference_loss
+from preftune.losses import (
+    LABEL_SMOOTHING_LOSSES,
+    LOSS_TYPES,
+    LOSSES,
+    REFERENCE_FREE,
+    LossConfig,
+    preference_loss,
+)
 
-
-def sp(z):
-    return np.logaddexp(0.0, z)
-
-
-def sigma(z):
-    return 1.0 / (1.0 + np.exp(-z))
-
-
-def numpy_losses(name: str, pc, pr, rc, rr, lc, lr, *, beta, eps=0.0, gamma=0.5, lam=50.0, shift=0.0):
-    """One loss by its paper's formula; hc, hr are the log-ratios log π/π_ref, h = hc - hr."""
-    hc, hr = pc - rc, pr - rr
-    h = hc - hr
-    lc1, lr1 = np.maximum(lc, 1.0), np.maximum(lr, 1.0)
-    h_norm = hc / lc1 - hr / lr1
-    if name == "sigmoid":          # Rafailov et al. 2023; cDPO smoothing: label flipped with probability ε
-        return (1 - eps) * sp(-beta * h) + eps * sp(beta * h)
-    if name == "robust":           # Chowdhury et al. 2024, unbiased under flip rate ε
-        return ((1 - eps) * sp(-beta * h) - eps * sp(beta * h)) / (1 - 2 * eps)
-    if name == "ipo":              # Azar et al. 2023, per-token log-ratios as in TRL
-        return (h_norm - 1 / (2 * beta)) ** 2
-    if name == "hinge":            # RSO / SLiC
-        return np.maximum(0.0, 1 - beta * h)
-    if name == "sigmoid_norm":
-        return (1 - eps) * sp(-beta * h_norm) + eps * sp(beta * h_norm)
-    if name == "simpo":            # Meng et al. 2024: reference-free, per-token, margin γ
-        z = beta * (pc / lc1 - pr / lr1) - gamma
-        return (1 - eps) * sp(-z) + eps * sp(z)
-    if name == "apo_zero":         # D'Oosterlinck et al. 2024
-        return 1 - sigma(beta * hc) + sigma(beta * hr)
-    if name == "apo_down":
-        return sigma(beta * hc) + 1 - sigma(beta * h)
-    if name == "nca_pair":         # Chen et al. 2024
-        return sp(-beta * hc) + 0.5 * sp(beta * hc) + 0.5 * sp(beta * hr)
-    if name == "bco_pair":         # Jung et al. 2024, rewards shifted by δ
-        return sp(-(beta * hc - shift)) + sp(beta * hr - shift)
-    if name == "dpop":             # Pal et al. 2024: penalty when the chosen log-prob falls below the reference's
-        return sp(-beta * (h - lam * np.maximum(0.0, rc - pc)))
-    raise KeyError(name)
-
-
-SMOOTHABLE = {"sigmoid", "robust", "sigmoid_norm", "simpo"}
+F_LOSSES = [n for n, spec in LOSSES.items() if spec.f_divergence]
+# Each option at a value away from its default, so a formula that ignored it would fail.
+OPTIONS = dict(beta=0.3, gamma=0.4, lam=3.0, shift=0.7, tau=0.3, cpo_alpha=0.6)
 
 
 def _inputs(seed: int, n: int = 5):
@@ -69,18 +36,24 @@ def _torch(*arrays):
     return [torch.tensor(a, dtype=torch.float64) for a in arrays]
 
 
+def _config(name: str, eps: float, **extra) -> LossConfig:
+    o = OPTIONS
+    return LossConfig(loss_types=(name,), beta=o["beta"], label_smoothing=eps, simpo_gamma=o["gamma"],
+                      dpop_lambda=o["lam"], discopop_tau=o["tau"], cpo_alpha=o["cpo_alpha"], **extra)
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("name", LOSS_TYPES)
 def test_each_loss_equals_numpy(name, seed):
     """Each registered loss at β=0.3 (ε=0.2 where it has label smoothing, δ=0.7 for BCO, λ=3 for DPOP so the
-    penalty does not swamp the rest), per pair, to 1e-10 (both float64; the formulas differ only in rounding)."""
+    penalty does not swamp the rest, τ=0.3 for DiscoPOP, α=0.6 for CPO's NLL), per pair, to 1e-10 (both float64;
+    the formulas differ only in rounding)."""
     pc, pr, rc, rr, lc, lr = _inputs(seed)
-    eps = 0.2 if name in SMOOTHABLE else 0.0
-    cfg = LossConfig(loss_types=(name,), beta=0.3, label_smoothing=eps, simpo_gamma=0.4, dpop_lambda=3.0)
-    out = preference_loss(*_torch(pc, pr, rc, rr, lc, lr), cfg, reward_shift=0.7)
-    want = numpy_losses(name, pc, pr, rc, rr, lc, lr, beta=0.3, eps=eps, gamma=0.4, lam=3.0, shift=0.7)
+    eps = 0.2 if name in LABEL_SMOOTHING_LOSSES else 0.0
+    out = preference_loss(*_torch(pc, pr, rc, rr, lc, lr), _config(name, eps), reward_shift=0.7)
+    want = numpy_losses(name, pc, pr, rc, rr, lc, lr, eps=eps, **OPTIONS)
     np.testing.assert_allclose(out.losses.numpy(), want, rtol=1e-10, atol=1e-10, err_msg=f"{name} seed={seed}")
-    if name == "simpo":  # reference-free: implicit rewards β·p/|p|
+    if name in REFERENCE_FREE:  # implicit rewards β·p/|p|
         np.testing.assert_allclose(out.chosen_rewards.numpy(), 0.3 * pc / lc, rtol=1e-12, err_msg=f"seed={seed}")
         np.testing.assert_allclose(out.rejected_rewards.numpy(), 0.3 * pr / lr, rtol=1e-12, err_msg=f"seed={seed}")
     else:
@@ -88,15 +61,39 @@ def test_each_loss_equals_numpy(name, seed):
         np.testing.assert_allclose(out.rejected_rewards.numpy(), 0.3 * (pr - rr), rtol=1e-12, err_msg=f"seed={seed}")
 
 
+def _small_logratio_inputs(seed: int, n: int = 5):
+    """f-DPO scores exponentiate the log-ratios: keep them within ±3 (a policy near its reference), where
+    e^(±3α) is far from the cap at e^80, and the answers' log-probs where they are."""
+    pc, pr, rc, rr, lc, lr = _inputs(seed, n)
+    rng = np.random.default_rng(seed + 100)
+    return pc, pr, pc - rng.uniform(-3, 3, n), pr - rng.uniform(-3, 3, n), lc, lr
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("divergence", ["forward_kl", "js_divergence", "alpha_divergence"])
+def test_f_divergences_equal_numpy(divergence, seed):
+    """f-DPO: every loss that supports it, with f'(u) from the paper's Table 1 (independent.f_prime) in place of
+    log u; α = 0.3 (not TRL's default 0.5, where α and 1 - α coincide), all to 1e-10."""
+    pc, pr, rc, rr, lc, lr = _small_logratio_inputs(seed)
+    for name in F_LOSSES:
+        eps = 0.2 if name in LABEL_SMOOTHING_LOSSES else 0.0
+        cfg = _config(name, eps, f_divergence_type=divergence, f_alpha_divergence_coef=0.3)
+        out = preference_loss(*_torch(pc, pr, rc, rr, lc, lr), cfg)
+        want = numpy_losses(name, pc, pr, rc, rr, lc, lr, eps=eps, divergence=divergence, alpha=0.3, **OPTIONS)
+        np.testing.assert_allclose(out.losses.numpy(), want, rtol=1e-10, atol=1e-10,
+                                   err_msg=f"{name} {divergence} seed={seed}")
+
+
 @pytest.mark.parametrize("seed", [3, 4])
 def test_weighted_combination_plus_sft_equals_numpy(seed):
-    """0.7·sigmoid + 1.3·ipo + 0.25·bco_pair + α·(-pc/|c|) with α = 0.4 (RPO), per pair."""
+    """MPO-style: 0.7·sigmoid + 1.3·ipo + 0.25·bco_pair + 0.5·orpo + 0.8·aot + α·(-pc/|c|) with α = 0.4 (RPO),
+    per pair: the new losses mix with the old ones (orpo brings its own NLL, which adds to the RPO term)."""
     pc, pr, rc, rr, lc, lr = _inputs(seed)
-    cfg = LossConfig(loss_types=("sigmoid", "ipo", "bco_pair"), loss_weights=(0.7, 1.3, 0.25), beta=0.2,
-                     sft_weight=0.4)
+    names, weights = ("sigmoid", "ipo", "bco_pair", "orpo", "aot"), (0.7, 1.3, 0.25, 0.5, 0.8)
+    cfg = LossConfig(loss_types=names, loss_weights=weights, beta=0.2, sft_weight=0.4)
     out = preference_loss(*_torch(pc, pr, rc, rr, lc, lr), cfg, reward_shift=-0.3)
-    parts = {n: numpy_losses(n, pc, pr, rc, rr, lc, lr, beta=0.2, shift=-0.3) for n in ("sigmoid", "ipo", "bco_pair")}
-    want = 0.7 * parts["sigmoid"] + 1.3 * parts["ipo"] + 0.25 * parts["bco_pair"] + 0.4 * (-pc / lc)
+    want = sum(w * numpy_losses(n, pc, pr, rc, rr, lc, lr, beta=0.2, shift=-0.3) for n, w in zip(names, weights))
+    want = want + 0.4 * (-pc / lc)
     np.testing.assert_allclose(out.losses.numpy(), want, rtol=1e-10, atol=1e-10, err_msg=f"seed={seed}")
 
 
@@ -110,15 +107,13 @@ def _numeric_grad(f, x: np.ndarray, h: float = 1e-6) -> np.ndarray:
     return g
 
 
-@pytest.mark.parametrize("name", LOSS_TYPES)
-def test_gradients_equal_numpy_central_differences(name):
-    """d(Σ loss)/d(policy log-probs) by autograd vs central differences of the numpy formula (h = 1e-6 in
-    float64: truncation ~h²·f''' and rounding ~1e-16/h, both far under the 1e-6 tolerance). Seeded inputs
-    sit away from the kinks of hinge and DPOP (random reals hit a kink with probability 0)."""
-    seed = 5
-    pc, pr, rc, rr, lc, lr = _inputs(seed)
-    kw = dict(beta=0.3, eps=0.1 if name in SMOOTHABLE else 0.0, gamma=0.4, lam=3.0, shift=0.7)
-    cfg = LossConfig(loss_types=(name,), beta=0.3, label_smoothing=kw["eps"], simpo_gamma=0.4, dpop_lambda=3.0)
+def _check_gradients(name: str, seed: int, inputs, **config_extra) -> None:
+    pc, pr, rc, rr, lc, lr = inputs
+    eps = 0.1 if name in LABEL_SMOOTHING_LOSSES else 0.0
+    kw = dict(eps=eps, **OPTIONS)
+    cfg = _config(name, eps, **config_extra)
+    if "f_divergence_type" in config_extra:
+        kw.update(divergence=config_extra["f_divergence_type"], alpha=config_extra.get("f_alpha_divergence_coef", 0.5))
     tpc, tpr, trc, trr, tlc, tlr = _torch(pc, pr, rc, rr, lc, lr)
     tpc.requires_grad_()
     tpr.requires_grad_()
@@ -127,3 +122,21 @@ def test_gradients_equal_numpy_central_differences(name):
     gr = _numeric_grad(lambda x: numpy_losses(name, pc, x, rc, rr, lc, lr, **kw).sum(), pr)
     np.testing.assert_allclose(tpc.grad.numpy(), gc, atol=1e-6, rtol=1e-6, err_msg=f"{name} chosen seed={seed}")
     np.testing.assert_allclose(tpr.grad.numpy(), gr, atol=1e-6, rtol=1e-6, err_msg=f"{name} rejected seed={seed}")
+
+
+@pytest.mark.parametrize("name", LOSS_TYPES)
+def test_gradients_equal_numpy_central_differences(name):
+    """d(Σ loss)/d(policy log-probs) by autograd vs central differences of the numpy formula (h = 1e-6 in
+    float64: truncation ~h²·f''' and rounding ~1e-16/h, both far under the 1e-6 tolerance), two seeds. Seeded
+    inputs sit away from the kinks of hinge and DPOP and from ties in AOT's sorts (random reals hit one with
+    probability 0)."""
+    for seed in (5, 6):
+        _check_gradients(name, seed, _inputs(seed))
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "js_divergence", "alpha_divergence"])
+def test_f_divergence_gradients_equal_numpy(divergence):
+    """The same check through f'(u) (sigmoid, ipo and discopop stand for the reward-gap losses), α = 0.3."""
+    for name in ("sigmoid", "ipo", "discopop"):
+        _check_gradients(name, 7, _small_logratio_inputs(7), f_divergence_type=divergence,
+                         f_alpha_divergence_coef=0.3)

@@ -54,6 +54,21 @@ def test_reference_free_loss_has_no_kl():
     assert "kl_sum" not in sums
 
 
+def test_reference_free_objective_says_so():
+    """ORPO needs no reference: the objective's note (printed in the run's first lines) says that no reference
+    pass runs; a loss that needs one, or SFT, has no note. Its loss sum: λ = 0.1, one pair with mean log-probs
+    -ln 2 and -ln 4 (P = 1/2 and 1/4, odds 1 and 1/3): ln 2 + 0.1·ln(4/3) = 0.721915."""
+    obj = make_objective("dpo", LossConfig(loss_types=("orpo",)))
+    assert not obj.needs_reference
+    assert obj.notes == ("reference: none — loss orpo needs no reference model (no reference pass, no "
+                         "reference_logps/ folder)",)
+    ln2 = 0.6931471805599453
+    total, sums = obj.loss(SequenceLogps(t(-2 * ln2), t(2), t(-6 * ln2), t(3)), None)
+    assert float(total) == pytest.approx(0.721915, abs=1e-6) and "kl_sum" not in sums
+    assert make_objective("dpo", LossConfig(loss_types=("orpo", "sigmoid"))).notes == ()
+    assert make_objective("sft", LossConfig()).notes == ()
+
+
 def test_preference_summary_by_hand():
     """Window sums over 4 pairs: loss 2 → 0.5; rewards chosen 0.8 → 0.2, rejected -0.4 → -0.1, margins 0.3;
     accuracies 3 → 0.75; logps -40 → -10, -60 → -15; kl = kl_sum / chosen tokens = 5 / 20 = 0.25."""

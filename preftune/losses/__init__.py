@@ -3,9 +3,11 @@
 Every forward path (plain, prefix-shared, packed, chunked; one process or many) reduces a batch to the
 same per-pair statistics and calls `preference_loss`, so each formula exists exactly once, here.
 
-Adding a loss is one function (the formula, with paper and shapes in its docstring) plus one `register`
-call that says which statistics it reads and what it needs (a reference, lengths, label smoothing, the
-BCO reward shift); config validation, `needs_reference` and the dispatch all read the registry.
+Adding a loss is one function in formulas.py (the formula, with paper and shapes in its docstring) plus one
+`register` call in registry.py that says which statistics it reads and what it needs (a reference, lengths,
+label smoothing, the BCO reward shift, f-divergence support); config validation, `needs_reference` and the
+dispatch all read the registry. transforms.py holds what changes the statistics before a loss reads them
+(f-DPO's scores; LD-DPO and WPO, not wired yet), unpaired.py KTO's formulas (not wired yet).
 
 Inputs (all float tensors of shape [B], B = number of preference pairs):
 
@@ -26,7 +28,8 @@ About beta (β): DPO is the closed-form solution of reward maximisation under a 
 the policy CLOSER to the reference (the implicit reward β·log π/π_ref saturates the sigmoid after
 a smaller move away from π_ref); a smaller β lets it move further. 0.1 is the common default.
 For reference-free SimPO β instead scales the length-normalised log-likelihood margin (the paper
-uses values around 2-10).
+uses values around 2-10); for CPO it scales the summed log-likelihood margin; for ORPO it is the paper's λ,
+the weight of the odds-ratio term against the NLL term (TRL's ORPOConfig.beta is λ too; 0.1 there).
 
 Each loss function returns a per-pair loss of shape [B]; the caller takes the mean (or a
 token-weighted reduction of its choosing). Implicit rewards for logging are returned detached.
@@ -34,175 +37,51 @@ token-weighted reduction of its choosing). Implicit rewards for logging are retu
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import math
-from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor
 
 from preftune.errors import PreftuneError
 from preftune.losses.formulas import (
+    aot_loss,
+    aot_unpaired_loss,
     apo_down_loss,
     apo_zero_loss,
     bco_pair_loss,
+    cpo_loss,
+    discopop_loss,
     dpop_loss,
+    exo_pair_loss,
     hinge_loss,
     ipo_loss,
     nca_pair_loss,
     nll_loss,
+    odds_ratio_loss,
+    orpo_loss,
     per_token,
     robust_loss,
     sft_loss,
     sigmoid_loss,
     sigmoid_norm_loss,
     simpo_loss,
+    sppo_hard_loss,
 )
+from preftune.losses.registry import LOSSES, LossSpec, PairStats, register
+from preftune.losses.shift import RewardShift
+from preftune.losses.transforms import F_DIVERGENCES, f_divergence_scores
 
 __all__ = [
-    "LOSSES",
-    "LOSS_TYPES",
-    "LossSpec",
-    "PairStats",
-    "register",
-    "REFERENCE_FREE",
-    "LABEL_SMOOTHING_LOSSES",
-    "LossConfig",
-    "LossOutput",
-    "RewardShift",
-    "preference_loss",
-    "sigmoid_loss",
-    "robust_loss",
-    "ipo_loss",
-    "hinge_loss",
-    "sigmoid_norm_loss",
-    "simpo_loss",
-    "apo_zero_loss",
-    "apo_down_loss",
-    "nca_pair_loss",
-    "bco_pair_loss",
-    "dpop_loss",
-    "sft_loss",
-    "nll_loss",
+    "LOSSES", "LOSS_TYPES", "LossSpec", "PairStats", "register", "REFERENCE_FREE", "LABEL_SMOOTHING_LOSSES",
+    "F_DIVERGENCES", "LossConfig", "LossOutput", "RewardShift", "preference_loss",
+    "sigmoid_loss", "robust_loss", "ipo_loss", "hinge_loss", "sigmoid_norm_loss", "simpo_loss", "apo_zero_loss",
+    "apo_down_loss", "nca_pair_loss", "bco_pair_loss", "dpop_loss", "exo_pair_loss", "sppo_hard_loss", "aot_loss",
+    "aot_unpaired_loss", "discopop_loss", "odds_ratio_loss", "orpo_loss", "cpo_loss", "f_divergence_scores",
+    "sft_loss", "nll_loss",
 ]
-
-
-# ---------------------------------------------------------------------------------------------
-# BCO running reward shift (the only state in this module)
-# ---------------------------------------------------------------------------------------------
-
-
-class RewardShift:
-    """Running mean δ of all BCO rewards (r_c and r_r) seen so far.
-
-    Kept as an exact float64 sum and an integer count, so `value` equals the plain mean over
-    every element ever passed to `update` (up to float64 summation order) and a run resumed from
-    `state_dict()` continues bit-for-bit. Call `update` after each optimiser step with the step's
-    detached rewards (or `add` their sum and count, summed over all processes, so every process
-    holds the same δ). Before the first update δ = 0.
-    """
-
-    def __init__(self) -> None:
-        self._sum = 0.0
-        self._count = 0
-
-    @property
-    def value(self) -> float:
-        return self._sum / self._count if self._count else 0.0
-
-    @property
-    def count(self) -> int:
-        return self._count
-
-    def update(self, chosen_rewards: Tensor, rejected_rewards: Tensor) -> None:
-        """Fold one step's rewards (any shape, usually [B] each) into the running mean."""
-        for rewards in (chosen_rewards, rejected_rewards):
-            flat = rewards.detach().reshape(-1)
-            self.add(float(flat.to(torch.float64).sum().item()), int(flat.numel()))
-
-    def add(self, total: float, count: int) -> None:
-        """Fold a sum of `count` rewards into the running mean (a step's rewards summed over processes)."""
-        self._sum += total
-        self._count += count
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"sum": self._sum, "count": self._count}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self._sum = float(state["sum"])
-        self._count = int(state["count"])
-
-    def __repr__(self) -> str:
-        return f"RewardShift(value={self.value:.6g}, count={self._count})"
-
-
-# ---------------------------------------------------------------------------------------------
-# Registry: name -> formula adapter + properties
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class PairStats:
-    """The per-pair statistics every loss is a function of; all [B] float tensors.
-
-    ``chosen_logratios``/``rejected_logratios`` are None for a reference-free configuration.
-    ``reward_shift`` is BCO's running δ (a float), 0 until the first optimizer step.
-    """
-
-    policy_chosen_logps: Tensor
-    policy_rejected_logps: Tensor
-    chosen_logratios: Tensor | None
-    rejected_logratios: Tensor | None
-    chosen_lengths: Tensor
-    rejected_lengths: Tensor
-    reward_shift: float = 0.0
-
-
-@dataclass(frozen=True)
-class LossSpec:
-    """A registered loss: ``compute(stats, config) -> [B]`` and the properties the rest of the code asks about."""
-
-    name: str
-    compute: Callable[[PairStats, LossConfig], Tensor]
-    reference_free: bool = False  # never reads the reference log-probs (no reference model is loaded)
-    label_smoothing: bool = False  # has an ε (flip probability) term
-    uses_lengths: bool = False  # reads the answers' token counts
-    uses_reward_shift: bool = False  # reads BCO's running reward mean, which the objective updates per step
-
-
-LOSSES: dict[str, LossSpec] = {}
-
-
-def register(name: str, compute: Callable[[PairStats, LossConfig], Tensor], **properties: bool) -> LossSpec:
-    """Add a loss to the registry under `name` (see `LossSpec` for the properties)."""
-    if name in LOSSES:
-        raise ValueError(f"loss {name!r} is already registered")
-    LOSSES[name] = spec = LossSpec(name, compute, **properties)
-    return spec
-
-
-# The adapters below only pick the statistics each formula reads.
-register("sigmoid", lambda s, c: sigmoid_loss(s.chosen_logratios, s.rejected_logratios, c.beta, c.label_smoothing),
-         label_smoothing=True)
-register("robust", lambda s, c: robust_loss(s.chosen_logratios, s.rejected_logratios, c.beta, c.label_smoothing),
-         label_smoothing=True)
-register("ipo", lambda s, c: ipo_loss(s.chosen_logratios, s.rejected_logratios, s.chosen_lengths,
-                                      s.rejected_lengths, c.beta), uses_lengths=True)
-register("hinge", lambda s, c: hinge_loss(s.chosen_logratios, s.rejected_logratios, c.beta))
-register("sigmoid_norm", lambda s, c: sigmoid_norm_loss(s.chosen_logratios, s.rejected_logratios, s.chosen_lengths,
-                                                        s.rejected_lengths, c.beta, c.label_smoothing),
-         label_smoothing=True, uses_lengths=True)
-register("simpo", lambda s, c: simpo_loss(s.policy_chosen_logps, s.policy_rejected_logps, s.chosen_lengths,
-                                          s.rejected_lengths, c.beta, c.simpo_gamma, c.label_smoothing),
-         reference_free=True, label_smoothing=True, uses_lengths=True)
-register("apo_zero", lambda s, c: apo_zero_loss(s.chosen_logratios, s.rejected_logratios, c.beta))
-register("apo_down", lambda s, c: apo_down_loss(s.chosen_logratios, s.rejected_logratios, c.beta))
-register("nca_pair", lambda s, c: nca_pair_loss(s.chosen_logratios, s.rejected_logratios, c.beta))
-register("bco_pair", lambda s, c: bco_pair_loss(s.chosen_logratios, s.rejected_logratios, c.beta, s.reward_shift),
-         uses_reward_shift=True)
-register("dpop", lambda s, c: dpop_loss(s.chosen_logratios, s.rejected_logratios, c.beta, c.dpop_lambda))
 
 LOSS_TYPES: tuple[str, ...] = tuple(LOSSES)
 """Every loss name `LossConfig.loss_types` accepts (the SFT term is `LossConfig.sft_weight`)."""
@@ -211,7 +90,7 @@ REFERENCE_FREE: frozenset[str] = frozenset(n for n, spec in LOSSES.items() if sp
 """Losses that never look at the reference model's log-probabilities."""
 
 LABEL_SMOOTHING_LOSSES: frozenset[str] = frozenset(n for n, spec in LOSSES.items() if spec.label_smoothing)
-"""Losses whose formula has a label-smoothing (flip probability) term ε."""
+"""Losses whose formula has a label-smoothing term ε."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -244,6 +123,10 @@ class LossConfig:
     simpo_gamma: float = 0.5
     dpop_lambda: float = 50.0
     sft_weight: float = 0.0
+    cpo_alpha: float = 1.0  # weight of CPO's NLL term (TRL's name and default)
+    discopop_tau: float = 0.05  # DiscoPOP's temperature τ (the paper's value)
+    f_divergence_type: str = "reverse_kl"  # f-DPO's divergence: one of F_DIVERGENCES
+    f_alpha_divergence_coef: float = 0.5  # α of the α-divergence, in (0, 1)
 
     def __post_init__(self) -> None:
         # Config files give lists (or a bare string); normalise so the frozen config is hashable.
@@ -319,6 +202,32 @@ class LossConfig:
         if sft_weight < 0:
             raise PreftuneError(f"sft_weight must be >= 0 (0 disables the SFT term), got {sft_weight}.")
         object.__setattr__(self, "sft_weight", sft_weight)
+        self._check_issue24_options(types, eps)
+
+    def _check_issue24_options(self, types: tuple[str, ...], eps: float) -> None:
+        """The options of exo_pair, discopop, cpo and f-DPO: each wrong value is one sentence."""
+        for name, low in (("cpo_alpha", None), ("discopop_tau", 0.0), ("f_alpha_divergence_coef", 0.0)):
+            value = _finite(name, getattr(self, name))
+            if value < 0 or value == low:
+                raise PreftuneError(f"{name} must be {'>' if low is not None else '>='} 0, got {value}.")
+            object.__setattr__(self, name, value)
+        if self.f_alpha_divergence_coef >= 1:
+            raise PreftuneError(f"f_alpha_divergence_coef must be in (0, 1), got {self.f_alpha_divergence_coef}: "
+                                "α → 0 is reverse_kl and α = 1 forward_kl; use those f_divergence_type values.")
+        if "exo_pair" in types and eps == 0:
+            raise PreftuneError("exo_pair needs label_smoothing > 0: it is ε of EXO's target [1-ε, ε] and log ε "
+                                "must be finite; the EXO paper uses 1e-3.")
+        kind = str(self.f_divergence_type)
+        if kind not in F_DIVERGENCES:
+            close = difflib.get_close_matches(kind, F_DIVERGENCES, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise PreftuneError(f"f_divergence_type must be one of {', '.join(F_DIVERGENCES)}; got {kind!r}{hint}.")
+        unsupported = [t for t in types if not LOSSES[t].f_divergence]
+        if kind != "reverse_kl" and unsupported:
+            raise PreftuneError(
+                f"f_divergence_type={kind} does not apply to {', '.join(unsupported)} (only losses of the "
+                f"chosen-minus-rejected reward gap have an f-DPO form: "
+                f"{', '.join(n for n, spec in LOSSES.items() if spec.f_divergence)}); use reverse_kl with them.")
 
     @property
     def needs_reference(self) -> bool:
@@ -329,6 +238,28 @@ class LossConfig:
     def uses_reward_shift(self) -> bool:
         """Whether a loss reads BCO's running reward mean (the objective then updates it every step)."""
         return any(LOSSES[t].uses_reward_shift for t in self.loss_types)
+
+    def check_reference(self, reference: str, reference_model: str | None = None) -> None:
+        """A reference setting that cannot apply to these losses is one sentence (`PreftuneError`), before any work.
+
+        `reference` is TrainConfig's strategy (auto, copy, lora_disabled, precomputed, none): a reference-free
+        configuration (every loss reference-free: simpo, orpo, cpo) loads and scores no reference model, so a named
+        strategy or `reference_model` would be silently ignored; `none` with a loss that reads log π/π_ref would
+        fail at the first step.
+        """
+        names = "+".join(self.loss_types)
+        if not self.needs_reference:
+            if reference not in ("auto", "none"):
+                raise PreftuneError(f"reference '{reference}' has no use with loss {names}: it needs no reference "
+                                    "model (none is loaded or scored); leave reference at auto or set it to none.")
+            if reference_model:
+                raise PreftuneError(f"reference_model has no use with loss {names}: it needs no reference model; "
+                                    "remove reference_model.")
+        elif reference == "none":
+            needing = [t for t in self.loss_types if not LOSSES[t].reference_free]
+            raise PreftuneError(f"reference 'none' leaves no reference model, but {' and '.join(needing)} "
+                                f"need{'s' if len(needing) == 1 else ''} one (log π/π_ref); use reference auto, or "
+                                f"only reference-free losses ({', '.join(sorted(REFERENCE_FREE))}).")
 
     @property
     def weights(self) -> tuple[float, ...]:
@@ -364,8 +295,10 @@ def preference_loss(
 
     All inputs are [B]; `reference_*` may be None only when `config.needs_reference` is False.
     `reward_shift` is the BCO δ (`RewardShift.value`), used only by ``bco_pair``.
-    Rewards: β·chosen_logratios and β·rejected_logratios; for a reference-free config
-    β·pc/|c| and β·pr/|r| (SimPO's implicit reward).
+    Losses marked `f_divergence` read f'(π/π_ref) of `config.f_divergence_type` where the others read
+    log π/π_ref (the same tensors under the default reverse KL).
+    Rewards: β·chosen_logratios and β·rejected_logratios; for a reference-free config (simpo, orpo, cpo)
+    β·pc/|c| and β·pr/|r| (SimPO's implicit reward; ORPO's β·log P in TRL).
     Returns `LossOutput` with three [B] tensors (the caller takes the mean of `losses`).
     """
     if config.needs_reference and (reference_chosen_logps is None or reference_rejected_logps is None):
@@ -391,14 +324,16 @@ def preference_loss(
     lc, lr = _as_float(chosen_lengths), _as_float(rejected_lengths)
     beta = config.beta
 
+    stats = PairStats(pc, pr, lc, lr, reward_shift=reward_shift)
     if config.needs_reference:
         assert reference_chosen_logps is not None and reference_rejected_logps is not None
-        chosen_logratios = pc - _as_float(reference_chosen_logps)
-        rejected_logratios = pr - _as_float(reference_rejected_logps)
-    else:
-        chosen_logratios = rejected_logratios = None
-
-    stats = PairStats(pc, pr, chosen_logratios, rejected_logratios, lc, lr, reward_shift)
+        rc, rr = _as_float(reference_chosen_logps), _as_float(reference_rejected_logps)
+        chosen_logratios, rejected_logratios = pc - rc, pr - rr
+        kind, alpha = config.f_divergence_type, config.f_alpha_divergence_coef
+        stats = dataclasses.replace(
+            stats, reference_chosen_logps=rc, reference_rejected_logps=rr, chosen_logratios=chosen_logratios,
+            rejected_logratios=rejected_logratios, chosen_scores=f_divergence_scores(chosen_logratios, kind, alpha),
+            rejected_scores=f_divergence_scores(rejected_logratios, kind, alpha))
     total: Tensor | None = None
     for loss_type, weight in zip(config.loss_types, config.weights):
         term = LOSSES[loss_type].compute(stats, config)
@@ -411,9 +346,9 @@ def preference_loss(
         total = total + config.sft_weight * sft_loss(pc, lc)
 
     with torch.no_grad():
-        if chosen_logratios is not None and rejected_logratios is not None:
-            chosen_rewards = beta * chosen_logratios.detach()
-            rejected_rewards = beta * rejected_logratios.detach()
+        if stats.chosen_logratios is not None and stats.rejected_logratios is not None:
+            chosen_rewards = beta * stats.chosen_logratios.detach()
+            rejected_rewards = beta * stats.rejected_logratios.detach()
         else:
             chosen_rewards = beta * per_token(pc.detach(), lc)
             rejected_rewards = beta * per_token(pr.detach(), lr)

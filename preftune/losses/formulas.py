@@ -6,6 +6,8 @@ documents the statistics (logratios, lengths) and what β means.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -228,6 +230,162 @@ def sft_loss(policy_chosen_logps: Tensor, chosen_lengths: Tensor) -> Tensor:
     Reasoning Preference Optimization", arXiv:2404.19733. Shapes: [B], [B] -> [B].
     """
     return -per_token(policy_chosen_logps, chosen_lengths)
+
+
+def exo_pair_loss(
+    chosen_logratios: Tensor, rejected_logratios: Tensor, beta: float, label_smoothing: float
+) -> Tensor:
+    """EXO (pairwise form): the reverse KL from the model's preference distribution to a smoothed label.
+
+    q = σ(β·h) and 1-q are the probabilities the policy's implicit rewards give chosen and rejected;
+    the target puts 1-ε on chosen and ε on rejected (ε = `label_smoothing`, which must be in (0, 1));
+    loss = KL(q ‖ [1-ε, ε]) = q·(log q - log(1-ε)) + (1-q)·(log(1-q) - log ε),  h = chosen_logratios -
+    rejected_logratios. Minimum 0 where q = 1-ε (the fitted reward gap stops growing, unlike DPO's).
+
+    Paper: Ji et al. 2024, "Towards Efficient Exact Optimization of Language Model Alignment",
+    arXiv:2402.00856 (EXO-pref with K = 2 answers); the paper suggests ε = 1e-3.
+    Shapes: [B], [B] -> [B].
+    """
+    if not 0.0 < label_smoothing < 1.0:
+        raise ValueError(f"exo_pair_loss needs 0 < label_smoothing < 1, got {label_smoothing}")
+    z = beta * (chosen_logratios - rejected_logratios)
+    return (torch.sigmoid(z) * (F.logsigmoid(z) - math.log1p(-label_smoothing))
+            + torch.sigmoid(-z) * (F.logsigmoid(-z) - math.log(label_smoothing)))
+
+
+def sppo_hard_loss(chosen_logratios: Tensor, rejected_logratios: Tensor, beta: float) -> Tensor:
+    """SPPO with hard win probabilities: regress each log-ratio on ±η/2, η = 1/β.
+
+    loss = (chosen_logratios - 1/(2β))² + (rejected_logratios + 1/(2β))².
+
+    Paper: Wu et al. 2024, "Self-Play Preference Optimization for Language Model Alignment",
+    arXiv:2405.00675: the square loss of its Algorithm 1 with the estimated win probability P̂(y ≻ π)
+    set to 1 for the chosen answer and 0 for the rejected one (the soft version needs a preference model
+    and is not this function). Shapes: [B], [B] -> [B].
+    """
+    return (chosen_logratios - 0.5 / beta) ** 2 + (rejected_logratios + 0.5 / beta) ** 2
+
+
+def aot_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    reference_chosen_logps: Tensor,
+    reference_rejected_logps: Tensor,
+    beta: float,
+    label_smoothing: float = 0.0,
+) -> Tensor:
+    """AOT (paired): distributional preference alignment by one-dimensional optimal transport.
+
+    u = sort(pc - pr) and v = sort(rc - rr) over the batch (ascending), Δ = u - v (the i-th quantile of
+    the policy's margins against the reference's); loss_i = -(1-ε)·logσ(β·Δ_i) - ε·logσ(-β·Δ_i).
+    Entry i belongs to the i-th quantile, not to pair i; the batch is the sample of the distribution, so
+    the value depends on which pairs share a micro-batch (a batch of one is DPO on the same pair).
+
+    Paper: Melnyk et al. 2024, "Distributional Preference Alignment of LLMs via Optimal Transport",
+    arXiv:2406.05882. Shapes: four [B] tensors -> [B].
+    """
+    policy_margins, _ = torch.sort(policy_chosen_logps - policy_rejected_logps, dim=0)
+    reference_margins, _ = torch.sort(reference_chosen_logps - reference_rejected_logps, dim=0)
+    return _smoothed_neg_logsigmoid(beta * (policy_margins - reference_margins), label_smoothing)
+
+
+def aot_unpaired_loss(
+    chosen_logratios: Tensor, rejected_logratios: Tensor, beta: float, label_smoothing: float = 0.0
+) -> Tensor:
+    """AOT (unpaired): the chosen log-ratios' distribution should dominate the rejected ones' quantile by quantile.
+
+    Δ = sort(chosen_logratios) - sort(rejected_logratios) over the batch (ascending, each sorted on its
+    own, so which rejected answer came with which chosen one is not used);
+    loss_i = -(1-ε)·logσ(β·Δ_i) - ε·logσ(-β·Δ_i). As for `aot_loss`, entry i is the i-th quantile.
+
+    Paper: Melnyk et al. 2024, "Distributional Preference Alignment of LLMs via Optimal Transport",
+    arXiv:2406.05882. Shapes: [B], [B] -> [B].
+    """
+    chosen_sorted, _ = torch.sort(chosen_logratios, dim=0)
+    rejected_sorted, _ = torch.sort(rejected_logratios, dim=0)
+    return _smoothed_neg_logsigmoid(beta * (chosen_sorted - rejected_sorted), label_smoothing)
+
+
+def discopop_loss(chosen_logratios: Tensor, rejected_logratios: Tensor, beta: float, tau: float = 0.05) -> Tensor:
+    """DiscoPOP (log-ratio modulated loss): a blend of the logistic (DPO) and exponential losses.
+
+    z = β·h, h = chosen_logratios - rejected_logratios, m = σ(z/τ);
+    loss = (1 - m)·(-logσ(z)) + m·exp(-z).
+
+    m·exp(-z) is computed as exp(logσ(z/τ) - z), the same number, because for a very negative z the
+    product form is 0·inf = NaN in floating point.
+    Paper: Lu et al. 2024, "Discovering Preference Optimization Algorithms with and for Large Language
+    Models", arXiv:2406.08414 (τ = 0.05 there). Shapes: [B], [B] -> [B].
+    """
+    z = beta * (chosen_logratios - rejected_logratios)
+    scaled = z / tau
+    return (1.0 - torch.sigmoid(scaled)) * -F.logsigmoid(z) + torch.exp(F.logsigmoid(scaled) - z)
+
+
+def log1mexp(x: Tensor) -> Tensor:
+    """log(1 - eˣ) for x < 0, accurate on both sides of -ln 2 (Mächler 2012, "Accurately Computing
+    log(1 - exp(-|a|))"): log1p(-eˣ) far from 0, log(-expm1(x)) near it. Shapes: any -> same."""
+    return torch.where(x < -math.log(2.0), torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
+
+
+def odds_ratio_loss(
+    policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, chosen_lengths: Tensor, rejected_lengths: Tensor
+) -> Tensor:
+    """ORPO's relative-ratio term L_OR: the log odds ratio of chosen over rejected through -logσ.
+
+    P(y|x) = exp(logps/|y|) (length-averaged), odds(y|x) = P/(1-P);
+    log odds ratio = (ac - ar) - (log(1-e^ac) - log(1-e^ar)),  ac = pc/|c|, ar = pr/|r|;
+    loss = -logσ(log odds ratio).
+
+    Paper: Hong, Lee & Thorne 2024, "ORPO: Monolithic Preference Optimization without Reference
+    Model", arXiv:2403.07691 (its L_OR). Needs every answer's average log-prob below 0 (a probability
+    below 1), which a softmax over more than one token always gives. Shapes: four [B] tensors -> [B].
+    """
+    avg_chosen, avg_rejected = per_token(policy_chosen_logps, chosen_lengths), per_token(
+        policy_rejected_logps, rejected_lengths)
+    log_odds = (avg_chosen - avg_rejected) - (log1mexp(avg_chosen) - log1mexp(avg_rejected))
+    return -F.logsigmoid(log_odds)
+
+
+def orpo_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    chosen_lengths: Tensor,
+    rejected_lengths: Tensor,
+    lam: float,
+) -> Tensor:
+    """ORPO: SFT and preference alignment in one reference-free loss.
+
+    loss = -pc/|c| + λ·L_OR  (L_SFT + λ·L_OR, the paper's objective, per pair; see `odds_ratio_loss`).
+
+    L_SFT is the chosen answer's per-token NLL, per pair (`sft_loss`): each pair weighs the same whatever
+    its length, and prompt tokens are not trained. TRL's ORPOTrainer instead averages one cross-entropy
+    over every non-padding token of the batch's chosen rows, prompt tokens included.
+    Paper: Hong, Lee & Thorne 2024, arXiv:2403.07691. Shapes: four [B] tensors -> [B].
+    """
+    return sft_loss(policy_chosen_logps, chosen_lengths) + lam * odds_ratio_loss(
+        policy_chosen_logps, policy_rejected_logps, chosen_lengths, rejected_lengths)
+
+
+def cpo_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    chosen_lengths: Tensor,
+    beta: float,
+    nll_weight: float = 1.0,
+    label_smoothing: float = 0.0,
+) -> Tensor:
+    """CPO: a reference-free DPO-style contrast on summed log-probs, plus an NLL term on the chosen answer.
+
+    z = β·(pc - pr);  loss = -(1-ε)·logσ(z) - ε·logσ(-z) + α·(-pc/|c|),  α = `nll_weight` (TRL's cpo_alpha).
+
+    Paper: Xu et al. 2024, "Contrastive Preference Optimization: Pushing the Boundaries of LLM Performance
+    in Machine Translation", arXiv:2401.08417 (L_prefer + L_NLL). The NLL is per pair and per token
+    (`sft_loss`); TRL's CPOTrainer averages it over all chosen answer tokens of the batch instead (the same
+    when the chosen answers have equal lengths). Shapes: three [B] tensors -> [B].
+    """
+    contrast = _smoothed_neg_logsigmoid(beta * (policy_chosen_logps - policy_rejected_logps), label_smoothing)
+    return contrast + nll_weight * sft_loss(policy_chosen_logps, chosen_lengths)
 
 
 def nll_loss(logps: Tensor, lengths: Tensor) -> Tensor:
