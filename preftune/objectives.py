@@ -14,8 +14,9 @@ from typing import Any
 import torch
 
 from preftune.data.tokenize import TokenizedPair
+from preftune.errors import PreftuneError
 from preftune.logprobs import SequenceLogps
-from preftune.losses import LossConfig, RewardShift, preference_loss
+from preftune.losses import LOSSES, REFERENCE_FREE, LossConfig, RewardShift, preference_loss
 
 
 class Objective:
@@ -59,9 +60,15 @@ class PreferenceObjective(Objective):
 
     name = "dpo"
 
-    def __init__(self, loss_config: LossConfig):
+    def __init__(self, loss_config: LossConfig, reference: str = "auto"):
+        """`reference`: the run's strategy; `none` is refused (one sentence) when a loss needs a reference."""
         self.loss_config = loss_config
         self.needs_reference = loss_config.needs_reference
+        if reference == "none" and self.needs_reference:
+            needing = [t for t in loss_config.loss_types if not LOSSES[t].reference_free]
+            raise PreftuneError(f"reference 'none' leaves no reference model, but {' and '.join(needing)} "
+                                f"need{'s' if len(needing) == 1 else ''} one (log π/π_ref); use reference auto, or "
+                                f"only reference-free losses ({', '.join(sorted(REFERENCE_FREE))}).")
         if not self.needs_reference:
             self.notes = (f"reference: none — loss {'+'.join(loss_config.loss_types)} needs no reference model "
                           "(no reference pass, no reference_logps/ folder)",)
@@ -141,7 +148,8 @@ class SFTObjective(Objective):
                 "logps/chosen": sums.get("logps/chosen", 0.0) / max(sums.get("pairs", 0.0), 1.0)}
 
 
-def make_objective(task: str, loss_config: LossConfig) -> Objective:
+def make_objective(task: str, loss_config: LossConfig, reference: str = "auto") -> Objective:
+    """The objective of `task` (sft, or the DPO family); `reference` is the run's reference strategy."""
     if task == "sft":
         return SFTObjective()
-    return PreferenceObjective(loss_config)
+    return PreferenceObjective(loss_config, reference)

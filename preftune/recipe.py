@@ -135,7 +135,7 @@ class Recipe:
 
         transformers.utils.logging.set_verbosity_error()
         cfg = self.cfg
-        self.objective = make_objective(self.task, cfg.loss_config())
+        self.objective = make_objective(self.task, cfg.loss_config(), cfg.reference)
         self.run_dir = RunDir.plan(cfg.output_dir, resume=cfg.resume, overwrite=cfg.overwrite)  # checks only
         self.model_path = resolve_model_path(cfg.model, cfg.allow_pickle)
         notes: list[str] = []

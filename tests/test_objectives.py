@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from preftune.data.tokenize import TokenizedPair
+from preftune.errors import PreftuneError
 from preftune.logprobs import SequenceLogps
 from preftune.losses import LossConfig
 from preftune.objectives import PreferenceObjective, SFTObjective, make_objective
@@ -67,6 +68,16 @@ def test_reference_free_objective_says_so():
     assert float(total) == pytest.approx(0.721915, abs=1e-6) and "kl_sum" not in sums
     assert make_objective("dpo", LossConfig(loss_types=("orpo", "sigmoid"))).notes == ()
     assert make_objective("sft", LossConfig()).notes == ()
+
+
+def test_reference_none_is_refused_where_a_loss_needs_one():
+    """`reference: none` with sigmoid would reach the first step with no reference log-probs: one sentence at
+    set-up instead. A reference-free loss, and SFT (the same settings, no reference), accept it."""
+    with pytest.raises(PreftuneError, match=r"^reference 'none' leaves no reference model, but sigmoid and ipo "
+                                            r"need one \(log π/π_ref\); use reference auto, or only reference-free"):
+        make_objective("dpo", LossConfig(loss_types=("sigmoid", "orpo", "ipo")), reference="none")
+    assert not make_objective("dpo", LossConfig(loss_types=("cpo",)), reference="none").needs_reference
+    assert make_objective("sft", LossConfig(), reference="none").name == "sft"
 
 
 def test_preference_summary_by_hand():

@@ -240,26 +240,22 @@ class LossConfig:
         return any(LOSSES[t].uses_reward_shift for t in self.loss_types)
 
     def check_reference(self, reference: str, reference_model: str | None = None) -> None:
-        """A reference setting that cannot apply to these losses is one sentence (`PreftuneError`), before any work.
+        """A reference setting these losses cannot use is one sentence (`PreftuneError`), before any work.
 
-        `reference` is TrainConfig's strategy (auto, copy, lora_disabled, precomputed, none): a reference-free
-        configuration (every loss reference-free: simpo, orpo, cpo) loads and scores no reference model, so a named
-        strategy or `reference_model` would be silently ignored; `none` with a loss that reads log π/π_ref would
-        fail at the first step.
+        `reference` is TrainConfig's strategy (auto, copy, lora_disabled, precomputed, none). A reference-free
+        configuration (every loss reference-free: simpo, orpo, cpo) loads and scores no reference model, so a
+        named strategy or `reference_model` would be silently ignored. (`none` with a loss that needs a reference
+        is the objective's check: SFT runs take the same settings and need none.)
         """
+        if self.needs_reference:
+            return
         names = "+".join(self.loss_types)
-        if not self.needs_reference:
-            if reference not in ("auto", "none"):
-                raise PreftuneError(f"reference '{reference}' has no use with loss {names}: it needs no reference "
-                                    "model (none is loaded or scored); leave reference at auto or set it to none.")
-            if reference_model:
-                raise PreftuneError(f"reference_model has no use with loss {names}: it needs no reference model; "
-                                    "remove reference_model.")
-        elif reference == "none":
-            needing = [t for t in self.loss_types if not LOSSES[t].reference_free]
-            raise PreftuneError(f"reference 'none' leaves no reference model, but {' and '.join(needing)} "
-                                f"need{'s' if len(needing) == 1 else ''} one (log π/π_ref); use reference auto, or "
-                                f"only reference-free losses ({', '.join(sorted(REFERENCE_FREE))}).")
+        if reference not in ("auto", "none"):
+            raise PreftuneError(f"reference '{reference}' has no use with loss {names}: it needs no reference "
+                                "model (none is loaded or scored); leave reference at auto or set it to none.")
+        if reference_model:
+            raise PreftuneError(f"reference_model has no use with loss {names}: it needs no reference model; "
+                                "remove reference_model.")
 
     @property
     def weights(self) -> tuple[float, ...]:
