@@ -344,6 +344,20 @@ def test_orpo_by_hand():
     close(out.chosen_rewards, [-0.1 * math.log(2.0)])
 
 
+def test_orpo_stays_finite_when_an_answer_has_probability_one():
+    """A mean log-prob that rounds to 0 (P = 1, infinite odds) is capped at -1e-6, log(1 - e^-1e-6) = -13.815511.
+    Chosen at P = 1 against rejected P = 1/4: log odds ratio = (ln 4 - 1e-6) - (-13.815511 - ln 0.75) = 14.914
+    → λ·L_OR = 0.1·3.3e-7, NLL 0 → 3.3e-8. Chosen P = 1/2 against rejected at P = 1: log odds ratio
+    = -13.815510 → ln 2 + 0.1·13.815511 = 2.074698. Gradients finite in both (uncapped: NaN)."""
+    for pc, pr in ((t(0.0), t(-3 * math.log(4.0))), (t(-2 * math.log(2.0)), t(0.0))):
+        pc, pr = pc.requires_grad_(), pr.requires_grad_()
+        loss = orpo_loss(pc, pr, t(2.0), t(3.0), lam=0.1)
+        loss.sum().backward()
+        assert torch.isfinite(loss).all() and torch.isfinite(pc.grad).all() and torch.isfinite(pr.grad).all()
+    close(orpo_loss(t(0.0), t(-3 * math.log(4.0)), t(2.0), t(3.0), lam=0.1), [3.3e-8])
+    close(orpo_loss(t(-2 * math.log(2.0)), t(0.0), t(2.0), t(3.0), lam=0.1), [2.074698])
+
+
 def test_cpo_by_hand():
     """β = 0.5, pc = -1, pr = -3 → z = 1 → sp(-1) = 0.313262; NLL -pc/|c| = 0.5 (|c| = 2); α = 1 → 0.813262,
     α = 0 → the contrast alone; ε = 0.1 adds ε·z = 0.1."""

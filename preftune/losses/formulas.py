@@ -322,6 +322,9 @@ def discopop_loss(chosen_logratios: Tensor, rejected_logratios: Tensor, beta: fl
     return (1.0 - torch.sigmoid(scaled)) * -F.logsigmoid(z) + torch.exp(F.logsigmoid(scaled) - z)
 
 
+_MAX_MEAN_LOGP = -1e-6  # ORPO: a mean log-prob of 0 (P = 1) has infinite odds; see `odds_ratio_loss`
+
+
 def log1mexp(x: Tensor) -> Tensor:
     """log(1 - eˣ) for x < 0, accurate on both sides of -ln 2 (Mächler 2012, "Accurately Computing
     log(1 - exp(-|a|))"): log1p(-eˣ) far from 0, log(-expm1(x)) near it. Shapes: any -> same."""
@@ -338,11 +341,13 @@ def odds_ratio_loss(
     loss = -logσ(log odds ratio).
 
     Paper: Hong, Lee & Thorne 2024, "ORPO: Monolithic Preference Optimization without Reference
-    Model", arXiv:2403.07691 (its L_OR). Needs every answer's average log-prob below 0 (a probability
-    below 1), which a softmax over more than one token always gives. Shapes: four [B] tensors -> [B].
+    Model", arXiv:2403.07691 (its L_OR). The odds are infinite at P = 1, which float32 reaches when every
+    token of an answer has probability 1 - 6e-8 or more (a confident model on a short answer): the mean
+    log-probs are capped at -1e-6 (P = 1 - 1e-6), so the loss and its gradient stay finite (TRL's would be NaN).
+    Shapes: four [B] tensors -> [B].
     """
-    avg_chosen, avg_rejected = per_token(policy_chosen_logps, chosen_lengths), per_token(
-        policy_rejected_logps, rejected_lengths)
+    avg_chosen, avg_rejected = (per_token(logps, lengths).clamp_max(_MAX_MEAN_LOGP) for logps, lengths in (
+        (policy_chosen_logps, chosen_lengths), (policy_rejected_logps, rejected_lengths)))
     log_odds = (avg_chosen - avg_rejected) - (log1mexp(avg_chosen) - log1mexp(avg_rejected))
     return -F.logsigmoid(log_odds)
 
