@@ -15,11 +15,11 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "preftune"
 LAYERS = [
-    ("preftune.errors", "preftune.version"),
+    ("preftune.errors", "preftune.version", "preftune.options"),
     ("preftune.data",),
     ("preftune.modeling", "preftune.logprobs", "preftune.packing", "preftune.device", "preftune.scoring"),
     ("preftune.losses", "preftune.objectives", "preftune.optim"),
-    ("preftune.config", "preftune.config_checks", "preftune.outputs", "preftune.callbacks"),
+    ("preftune.config", "preftune.command_options", "preftune.outputs", "preftune.callbacks"),
     None,  # every other module: a feature (recipe, audit, evaluation, generation, hub, ...)
     ("preftune.cli", "preftune.__main__", "preftune"),
 ]

@@ -1,7 +1,7 @@
 """Preference losses: a registry of small pure functions over per-pair statistics (formulas.py), and the dispatch.
 
 Every forward path (plain, prefix-shared, packed, chunked; one process or many) reduces a batch to the
-same per-pair statistics and calls `preference_loss`, so each formula exists exactly once, here.
+same per-pair statistics and calls `preference_loss`, so each formula exists exactly once, in formulas.py.
 
 Adding a loss is one function (the formula, with paper and shapes in its docstring) plus one `register`
 call that says which statistics it reads and what it needs (a reference, lengths, label smoothing, the
@@ -60,6 +60,7 @@ from preftune.losses.formulas import (
     sigmoid_norm_loss,
     simpo_loss,
 )
+from preftune.options import LOSS_OPTIONS, include_options, validate
 
 __all__ = [
     "LOSSES",
@@ -230,20 +231,19 @@ def _finite(name: str, value: float) -> float:
 
 
 @dataclass(frozen=True)
+@include_options(LOSS_OPTIONS)
 class LossConfig:
     """Which preference losses to use and their hyperparameters.
 
     Several `loss_types` are combined as a weighted sum (MPO-style), plus `sft_weight` times the
-    per-token NLL of the chosen response (RPO). Invalid settings raise `PreftuneError`.
+    per-token NLL of the chosen response (RPO). The hyperparameters (beta, label_smoothing, simpo_gamma,
+    dpop_lambda, sft_weight, ...) are the loss options of the schema, `preftune.options.LOSS_OPTIONS`, with
+    their defaults and ranges; `TrainConfig.loss_config()` hands over the run's. Invalid settings raise
+    `PreftuneError`.
     """
 
     loss_types: tuple[str, ...] = ("sigmoid",)
     loss_weights: tuple[float, ...] | None = None
-    beta: float = 0.1
-    label_smoothing: float = 0.0
-    simpo_gamma: float = 0.5
-    dpop_lambda: float = 50.0
-    sft_weight: float = 0.0
 
     def __post_init__(self) -> None:
         # Config files give lists (or a bare string); normalise so the frozen config is hashable.
@@ -287,20 +287,10 @@ class LossConfig:
                 raise PreftuneError(f"loss_weights must all be >= 0, got {list(weights)}.")
             object.__setattr__(self, "loss_weights", weights)
 
-        beta = _finite("beta", self.beta)
-        if beta <= 0:
-            raise PreftuneError(
-                f"beta must be > 0, got {beta}: it is the strength of the KL anchor to the reference "
-                "(larger beta keeps the policy closer to the reference); 0.1 is the usual default."
-            )
-        object.__setattr__(self, "beta", beta)
-
-        eps = _finite("label_smoothing", self.label_smoothing)
-        if not 0.0 <= eps < 0.5:
-            raise PreftuneError(
-                f"label_smoothing must be in [0, 0.5), got {eps}: it is the assumed probability that a "
-                "preference label is flipped (0 disables it; 0.1 is a typical value)."
-            )
+        # The hyperparameters' types and ranges, as declared once in the schema (already checked when they come
+        # from a TrainConfig; a LossConfig built in Python gets the same checks).
+        validate(self)
+        eps = self.label_smoothing
         if eps > 0:
             unused = [t for t in types if not LOSSES[t].label_smoothing]
             if unused:
@@ -308,17 +298,6 @@ class LossConfig:
                     f"label_smoothing={eps} has no effect on loss type(s) {', '.join(unused)}; set it to 0 or use "
                     f"only losses that support it ({', '.join(n for n, spec in LOSSES.items() if spec.label_smoothing)})."
                 )
-        object.__setattr__(self, "label_smoothing", eps)
-
-        object.__setattr__(self, "simpo_gamma", _finite("simpo_gamma", self.simpo_gamma))
-        dpop_lambda = _finite("dpop_lambda", self.dpop_lambda)
-        if dpop_lambda < 0:
-            raise PreftuneError(f"dpop_lambda must be >= 0 (50 is the paper's default), got {dpop_lambda}.")
-        object.__setattr__(self, "dpop_lambda", dpop_lambda)
-        sft_weight = _finite("sft_weight", self.sft_weight)
-        if sft_weight < 0:
-            raise PreftuneError(f"sft_weight must be >= 0 (0 disables the SFT term), got {sft_weight}.")
-        object.__setattr__(self, "sft_weight", sft_weight)
 
     @property
     def needs_reference(self) -> bool:
