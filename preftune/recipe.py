@@ -44,9 +44,8 @@ from preftune.modeling.load import (
 from preftune.modeling.reference import Placement, build_reference
 from preftune.objectives import make_objective
 from preftune.optim import build_optimizer, lr_schedule
-from preftune.outputs.checkpoint import load_checkpoint, save_checkpoint, save_final
+from preftune.outputs.checkpoint import load_checkpoint, pick_checkpoint, save_checkpoint, save_final
 from preftune.outputs.identity import check_resume, run_identity
-from preftune.outputs.manifest import pick_checkpoint
 from preftune.outputs.metrics import MetricsWriter, Window, zeroed
 from preftune.outputs.run_dir import RunDir
 from preftune.runtime import StopRequest, seed_everything
