@@ -124,7 +124,7 @@ def _unknown_flags(command: str, extra: Sequence[str]) -> None:
     raise PreftuneError(f"unexpected argument {extra[0]!r}; see `preftune {command} --help`.")
 
 
-def _run(argv: Sequence[str] | None) -> int:
+def _run(argv: Sequence[str] | None, callbacks: Sequence[Any]) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if args.command is None:
@@ -140,7 +140,7 @@ def _run(argv: Sequence[str] | None) -> int:
     if args.command in ("train", "sft"):
         from preftune import recipe
 
-        result = (recipe.train if args.command == "train" else recipe.sft)(opts)
+        result = (recipe.train if args.command == "train" else recipe.sft)(opts, callbacks=list(callbacks))
         # One line per job, not per process.
         if os.environ.get("RANK", "0") != "0":
             return EXIT_RESUMABLE if result.interrupted else 0
@@ -225,9 +225,11 @@ def _run_eval_command(command: str, opts: Any) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, callbacks: Sequence[Any] = ()) -> int:
+    """The `preftune` command with arguments `argv` (default: the process's); returns the exit status. `callbacks`
+    (preftune.callbacks.Callback objects) join a train/sft run's own: how a script watches a CLI run."""
     try:
-        code = _run(argv)
+        code = _run(argv, callbacks)
     except PreftuneError as e:
         print(f"preftune: error: {e}", file=sys.stderr)
         code = EXIT_USAGE
@@ -235,7 +237,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("preftune: interrupted", file=sys.stderr)
         code = 130
     if "torch" in sys.modules:  # no process group without torch, and `--help` need not import it
-        from preftune.distributed import shutdown
+        from preftune.launch import shutdown
 
         shutdown(code)
     return code
