@@ -27,6 +27,7 @@ from preftune.command_options import (
 )
 from preftune.config import TrainConfig, flag_value, read_yaml
 from preftune.errors import PreftuneError
+from preftune.launch import shutdown
 from preftune.options import options_of
 from preftune.version import __version__
 
@@ -191,6 +192,7 @@ def _run_demo(argv: Sequence[str]) -> int:
 # ----------------------------------------------------------------------------- generate, eval, report, push
 
 def _run_eval_command(command: str, opts: Any) -> int:
+    # As in _run: each command's module (torch, transformers, matplotlib, huggingface_hub) is imported when it runs.
     if command == "generate":
         from preftune.generate import read_prompts, run_generate
 
@@ -237,8 +239,6 @@ def main(argv: Sequence[str] | None = None, callbacks: Sequence[Any] = ()) -> in
         print("preftune: interrupted", file=sys.stderr)
         code = 130
     if "torch" in sys.modules:  # no process group without torch, and `--help` need not import it
-        from preftune.launch import shutdown
-
         shutdown(code)
     return code
 

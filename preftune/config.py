@@ -29,6 +29,7 @@ from preftune.options import (
     LOSS_OPTIONS,
     MAX_LENGTH,
     MAX_PROMPT_LENGTH,
+    MIXED_PRECISIONS,
     MODEL,
     PROMPT_FIELD,
     PROMPT_TEMPLATE,
@@ -175,7 +176,7 @@ class TrainConfig:
                            may_change=True)
     max_steps: int = _f(0, "Optimizer steps to run (0 = derive from num_epochs).", range="[0, inf)", may_change=True)
     mixed_precision: str = _f("no", "Autocast: no, bf16 or fp16 (weights stay in their dtype).",
-                              choices=("no", "bf16", "fp16"))
+                              choices=MIXED_PRECISIONS)
     on_nonfinite: str = _f("stop", "A NaN/infinite loss or gradient: stop (naming the step and examples) or skip the step.",
                            choices=("stop", "skip"), may_change=True)
     seed: int = SEED.field()

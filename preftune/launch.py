@@ -11,6 +11,7 @@ import sys
 from collections.abc import Callable, Mapping
 
 from preftune.errors import PreftuneError
+from preftune.options import MIXED_PRECISIONS
 
 _COUNTS = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "NODE_RANK", "GROUP_RANK", "MASTER_PORT")
 _SWITCHES = ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_CPU")
@@ -56,7 +57,7 @@ def launcher_precision(env: Mapping[str, str] | None = None) -> str | None:
     value = (os.environ if env is None else env).get("ACCELERATE_MIXED_PRECISION")
     if value is None or value.strip() == "":
         return None
-    if value.strip().lower() not in ("no", "bf16", "fp16"):
+    if value.strip().lower() not in MIXED_PRECISIONS:
         raise PreftuneError(f"ACCELERATE_MIXED_PRECISION={value!r} (the accelerate config's mixed_precision) is not "
                             "a precision preftune trains in: set mixed_precision to bf16, fp16 or no in the accelerate "
                             "config (or unset the variable and pass --mixed-precision).")
@@ -66,7 +67,7 @@ def launcher_precision(env: Mapping[str, str] | None = None) -> str | None:
 def resolve_precision(requested: str, say: Callable[[str], None] = print) -> str:
     """preftune's `mixed_precision` unless left at "no" while the accelerate config asks for bf16/fp16."""
     launched = launcher_precision()
-    if requested == "no" and launched in ("bf16", "fp16"):
+    if requested == "no" and launched not in (None, "no"):
         say(f"mixed precision {launched} (from the accelerate config)")
         return launched
     if launched is not None and launched != requested:

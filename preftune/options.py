@@ -280,6 +280,7 @@ CHOSEN_FIELD = Option("chosen", "Column holding the preferred answer.")
 REJECTED_FIELD = Option("rejected", "Column holding the dispreferred answer.")
 PROMPT_TEMPLATE = Option(None, "Build the prompt from several fields, e.g. '{system}\\n\\n{question}' (fields are "
                          "dotted paths; an empty field drops the text before it).")
+MIXED_PRECISIONS = ("no", "bf16", "fp16")  # distributed.PRECISIONS holds the autocast dtype of each but "no"
 DTYPE = Option("float32", "Weights dtype: float32, bfloat16 or float16.", choices=("float32", "bfloat16", "float16"))
 SEED = Option(42, "Seed for data order, initialisation and dropout.", range="[0, inf)", int_max=MAX_SEED)
 LORA = Option(False, "Train LoRA adapters instead of all weights.")
