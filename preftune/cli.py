@@ -156,7 +156,7 @@ def _run(argv: Sequence[str] | None, callbacks: Sequence[Any]) -> int:
 
         return run_inspect(opts)
     if args.command == "plan":
-        from preftune.plan import run_plan
+        from preftune.memory_plan import run_plan
 
         return run_plan(opts)
     return _run_eval_command(args.command, opts)
