@@ -103,7 +103,7 @@ numbers = st.sampled_from(["0", "-1", "-2", "1", "2", "1e23", "nan", "inf", "-in
                            "true", "", "cuda", "banana", "4294967296"])
 
 
-@settings(max_examples=60, deadline=None, derandomize=True, database=None,
+@settings(max_examples=40, deadline=None, derandomize=True, database=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(st.sampled_from(sorted(COMMAND_FLAGS)).flatmap(
     lambda cmd: st.tuples(st.just(cmd), st.lists(st.tuples(st.sampled_from(COMMAND_FLAGS[cmd]), numbers), max_size=4))))
