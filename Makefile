@@ -22,11 +22,11 @@ demo: install
 	$(BIN)/python -m examples.news_demo $(DEMO_ARGS)
 
 test: install
-	$(BIN)/ruff check preftune tests bench examples
+	$(BIN)/ruff check preftune tests bench examples tools
 	$(BIN)/python -m pytest tests
 
 lint: install
-	$(BIN)/ruff check preftune tests bench examples
+	$(BIN)/ruff check preftune tests bench examples tools
 
 bench: install
 	$(BIN)/pip install --quiet -e '.[bench]'
@@ -35,7 +35,7 @@ bench: install
 # Mutation testing of the core modules (mutmut, config in pyproject.toml), one module at a time so a slow one
 # cannot starve the rest, each run capped at MUTATE_TIMEOUT seconds. Every mutant of a recipe or log-prob function
 # costs training runs, so those two are sampled (every MUTATE_EVERY-th mutant, a fixed sample; 1 = all).
-# Writes mutation-report.md (score per module, the mutants not killed); tests/MUTATION.md explains the
+# Writes mutation-report.md (score per module, the mutants not killed); tools/MUTATION.md explains the
 # survivors. Too slow for CI.
 MUTATE_MODULES ?= preftune.losses preftune.data.collate preftune.data.tokenize preftune.objectives \
 	preftune.modeling.reference preftune.outputs.checkpoint
@@ -51,8 +51,8 @@ mutate: install
 			|| echo "mutmut run $$m stopped (exit $$?)"; \
 	done
 	OMP_NUM_THREADS=1 timeout $(MUTATE_TIMEOUT) $(BIN)/mutmut run --max-children $(MUTATE_JOBS) \
-		$$($(BIN)/python tests/mutation_sample.py $(MUTATE_EVERY) $(MUTATE_SAMPLED)) || echo "sampled run stopped"
-	$(BIN)/mutmut results --all true | $(BIN)/python tests/mutation_report.py > mutation-report.md
+		$$($(BIN)/python tools/mutation_sample.py $(MUTATE_EVERY) $(MUTATE_SAMPLED)) || echo "sampled run stopped"
+	$(BIN)/mutmut results --all true | $(BIN)/python tools/mutation_report.py > mutation-report.md
 	cat mutation-report.md
 
 clean:

@@ -2,9 +2,12 @@
 
 Each runs in its own process (`run.py --child KIND JOB`), so peak RSS / GPU memory are per run and nothing
 is shared or cached between runs. Clocks: `start` just before the tool's training call (model loading
-excluded, as both load the same weights), `train_begin` at the first step, a stamp at every optimizer
-step's end (CUDA-synchronised on a GPU), `end` = the last step. The parent adds the whole process's wall
-time (imports, loading, tokenization, reference pass, steps, final save).
+excluded, as both load the same weights: preftune's "model" phase, which also checks the vocabulary and picks
+the forward path, TRL's load before the clock starts), `train_begin` at the first step, a stamp at every
+optimizer step's end (CUDA-synchronised on a GPU), `end` = the last step; `reference` is preftune's
+"reference" phase (the precomputed pass and its cache file) and TRL's `_precompute_ref_logps`. preftune's
+phases come from its callback events (on_phase_start/on_phase_end), nothing of preftune is replaced. The
+parent adds the whole process's wall time (imports, loading, tokenization, reference pass, steps, final save).
 """
 
 from __future__ import annotations
@@ -55,20 +58,23 @@ class Clock:
         self.steps.append(w)
         self.marks["end"] = (w, c)
 
+    def add(self, seconds: float, cpu: float, key: str | None = None) -> None:
+        """A span excluded from the totals (model loading), or summed under `key`."""
+        if key is None:
+            self.excluded[0] += seconds
+            self.excluded[1] += cpu
+        else:
+            w, c = self.marks.get(key, (0.0, 0.0))
+            self.marks[key] = (w + seconds, c + cpu)
+
     def timed(self, fn, key: str | None = None):
-        """Wrap `fn`; its duration is excluded from the spans (model loading), or summed under `key`."""
+        """Wrap `fn` (TRL's, here) so its duration is excluded, or summed under `key` (see `add`)."""
         def wrapper(*a, **k):
             w0, c0 = time.perf_counter(), time.process_time()
             try:
                 return fn(*a, **k)
             finally:
-                dw, dc = time.perf_counter() - w0, time.process_time() - c0
-                if key is None:
-                    self.excluded[0] += dw
-                    self.excluded[1] += dc
-                else:
-                    w, c = self.marks.get(key, (0.0, 0.0))
-                    self.marks[key] = (w + dw, c + dc)
+                self.add(time.perf_counter() - w0, time.process_time() - c0, key)
         return wrapper
 
     def result(self) -> dict:
@@ -89,11 +95,21 @@ def _gpu_peak() -> dict:
 
 
 def _preftune_hooks(clock: Clock):
-    """preftune.train with a callback that marks the first step's start and every step's end."""
+    """preftune.train with a callback that times the setup phases (model loading excluded, the reference pass
+    kept), and marks the first step's start and every step's end."""
     import preftune
     from preftune.callbacks import Callback
 
     class Timer(Callback):
+        cpu = 0.0
+
+        def on_phase_start(self, state, name: str) -> None:
+            self.cpu = time.process_time()
+
+        def on_phase_end(self, state, name: str, seconds: float) -> None:
+            if name in ("model", "reference"):
+                clock.add(seconds, time.process_time() - self.cpu, None if name == "model" else "reference")
+
         def on_train_begin(self, state) -> None:
             clock.mark("train_begin")
 
@@ -112,18 +128,13 @@ def child_preftune(job: dict) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
 
     import preftune.data.load  # noqa: F401
-    import preftune.modeling.load as model_load
-    import preftune.modeling.reference as refs
+    import preftune.recipe  # noqa: F401
     from preftune import TrainConfig
     from preftune.outputs.metrics import read_metrics
 
     cuda = job.get("device") == "cuda"
     clock = Clock(cuda=cuda)
-    # Wrapped before the recipe module is imported, so its `from ... import load_model` gets the wrapper.
-    model_load.load_model = clock.timed(model_load.load_model)
     run = _preftune_hooks(clock)
-    if hasattr(refs, "precompute"):
-        refs.precompute = clock.timed(refs.precompute, key="reference")
     cfg = TrainConfig(model=job["model"], data=job["data"], output_dir=job["out"], max_steps=job["steps"],
                       batch_size=job["batch_size"], loss="sigmoid", max_length=job["max_length"],
                       max_prompt_length=job["max_prompt_length"], progress=False, overwrite=True,

@@ -15,7 +15,8 @@ of that process) is per measurement, and phases report the peak so far when they
 - data:   `load_splits` in a fresh process with an empty cache: read + validate + tokenize (+ write the cache).
 - rerun:  `load_splits` again in a new process, the cache from `data` in place.
 - train:  `preftune.train` with --steps optimizer steps (default reference: auto = precomputed), in a fresh
-          run folder, split into its phases: data, model load, reference pass, steps, save.
+          run folder, split into the phases the run reports to its callbacks (on_phase_start/on_phase_end):
+          data (tokenizer, read, validate, tokenize), model (load, checks, forward plan), reference, steps, save.
 - trl:    TRL's `DPOTrainer` on the same file: `datasets.load_dataset("json")` (read) and the trainer's
           `_prepare_dataset` (prompt/EOS handling and tokenization, one example at a time through
           `Dataset.map`), the model loaded before the clock starts.
@@ -53,7 +54,12 @@ class Phases:
     def __init__(self) -> None:
         self.out: dict[str, dict] = {}
 
+    def add(self, label: str, wall: float, cpu: float) -> None:
+        prev = self.out.get(label, {"wall_s": 0.0, "cpu_s": 0.0})
+        self.out[label] = {"wall_s": prev["wall_s"] + wall, "cpu_s": prev["cpu_s"] + cpu, "peak_rss_mib": _rss_mib()}
+
     def wrap(self, owner, name: str, label: str) -> None:
+        """Time another library's function (TRL's, datasets'); preftune's phases come from its callbacks."""
         fn = getattr(owner, name)
 
         def timed(*a, **k):
@@ -61,10 +67,25 @@ class Phases:
             try:
                 return fn(*a, **k)
             finally:
-                prev = self.out.get(label, {"wall_s": 0.0, "cpu_s": 0.0})
-                self.out[label] = {"wall_s": prev["wall_s"] + time.perf_counter() - w,
-                                   "cpu_s": prev["cpu_s"] + time.process_time() - c, "peak_rss_mib": _rss_mib()}
+                self.add(label, time.perf_counter() - w, time.process_time() - c)
         setattr(owner, name, timed)
+
+    def callback(self):
+        """A preftune callback that records the run's phases."""
+        from preftune.callbacks import Callback
+
+        phases = self
+
+        class PhaseClock(Callback):
+            cpu = 0.0
+
+            def on_phase_start(self, state, name: str) -> None:
+                self.cpu = time.process_time()
+
+            def on_phase_end(self, state, name: str, seconds: float) -> None:
+                phases.add(name, seconds, time.process_time() - self.cpu)
+
+        return PhaseClock()
 
 
 # ----------------------------------------------------------------------------------------------- generation
@@ -122,22 +143,17 @@ def child_data(job: dict) -> dict:
 
 
 def child_train(job: dict) -> dict:
-    """One `preftune.train` run, its phases timed by wrapping the recipe's own functions."""
+    """One `preftune.train` run, its phases timed by the run's own phase events (a tree without them: none)."""
     import torch
 
-    import preftune.recipe as recipe
     from preftune import TrainConfig, train
 
     torch.set_num_threads(job["threads"])
     phases = Phases()
-    for name, label in (("load_splits", "data"), ("load_model", "model"), ("build_reference", "reference")):
-        phases.wrap(recipe, name, label)
-    phases.wrap(recipe.Recipe, "train_loop", "steps")
-    phases.wrap(recipe.Recipe, "save", "save")
     cfg = TrainConfig(model=job["model"], data=job["data"], output_dir=job["out"], max_steps=job["steps"],
                       reference=job["reference"], progress=False, batch_size=8, learning_rate=1e-5)
     w, c = time.perf_counter(), time.process_time()
-    res = train(cfg)
+    res = train(cfg, callbacks=[phases.callback()])
     return {"wall_s": time.perf_counter() - w, "cpu_s": time.process_time() - c, "steps": res.steps,
             "phases": phases.out, "peak_rss_mib": _rss_mib()}
 

@@ -15,7 +15,6 @@ import sys
 
 import torch
 
-from preftune import recipe
 from preftune.callbacks import Callback
 from preftune.cli import main
 
@@ -44,6 +43,4 @@ class Probe(Callback):
                   flush=True)
 
 
-defaults = recipe.default_callbacks
-recipe.default_callbacks = lambda cfg: defaults(cfg) + [Probe()]
-sys.exit(main(sys.argv[1:]))
+sys.exit(main(sys.argv[1:], callbacks=[Probe()]))

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
-from preftune.plan import OVERHEAD, Setup, estimate, load_shape
+from preftune.memory_plan import OVERHEAD, Setup, estimate, load_shape
 
 SETUPS = {  # run name → (planner setup, bf16 autocast / mixed precision)
     "one": (Setup("single", 1, False), False),

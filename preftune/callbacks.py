@@ -1,9 +1,14 @@
 """Callbacks: what the recipe tells the outside world, and the built-in listeners.
 
-The recipe (train.py) calls each event on every callback, in order; every method is optional. The progress
+The recipe (recipe.py) calls each event on every callback, in order; every method is optional. The progress
 bar, the console lines, the benchmark's clocks, trackers and reports all listen here instead of reaching
 into the loop.
 
+    on_phase_start(state, name)          a phase begins: the setup's "data" (read, validate, tokenize), "model"
+                                         (load, check, forward plan), "prepare" (LoRA, optimizer, engine),
+                                         "reference", "resume" (only when resuming), then "steps" (the loop),
+                                         "evaluate" (the final evaluation) and "save" (final/)
+    on_phase_end(state, name, seconds)   it ended, after `seconds` of wall time (not when it raised)
     on_train_begin(state)      setup done (data, model, reference, optimizer), right before the first step
     on_step_end(state)         after every optimizer step; state.step = steps done
     on_log(state, row)         every metrics.jsonl row; row["split"] is "train" or "eval"; full precision
@@ -16,15 +21,20 @@ files should do so on the main process only.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import contextlib
+import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from preftune.errors import PreftuneError
+
 
 @dataclass
 class TrainState:
-    """What a callback may read about the run. The recipe updates it in place as the run goes."""
+    """What a callback may read about the run. The recipe updates it in place as the run goes (during the setup
+    phases only config, task and output_dir are set)."""
 
     config: Any  # TrainConfig
     task: str  # "dpo" or "sft"
@@ -48,6 +58,12 @@ class TrainState:
 class Callback:
     """Base class: override the events you need."""
 
+    def on_phase_start(self, state: TrainState, name: str) -> None:
+        pass
+
+    def on_phase_end(self, state: TrainState, name: str, seconds: float) -> None:
+        pass
+
     def on_train_begin(self, state: TrainState) -> None:
         pass
 
@@ -70,6 +86,22 @@ class CallbackList(Callback):
     def __init__(self, callbacks: Iterable[Callback] = ()):
         self.callbacks = list(callbacks)
 
+    @contextlib.contextmanager
+    def phase(self, state: TrainState, name: str) -> Iterator[None]:
+        """A block that is phase `name` of the run: on_phase_start, the block, on_phase_end with its wall time."""
+        self.on_phase_start(state, name)
+        start = time.perf_counter()
+        yield
+        self.on_phase_end(state, name, time.perf_counter() - start)
+
+    def on_phase_start(self, state: TrainState, name: str) -> None:
+        for cb in self.callbacks:
+            cb.on_phase_start(state, name)
+
+    def on_phase_end(self, state: TrainState, name: str, seconds: float) -> None:
+        for cb in self.callbacks:
+            cb.on_phase_end(state, name, seconds)
+
     def on_train_begin(self, state: TrainState) -> None:
         for cb in self.callbacks:
             cb.on_train_begin(state)
@@ -89,6 +121,16 @@ class CallbackList(Callback):
     def on_train_end(self, state: TrainState) -> None:
         for cb in self.callbacks:
             cb.on_train_end(state)
+
+
+def checked_callbacks(callbacks: Any) -> list[Callback]:
+    """The callbacks a caller hands to train()/sft(): None or a list of Callback objects, else one sentence (before
+    anything is loaded or written)."""
+    if callbacks is None:
+        return []
+    if not (isinstance(callbacks, (list, tuple)) and all(isinstance(c, Callback) for c in callbacks)):
+        raise PreftuneError(f"callbacks must be a list of preftune.callbacks.Callback objects, got {callbacks!r:.80}.")
+    return list(callbacks)
 
 
 class ProgressBar(Callback):

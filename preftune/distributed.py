@@ -8,8 +8,12 @@ recipe then asks the engine, never accelerate, for what differs between engines:
                    decoder layer) or a DeepSpeed engine; one process: nothing to wrap
     accumulating   the gradient-sync context of one micro-batch (DDP: no_sync until the last; FSDP2:
                    reduce-scatter every micro-batch so gradients stay sharded; DeepSpeed: the step boundary)
-    backward, clip_grad_norm, autocast, reduce_sum, barrier
+    backward, clip_grad_norm, step, autocast
+    reduce_sum     floats summed over processes (float64); sum_over_processes: a tensor (the metrics' totals)
+    device, num_processes, process_index, is_main_process, print, barrier, main_first, local_main_first
     full_state_dict the consolidated weights for final/ (a collective under FSDP2/ZeRO-3)
+
+`Engine.create` first checks the launch's environment variables and settles the precision (launch.py).
 
 Precision: `autocast` is torch.autocast from the run's own setting, so several runs in one Python process
 (tests, SFT then DPO) can use different precisions without resetting accelerate's per-process state (which has
@@ -27,7 +31,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import sys
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -37,25 +40,10 @@ from typing import Any
 import torch
 
 from preftune.errors import PreftuneError
+from preftune.launch import check_environment, resolve_precision
+from preftune.logprobs import causal_lm
 
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def launcher_precision() -> str | None:
-    """The mixed precision an `accelerate launch` config asked for (None when not launched that way)."""
-    value = os.environ.get("ACCELERATE_MIXED_PRECISION", "").lower()
-    return value if value in ("no", "bf16", "fp16") else None
-
-
-def resolve_precision(requested: str, say: Callable[[str], None] = print) -> str:
-    """preftune's `mixed_precision` unless left at "no" while the accelerate config asks for bf16/fp16."""
-    launched = launcher_precision()
-    if requested == "no" and launched in PRECISIONS:
-        say(f"mixed precision {launched} (from the accelerate config)")
-        return launched
-    if launched is not None and launched != requested:
-        say(f"mixed precision {requested} (preftune's mixed_precision; the accelerate config's {launched} is not used)")
-    return requested
 
 
 def _world_size() -> int:
@@ -102,9 +90,13 @@ class Engine:
 
     # ------------------------------------------------------------------------------------------ creation
     @classmethod
-    def create(cls, mixed_precision: str) -> Engine:
+    def create(cls, mixed_precision: str, say: Callable[[str], None] = print) -> Engine:
+        """The engine of this launch, with the run's `mixed_precision` or the one the accelerate config asks for
+        (launch.resolve_precision; `say` tells which)."""
         from accelerate.utils import DistributedType
 
+        check_environment()  # before accelerate reads the variables (a traceback there, or a wait that never ends)
+        mixed_precision = resolve_precision(mixed_precision, say)
         acc = _make_accelerator(mixed_precision)
         kind = {DistributedType.NO: "single", DistributedType.FSDP: "fsdp2",
                 DistributedType.DEEPSPEED: "deepspeed"}.get(acc.distributed_type, "ddp")
@@ -340,8 +332,13 @@ class Engine:
         """Sums over all processes (float64); the values themselves in a one-process run."""
         if self.num_processes == 1:
             return list(values)
-        t = torch.tensor(values, dtype=torch.float64, device=self.device)
-        return self.accelerator.reduce(t, reduction="sum").tolist()
+        return self.sum_over_processes(torch.tensor(values, dtype=torch.float64, device=self.device)).tolist()
+
+    def sum_over_processes(self, values: torch.Tensor) -> torch.Tensor:
+        """The elementwise sum of `values` (on self.device) over all processes; `values` in a one-process run."""
+        if self.num_processes == 1:
+            return values
+        return self.accelerator.reduce(values, reduction="sum")
 
     def barrier(self) -> None:
         self.accelerator.wait_for_everyone()
@@ -357,27 +354,6 @@ class Engine:
             raise PreftuneError(f"could not gather the final weights: {str(e).splitlines()[0]}") from None
         prefix = "model."
         return {k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)} if self.is_main_process else {}
-
-
-def shutdown(exit_code: int) -> None:
-    """End a process of a multi-process job: tear down the process group, run the interpreter's exit handlers,
-    flush, and exit with `exit_code` without C++ static destructors; returns at once when no group is up.
-
-    Why not a plain return: a process of a 2-process FSDP2 job on CPU, its work done and saved, sometimes died
-    while the interpreter shut down ("terminate called without an active exception", SIGABRT or SIGSEGV, no
-    Python frame on any thread): 1-2 runs in 12, and 1 in 20 still after destroying the process group. torchrun
-    then reports the whole job as failed. Skipping the C++ teardown of a finished process removes that, and
-    every Python-level cleanup (atexit: temporary folders, trackers, logging) has run by then."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return
-    import atexit
-
-    torch.distributed.destroy_process_group()
-    atexit._run_exitfuncs()
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(Exception):
-            stream.flush()
-    os._exit(exit_code)
 
 
 def check_launch(checkpoint: Path, now: dict[str, Any]) -> None:
@@ -400,8 +376,6 @@ def _expose_model_facts(wrapper: torch.nn.Module) -> None:
     """What accelerate reads from a transformers model, copied onto the LogpsModel around it: FSDP2's
     transformer-based wrap takes the decoder-layer classes from `_no_split_modules`, and DeepSpeed's "auto"
     bucket sizes come from `config.hidden_size`."""
-    from preftune.logprobs import causal_lm
-
     lm = causal_lm(getattr(wrapper, "model", wrapper))
     wrapper._no_split_modules = getattr(lm, "_no_split_modules", None)
     if getattr(lm, "config", None) is not None:

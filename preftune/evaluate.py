@@ -34,6 +34,7 @@ import torch
 
 from preftune.data.stats import histogram
 from preftune.errors import PreftuneError
+from preftune.options import BETA, check_value
 
 QUANTILES = (("p5", 0.05), ("p25", 0.25), ("median", 0.5), ("p75", 0.75), ("p95", 0.95))
 
@@ -104,7 +105,7 @@ class _Reference:
         self.context = model.disable_adapter if reference is None else contextlib.nullcontext
 
 
-def evaluate(model, tokenizer, records: Sequence[dict], *, reference=None, beta: float = 0.1, judge=None,
+def evaluate(model, tokenizer, records: Sequence[dict], *, reference=None, beta: float = BETA.default, judge=None,
              generate: int = 32, kl_samples: int = 32, max_new_tokens: int = 128, temperature: float = 0.0,
              top_p: float = 1.0, seed: int = 0, batch_size: int = 8, max_length: int = 1024,
              max_prompt_length: int = 512) -> dict[str, Any]:
@@ -122,8 +123,7 @@ def evaluate(model, tokenizer, records: Sequence[dict], *, reference=None, beta:
     from preftune.judging import judge_pairs, load_judge, win_rate
     from preftune.scoring import score_ids, score_records
 
-    if beta <= 0:
-        raise PreftuneError(f"beta must be > 0 (got {beta}).")
+    beta = check_value("beta", "float", BETA, beta)  # the schema's check, as for `train --beta`
     judge_fn = load_judge(judge) if judge is not None else None
     if judge_fn is not None and generate < 1:
         raise PreftuneError("a judge needs answers to compare; pass --generate N with N >= 1.")
@@ -209,7 +209,7 @@ def run_eval(model: str, data: Any, *, reference: str | None = None, base_model:
     from preftune.generate import load_model_for_generation
 
     run_dir, cfg = run_config(model)
-    beta = float(beta if beta is not None else cfg.get("beta", 0.1))
+    beta = beta if beta is not None else cfg.get("beta", BETA.default)
     for key in ("max_length", "max_prompt_length"):
         if key in cfg and key not in options:
             options[key] = cfg[key]

@@ -3,7 +3,7 @@
 An objective says whether it needs reference log-probs, turns a micro-batch's statistics into the sum of its
 per-example losses plus additive metric sums, gives the normaliser of a global batch (so accumulated
 micro-batches and processes add up to the gradient of one big batch), and turns a window of sums into the
-logged means. The recipe (train.py) asks it; it never branches on the task itself.
+logged means. The recipe (recipe.py) asks it; it never branches on the task itself.
 """
 
 from __future__ import annotations

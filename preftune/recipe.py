@@ -2,10 +2,12 @@
 
 Read top to bottom, a run is: setup (config → run folder checks → data → model → run folder → reference →
 optimizer and schedule → resume) → the step loop (micro-batches, loss, backward, clip, step, log, evaluate,
-checkpoint) → save (final/) → the end. Each concern lives in one room; this file calls it: the task's loss,
-normaliser and metrics (objectives.py), reference log-probs (modeling/reference.py), every path the run writes
-(outputs/run_dir.py), the batch order (data/sampler.py), the forward paths (logprobs.py). Events go to
-callbacks (callbacks.py): the progress bar, the console, benchmarks, trackers and reports listen there.
+checkpoint) → save (final/) → the end. The rest is called where it is owned: the task's loss, normaliser and
+metrics (objectives.py), reference log-probs (modeling/reference.py), every path the run writes
+(outputs/run_dir.py), the batch order (data/sampler.py), the forward paths (logprobs.py), and whatever differs
+between one process, DDP, FSDP2 and DeepSpeed (the Engine, distributed.py; never accelerate directly). Events go
+to callbacks (callbacks.py), each phase of the run included: the progress bar, the console, bench/'s clocks,
+trackers and reports listen there.
 
 Assumptions: a causal LM from transformers; one or more processes (accelerate, torchrun); dropout if asked.
 """
@@ -23,14 +25,15 @@ import numpy as np
 import torch
 import yaml
 
-from preftune.callbacks import Callback, CallbackList, ConsoleEval, ProgressBar, TrainState
-from preftune.config import TrainConfig, check_keys
+from preftune.callbacks import Callback, CallbackList, ConsoleEval, ProgressBar, TrainState, checked_callbacks
+from preftune.config import TrainConfig
 from preftune.data.collate import collate
 from preftune.data.sampler import micro_batches, used_positions
 from preftune.data.splits import keep_data_in, load_splits
 from preftune.device import cpu_threads, plan_forward
-from preftune.distributed import Engine, check_launch, rank_share, resolve_precision
+from preftune.distributed import Engine, check_launch, rank_share
 from preftune.errors import PreftuneError
+from preftune.hub import HubCallback
 from preftune.logprobs import LogpsModel
 from preftune.modeling.load import (
     add_lora,
@@ -44,11 +47,13 @@ from preftune.modeling.load import (
 from preftune.modeling.reference import Placement, build_reference
 from preftune.objectives import make_objective
 from preftune.optim import build_optimizer, lr_schedule
-from preftune.outputs.checkpoint import load_checkpoint, save_checkpoint, save_final
+from preftune.outputs.checkpoint import load_checkpoint, pick_checkpoint, save_checkpoint, save_final
 from preftune.outputs.identity import check_resume, run_identity
-from preftune.outputs.manifest import pick_checkpoint
 from preftune.outputs.metrics import MetricsWriter, Window, zeroed
+from preftune.outputs.model_card import ModelCardCallback
+from preftune.outputs.report import ReportCallback
 from preftune.outputs.run_dir import RunDir
+from preftune.outputs.trackers import TrackerCallback
 from preftune.runtime import StopRequest, seed_everything
 from preftune.scoring import length_sorted_batches
 
@@ -76,23 +81,18 @@ def sft(config: TrainConfig | dict | str | Path, callbacks: list[Callback] | Non
 
 
 def _as_config(config: TrainConfig | dict | str | Path) -> TrainConfig:
-    if isinstance(config, TrainConfig):
-        return config
-    if isinstance(config, dict):
-        check_keys(config, "config")
-        return TrainConfig(**config)
-    return TrainConfig.from_yaml(config)
+    if isinstance(config, (dict, str, Path)):
+        return TrainConfig.from_dict(config) if isinstance(config, dict) else TrainConfig.from_yaml(config)
+    if not isinstance(config, TrainConfig):
+        raise PreftuneError(f"the config must be a TrainConfig, a dict of its keys or the path of a YAML file, "
+                            f"got {type(config).__name__}.")
+    return config
 
 
 def default_callbacks(cfg: TrainConfig) -> list[Callback]:
     """What every run reports: the progress bar, eval lines as they happen, trackers (`report_to`), the run
     report (RUN/report/), the model card (final/README.md) and the hub upload (`push_to_hub`, after the card).
     Built before anything loads, so a tracker whose package is missing stops the run at once."""
-    from preftune.hub import HubCallback
-    from preftune.outputs.model_card import ModelCardCallback
-    from preftune.outputs.report import ReportCallback
-    from preftune.outputs.trackers import TrackerCallback
-
     callbacks: list[Callback] = [ProgressBar()] if cfg.progress else []
     callbacks.append(ConsoleEval())
     if cfg.report_to:
@@ -108,17 +108,19 @@ class Recipe:
 
     def __init__(self, cfg: TrainConfig, task: str, callbacks: list[Callback] | None = None):
         self.cfg, self.task = cfg, task
-        self.callbacks = CallbackList(default_callbacks(cfg) + list(callbacks or []))
+        self.callbacks = CallbackList(default_callbacks(cfg) + checked_callbacks(callbacks))
 
     def run(self) -> RunResult:
         try:
             self.setup()
             self.callbacks.on_train_begin(self.state)
-            with StopRequest() as stop:
+            with StopRequest() as stop, self.callbacks.phase(self.state, "steps"):
                 self.train_loop(stop)
             if not self.state.interrupted:
-                self.evaluate()
-                self.save()
+                with self.callbacks.phase(self.state, "evaluate"):
+                    self.evaluate()
+                with self.callbacks.phase(self.state, "save"):
+                    self.save()
             self.callbacks.on_train_end(self.state)
             self.engine.barrier()  # no process leaves (and tears down its process group) while another still writes
         finally:  # however the run ends, the folder is free for the next one
@@ -137,36 +139,39 @@ class Recipe:
         cfg = self.cfg
         self.objective = make_objective(self.task, cfg.loss_config(), cfg.reference)
         self.run_dir = RunDir.plan(cfg.output_dir, resume=cfg.resume, overwrite=cfg.overwrite)  # checks only
+        self.state = TrainState(config=cfg, task=self.task, output_dir=self.run_dir.path)
         self.model_path = resolve_model_path(cfg.model, cfg.allow_pickle)
         notes: list[str] = []
-        precision = resolve_precision(cfg.mixed_precision, notes.append)
-        self.engine = engine = Engine.create(precision)
-        self.accelerator = engine.accelerator
-        self.cfg = cfg = dataclasses.replace(cfg, mixed_precision=precision)
+        self.engine = engine = Engine.create(cfg.mixed_precision, notes.append)  # the launch may set the precision
+        self.cfg = cfg = dataclasses.replace(cfg, mixed_precision=engine.mixed_precision)
         launch = engine.launch(cfg.batch_size, cfg.gradient_accumulation_steps)
         # checked against its manifest (the newest intact one for --resume) by the main process
         checkpoint = engine.main_first(lambda: pick_checkpoint(self.run_dir.path, cfg.resume, engine.print))
         if checkpoint is not None:
             check_launch(checkpoint, launch)
         seed_everything(cfg.seed)
-
-        self._setup_data()  # validated and tokenized before the (expensive) model load
+        with self.callbacks.phase(self.state, "data"):
+            self._setup_data()  # validated and tokenized before the (expensive) model load
         # what every checkpoint records, and a resume must match: before the model loads, so a refusal is quick
         self.identity = run_identity(self.cfg, self.task, self.model_path, self.train_split.pairs)
         if checkpoint is not None:
             check_resume(checkpoint, self.identity, force=cfg.resume_force, say=engine.print, launch=launch)
-        model, plan = self._setup_model()
+        with self.callbacks.phase(self.state, "model"):
+            model, plan = self._setup_model()
         # The run folder is written only once everything loaded; the main process locks it (a refusal stops all).
         fresh = checkpoint is None and (cfg.overwrite or cfg.resume == "auto")  # auto: a requeued job's first try
         engine.main_first(lambda: self._create_run_folder(clear=fresh))
         self.metrics = MetricsWriter(self.run_dir.metrics)
-        model = self._setup_training(model, plan)
+        with self.callbacks.phase(self.state, "prepare"):
+            model = self._setup_training(model, plan)
         for line in [engine.describe(cfg.batch_size, cfg.gradient_accumulation_steps), plan.description, *notes,
                      *engine.notes, *self.objective.notes]:
             engine.print(line)
-        self._setup_reference(model, plan)
+        with self.callbacks.phase(self.state, "reference"):
+            self._setup_reference(model, plan)
         if checkpoint is not None:
-            self.resume(checkpoint)
+            with self.callbacks.phase(self.state, "resume"):
+                self.resume(checkpoint)
 
     def _setup_data(self) -> None:
         cfg = self.cfg
@@ -227,9 +232,8 @@ class Recipe:
         self.params = [p for p in self.policy.parameters() if p.requires_grad]  # FSDP2 swapped in DTensors
         self.model = model
         self._epoch_batches: dict[int, list] = {}
-        self.state = TrainState(
-            config=cfg, task=self.task, output_dir=self.run_dir.path, total_steps=total_steps,
-            steps_per_epoch=steps_per_epoch, is_main_process=engine.is_main_process,
+        vars(self.state).update(  # in place: callbacks may hold it since the first phase
+            config=cfg, total_steps=total_steps, steps_per_epoch=steps_per_epoch, is_main_process=engine.is_main_process,
             num_processes=engine.num_processes, device=engine.device, model=model, tokenizer=self.tokenizer,
             data_summary=self.train_split.summary, data_info=dict(self.train_split.info))
         return model
@@ -260,12 +264,12 @@ class Recipe:
         state = load_checkpoint(checkpoint, model=self.policy, optimizer=self.optimizer, scheduler=self.scheduler)
         self.state.step = state["step"]
         self.objective.load_state_dict(state)
-        if self.accelerator.is_main_process:
+        if self.engine.is_main_process:
             if (checkpoint / "metrics.jsonl").is_file():
                 self.run_dir.copy_in(checkpoint / "metrics.jsonl", self.metrics.path)
             with self.run_dir.saving("metrics.jsonl"):
                 self.metrics.truncate_after(self.state.step)
-        self.accelerator.print(f"resumed from {checkpoint} at step {self.state.step}")
+        self.engine.print(f"resumed from {checkpoint} at step {self.state.step}")
 
     # ------------------------------------------------------------------------------------------ the loop
     def train_loop(self, stop: StopRequest) -> None:
@@ -288,8 +292,8 @@ class Recipe:
                     self.save_checkpoint()
             if stop.signal is not None:
                 st.interrupted = True
-                self.accelerator.print(f"stopped by signal {stop.signal} after step {done}; checkpoint saved; "
-                                       "continue with --resume")
+                self.engine.print(f"stopped by signal {stop.signal} after step {done}; checkpoint saved; continue "
+                                  "with --resume")
                 return
 
     def _micro_batches(self, epoch: int) -> list[tuple[list[list[int]], list[list[int]]]]:
@@ -309,7 +313,7 @@ class Recipe:
         # same gradient as one big batch, whatever the micro-batch sizes. DDP, FSDP2 and ZeRO average
         # gradients over processes, hence the division by n_proc.
         local = self.objective.normaliser([pairs[i] for m in micro for i in m])
-        denominator = self.all_reduce_sum([local])[0] / n_proc
+        denominator = engine.reduce_sum([local])[0] / n_proc
         losses: list[torch.Tensor] = []
         runs = micro + fillers
         for k, idx in enumerate(runs):
@@ -346,7 +350,7 @@ class Recipe:
         window.lr = self.scheduler.get_last_lr()[0]
         if bad is None:
             engine.step(self.optimizer)
-        self.objective.end_step(self.all_reduce_sum, skipped=bad is not None)
+        self.objective.end_step(engine.reduce_sum, skipped=bad is not None)
         self.scheduler.step()
         if self.threads is not None:  # fewer threads while other processes keep cores busy (device.py)
             self.threads.update()
@@ -358,7 +362,7 @@ class Recipe:
         pairs = self.train_split.pairs
         values = torch.stack(losses).float().cpu().tolist() if losses else []  # one device sync per step
         local = next((k for k, v in enumerate(values) if not math.isfinite(v)), None)
-        if self.all_reduce_sum([float(local is not None)])[0] == 0 and torch.isfinite(torch.as_tensor(grad_norm)):
+        if self.engine.reduce_sum([float(local is not None)])[0] == 0 and torch.isfinite(torch.as_tensor(grad_norm)):
             return None
         if local is not None:
             return (f"the loss became {values[local]} at step {step + 1} on examples "
@@ -366,13 +370,9 @@ class Recipe:
         return (f"the gradient became non-finite at step {step + 1} on examples "
                 f"{[pairs[i].index for m in micro for i in m]}")
 
-    def all_reduce_sum(self, values: list[float]) -> list[float]:
-        """Sums over all processes (float64); the values themselves in a one-process run."""
-        return self.engine.reduce_sum(values)
-
     # ------------------------------------------------------------------------------------------ metrics
     def log_train(self, window: Window, step: int) -> None:
-        sums = window.totals(self.accelerator)
+        sums = window.totals(self.engine)
         seconds = window.seconds()
         row = {**self.objective.summarize(sums), "grad_norm": window.grad_norm / max(window.steps, 1),
                "lr": window.lr, "pairs_per_s": sums.get("pairs", 0.0) / seconds,
@@ -385,27 +385,27 @@ class Recipe:
         """Loss and metrics on the held-out split, every process scoring its share; {} without eval data."""
         if self.eval_split is None:
             return {}
-        acc, cfg = self.accelerator, self.cfg
+        engine, cfg = self.engine, self.cfg
         self.policy.eval()
         window = Window()
         batches = length_sorted_batches(self.eval_split.pairs, cfg.eval_batch_size or 2 * cfg.batch_size,
-                                        pad_id=self.tokenizer.pad_token_id, device=acc.device,
-                                        rank=acc.process_index, world=acc.num_processes)
+                                        pad_id=self.tokenizer.pad_token_id, device=engine.device,
+                                        rank=engine.process_index, world=engine.num_processes)
         with torch.no_grad():
             for idx, batch in batches:
-                with self.engine.autocast():
+                with engine.autocast():
                     policy = self.policy(batch)
                 reference = self.reference.eval.logps(batch) if self.reference.eval is not None else None
                 sums = self.objective.loss(policy, reference, training=False)[1]
                 # A filler batch (length_sorted_batches keeps the processes' forwards in step) counts nothing.
                 window.add(sums if idx else zeroed(sums))
         self.policy.train()
-        self.state.eval_metrics = self._log("eval", self.objective.summarize(window.totals(acc)))
+        self.state.eval_metrics = self._log("eval", self.objective.summarize(window.totals(engine)))
         return self.state.eval_metrics
 
     def _log(self, split: str, values: dict[str, Any]) -> dict[str, Any]:
         row = MetricsWriter.row(self.state.step, split, values)
-        if self.accelerator.is_main_process:
+        if self.engine.is_main_process:
             with self.run_dir.saving("metrics.jsonl", "the lines before are intact", then="continue with --resume"):
                 self.metrics.write(row)
         self.callbacks.on_log(self.state, row)
@@ -413,33 +413,32 @@ class Recipe:
 
     # ------------------------------------------------------------------------------------------ saving
     def save_checkpoint(self) -> None:
-        acc, st = self.accelerator, self.state
+        engine, st = self.engine, self.state
         # Every process writes its shards (checkpoint.py synchronises them); the main one the rest.
         with self.run_dir.saving(f"the checkpoint of step {st.step}", "the previous checkpoints are intact",
                                  then="continue with --resume"):
             path = self._write_checkpoint()
-        acc.wait_for_everyone()
-        if acc.is_main_process:
+        engine.barrier()
+        if engine.is_main_process:
             self.callbacks.on_save(st, path)
 
     def save(self) -> None:
-        acc, st = self.accelerator, self.state
+        engine, st = self.engine, self.state
         # Sharded: every process takes part in gathering the weights, which only the main one receives.
-        full = self.engine.full_state_dict(self.policy) if self.engine.sharded else None
-        if acc.is_main_process:
+        full = engine.full_state_dict(self.policy) if engine.sharded else None
+        if engine.is_main_process:
             # A full disk at final/: keep the trained weights as a checkpoint instead (one process only: under
             # several, a checkpoint is a collective write the others are not waiting for).
             keep = (functools.partial(self.run_dir.keep_weights, st.step, self._write_checkpoint)
-                    if self.engine.num_processes == 1 else "the latest checkpoint is intact")
+                    if engine.num_processes == 1 else "the latest checkpoint is intact")
             with self.run_dir.saving("final/", keep):
                 save_final(self.run_dir.path, self.model, self.tokenizer, merge_lora=self.cfg.merge_lora,
                            state_dict=full, dtypes=self.dtypes)
-        acc.wait_for_everyone()
+        engine.barrier()
         st.final_dir = self.run_dir.final
-        acc.print(f"saved {st.final_dir}")
-        if acc.is_main_process:
+        engine.print(f"saved {st.final_dir}")
+        if engine.is_main_process:
             self.callbacks.on_save(st, st.final_dir)
-
 
     def _write_checkpoint(self) -> Path:
         cfg = self.cfg

@@ -19,7 +19,7 @@ from helpers import build_tiny_model, make_pairs, write_jsonl  # noqa: E402
 torch.set_num_threads(1)
 
 if os.environ.get("MUTANT_UNDER_TEST") == "stats":  # `make mutate` is collecting which tests reach what
-    from mutmut_stats_fix import install
+    from tools.mutmut_stats_fix import install  # the repository root is on the path (pyproject.toml)
 
     install()
 

@@ -32,7 +32,7 @@ def test_unknown_key_suggests_nearest(tmp_path):
     ({"dtype": "float64"}, "dtype must be one of"),
     ({"reference": "cpy"}, "did you mean 'copy'"),
     ({"loss": "sigmod"}, "did you mean 'sigmoid'"),
-    ({"learning_rate": "fast"}, "learning_rate must be a finite number"),
+    ({"learning_rate": "fast"}, "learning_rate must be a number, got .fast."),
     ({"reference": "lora_disabled"}, "needs lora: true"),
 ])
 def test_invalid_values_are_refused(kw, msg):

@@ -264,3 +264,35 @@ def test_resume_accepts_another_launch_shape_only_with_the_same_global_batch(tmp
         "1 accumulation): another launch shape may resume only with the same product")
     with pytest.raises(PreftuneError, match="DeepSpeed checkpoints resume only"):
         check_launch(ckpt, launch("deepspeed", 2, 4, 2))
+
+
+@pytest.mark.parametrize("env, needle", [
+    ({"WORLD_SIZE": "2"}, "WORLD_SIZE=2 says this is one of 2 processes, but RANK, MASTER_ADDR, MASTER_PORT are not"),
+    ({"WORLD_SIZE": "banana"}, "WORLD_SIZE='banana' is not a whole number >= 1"),
+    ({"WORLD_SIZE": "0"}, "WORLD_SIZE='0' is not a whole number >= 1"),
+    ({"LOCAL_RANK": "banana"}, "LOCAL_RANK='banana' is not a whole number"),
+    ({"RANK": "1"}, "process RANK=1 of WORLD_SIZE=1"),
+    ({"LOCAL_RANK": "2", "LOCAL_WORLD_SIZE": "2"}, "LOCAL_RANK=2 of LOCAL_WORLD_SIZE=2"),
+    ({"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "h", "MASTER_PORT": "70000"}, "MASTER_PORT=70000 is not a port"),
+    ({"ACCELERATE_USE_FSDP": "maybe"}, "ACCELERATE_USE_FSDP='maybe' is not true or false"),
+    ({"ACCELERATE_MIXED_PRECISION": "fp8"}, "ACCELERATE_MIXED_PRECISION='fp8' (the accelerate config's"),
+    ({"ACCELERATE_MIXED_PRECISION": "junk"}, "is not a precision preftune trains in"),
+])
+def test_launch_environment_is_checked_in_one_sentence(env, needle):
+    from preftune.errors import PreftuneError
+    from preftune.launch import check_environment
+
+    with pytest.raises(PreftuneError) as e:
+        check_environment(env)
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_what_launchers_set_is_accepted():
+    from preftune.launch import check_environment, launcher_precision
+
+    torchrun = {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": "29500", "GROUP_RANK": "0", "ACCELERATE_MIXED_PRECISION": "BF16",
+                "ACCELERATE_USE_FSDP": "true"}
+    check_environment(torchrun)
+    check_environment({})
+    assert launcher_precision(torchrun) == "bf16" and launcher_precision({}) is None

@@ -88,3 +88,35 @@ def test_random_yaml_files_exit_2_with_one_line_and_write_nothing(empty_cwd, cap
     assert code == 2 and err.count("\n") == 1, (d, err)
     _one_sentence(err.strip())
     assert os.listdir(empty_cwd) == []
+
+
+def _command_flags() -> dict[str, list[str]]:
+    from preftune.cli import COMMANDS
+    from preftune.options import options_of
+
+    return {cmd: ["--" + n.replace("_", "-") for n, _, opt in options_of(cls) if not opt.flag.get("positional")]
+            for cmd, (cls, _) in COMMANDS.items() if cmd in ("inspect", "eval", "generate", "plan")}
+
+
+COMMAND_FLAGS = _command_flags()
+numbers = st.sampled_from(["0", "-1", "-2", "1", "2", "1e23", "nan", "inf", "-inf", "0.5", "1.5", "abc", "[1]",
+                           "true", "", "cuda", "banana", "4294967296"])
+
+
+@settings(max_examples=40, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(st.sampled_from(sorted(COMMAND_FLAGS)).flatmap(
+    lambda cmd: st.tuples(st.just(cmd), st.lists(st.tuples(st.sampled_from(COMMAND_FLAGS[cmd]), numbers), max_size=4))))
+def test_other_commands_refuse_in_one_line_and_write_nothing(empty_cwd, capsys, case):
+    """inspect, eval, generate and plan take their flags from the same schema as train: whatever the numbers, a
+    refusal is one line with exit status 2 (the model and data never exist, so every command line stops)."""
+    command, flags = case
+    missing = {"inspect": [str(empty_cwd / "no-data.jsonl")], "plan": ["--model", str(empty_cwd / "no-model")],
+               "eval": ["--model", str(empty_cwd / "no-model"), "--data", str(empty_cwd / "no-data.jsonl")],
+               "generate": ["--model", str(empty_cwd / "no-model"), "--data", str(empty_cwd / "no-prompts.txt")]}
+    argv = [command, *missing[command], *[t for flag, value in flags for t in (flag, value)
+                                          if flag not in ("--model", "--data", "--prompt", "--output")]]
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("preftune: error: ") and err.count("\n") == 1, (argv, err)
+    assert os.listdir(empty_cwd) == [], (argv, os.listdir(empty_cwd))

@@ -129,4 +129,4 @@ def test_cli_generate_writes_jsonl(tmp_path, tiny_model_dir, capsys):
     assert [r["prompt"] for r in rows] == PROMPTS
     assert all(r["finish_reason"] in ("stop", "length") and 0 <= r["tokens"] <= 6 for r in rows)
     assert main(["generate", "--model", str(tiny_model_dir), "--prompt", "x", "--max-new-tokens", "0"]) == 2
-    assert capsys.readouterr().err.strip().endswith("max_new_tokens must be at least 1, got 0.")
+    assert capsys.readouterr().err.strip().endswith("max_new_tokens must be at least 1 (got 0).")  # the CLI's schema

@@ -213,6 +213,20 @@ def test_config_as_dict_is_checked_and_as_yaml_is_read(tiny_model_dir, pairs_fil
     assert train(str(path)).steps == 1
 
 
+def test_wrong_types_at_the_python_api_are_one_sentence_before_anything_is_written(tmp_path):
+    from preftune import train
+    from preftune.errors import PreftuneError
+
+    cfg = TrainConfig(model="m", data="d.jsonl", output_dir=str(tmp_path / "o"))
+    for config, callbacks, match in ((None, None, "config must be a TrainConfig, a dict .* got NoneType"),
+                                     (5, None, "got int"),
+                                     (cfg, 5, "callbacks must be a list of preftune.callbacks.Callback objects, got 5"),
+                                     (cfg, [print], "callbacks must be a list")):
+        with pytest.raises(PreftuneError, match=match):
+            train(config, callbacks=callbacks)
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.parametrize("mixed, dtype", [("no", torch.float32), ("bf16", torch.bfloat16)])
 def test_mixed_precision_really_autocasts(tiny_model_dir, pairs_file, tmp_path, mixed, dtype):
     """Step 1's loss is ln 2 within bf16 rounding either way, so it cannot tell whether autocast was on; the

@@ -123,7 +123,7 @@ class PromptTemplate:
         literals.append("".join(buf))
         if not names:
             raise PreftuneError(f"prompt_template {text!r} names no field; write fields as {{name}}, "
-                                "e.g. '{system}\\n\\n{question}'")
+                                "e.g. '{system}\\n\\n{question}'.")
         return cls(text, tuple(literals), tuple(names))
 
     def fill(self, obj: dict) -> str | Problem:

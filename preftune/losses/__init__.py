@@ -1,7 +1,7 @@
 """Preference losses: a registry of small pure functions over per-pair statistics (formulas.py), and the dispatch.
 
 Every forward path (plain, prefix-shared, packed, chunked; one process or many) reduces a batch to the
-same per-pair statistics and calls `preference_loss`, so each formula exists exactly once, here.
+same per-pair statistics and calls `preference_loss`, so each formula exists exactly once, in formulas.py.
 
 Adding a loss is one function in formulas.py (the formula, with paper and shapes in its docstring) plus one
 `register` call in registry.py that says which statistics it reads and what it needs (a reference, lengths,
@@ -73,6 +73,7 @@ from preftune.losses.formulas import (
 from preftune.losses.registry import LOSSES, LossSpec, PairStats, register
 from preftune.losses.shift import RewardShift
 from preftune.losses.transforms import F_DIVERGENCES, f_divergence_scores
+from preftune.options import LOSS_OPTIONS, include_options, validate
 
 __all__ = [
     "LOSSES", "LOSS_TYPES", "LossSpec", "PairStats", "register", "REFERENCE_FREE", "LABEL_SMOOTHING_LOSSES",
@@ -109,24 +110,19 @@ def _finite(name: str, value: float) -> float:
 
 
 @dataclass(frozen=True)
+@include_options(LOSS_OPTIONS)
 class LossConfig:
     """Which preference losses to use and their hyperparameters.
 
     Several `loss_types` are combined as a weighted sum (MPO-style), plus `sft_weight` times the
-    per-token NLL of the chosen response (RPO). Invalid settings raise `PreftuneError`.
+    per-token NLL of the chosen response (RPO). The hyperparameters (beta, label_smoothing, simpo_gamma,
+    dpop_lambda, sft_weight, ...) are the loss options of the schema, `preftune.options.LOSS_OPTIONS`, with
+    their defaults and ranges; `TrainConfig.loss_config()` hands over the run's. Invalid settings raise
+    `PreftuneError`.
     """
 
     loss_types: tuple[str, ...] = ("sigmoid",)
     loss_weights: tuple[float, ...] | None = None
-    beta: float = 0.1
-    label_smoothing: float = 0.0
-    simpo_gamma: float = 0.5
-    dpop_lambda: float = 50.0
-    sft_weight: float = 0.0
-    cpo_alpha: float = 1.0  # weight of CPO's NLL term (TRL's name and default)
-    discopop_tau: float = 0.05  # DiscoPOP's temperature τ (the paper's value)
-    f_divergence_type: str = "reverse_kl"  # f-DPO's divergence: one of F_DIVERGENCES
-    f_alpha_divergence_coef: float = 0.5  # α of the α-divergence, in (0, 1)
 
     def __post_init__(self) -> None:
         # Config files give lists (or a bare string); normalise so the frozen config is hashable.
@@ -170,20 +166,10 @@ class LossConfig:
                 raise PreftuneError(f"loss_weights must all be >= 0, got {list(weights)}.")
             object.__setattr__(self, "loss_weights", weights)
 
-        beta = _finite("beta", self.beta)
-        if beta <= 0:
-            raise PreftuneError(
-                f"beta must be > 0, got {beta}: it is the strength of the KL anchor to the reference "
-                "(larger beta keeps the policy closer to the reference); 0.1 is the usual default."
-            )
-        object.__setattr__(self, "beta", beta)
-
-        eps = _finite("label_smoothing", self.label_smoothing)
-        if not 0.0 <= eps < 0.5:
-            raise PreftuneError(
-                f"label_smoothing must be in [0, 0.5), got {eps}: it is the assumed probability that a "
-                "preference label is flipped (0 disables it; 0.1 is a typical value)."
-            )
+        # The hyperparameters' types and ranges, as declared once in the schema (already checked when they come
+        # from a TrainConfig; a LossConfig built in Python gets the same checks).
+        validate(self)
+        eps = self.label_smoothing
         if eps > 0:
             unused = [t for t in types if not LOSSES[t].label_smoothing]
             if unused:
@@ -191,37 +177,14 @@ class LossConfig:
                     f"label_smoothing={eps} has no effect on loss type(s) {', '.join(unused)}; set it to 0 or use "
                     f"only losses that support it ({', '.join(n for n, spec in LOSSES.items() if spec.label_smoothing)})."
                 )
-        object.__setattr__(self, "label_smoothing", eps)
+        self._check_loss_options(types, eps)
 
-        object.__setattr__(self, "simpo_gamma", _finite("simpo_gamma", self.simpo_gamma))
-        dpop_lambda = _finite("dpop_lambda", self.dpop_lambda)
-        if dpop_lambda < 0:
-            raise PreftuneError(f"dpop_lambda must be >= 0 (50 is the paper's default), got {dpop_lambda}.")
-        object.__setattr__(self, "dpop_lambda", dpop_lambda)
-        sft_weight = _finite("sft_weight", self.sft_weight)
-        if sft_weight < 0:
-            raise PreftuneError(f"sft_weight must be >= 0 (0 disables the SFT term), got {sft_weight}.")
-        object.__setattr__(self, "sft_weight", sft_weight)
-        self._check_issue24_options(types, eps)
-
-    def _check_issue24_options(self, types: tuple[str, ...], eps: float) -> None:
-        """The options of exo_pair, discopop, cpo and f-DPO: each wrong value is one sentence."""
-        for name, low in (("cpo_alpha", None), ("discopop_tau", 0.0), ("f_alpha_divergence_coef", 0.0)):
-            value = _finite(name, getattr(self, name))
-            if value < 0 or value == low:
-                raise PreftuneError(f"{name} must be {'>' if low is not None else '>='} 0, got {value}.")
-            object.__setattr__(self, name, value)
-        if self.f_alpha_divergence_coef >= 1:
-            raise PreftuneError(f"f_alpha_divergence_coef must be in (0, 1), got {self.f_alpha_divergence_coef}: "
-                                "α → 0 is reverse_kl and α = 1 forward_kl; use those f_divergence_type values.")
+    def _check_loss_options(self, types: tuple[str, ...], eps: float) -> None:
+        """What the options' ranges cannot say alone: exo_pair's ε and which losses f-DPO applies to."""
         if "exo_pair" in types and eps == 0:
             raise PreftuneError("exo_pair needs label_smoothing > 0: it is ε of EXO's target [1-ε, ε] and log ε "
                                 "must be finite; the EXO paper uses 1e-3.")
-        kind = str(self.f_divergence_type)
-        if kind not in F_DIVERGENCES:
-            close = difflib.get_close_matches(kind, F_DIVERGENCES, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise PreftuneError(f"f_divergence_type must be one of {', '.join(F_DIVERGENCES)}; got {kind!r}{hint}.")
+        kind = self.f_divergence_type
         unsupported = [t for t in types if not LOSSES[t].f_divergence]
         if kind != "reverse_kl" and unsupported:
             raise PreftuneError(

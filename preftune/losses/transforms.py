@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-F_DIVERGENCES: tuple[str, ...] = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
-"""The values of `LossConfig.f_divergence_type` (TRL's names)."""
+from preftune.options import F_DIVERGENCES
+
 
 # exp() of more than this overflows float32 (its largest finite value is e^88.7): beyond it the score is held at
 # its value there (and its gradient is 0) rather than becoming inf and the loss NaN. Only reached when the

@@ -29,9 +29,10 @@ import errno
 import json
 import os
 import random
+import re
 import shutil
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,9 +40,10 @@ import numpy as np
 import torch
 
 from preftune.errors import PreftuneError
-from preftune.outputs.manifest import write_manifest
+from preftune.outputs.manifest import MANIFEST, damage, write_manifest
 
 CHECKPOINTS = "checkpoints"
+_STEP = re.compile(r"step-(\d+)$")
 
 
 def _rank_world() -> tuple[int, int]:
@@ -196,28 +198,56 @@ def save_checkpoint(run_dir: Path, step: int, *, model: torch.nn.Module, optimiz
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
-    root = run_dir / CHECKPOINTS
+    """The run's checkpoint folders (step-N, not links) in step order, whole or not (`damage` tells)."""
+    return _steps(run_dir / CHECKPOINTS)
+
+
+def _steps(root: Path) -> list[Path]:
     if not root.is_dir():
         return []
-    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-")
-                  and (p / "trainer_state.json").is_file())
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP.match(p.name)) and p.is_dir()
+             and not p.is_symlink()]
+    return [p for _, p in sorted(found)]
 
 
-def find_checkpoint(run_dir: Path, resume: Any) -> Path | None:
-    """`resume`: True/"latest" → newest checkpoint in the run folder; a path → that checkpoint."""
-    if resume in (None, False, "", "false", "False"):
+def pick_checkpoint(run_dir: Path, resume: Any, say: Callable[[str], None] = print) -> Path | None:
+    """The checkpoint `resume` (TrainConfig.resume, its spellings already read there) asks for, verified against
+    its manifest: true/"latest" → the newest intact one in the run folder (damaged newer ones are named in one
+    line); "auto" → the same, or None (start afresh) when the folder has no checkpoint at all; a path → that
+    checkpoint if intact, else refused; false/None → None."""
+    if not resume:
         return None
-    if resume in (True, "true", "True", "latest"):
-        found = list_checkpoints(run_dir)
-        if not found:
-            raise PreftuneError(f"--resume found no checkpoint in {run_dir / CHECKPOINTS}; run without --resume "
-                                "to start fresh (with --overwrite if the folder is not empty).")
-        return found[-1]
-    path = Path(str(resume))
-    if not (path / "trainer_state.json").is_file():
+    root = run_dir / CHECKPOINTS
+    if resume is True or resume in ("latest", "auto"):
+        candidates = _steps(root)
+        if not candidates:
+            if resume == "auto":
+                return None
+            raise PreftuneError(f"--resume found no checkpoint in {root}; run without --resume to start fresh (with "
+                                "--overwrite if the folder is not empty).")
+        damaged: list[str] = []
+        for c in reversed(candidates):
+            why = damage(c)
+            if why is None:
+                if damaged:
+                    say(f"resuming from {c.name}, the newest intact checkpoint: {'; '.join(damaged)}")
+                return c
+            damaged.append(f"{c.name} is damaged ({why})")
+        raise PreftuneError(f"no intact checkpoint in {root}: {'; '.join(damaged)}; run without --resume to start "
+                            "again (with --overwrite), or restore a checkpoint from a backup.")
+    path = Path(str(resume)).expanduser()
+    if not (path / MANIFEST).exists() and not (path / "trainer_state.json").exists():
         raise PreftuneError(f"{path} is not a preftune checkpoint (no trainer_state.json); pass a folder from "
-                            f"{run_dir / CHECKPOINTS} or --resume alone for the latest.")
-    return path
+                            f"{root} or --resume alone for the latest.")
+    why = damage(path)
+    if why is None:
+        return path
+    intact = next((c for c in reversed(_steps(path.parent)) if c != path and damage(c) is None), None)
+    if intact is not None:
+        raise PreftuneError(f"checkpoint {path} is damaged ({why}); resume from {intact} instead (--resume "
+                            f"{intact}), or start again without --resume.")
+    raise PreftuneError(f"checkpoint {path} is damaged ({why}) and no checkpoint beside it is intact; start again "
+                        "without --resume, or restore the checkpoint from a backup.")
 
 
 def load_checkpoint(path: Path, *, model: torch.nn.Module, optimizer, scheduler) -> dict[str, Any]:

@@ -18,21 +18,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from preftune.config import TrainConfig
+from preftune.data.store import pairs_digest
 from preftune.errors import PreftuneError
-from preftune.modeling.reference import model_identity, token_digest
+from preftune.modeling.reference import model_identity
+from preftune.options import may_change
 
-MAY_CHANGE = frozenset({
-    "max_steps", "num_epochs", "save_steps", "save_total_limit", "logging_steps", "eval_steps", "eval_batch_size",
-    "eval_data", "progress", "resume", "resume_force", "overwrite", "output_dir", "model", "data",
-    "reference_model", "skip_invalid", "trust_remote_code", "allow_pickle", "attn_implementation",
-    "gradient_checkpointing", "prefix_sharing", "logits_chunk_size", "on_nonfinite", "merge_lora",
-    "data_cache_dir",  # where the tokenized data is kept; the data itself is compared by its token ids
-    # trackers and upload (issue 14's keys): what happens to the results, not how they are computed
-    "report_to", "push_to_hub", "hub_private",
-    # the global batch (per device × processes × accumulation) is what defines the steps; `check_resume` compares
-    # it, so its factors may change with the launch shape
-    "batch_size", "gradient_accumulation_steps",
-})
+# The options declared with may_change=True (config.py says why each may); every other one must match.
+MAY_CHANGE = may_change(TrainConfig)
 
 
 def run_identity(cfg: Any, task: str, model_path: str, pairs: Sequence) -> dict[str, Any]:
@@ -41,7 +34,7 @@ def run_identity(cfg: Any, task: str, model_path: str, pairs: Sequence) -> dict[
     return json.loads(json.dumps({
         "task": task, "model": model_identity(model_path),
         "reference_model": model_identity(cfg.reference_model) if cfg.reference_model else None,
-        "data": {"pairs": len(pairs), "sha256": token_digest(pairs)},
+        "data": {"pairs": len(pairs), "sha256": pairs_digest(pairs)},
         "config": config}, default=str))
 
 

@@ -5,7 +5,7 @@ It covers whatever files the folder holds (weights, optimizer, RNG, accelerate's
 and config), so it does not depend on how a checkpoint is laid out. A checkpoint that fails (a file missing,
 truncated, changed, replaced by a link, or no manifest because the folder was never finished) is reported and
 `--resume` uses the newest intact one, saying so; an explicitly named damaged checkpoint is refused, naming the
-newest intact one instead.
+newest intact one instead (checkpoint.pick_checkpoint).
 
 Cost: one extra read of the checkpoint at save time and one at resume (SHA-256 in 1 MiB blocks, measured at
 0.6 GiB/s per core on a busy 2-core machine; the files of a checkpoint are hashed in parallel threads, as hashlib
@@ -17,17 +17,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
-
-from preftune.errors import PreftuneError
 
 MANIFEST = "manifest.json"
-CHECKPOINTS = "checkpoints"
-_STEP = re.compile(r"step-(\d+)$")
 
 
 def sha256(path: Path) -> str:
@@ -79,50 +72,3 @@ def damage(folder: Path) -> str | None:
         if actual_digest != digest:
             return f"{rel} does not match its recorded SHA-256 (the file changed after it was saved)"
     return None
-
-
-def _steps(root: Path) -> list[Path]:
-    """Checkpoint folders (not links) in step order, finished or not."""
-    if not root.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP.match(p.name)) and p.is_dir()
-             and not p.is_symlink()]
-    return [p for _, p in sorted(found)]
-
-
-def pick_checkpoint(run_dir: Path, resume: Any, say: Callable[[str], None] = print) -> Path | None:
-    """The checkpoint `resume` asks for, verified: True/"latest" → the newest intact one in the run folder
-    (damaged newer ones are named in one line); "auto" → the same, or None (start afresh) when the folder has no
-    checkpoint at all; a path → that checkpoint if intact, else refused."""
-    # imported here: checkpoint.py imports write_manifest from this module
-    from preftune.outputs.checkpoint import find_checkpoint
-
-    if resume in (None, False, "", "false", "False"):
-        return None
-    root = run_dir / CHECKPOINTS
-    if resume in (True, "true", "True", "latest", "auto"):
-        candidates = _steps(root)
-        if not candidates:
-            return None if resume == "auto" else find_checkpoint(run_dir, resume)  # "found no checkpoint"
-        damaged: list[str] = []
-        for c in reversed(candidates):
-            why = damage(c)
-            if why is None:
-                if damaged:
-                    say(f"resuming from {c.name}, the newest intact checkpoint: {'; '.join(damaged)}")
-                return c
-            damaged.append(f"{c.name} is damaged ({why})")
-        raise PreftuneError(f"no intact checkpoint in {root}: {'; '.join(damaged)}; run without --resume to start "
-                            "again (with --overwrite), or restore a checkpoint from a backup.")
-    path = Path(str(resume)).expanduser()
-    if not (path / MANIFEST).exists() and not (path / "trainer_state.json").exists():
-        return find_checkpoint(run_dir, resume)  # its "not a preftune checkpoint" sentence
-    why = damage(path)
-    if why is None:
-        return path
-    intact = next((c for c in reversed(_steps(path.parent)) if c != path and damage(c) is None), None)
-    if intact is not None:
-        raise PreftuneError(f"checkpoint {path} is damaged ({why}); resume from {intact} instead (--resume "
-                            f"{intact}), or start again without --resume.")
-    raise PreftuneError(f"checkpoint {path} is damaged ({why}) and no checkpoint beside it is intact; start again "
-                        "without --resume, or restore the checkpoint from a backup.")

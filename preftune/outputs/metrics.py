@@ -35,14 +35,15 @@ class Window:
                 v = v.detach().to(torch.float64)
             self.sums[k] = self.sums[k] + v if k in self.sums else v
 
-    def totals(self, accelerator=None) -> dict[str, float]:
-        """The sums as floats, summed over all processes, so logged figures cover the whole global batch."""
+    def totals(self, engine=None) -> dict[str, float]:
+        """The sums as floats, summed over all processes (the run's distributed.Engine), so logged figures cover
+        the whole global batch."""
         keys = sorted(self.sums)
-        device = accelerator.device if accelerator is not None else "cpu"
+        device = engine.device if engine is not None else "cpu"
         values = torch.stack([torch.as_tensor(self.sums[k], dtype=torch.float64, device=device).detach().reshape(())
                               for k in keys]) if keys else torch.zeros(0, dtype=torch.float64)
-        if accelerator is not None and accelerator.num_processes > 1:
-            values = accelerator.reduce(values, reduction="sum")
+        if engine is not None:
+            values = engine.sum_over_processes(values)
         return dict(zip(keys, values.tolist()))
 
     def seconds(self) -> float:

@@ -7,8 +7,9 @@ import json
 import pytest
 import torch
 
+from preftune.config import TrainConfig
 from preftune.errors import PreftuneError
-from preftune.outputs.checkpoint import find_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from preftune.outputs.checkpoint import list_checkpoints, load_checkpoint, pick_checkpoint, save_checkpoint
 
 
 def _toy():
@@ -61,24 +62,27 @@ def test_keeps_the_last_k_and_zero_keeps_all(tmp_path):
     assert len(list_checkpoints(tmp_path / "b")) == 4
 
 
-def test_find_checkpoint(tmp_path):
-    """No resume → None; True/'latest' → the newest; a path → that folder; no checkpoint or a folder that is
-    not one → one sentence."""
+def test_pick_checkpoint(tmp_path):
+    """No resume → None; True/'latest' → the newest whole one (a half-written folder is named and passed over); a
+    path → that folder; no checkpoint or a folder that is not one → one sentence. The spellings YAML and flags
+    may hand over are read once, by the config."""
     run = tmp_path / "run"
-    assert find_checkpoint(run, False) is None and find_checkpoint(run, None) is None
+    assert pick_checkpoint(run, False) is None and pick_checkpoint(run, None) is None
     with pytest.raises(PreftuneError, match="found no checkpoint"):
-        find_checkpoint(run, True)
+        pick_checkpoint(run, True)
     model, opt, sched = _toy()
     first = _save(run, 5, model, opt, sched)
     newest = _save(run, 12, model, opt, sched)
-    (run / "checkpoints" / "step-0000099").mkdir()  # no trainer_state.json: a half-written folder, ignored
-    assert find_checkpoint(run, True) == newest and find_checkpoint(run, "latest") == newest
-    # YAML and flags may hand the value over as text
-    assert [find_checkpoint(run, v) for v in ("true", "True")] == [newest, newest]
-    assert [find_checkpoint(run, v) for v in ("", "false", "False")] == [None, None, None]
-    assert find_checkpoint(run, str(first)) == first
+    (run / "checkpoints" / "step-0000099").mkdir()  # no manifest: a half-written folder
+    said: list[str] = []
+    assert pick_checkpoint(run, True, said.append) == newest and pick_checkpoint(run, "latest", said.append) == newest
+    assert said[0].startswith("resuming from step-0000012") and "step-0000099 is damaged" in said[0]
+    resume = [TrainConfig(resume=v).resume for v in ("true", "True", "", "false", "False")]
+    assert resume == [True, True, False, False, False]
+    assert [pick_checkpoint(run, v, said.append) for v in resume] == [newest, newest, None, None, None]
+    assert pick_checkpoint(run, str(first)) == first
     with pytest.raises(PreftuneError, match="not a preftune checkpoint"):
-        find_checkpoint(run, str(tmp_path))
+        pick_checkpoint(run, str(tmp_path))
 
 
 def test_load_restores_weights_optimizer_and_schedule(tmp_path):

@@ -11,8 +11,8 @@ import torch
 
 from preftune import TrainConfig, train
 from preftune.errors import PreftuneError
-from preftune.outputs.checkpoint import save_checkpoint
-from preftune.outputs.manifest import MANIFEST, damage, pick_checkpoint, write_manifest
+from preftune.outputs.checkpoint import pick_checkpoint, save_checkpoint
+from preftune.outputs.manifest import MANIFEST, damage, write_manifest
 from preftune.outputs.metrics import read_metrics
 
 

@@ -14,7 +14,7 @@ import json
 import pytest
 
 from preftune.errors import PreftuneError
-from preftune.plan import GB, OVERHEAD, Setup, estimate, load_shape, parse_memory, smallest_fit
+from preftune.memory_plan import GB, OVERHEAD, Setup, estimate, load_shape, parse_memory, smallest_fit
 
 CONFIG = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
           "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 4, "vocab_size": 100,

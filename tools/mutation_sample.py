@@ -4,7 +4,7 @@
 log-probs) are sampled with this on a 2-core machine, the same sample before and after a change, so the two
 scores compare. Reads the `.meta` files that `mutmut run` writes under mutants/ when it generates mutants.
 
-    python tests/mutation_sample.py EVERY preftune/recipe.py [...]
+    python tools/mutation_sample.py EVERY preftune/recipe.py [...]
 """
 
 from __future__ import annotations

@@ -29,11 +29,10 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
+from preftune.command_options import GB, PlanOptions, parse_memory
 from preftune.errors import PreftuneError
 
-GB = 1024**3
 OVERHEAD = 2 * GB  # CUDA context, cuBLAS/NCCL workspaces
 HEADROOM = 0.9  # use at most 90% of a GPU: fragmentation
 CONFIGS = {"single": "configs/accelerate/1gpu.yaml", "ddp": "configs/accelerate/ddp_8gpu.yaml",
@@ -205,18 +204,6 @@ def smallest_fit(shape: Shape, *, lora: bool, gpu_memory: float, max_gpus: int, 
     return None
 
 
-def parse_memory(text: str) -> float:
-    """'80GB', '80', '141 GiB', '24g' → bytes (GB read as GiB, as GPU vendors' 80GB cards report ~79.6 GiB)."""
-    t = str(text).strip().lower().replace(" ", "").removesuffix("b").removesuffix("i").removesuffix("g")
-    try:
-        value = float(t)
-    except ValueError:
-        raise PreftuneError(f"--gpu-memory must look like 80GB, got {text!r}.") from None
-    if not value > 0:
-        raise PreftuneError(f"--gpu-memory must be positive, got {text!r}.")
-    return value * GB
-
-
 def config_hint(est: Estimate) -> str:
     s = est.setup
     if s.engine == "single":
@@ -274,11 +261,9 @@ def report(shape: Shape, *, gpus: int, gpu_memory: float, lora: bool, batch_size
     return "\n".join(lines)
 
 
-def run_plan(args: Any) -> int:
-    shape = load_shape(args.model, lora_r=args.lora_r)
-    if args.gpus < 1 or args.batch_size < 1 or args.seq_len < 2:
-        raise PreftuneError("--gpus, --batch-size and --seq-len must be positive.")
-    print(report(shape, gpus=args.gpus, gpu_memory=parse_memory(args.gpu_memory), lora=args.lora,
-                 batch_size=args.batch_size, seq_len=args.seq_len, lora_r=args.lora_r))
+def run_plan(options: PlanOptions) -> int:
+    """`preftune plan`: print the report for checked options (command_options.PlanOptions)."""
+    shape = load_shape(options.model, lora_r=options.lora_r)
+    print(report(shape, gpus=options.gpus, gpu_memory=parse_memory(options.gpu_memory), lora=options.lora,
+                 batch_size=options.batch_size, seq_len=options.seq_len, lora_r=options.lora_r))
     return 0
-

@@ -3,7 +3,7 @@
 Reads the listing on stdin (lines `    preftune.module.x_function__mutmut_N: status`), writes Markdown to stdout.
 Score = killed / (killed + survived + no tests + suspicious): timeouts count as killed (the mutant made the tests
 hang), and mutants that no selected test reaches count against the score. Survivors are listed so each can be
-read with `mutmut show NAME` and either killed by a test or explained in tests/MUTATION.md.
+read with `mutmut show NAME` and either killed by a test or explained in tools/MUTATION.md.
 """
 
 from __future__ import annotations

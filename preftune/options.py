@@ -1,0 +1,317 @@
+"""The option schema: every option of every command is declared once, as a dataclass field holding an `Option`.
+
+    batch_size: int = BATCH_SIZE.field()                     # an option several commands share (below)
+    lora_r: int = option(16, "LoRA rank.", range="[1, inf)")  # an option of one command
+
+An `Option` says everything about a setting: its default and one-line help, its type (the field's annotation),
+its allowed choices or range (open or closed at each end), whether a resumed run may change it, whether YAML must
+keep it as text, whether it is a path, and whether it is a loss hyper-parameter. From the declarations come the
+checks (`validate`, run by every options class in `__post_init__`), the command-line flags and `--help`
+(cli.py), the YAML reading (config.py: text stays text), the settings a resume may change (outputs/identity.py)
+and the loss hyper-parameters LossConfig holds (`LOSS_OPTIONS`, handed over by `TrainConfig.loss_config`).
+
+The options several commands share are defined at the end of this module, once, with a per-command default or
+help where they differ (`SEED.field(default=0)`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from preftune.errors import PreftuneError
+
+MAX_INT = 2**31 - 1  # counts past this are typos, and overflow int32 tensors and progress bars
+MAX_SEED = 2**32 - 1  # numpy's seed range
+TEXT_TYPES = ("str", "str | None")
+
+
+@dataclass(frozen=True)
+class Option:
+    """One setting (see the module docstring). `range` is written as in mathematics: "[0, 0.5)", "(0, inf)"."""
+
+    default: Any
+    help: str
+    choices: tuple[str, ...] = ()
+    range: str | None = None
+    may_change: bool = False  # a resumed run may change it: it never changes what the steps already taken mean
+    text: bool = False  # YAML and flags keep it as written (a name, a path) though its type also takes lists
+    path: bool = False  # path objects become plain text (config.yaml and the resume check store plain values)
+    loss: bool = False  # a loss hyper-parameter (LossConfig holds it)
+    why: str = ""  # said after a refusal of its range
+    check: Callable[[str, Any], Any] | None = None  # (name, value) → the value to keep, or PreftuneError
+    int_max: int = MAX_INT
+    kind: str | None = None  # the type, for options added to a class by `include_options` (else the default's)
+    flag: Mapping[str, Any] = field(default_factory=dict)  # argparse extras: positional, nargs, required, metavar
+
+    def field(self, **changes: Any) -> Any:
+        """This option as a dataclass field, with `changes` (a command's own default or help)."""
+        opt = dataclasses.replace(self, **changes) if changes else self
+        if isinstance(opt.default, (list, dict)):
+            return field(default_factory=lambda: type(opt.default)(opt.default), metadata={"option": opt})
+        return field(default=opt.default, metadata={"option": opt})
+
+    @property
+    def bounds(self) -> tuple[float | None, bool, float | None, bool]:
+        """(lowest, lowest allowed?, highest, highest allowed?); None: no bound on that side."""
+        return _parse_range(self.range) if self.range else (None, False, None, False)
+
+
+def option(default: Any, help: str, **kw: Any) -> Any:
+    """A dataclass field declaring an option of one command (see `Option` for the keywords)."""
+    return Option(default, help, **kw).field()
+
+
+_RANGE = re.compile(r"^([\[(])\s*([^,\s]+)\s*,\s*([^\])\s]+)\s*([\])])$")
+
+
+def _parse_range(text: str) -> tuple[float | None, bool, float | None, bool]:
+    m = _RANGE.match(text)
+    if m is None:
+        raise ValueError(f"range {text!r} is not like '[0, 1)'")
+
+    def num(s: str) -> float | None:
+        return None if s.lstrip("+-") == "inf" else (int(s) if re.fullmatch(r"-?\d+", s) else float(s))
+
+    return num(m.group(2)), m.group(1) == "[", num(m.group(3)), m.group(4) == "]"
+
+
+def include_options(options: Mapping[str, Option], after: str | None = None) -> Callable[[type], type]:
+    """A class decorator (under @dataclass) that adds `options` as fields, after the field `after` (else last):
+    how TrainConfig and LossConfig both hold every loss hyper-parameter declared in LOSS_OPTIONS."""
+
+    def add(cls: type) -> type:
+        own = dict(cls.__dict__.get("__annotations__", {}))
+        new = {name: opt.kind or type(opt.default).__name__ for name, opt in options.items()}
+        keys = list(own)
+        at = keys.index(after) + 1 if after is not None else len(keys)
+        cls.__annotations__ = {**{k: own[k] for k in keys[:at]}, **new, **{k: own[k] for k in keys[at:]}}
+        for name, opt in options.items():
+            setattr(cls, name, opt.field())
+        return cls
+
+    return add
+
+
+# ----------------------------------------------------------------------------------------------- reading
+
+def options_of(cls: Any) -> list[tuple[str, str, Option]]:
+    """(name, annotation as written, Option) of every declared option of an options class (or instance)."""
+    return [(f.name, str(f.type), f.metadata["option"]) for f in dataclasses.fields(cls) if "option" in f.metadata]
+
+
+def option_named(cls: Any, name: str) -> tuple[str, Option] | None:
+    """(annotation, Option) of one option, or None when `cls` has no such option."""
+    return next(((kind, opt) for n, kind, opt in options_of(cls) if n == name), None)
+
+
+def may_change(cls: Any) -> frozenset[str]:
+    """The settings a resumed run may change (outputs/identity.py compares all the others)."""
+    return frozenset(name for name, _, opt in options_of(cls) if opt.may_change)
+
+
+def is_text(cls: Any, name: str) -> bool:
+    """Whether an option's value is text (a path, a name, a choice) that YAML must not reinterpret."""
+    found = option_named(cls, name)
+    return found is not None and (found[1].text or found[0] in TEXT_TYPES)
+
+
+def check_keys(cls: Any, values: Mapping[str, Any], where: str, command: str = "train") -> None:
+    """Refuse unknown keys, naming the nearest valid one (a typo must never be silently ignored)."""
+    valid = [name for name, _, _ in options_of(cls)]
+    for key in values:
+        if key not in valid:
+            hint = difflib.get_close_matches(str(key).replace("-", "_"), valid, n=1, cutoff=0.5)
+            extra = f"; did you mean {hint[0]!r}?" if hint else f"; see `preftune {command} --help` for the valid keys."
+            raise PreftuneError(f"unknown config key {key!r} in {where}{extra}")
+
+
+# ----------------------------------------------------------------------------------------------- checking
+
+def need(cond: bool, msg: str) -> None:
+    if not cond:
+        raise PreftuneError(msg)
+
+
+def validate(obj: Any) -> None:
+    """Check every declared option of `obj` (type, choices, range, its own check) and keep the normalised value
+    (numbers written as text read as numbers, paths as plain text); the first bad one is one sentence."""
+    for name, kind, opt in options_of(obj):
+        object.__setattr__(obj, name, check_value(name, kind, opt, getattr(obj, name)))
+
+
+def check_value(name: str, kind: str, opt: Option, v: Any) -> Any:
+    """One option's value, checked and normalised (see `validate`)."""
+    if opt.path:
+        v = plain_path(v)
+    for text in (v if isinstance(v, list) else [v]):
+        need(not (isinstance(text, str) and "\x00" in text), f"{name} contains a NUL character; remove it.")
+    number = kind.removesuffix(" | None")
+    if isinstance(v, str) and number in ("int", "float"):
+        v = _number_from_text(v, number)
+    if opt.check is not None:
+        v = opt.check(name, v)
+    if v is None and (kind.endswith("| None") or kind == "Any"):
+        return v
+    if kind == "bool":
+        need(isinstance(v, bool), f"{name} must be true or false, got {v!r}.")
+    elif kind in TEXT_TYPES:
+        need(isinstance(v, str), f"{name} must be text, got {type(v).__name__} {v!r}.")
+    elif number == "float":
+        need(isinstance(v, (int, float)) and not isinstance(v, bool), f"{name} must be a number, got {v!r}.")
+        need(math.isfinite(v), f"{name} must be a finite number, got {v!r}.")
+    elif number == "int":
+        need(isinstance(v, int) and not isinstance(v, bool), f"{name} must be a whole number, got {v!r}.")
+        need(v <= opt.int_max, f"{name} must be at most {opt.int_max}, got {v}.")
+    if opt.choices:
+        _check_choice(name, v, opt.choices)
+    if opt.range:
+        _check_range(name, v, opt, integer=number == "int")
+    return float(v) if number == "float" else v  # after the checks, whose messages quote the value as given
+
+
+def _number_from_text(v: str, number: str) -> Any:
+    # YAML 1.1 reads `1e-6` (no dot) as a string; accept it as the number everybody means.
+    try:
+        num = float(v)
+    except ValueError:
+        return v
+    if number == "int" and math.isfinite(num) and num.is_integer():
+        return int(num)
+    return num
+
+
+def _check_choice(name: str, v: Any, allowed: tuple[str, ...]) -> None:
+    if v not in allowed:
+        hint = difflib.get_close_matches(str(v), allowed, n=1)
+        extra = f" (did you mean {hint[0]!r}?)" if hint else ""
+        raise PreftuneError(f"{name} must be one of {', '.join(allowed)}; got {v!r}{extra}.")
+
+
+def range_text(opt: Option, integer: bool) -> str:
+    """The range as a phrase: "at least 1", "> 0", "in [0, 0.5)"."""
+    low, low_in, high, high_in = opt.bounds
+    if high is None:
+        return f"at least {low}" if integer and low_in else f"{'>=' if low_in else '>'} {low}"
+    if low is None:
+        return f"{'<=' if high_in else '<'} {high:g}"
+    return f"in {'[' if low_in else '('}{low}, {high:g}{']' if high_in else ')'}"
+
+
+def _check_range(name: str, v: Any, opt: Option, integer: bool) -> None:
+    low, low_in, high, high_in = opt.bounds
+    ok = (low is None or (v >= low if low_in else v > low)) and (high is None or (v <= high if high_in else v < high))
+    need(ok, f"{name} must be {range_text(opt, integer)} (got {v}){'; ' + opt.why if opt.why else ''}.")
+
+
+def plain_path(v: Any) -> Any:
+    """Path objects → str (lists of them too)."""
+    if isinstance(v, os.PathLike):
+        return os.fspath(v)
+    if isinstance(v, tuple) or (isinstance(v, list) and any(isinstance(x, os.PathLike) for x in v)):
+        return [os.fspath(x) if isinstance(x, os.PathLike) else x for x in v]
+    return v
+
+
+# ----------------------------------------------------------------------------------------------- checks
+
+def paths(allow_empty: bool) -> Callable[[str, Any], Any]:
+    """A check: a path or a (non-empty, unless `allow_empty`) list of paths."""
+
+    def check(name: str, v: Any) -> Any:
+        ok = isinstance(v, str) or (isinstance(v, list) and (allow_empty or len(v) > 0)
+                                    and all(isinstance(x, str) for x in v))
+        need(v is None or ok, f"{name} must be a path or a list of paths, got {v!r}.")
+        return v
+
+    return check
+
+
+def names(name: str, v: Any) -> Any:
+    """A check: a name or a non-empty list of names."""
+    need(isinstance(v, str) or (isinstance(v, (list, tuple)) and len(v) > 0 and all(isinstance(x, str) for x in v)),
+         f"{name} must be a name or a list of names, got {v!r}.")
+    return v
+
+
+def device_name(name: str, v: Any) -> Any:
+    """A check: a torch device this machine has (cpu, cuda, cuda:1, mps ...), or None for the default."""
+    if v is None:
+        return v
+    need(isinstance(v, str), f"{name} must be text, got {type(v).__name__} {v!r}.")
+    import torch  # only the commands with a --device flag pay for it, and they load a model next anyway
+
+    try:
+        dev = torch.device(v)
+    except (RuntimeError, ValueError):
+        raise PreftuneError(f"{name} must name a device such as cpu, cuda or cuda:1, got {v!r}.") from None
+    if dev.type == "cuda":
+        need(torch.cuda.is_available(), f"{name} {v!r} asks for a GPU but this torch sees none (a CPU build, or "
+             "no GPU visible); use --device cpu.")
+        need(dev.index is None or dev.index < torch.cuda.device_count(),
+             f"{name} {v!r} names GPU {dev.index} but {torch.cuda.device_count()} are visible.")
+    elif dev.type == "mps":
+        need(torch.backends.mps.is_available(), f"{name} 'mps' asks for Apple's GPU, which this torch cannot "
+             "use; use --device cpu.")
+    else:
+        need(dev.type == "cpu", f"{name} {v!r} is not a device preftune runs on; use cpu, cuda or mps.")
+    return v
+
+
+# ----------------------------------------------------------------------------------------------- shared
+
+# Options several commands share: the same checks everywhere, a command's own default or help where it differs.
+MODEL = Option("", "Model to fine-tune: a local Hugging Face folder or a hub name.", path=True, may_change=True)
+BATCH_SIZE = Option(8, "Pairs per micro-batch per device.", range="[1, inf)", may_change=True)
+MAX_LENGTH = Option(1024, "Longest prompt+completion in tokens; completions are truncated from the right to fit.",
+                    range="[2, inf)")
+MAX_PROMPT_LENGTH = Option(512, "Longest prompt in tokens; prompts are truncated from the left to fit.",
+                           range="[1, inf)")
+FORMAT = Option("auto", "Data format: auto, standard, conversational or implicit.",
+                choices=("auto", "standard", "conversational", "implicit"))
+PROMPT_FIELD = Option("prompt", "Column holding the prompt (dotted path for nested fields).")
+CHOSEN_FIELD = Option("chosen", "Column holding the preferred answer.")
+REJECTED_FIELD = Option("rejected", "Column holding the dispreferred answer.")
+PROMPT_TEMPLATE = Option(None, "Build the prompt from several fields, e.g. '{system}\\n\\n{question}' (fields are "
+                         "dotted paths; an empty field drops the text before it).")
+MIXED_PRECISIONS = ("no", "bf16", "fp16")  # distributed.PRECISIONS holds the autocast dtype of each but "no"
+DTYPE = Option("float32", "Weights dtype: float32, bfloat16 or float16.", choices=("float32", "bfloat16", "float16"))
+SEED = Option(42, "Seed for data order, initialisation and dropout.", range="[0, inf)", int_max=MAX_SEED)
+LORA = Option(False, "Train LoRA adapters instead of all weights.")
+LORA_R = Option(16, "LoRA rank.", range="[1, inf)")
+DEVICE = Option(None, "cpu, cuda, cuda:1, ... (default: cuda when present).", check=device_name)
+MAX_NEW_TOKENS = Option(128, "Longest answer in new tokens.", range="[1, inf)")
+TEMPERATURE = Option(0.0, "0 = greedy decoding (default).", range="[0, inf)")
+TOP_P = Option(1.0, "Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p.",
+               range="(0, 1]")
+
+# The loss hyper-parameters: TrainConfig and LossConfig both hold each of these (`include_options`), and a
+# loss reads them in its registry adapter (losses/__init__.py). A new one is one line here.
+F_DIVERGENCES: tuple[str, ...] = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+"""The values of `f_divergence_type` (TRL's names); losses/transforms.py computes each."""
+BETA = Option(0.1, "Strength of the KL anchor to the reference: larger keeps the policy closer to it (0.1 is usual).",
+              range="(0, inf)", loss=True, why="it is the strength of the KL anchor: larger keeps the policy closer "
+              "to the reference; 0.1 is the usual default")
+LOSS_OPTIONS: dict[str, Option] = {
+    "beta": BETA,
+    "label_smoothing": Option(0.0, "Assumed share of flipped labels (conservative DPO / rDPO), in [0, 0.5).",
+                              range="[0, 0.5)", loss=True),
+    "simpo_gamma": Option(0.5, "SimPO target reward margin gamma.", range="[0, inf)", loss=True),
+    "dpop_lambda": Option(50.0, "DPO-Positive penalty weight lambda.", range="[0, inf)", loss=True),
+    "sft_weight": Option(0.0, "Weight of an added NLL term on the chosen response (RPO alpha).", range="[0, inf)",
+                         loss=True),
+    "cpo_alpha": Option(1.0, "Weight of CPO's NLL term on the chosen response (loss cpo).", range="[0, inf)",
+                        loss=True),
+    "discopop_tau": Option(0.05, "DiscoPOP's temperature tau (loss discopop).", range="(0, inf)", loss=True),
+    "f_divergence_type": Option("reverse_kl", "f-DPO divergence for the reward-gap losses: reverse_kl (DPO), "
+                                "forward_kl, js_divergence or alpha_divergence.", choices=F_DIVERGENCES, loss=True),
+    "f_alpha_divergence_coef": Option(0.5, "alpha of f_divergence_type alpha_divergence, in (0, 1).", range="(0, 1)",
+                                      loss=True, why="alpha -> 0 is reverse_kl and alpha = 1 forward_kl; use those "
+                                      "f_divergence_type values"),
+}
