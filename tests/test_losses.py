@@ -491,7 +491,7 @@ def test_config_normalises_lists_and_strings():
         ({"discopop_tau": 0.0}, "discopop_tau must be > 0"),
         ({"cpo_alpha": -1.0}, "cpo_alpha must be >= 0"),
         ({"f_alpha_divergence_coef": 1.0}, r"f_alpha_divergence_coef must be in \(0, 1\).*forward_kl"),
-        ({"f_alpha_divergence_coef": 0.0}, "f_alpha_divergence_coef must be > 0"),
+        ({"f_alpha_divergence_coef": 0.0}, r"f_alpha_divergence_coef must be in \(0, 1\) \(got 0"),
         ({"f_divergence_type": "forward_k"}, "f_divergence_type must be one of.*did you mean 'forward_kl'"),
         ({"loss_types": ("sigmoid", "apo_zero"), "f_divergence_type": "js_divergence"},
          "js_divergence does not apply to apo_zero .*sigmoid, robust"),

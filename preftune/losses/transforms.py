@@ -15,7 +15,6 @@ from torch import Tensor
 
 from preftune.options import F_DIVERGENCES
 
-
 # exp() of more than this overflows float32 (its largest finite value is e^88.7): beyond it the score is held at
 # its value there (and its gradient is 0) rather than becoming inf and the loss NaN. Only reached when the
 # policy has moved e^80-fold from the reference on a whole answer; TRL clamps α-divergence the same way.
