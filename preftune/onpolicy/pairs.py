@@ -109,7 +109,7 @@ def open_judge(cfg: PairsConfig, judge: Judge | Callable[..., Any] | None = None
 def row_settings(cfg: PairsConfig, judge: Judge) -> dict[str, Any]:
     """What the rows depend on (settings.json): a rerun into the same output must match it."""
     values = {k: getattr(cfg, k) for k in ROW_SETTINGS}
-    values["prompts"] = source_fingerprint(cfg.prompts)
+    values["prompts"] = [entry[1:] for entry in source_fingerprint(cfg.prompts)]  # content, not the path's spelling
     values["model"] = model_identity(cfg.model)
     values["judge"] = judge.identity()
     return values
@@ -209,6 +209,8 @@ def make_pairs(cfg: PairsConfig | None = None, *, judge: Judge | Callable[..., A
         return PairsResult(store.output, {}, 0)
     if not todo and len(done) == len(prompts.prompts):
         say(f"all {len(prompts.prompts):,} prompts of {cfg.prompts} are already in {store.output}")
+    if len(store.done()) < len(prompts.prompts):
+        say(f"waiting for the other {world - 1} process(es) to finish their prompts")
     done = store.wait_for(len(prompts.prompts))
     n_rows = store.gather(done)
     summary = summarize(list(done.values()), prompts=len(prompts.prompts), repeated=prompts.repeated, cfg=cfg,

@@ -10,9 +10,10 @@ For `--output pairs.jsonl`:
                            judge-cache-R.jsonl (an endpoint judge's scores)
 
 A process appends a batch's pairs, flushes them to disk, then its done lines: a prompt is done once its done line
-is written. A rerun first drops from a process's pairs file the rows of prompts that its done file does not
-list (a kill between the two writes) and a line cut in the middle, so a prompt's pairs are written exactly once
-(they are drawn from the prompt's own random streams, so the rerun writes the same ones). Prompts go to processes
+is written and its rows are there. A rerun first drops from a process's pairs file the rows of prompts that its
+done file does not list (a kill between the two writes) and a line cut in the middle, and from its done file the
+prompts whose rows are missing, so a prompt's pairs are written exactly once (they are drawn from the prompt's
+own random streams, so the rerun writes the same ones). Prompts go to processes
 by index (prompt i to process i mod world), skipping done ones, so a rerun may use another number of processes.
 When every prompt is done, process 0 gathers the rows, sorted by prompt index, into pairs.jsonl (one atomic
 replace) and writes the summary: the same bytes however many processes ran and however often it was killed.
@@ -23,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -111,19 +113,19 @@ class PairsStore:
         return self.done()
 
     def _reconcile(self) -> None:
-        """Keep in this process's files only what its done file vouches for (see the module docstring)."""
+        """Make this process's done file and pairs file vouch for each other (see the module docstring): a done
+        line whose rows are not all in the pairs file (a file removed or cut by hand) is dropped, so its prompt
+        is done again; rows no done line lists are dropped."""
         done_file, rows_file = self.done_path(self.rank), self.rows_path(self.rank)
-        done = _jsonl(done_file)
-        if done_file.is_file() and _lines(done) != done_file.read_text(encoding="utf-8"):
-            _write_atomic(done_file, _lines(done))
-        mine = {d["i"] for d in done}
-        if self.rank == 0:  # after a finished gathering, process 0's file holds every process's rows
-            mine |= set(self.done())
-        if rows_file.is_file():
-            rows = _jsonl(rows_file)
-            kept = [r for r in rows if r["source"]["prompt_index"] in mine]
-            if _lines(kept) != rows_file.read_text(encoding="utf-8"):
-                _write_atomic(rows_file, _lines(kept))
+        done, rows = _jsonl(done_file), _jsonl(rows_file)
+        found = Counter(r["source"]["prompt_index"] for r in rows)
+        kept = [d for d in done if "skip" in d or found[d["i"]] == len(d["pairs"])]
+        mine = {d["i"] for d in kept}
+        if self.rank == 0:  # after a gathering killed midway, process 0's file also holds other processes' rows
+            mine |= {i for i, d in self.done().items() if d["rank"] != 0}
+        for path, lines in ((done_file, kept), (rows_file, [r for r in rows if r["source"]["prompt_index"] in mine])):
+            if path.is_file() and _lines(lines) != path.read_text(encoding="utf-8"):
+                _write_atomic(path, _lines(lines))
 
     def done(self) -> dict[int, dict]:
         """Every prompt any process has finished (index → its done line; a prompt two files list: the lower rank's)."""

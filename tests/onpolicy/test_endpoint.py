@@ -21,10 +21,11 @@ WHERE = "prompts.jsonl line 3"
 class Server:
     """Answers each request with the number of words after "Answer:" in its message (1 when it has none), unless
     `plan` says to fail:
-    the first `fail` requests get HTTP `status`, the next `hang` ones sleep `hang_s` before answering."""
+    the first `fail` requests (and those from number `fail_from` on) get HTTP `status`, the next `hang` ones sleep
+    `hang_s` before answering."""
 
     def __init__(self):
-        self.plan = {"fail": 0, "status": 500, "hang": 0, "hang_s": 1.0, "reply": None, "body": None}
+        self.plan = {"fail": 0, "status": 500, "hang": 0, "hang_s": 1.0, "reply": None, "body": None, "fail_from": None}
         self.requests: list[dict] = []
         self.lock = threading.Lock()
         server = self
@@ -36,7 +37,7 @@ class Server:
                     n = len(server.requests)
                     server.requests.append({"path": self.path, "body": body, "auth": self.headers.get("Authorization")})
                 plan = server.plan
-                if n < plan["fail"]:
+                if n < plan["fail"] or (plan["fail_from"] is not None and n >= plan["fail_from"]):
                     self.send_response(plan["status"])
                     self.end_headers()
                     self.wfile.write(b'{"error": "model overloaded"}')
@@ -121,3 +122,29 @@ def test_an_unreachable_endpoint():
         check_reachable(f"http://127.0.0.1:{port}/v1")
     with pytest.raises(PreftuneError, match="must be an http\\(s\\) URL"):
         check_reachable("127.0.0.1:8000")
+
+
+def test_a_pairs_run_that_failed_pays_for_no_verdict_twice(server, tiny_model_dir, tmp_path):
+    """The endpoint refuses (HTTP 403) from its 7th request on; the rerun asks only for the verdicts not cached."""
+    from preftune.onpolicy import make_pairs
+
+    (tmp_path / "p.txt").write_text("red cat\nblue river\ngreen tree\nsun moon\n")
+    kw = dict(model=str(tiny_model_dir), prompts=str(tmp_path / "p.txt"), output=str(tmp_path / "pairs.jsonl"),
+              judge_url=server.url, judge_model="m", judge_concurrency=2, samples=3, max_new_tokens=3,
+              batch_size=6, device="cpu", progress=False, say=lambda _: None)
+    server.plan.update(fail_from=6, status=403)
+    with pytest.raises(PreftuneError, match="answered HTTP 403"):
+        make_pairs(**kw)
+    cached = len((tmp_path / "pairs.state" / "judge-cache-0.jsonl").read_text().splitlines())
+    assert cached >= 6 - 1  # every answer received was kept (one more may have been in flight)
+    server.plan.update(fail_from=None)
+    before = len(server.requests)
+    result = make_pairs(**kw)
+    assert len(server.requests) - before == result.summary["distinct_answers"] - cached
+
+
+def test_the_readme_shows_the_default_template():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    assert f"```\n{DEFAULT_TEMPLATE}\n```" in readme

@@ -147,7 +147,8 @@ def test_a_failed_run_continues_to_the_same_rows_without_judging_twice(files, ti
 
 
 def test_a_kill_between_the_rows_and_the_done_lines(tmp_path):
-    """Rows of a prompt without its done line (and a line cut in the middle) are dropped when the run reopens."""
+    """Rows of a prompt without its done line (and a line cut in the middle) are dropped when the run reopens, and
+    a done line without its rows."""
     store = PairsStore(tmp_path / "p.jsonl")
     assert store.open({"seed": 1}) == {}
     row = {"prompt": "q", "chosen": "a", "rejected": "b", "source": {"prompt_index": 0}}
@@ -157,6 +158,10 @@ def test_a_kill_between_the_rows_and_the_done_lines(tmp_path):
         f.write('{"prompt": "half a li')
     assert list(PairsStore(tmp_path / "p.jsonl").open({"seed": 1})) == [0]
     assert store.output.read_text() == json.dumps(row) + "\n"
+    store.output.unlink()  # the pairs file removed by hand: its prompts are done again
+    assert PairsStore(tmp_path / "p.jsonl").open({"seed": 1}) == {}
+    with pytest.raises(PreftuneError, match="p.jsonl was made with other settings \\(seed 1 → 2\\)"):
+        PairsStore(tmp_path / "p.jsonl").open({"seed": 2})
 
 
 def _env(**kw) -> dict:
