@@ -208,8 +208,8 @@ def _kill_and_restart(files, tiny_model_dir, out, cmd, ranks, monkeypatch, capsy
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--samples", "1"], "samples must be at least 2 \\(a pair needs two answers to compare\\), got 1."),
-    (["--temperature", "0"], "temperature must be > 0"),
+    (["--samples", "1"], "samples must be at least 2 \\(got 1\\); a pair needs two answers to compare.$"),
+    (["--temperature", "0"], "temperature must be > 0 \\(got 0\\); greedy decoding gives every sample the same"),
     (["--prompts", "EMPTY"], "EMPTY.jsonl is empty"),
     (["--judge", "MISSING.py:score"], "the judge file .*MISSING.py does not exist."),
     (["--judge", "RM"], "the reward model .*RM has 3 outputs \\(num_labels\\); a reward model is a sequence "
