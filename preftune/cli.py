@@ -28,6 +28,7 @@ from preftune.command_options import (
 from preftune.config import TrainConfig, flag_value, read_yaml
 from preftune.errors import PreftuneError
 from preftune.launch import shutdown
+from preftune.onpolicy.config import PairsConfig
 from preftune.options import options_of
 from preftune.version import __version__
 
@@ -45,7 +46,10 @@ COMMANDS: dict[str, tuple[type, str]] = {
              "judged win rate of a model against its reference."),
     "report": (ReportOptions, "HTML page and PNGs of a run's curves (works while it runs)."),
     "push": (PushOptions, "Upload a run's final model (and model card) to the Hugging Face Hub."),
+    "pairs": (PairsConfig, "On-policy preference pairs: K answers per prompt from the model, scored by a judge, a "
+              "clearly better and a clearly worse one kept (JSONL that train reads)."),
 }
+CONFIG_FILES = (TrainConfig, PairsConfig)  # the commands that also read a YAML file of their options
 
 
 class _Parser(argparse.ArgumentParser):
@@ -86,10 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"preftune {__version__}")
     sub = parser.add_subparsers(dest="command", parser_class=_Parser, metavar="COMMAND")
     for name, (cls, what) in COMMANDS.items():
-        description = what + (" Flags override the YAML file; both use the same key names." if cls is TrainConfig
+        description = what + (" Flags override the YAML file; both use the same key names." if cls in CONFIG_FILES
                               else "")
         p = sub.add_parser(name, help=what, description=description, allow_abbrev=False)
-        if cls is TrainConfig:
+        if cls in CONFIG_FILES:
             p.add_argument("config", nargs="?", help="YAML config file (optional).")
         add_flags(p, cls)
     # The demo is not in the package (its weights would ship in every wheel): the verb runs the copy in a
@@ -103,11 +107,11 @@ def options_from_args(args: argparse.Namespace) -> Any:
     """The command's options, checked, from the flags given (and, for train/sft, the YAML file under them)."""
     cls = COMMANDS[args.command][0]
     given = {name: getattr(args, name) for name, _, _ in options_of(cls) if hasattr(args, name)}
-    if cls is not TrainConfig:
+    if cls not in CONFIG_FILES:
         return cls(**given)
-    values: dict[str, Any] = read_yaml(args.config) if args.config else {}
+    values: dict[str, Any] = read_yaml(args.config, cls) if args.config else {}
     values.update(given)
-    return TrainConfig.from_dict(values, where=args.config or "flags")
+    return cls.from_dict(values, where=args.config or "flags")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -159,6 +163,11 @@ def _run(argv: Sequence[str] | None, callbacks: Sequence[Any]) -> int:
         from preftune.memory_plan import run_plan
 
         return run_plan(opts)
+    if args.command == "pairs":
+        from preftune.onpolicy.pairs import make_pairs
+
+        make_pairs(opts)
+        return 0
     return _run_eval_command(args.command, opts)
 
 

@@ -11,11 +11,30 @@ Decoding starts from the model's own generation config (its EOS tokens, for inst
 settings given here on top; `pure=True` switches off every other logits processor (top-k, repetition
 penalty, a minimum length...) so that samples are drawn from the model's distribution itself, as a
 Monte-Carlo KL estimate needs. Results depend on the seed and the batch size (rows share a random stream).
+
+Several answers per prompt, drawn independently of batching (`preftune pairs`, and what rounds of on-policy
+training sample with):
+
+    from preftune.generate import Sampling, sample_completions
+    outs = sample_completions(model, tok, [encode_prompt(tok, "question: red cat answer:")], samples=4,
+                              sampling=Sampling(max_new_tokens=64, temperature=1.0, top_p=0.95, seed=1))
+    outs[0][3].text                                   # prompt 0, answer 3
+
+`sample_completions` is the one function that samples K answers per prompt, so a faster engine (vLLM on a GPU)
+can serve it later. Its own decoding loop (`sample_ids`) runs each prompt once through the model and shares the
+KV cache among its K answers, drops finished answers from the batch, and stops an answer at `max_new_tokens`
+or at the model's last position. Answer j of the prompt with key q is drawn from a random stream of its own,
+seeded by (seed, q, j), one uniform number per token turned into a token by the inverse of the cumulative
+distribution (after transformers' temperature, top-k and top-p warpers): the same key gives the same answers
+whatever the batch size, the other prompts in the batch or the process that samples it (up to float rounding
+of the logits, which moves a draw only when its uniform falls within rounding of a token's boundary).
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
+import inspect
 import json
 import sys
 from collections.abc import Sequence
@@ -26,6 +45,7 @@ from typing import Any
 import torch
 
 from preftune.errors import PreftuneError
+from preftune.logprobs import _cache_kwarg, causal_lm
 
 # Logits processors a model's generation config may switch on; `pure` sampling sets each to its neutral value.
 _NEUTRAL = {"top_k": 0, "top_p": 1.0, "min_p": None, "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0,
@@ -161,6 +181,186 @@ def generate(model, tokenizer, prompts: Sequence[str | list[dict]], *, max_new_t
     outs = generate_ids(model, tokenizer, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                         top_k=top_k, seed=seed, batch_size=batch_size, pure=pure)
     return [Completion(tokenizer.decode(a, skip_special_tokens=True), a, stopped) for a, stopped in outs]
+
+
+# ------------------------------------------------------------------ K answers per prompt, independent of batching
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How answers are drawn: temperature (0 = greedy), top_p, top_k (0 = off), at most max_new_tokens each, and
+    the seed of every answer's own random stream."""
+
+    max_new_tokens: int = 128
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+
+    def check(self) -> None:
+        if self.max_new_tokens < 1:
+            raise PreftuneError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}.")
+        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
+            raise PreftuneError(f"temperature must be >= 0, top_p in (0, 1] and top_k >= 0; got {self.temperature}, "
+                                f"{self.top_p} and {self.top_k}.")
+
+
+def row_seed(seed: int, key: int, sample: int) -> int:
+    """The seed of answer `sample` of the prompt with `key`: a hash, so nearby seeds give unrelated streams."""
+    digest = hashlib.blake2b(f"{seed}:{key}:{sample}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+def _uniforms(seeds: Sequence[int], n: int) -> torch.Tensor:
+    """[rows, n] float64: uniform t of each row's stream is the one its token t is drawn with."""
+    out = torch.empty(len(seeds), n, dtype=torch.float64)
+    gen = torch.Generator()
+    for r, s in enumerate(seeds):
+        gen.manual_seed(s)
+        out[r] = torch.rand(n, generator=gen, dtype=torch.float64)
+    return out
+
+
+def _warpers(sampling: Sampling):
+    from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    procs = [TemperatureLogitsWarper(float(sampling.temperature))] if sampling.temperature not in (0, 1) else []
+    if sampling.top_k > 0:
+        procs.append(TopKLogitsWarper(sampling.top_k))
+    if sampling.top_p < 1:
+        procs.append(TopPLogitsWarper(sampling.top_p))
+    return LogitsProcessorList(procs)
+
+
+def pick_tokens(logits: torch.Tensor, uniforms: torch.Tensor, sampling: Sampling, warpers=None) -> torch.Tensor:
+    """[rows] token ids from [rows, vocab] logits: argmax at temperature 0, else the token whose interval of the
+    cumulative distribution (in vocabulary order, after the warpers) holds the row's uniform number.
+
+    Vocabulary order, not sorted by probability: two tokens of nearly equal probability swapping places under
+    float rounding would otherwise move every draw between them."""
+    if sampling.temperature == 0:
+        return logits.argmax(-1)
+    warpers = _warpers(sampling) if warpers is None else warpers
+    scores = warpers(None, logits.float())  # these warpers never read the input ids
+    cdf = torch.softmax(scores.double(), dim=-1).cumsum(-1)
+    target = (uniforms.to(cdf.device) * cdf[:, -1]).unsqueeze(-1)
+    return torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp_(max=cdf.shape[-1] - 1)
+
+
+def stop_ids(model, tokenizer) -> set[int]:
+    """The tokens that end an answer: the model's generation config's EOS ids, else the tokenizer's EOS."""
+    gc = getattr(model, "generation_config", None)
+    eos = getattr(gc, "eos_token_id", None)
+    eos = tokenizer.eos_token_id if eos is None else eos
+    return {eos} if isinstance(eos, int) else set(eos)
+
+
+def max_positions(model) -> int | None:
+    """How many positions the model has (prompt + answer must fit), None when its config does not say."""
+    n = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return n if isinstance(n, int) and n > 0 else None
+
+
+def _step(lm, cache_kwarg: str, cache, **inputs):
+    """(last position's logits, cache) of one forward of `lm` (the *ForCausalLM, LoRA layers in place)."""
+    # Only the last position's logits are needed; a prompt's full [length, vocab] logits can take gigabytes.
+    if "logits_to_keep" in inspect.signature(lm.forward).parameters:
+        inputs["logits_to_keep"] = 1
+    if cache is not None:
+        inputs[cache_kwarg] = cache
+    out = lm(**inputs, use_cache=True)
+    return out.logits[:, -1], (out.cache if hasattr(out, "cache") else out.past_key_values)
+
+
+@torch.inference_mode()
+def sample_ids(model, prompt_ids: Sequence[list[int]], *, samples: int = 1, sampling: Sampling = Sampling(),
+               eos_ids: set[int], pad_id: int, keys: Sequence[int] | None = None, batch_size: int = 32,
+               limit: int | None = None) -> list[list[tuple[list[int], bool]]]:
+    """[prompt][answer] → (answer ids, stopped): `samples` answers per prompt, EOS last when the answer stopped
+    by itself, else cut at `max_new_tokens` or at `limit` positions (prompt + answer). Prompts that leave no
+    room under `limit` get no answers ([]).
+
+    `batch_size` counts answers decoded together (prompts per batch: batch_size // samples, at least one).
+    `keys` name the prompts' random streams (default: their positions in `prompt_ids`)."""
+    sampling.check()
+    keys = list(range(len(prompt_ids))) if keys is None else list(keys)
+    if len(keys) != len(prompt_ids) or len(set(keys)) != len(keys):
+        raise PreftuneError("sample_ids needs one distinct key per prompt.")
+    out: list[list[tuple[list[int], bool]]] = [[] for _ in prompt_ids]
+    room = [sampling.max_new_tokens if limit is None else min(sampling.max_new_tokens, limit - len(p))
+            for p in prompt_ids]
+    order = sorted((i for i in range(len(prompt_ids)) if room[i] > 0), key=lambda i: -len(prompt_ids[i]))
+    per = max(1, batch_size // samples)
+    was_training = model.training
+    model.eval()
+    try:
+        for s in range(0, len(order), per):
+            idx = order[s:s + per]
+            answers = _decode(model, [prompt_ids[i] for i in idx], [keys[i] for i in idx], [room[i] for i in idx],
+                              samples, sampling, eos_ids, pad_id)
+            for n, i in enumerate(idx):
+                out[i] = answers[n * samples:(n + 1) * samples]
+    finally:
+        model.train(was_training)
+    return out
+
+
+def _decode(model, prompts: list[list[int]], keys: list[int], room: list[int], k: int, sampling: Sampling,
+            eos_ids: set[int], pad_id: int) -> list[tuple[list[int], bool]]:
+    """One batch: prefill the prompts once, repeat their cache k times, decode until every answer ended."""
+    device = next(model.parameters()).device
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, p in enumerate(prompts):  # left padding: every row's next token sits at the same cache slot
+        ids[row, width - len(p):] = torch.tensor(p)
+        mask[row, width - len(p):] = 1
+    lm = causal_lm(model)
+    kwarg = _cache_kwarg(lm)
+    mask = mask.to(device)
+    logits, cache = _step(lm, kwarg, None, input_ids=ids.to(device), attention_mask=mask,
+                          position_ids=(mask.cumsum(-1) - 1).clamp(min=0))
+    if k > 1:
+        cache.batch_repeat_interleave(k)
+        logits, mask = logits.repeat_interleave(k, 0), mask.repeat_interleave(k, 0)
+    position = torch.tensor([len(p) for p in prompts], device=device).repeat_interleave(k)
+    caps = [r for r in room for _ in range(k)]
+    uniforms = _uniforms([row_seed(sampling.seed, key, j) for key in keys for j in range(k)], sampling.max_new_tokens)
+    warpers = _warpers(sampling)
+    answers: list[list[int]] = [[] for _ in caps]
+    stopped = [False] * len(caps)
+    active = torch.arange(len(caps))
+    for t in range(sampling.max_new_tokens):
+        tokens = pick_tokens(logits, uniforms[active, t], sampling, warpers)
+        keep = []
+        for a, (row, tok) in enumerate(zip(active.tolist(), tokens.tolist())):
+            answers[row].append(tok)
+            stopped[row] = tok in eos_ids
+            if not stopped[row] and len(answers[row]) < caps[row]:
+                keep.append(a)
+        if not keep:
+            break
+        if len(keep) < len(active):  # finished answers leave the batch, and their cache rows with them
+            sel = torch.tensor(keep, device=device)
+            cache.batch_select_indices(sel)
+            mask, tokens, position, active = mask[sel], tokens[sel], position[sel], active[sel.cpu()]
+        mask = torch.cat([mask, mask.new_ones((len(keep), 1))], dim=1)
+        logits, cache = _step(lm, kwarg, cache, input_ids=tokens[:, None], attention_mask=mask,
+                              position_ids=position[:, None])
+        position = position + 1
+    return list(zip(answers, stopped))
+
+
+def sample_completions(model, tokenizer, prompt_ids: Sequence[list[int]], *, samples: int,
+                       sampling: Sampling = Sampling(), keys: Sequence[int] | None = None,
+                       batch_size: int = 32) -> list[list[Completion]]:
+    """`samples` completions of each prompt (ids from `encode_prompt`), drawn as `sample_ids` does: the same
+    (seed, key, answer number) gives the same completion in any batch. A prompt that fills the model's
+    positions gets none."""
+    raw = sample_ids(model, prompt_ids, samples=samples, sampling=sampling, eos_ids=stop_ids(model, tokenizer),
+                     pad_id=tokenizer.pad_token_id, keys=keys, batch_size=batch_size, limit=max_positions(model))
+    return [[Completion(tokenizer.decode(a, skip_special_tokens=True), a, stopped) for a, stopped in answers]
+            for answers in raw]
 
 
 def read_prompts(source: str | Path, prompt_field: str = "prompt") -> list[str | list[dict]]:

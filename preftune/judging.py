@@ -24,6 +24,7 @@ import inspect
 import math
 import os
 import random
+import reprlib
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -98,6 +99,34 @@ def _name(func: Any) -> str:
     return f"{getattr(func, '__module__', '?')}:{getattr(func, '__qualname__', type(func).__name__)}"
 
 
+def function_name(func: Any) -> str:
+    """"module:qualname" of a judge function, for messages and provenance."""
+    return _name(func)
+
+
+_SHORT = reprlib.Repr()
+_SHORT.maxstring = _SHORT.maxother = 60
+
+
+def short(value: Any) -> str:
+    """A bounded repr of what a judge returned (a 100 MB string is shown by its first characters)."""
+    return _SHORT.repr(value)
+
+
+def error_text(e: BaseException) -> str:
+    """ "ValueError: first line of the message" (at most 200 characters), for a sentence about a judge's failure."""
+    lines = str(e).strip().splitlines()
+    return type(e).__name__ + (f": {lines[0][:200]}" if lines else "")
+
+
+def read_verdict(raw: Any) -> str | None:
+    """A pairwise judge's answer as "a", "b" or "tie" (case and spaces ignored), None if it is none of them."""
+    if not isinstance(raw, str) or len(raw) > 16:
+        return None
+    verdict = raw.strip().lower()
+    return verdict if verdict in ("a", "b", "tie") else None
+
+
 def wilson_interval(successes: float, n: int, z: float = Z95) -> tuple[float, float]:
     """Wilson score interval for a proportion (Wilson, 1927):
 
@@ -141,9 +170,9 @@ def judge_pairs(judge: Judge, prompts: Sequence[Any], model_answers: Sequence[st
             raw = judge(prompt, a, b)
         except Exception as e:  # the user's code: name it, one sentence, no traceback
             raise PreftuneError(f"the judge {_name(judge)} raised {type(e).__name__} on prompt {i + 1}: {e}.") from None
-        verdict = str(raw).strip().lower() if isinstance(raw, str) else None
-        if verdict not in ("a", "b", "tie"):
-            raise PreftuneError(f"the judge {_name(judge)} returned {raw!r} for prompt {i + 1}; it must return "
+        verdict = read_verdict(raw)
+        if verdict is None:
+            raise PreftuneError(f"the judge {_name(judge)} returned {short(raw)} for prompt {i + 1}; it must return "
                                 "'a', 'b' or 'tie'.")
         if verdict != "tie":
             verdict = "model" if (verdict == "a") == model_first else "reference"

@@ -1,5 +1,7 @@
 """preftune.generate and `preftune generate`: batched, left-padded decoding equals a step-by-step loop written
-here; seeds reproduce without touching the global RNG; LoRA adapter folders load onto their base."""
+here; seeds reproduce without touching the global RNG; LoRA adapter folders load onto their base. sample_ids:
+inverse-CDF draws by hand and against transformers' warpers, answers independent of batching, frequencies that
+follow the model's distribution, answers cut at max_new_tokens and at the model's last position."""
 
 from __future__ import annotations
 
@@ -11,11 +13,18 @@ import torch
 from preftune.cli import main
 from preftune.errors import PreftuneError
 from preftune.generate import (
+    Sampling,
     _generation_config,
+    encode_prompt,
     generate,
     load_model_for_generation,
+    max_positions,
+    pick_tokens,
     prompt_text,
     read_prompts,
+    sample_completions,
+    sample_ids,
+    stop_ids,
 )
 
 PROMPTS = ["question: red cat answer:", "question: one two three four five six seven eight answer:",
@@ -130,3 +139,88 @@ def test_cli_generate_writes_jsonl(tmp_path, tiny_model_dir, capsys):
     assert all(r["finish_reason"] in ("stop", "length") and 0 <= r["tokens"] <= 6 for r in rows)
     assert main(["generate", "--model", str(tiny_model_dir), "--prompt", "x", "--max-new-tokens", "0"]) == 2
     assert capsys.readouterr().err.strip().endswith("max_new_tokens must be at least 1 (got 0).")  # the CLI's schema
+
+
+# ------------------------------------------------------------------ sample_ids: K answers, independent of batching
+
+
+def test_pick_tokens_inverse_cdf_by_hand():
+    """probs [0.1, 0.2, 0.7]: intervals [0, .1) [.1, .3) [.3, 1) in vocabulary order.
+    temperature 2: p^(1/2) = [.3162, .4472, .8367] / 1.6001 = [.1976, .2795, .5229] → [0, .1976) [.1976, .4771) ...
+    top_p 0.75: transformers drops tokens whose ascending cumulative mass is <= 0.25 (only 0.1): [0, .2/.9) [.2222, 1)
+    top_k 1: only the 0.7 token."""
+    logits = torch.log(torch.tensor([[0.1, 0.2, 0.7]])).expand(4, 3)
+    u = torch.tensor([0.05, 0.25, 0.31, 0.999], dtype=torch.float64)
+    assert pick_tokens(logits, u, Sampling()).tolist() == [0, 1, 2, 2]
+    u = torch.tensor([0.19, 0.2, 0.47, 0.48], dtype=torch.float64)
+    assert pick_tokens(logits, u, Sampling(temperature=2.0)).tolist() == [0, 1, 1, 2]
+    u = torch.tensor([0.0, 0.2, 0.23, 0.9], dtype=torch.float64)
+    assert pick_tokens(logits, u, Sampling(top_p=0.75)).tolist() == [1, 1, 2, 2]
+    assert pick_tokens(logits, u, Sampling(top_k=1)).tolist() == [2, 2, 2, 2]
+    assert pick_tokens(logits, u, Sampling(temperature=0)).tolist() == [2, 2, 2, 2]
+
+
+def test_pick_tokens_draws_what_transformers_warpers_leave():
+    """On a grid of 20,000 uniforms, each token's share equals its probability after transformers' own
+    temperature/top-k/top-p warpers (computed here from the library, not from pick_tokens)."""
+    from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    torch.manual_seed(0)
+    logits = torch.randn(1, 50) * 2
+    n = 20_000
+    u = (torch.arange(n, dtype=torch.float64) + 0.5) / n
+    for s in (Sampling(temperature=0.7, top_p=0.9), Sampling(temperature=1.3, top_k=7)):
+        warped = logits.clone()
+        for w in (TemperatureLogitsWarper(s.temperature), TopKLogitsWarper(s.top_k) if s.top_k else None,
+                  TopPLogitsWarper(s.top_p) if s.top_p < 1 else None):
+            warped = w(None, warped) if w is not None else warped
+        expected = torch.softmax(warped, -1)[0]
+        got = torch.bincount(pick_tokens(logits.expand(n, 50), u, s), minlength=50).double() / n
+        assert torch.allclose(got, expected.double(), atol=1.5 / n)
+
+
+def test_samples_do_not_depend_on_batching_and_greedy_equals_a_loop(loaded):
+    """16 of the 400 tokens end an answer here, so answers end at different steps and leave the batch early."""
+    model, tok = loaded
+    ids = [encode_prompt(tok, p) for p in PROMPTS]
+    s = Sampling(max_new_tokens=16, temperature=1.0, seed=5)
+    kw = dict(eos_ids=set(range(0, 400, 25)), pad_id=tok.pad_token_id)
+    together = sample_ids(model, ids, samples=4, sampling=s, batch_size=12, **kw)  # one batch of 3 prompts x 4
+    alone = [sample_ids(model, [ids[i]], samples=4, sampling=s, keys=[i], batch_size=1, **kw)[0] for i in (2, 0, 1)]
+    assert [alone[1], alone[2], alone[0]] == together
+    ends = [(stopped, len(a)) for answers in together for a, stopped in answers]
+    assert {stopped for stopped, _ in ends} == {True, False} and len({n for _, n in ends}) > 3
+    assert len({tuple(a) for answers in together for a, _ in answers}) == 12  # twelve different streams
+    assert sample_ids(model, ids, samples=4, sampling=Sampling(max_new_tokens=16, seed=6), **kw) != together
+    greedy = sample_completions(model, tok, ids, samples=1, sampling=Sampling(max_new_tokens=12, temperature=0))
+    assert [g[0].ids for g in greedy] == [_greedy_by_hand(model, tok, p, 12) for p in PROMPTS]
+
+
+def test_sampling_follows_the_models_distribution(loaded):
+    """3,000 one-token answers of one prompt (its cache shared by all): each token's frequency within 4.5
+    standard errors of softmax(logits / 0.8) from a plain forward."""
+    model, tok = loaded
+    ids = encode_prompt(tok, PROMPTS[0])
+    n = 3000
+    out = sample_ids(model, [ids], samples=n, sampling=Sampling(max_new_tokens=1, temperature=0.8, seed=1),
+                     eos_ids=stop_ids(model, tok), pad_id=tok.pad_token_id, batch_size=n)[0]
+    with torch.no_grad():
+        p = torch.softmax(model(torch.tensor([ids])).logits[0, -1].double() / 0.8, -1)
+    freq = torch.bincount(torch.tensor([a[0] for a, _ in out]), minlength=p.numel()).double() / n
+    assert torch.all((freq - p).abs() <= 4.5 * torch.sqrt(p * (1 - p) / n) + 1e-3)
+
+
+def test_answers_stop_at_max_new_tokens_and_at_the_last_position(loaded):
+    """The tiny model has 256 positions: a 250-token prompt leaves room for 6 answer tokens, a 256-token one
+    for none; the others stop at max_new_tokens (or at EOS, which then ends the ids)."""
+    model, tok = loaded
+    assert max_positions(model) == 256
+    eos = stop_ids(model, tok)
+    prompts = [[5] * 250, [5] * 256, encode_prompt(tok, PROMPTS[0])]
+    out = sample_ids(model, prompts, samples=2, sampling=Sampling(max_new_tokens=20, seed=2), eos_ids=eos,
+                     pad_id=tok.pad_token_id, limit=256)
+    assert out[1] == []
+    for ids, stopped in out[0]:
+        assert (len(ids), stopped) == (6, False) or (stopped and len(ids) <= 6 and ids[-1] in eos)
+    for ids, stopped in out[2]:
+        assert (len(ids) == 20 and not stopped) or (stopped and ids[-1] in eos and len(ids) <= 20)
