@@ -9,6 +9,7 @@ import torch
 
 from preftune.data.collate import collate
 from preftune.data.tokenize import TokenizedPair
+from preftune.logprobs import ForwardPlan, LogpsModel
 from preftune.modeling.reference import Precomputed, choose_strategy, model_identity, precompute
 
 
@@ -69,7 +70,7 @@ def test_cache_of_another_size_is_recomputed(tmp_path, monkeypatch):
     cache = tmp_path / "run" / "ref" / "train-key.safetensors"  # folders made as needed
     one = [TokenizedPair([1], [2, 3, 4], [5, 6], 0)]
     two = one + [TokenizedPair([1], [7], [8, 9], 1)]
-    kw = dict(cache_file=cache, pad_id=0, batch_size=2, prefix_sharing=True, chunk_size=0)
+    kw = dict(cache_file=cache, pad_id=0, batch_size=2)
     precompute(torch.nn.Linear(1, 1), one, **kw)
     got = precompute(torch.nn.Linear(1, 1), two, **kw)
     assert calls == [1, 2]
@@ -95,10 +96,11 @@ def test_precompute_scores_the_base_weights_under_adapters(tiny_model_dir, tmp_p
     peft = get_peft_model(copy.deepcopy(base), LoraConfig(r=2, target_modules=["q_proj", "v_proj"],
                                                            init_lora_weights=False))
     pairs = [TokenizedPair([5, 6, 7], [8, 9, 2], [10, 2], 0), TokenizedPair([5], [11, 2], [12, 13, 2], 1)]
-    kw = dict(pad_id=3, batch_size=2, prefix_sharing=True, chunk_size=0)
-    got = precompute(peft, pairs, cache_file=tmp_path / "a.safetensors", **kw)
-    want = precompute(base, pairs, cache_file=tmp_path / "b.safetensors", **kw)
+    kw = dict(pad_id=3, batch_size=2)
+    plan = ForwardPlan("packed", attention="sdpa")
+    got = precompute(LogpsModel(peft, plan), pairs, cache_file=tmp_path / "a.safetensors", **kw)
+    want = precompute(LogpsModel(base, plan), pairs, cache_file=tmp_path / "b.safetensors", **kw)
     torch.testing.assert_close(got.chosen, want.chosen, atol=1e-5, rtol=0)
     torch.testing.assert_close(got.rejected, want.rejected, atol=1e-5, rtol=0)
-    assert (got.chosen - precompute(peft.merge_and_unload(), pairs, cache_file=tmp_path / "c.safetensors",
-                                    **kw).chosen).abs().max() > 1e-3  # the adapters do change the scores
+    assert (got.chosen - precompute(LogpsModel(peft.merge_and_unload(), plan), pairs,
+                                    cache_file=tmp_path / "c.safetensors", **kw).chosen).abs().max() > 1e-3  # the adapters do change the scores
