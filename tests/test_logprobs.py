@@ -190,3 +190,35 @@ def test_sft_batch_has_no_rejected(model_and_batch, mode):
     assert out.rejected_logps is None
     p, c = pairs[0].prompt_ids, pairs[0].chosen_ids
     torch.testing.assert_close(out.chosen_logps[0], _manual_logps(model, tok, p, c), atol=1e-4, rtol=0)
+
+
+def test_float64_eager_model_never_runs_the_nan_cache_path_and_stays_float64(tiny_model_dir, model_and_batch):
+    """Eager attention adds float64's most negative number to a fully padded (left-padded) prompt row and takes
+    its softmax in fp32, where that number is -inf: the row is NaN, and the next layer carries it into real
+    tokens through 0·NaN (measured: the pair with the shorter prompt scores NaN on the KV-cache path). The plan's
+    probe sees it and takes one row per answer, which equals the one-row forward in float64 (within 1e-9: fp32
+    rounding alone would be ~1e-6 here), and the log-probs stay float64."""
+    from transformers import AutoModelForCausalLM
+
+    from preftune.device import ForwardOptions, plan_forward
+    from preftune.logprobs import LogpsModel, inference
+
+    _, tok, batch = model_and_batch
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float64, attn_implementation="eager")
+    with torch.no_grad():
+        assert forward_logps(model, batch, ForwardPlan("cache")).chosen_logps.isnan().any()  # the path itself
+    logprobs._said.clear()
+    plan = plan_forward(model, options=ForwardOptions("cache"), training=False)
+    assert plan.path == "off"
+    assert plan_forward(model, options=ForwardOptions("auto"), training=False).path == "packed"  # fine there
+    handle = LogpsModel(model, plan)
+    with inference(handle):
+        out = handle(batch)
+    assert out.chosen_logps.dtype == torch.float64
+    for i in range(len(batch)):
+        p = batch.prompt_ids[i][batch.prompt_mask[i].bool()].tolist()
+        c = batch.chosen_ids[i][batch.chosen_mask[i].bool()].tolist()
+        with torch.no_grad():
+            ids = torch.tensor([p + c])
+            lp = torch.log_softmax(model(input_ids=ids).logits[0, :-1], -1).gather(-1, ids[0, 1:, None])[:, 0]
+        torch.testing.assert_close(out.chosen_logps[i], lp[len(p) - 1:].sum(), atol=1e-9, rtol=0)

@@ -154,7 +154,7 @@ def _zero_config_rates(cfg: object, seen: set[int]) -> list[str]:
         if _is_rate(name, value):
             try:  # configs are typed dataclasses now: MPT declares attn_pdrop an int
                 setattr(cfg, name, 0.0)
-            except (TypeError, ValueError):
+            except Exception:  # huggingface_hub's StrictDataclassFieldValidationError
                 setattr(cfg, name, 0)
             zeroed.append(f"config.{name}")
         elif hasattr(value, "to_dict") and hasattr(value, "model_type"):  # a nested PretrainedConfig

@@ -40,6 +40,7 @@ from preftune.data.store import pairs_digest
 from preftune.data.tokenize import TokenizedPair
 from preftune.errors import PreftuneError
 from preftune.logprobs import ForwardPlan, LogpsModel, SequenceLogps, handle_model, inference, unwrap_handle
+from preftune.modeling.load import load_model, resolve_model_path
 
 
 class Reference:
@@ -357,8 +358,6 @@ def _plan_of(handle: torch.nn.Module) -> ForwardPlan:
 def _load_reference(cfg: Any, path: str, plan_for: Callable[[torch.nn.Module], ForwardPlan], placement: Placement,
                     device: torch.device) -> torch.nn.Module:
     """A reference model from disk as a handle: its own forward plan, placed like the policy."""
-    from preftune.modeling.load import load_model, resolve_model_path
-
     source = load_model(resolve_model_path(path, cfg.allow_pickle), dtype=cfg.dtype,
                         attn_implementation=cfg.attn_implementation, trust_remote_code=cfg.trust_remote_code,
                         allow_pickle=cfg.allow_pickle)

@@ -104,3 +104,31 @@ def test_precompute_scores_the_base_weights_under_adapters(tiny_model_dir, tmp_p
     torch.testing.assert_close(got.rejected, want.rejected, atol=1e-5, rtol=0)
     assert (got.chosen - precompute(LogpsModel(peft.merge_and_unload(), plan), pairs,
                                     cache_file=tmp_path / "c.safetensors", **kw).chosen).abs().max() > 1e-3  # the adapters do change the scores
+
+
+def test_live_references_score_in_eval_mode_and_give_the_policy_its_mode_back():
+    """--lora, --reference lora_disabled (and copy) with dropout kept on (disable_dropout: false) in a Llama whose
+    attention_dropout is 0.5: the policy trains in training mode, yet two reference calls give the same
+    log-probs, those of the base model in eval mode, and the policy is still in training mode afterwards."""
+    import copy
+
+    from architectures import build
+    from peft import LoraConfig, get_peft_model
+
+    from preftune.modeling.reference import DisabledAdapters, FrozenModel
+
+    base = build("llama")
+    peft = get_peft_model(copy.deepcopy(base), LoraConfig(r=2, target_modules=["q_proj", "v_proj"],
+                                                          lora_dropout=0.5, init_lora_weights=False))
+    keep = ForwardPlan("off", keep_dropout=True)
+    policy = LogpsModel(peft, keep).train()
+    batch = collate([TokenizedPair([5, 6, 7], [8, 9, 2], [10, 2], 0), TokenizedPair([5], [11, 2], [12, 13, 2], 1)],
+                    [0, 1], pad_id=3)
+    with torch.no_grad():
+        assert not torch.equal(policy(batch).chosen_logps, policy(batch).chosen_logps)  # dropout is on in training
+        want = LogpsModel(base.eval(), keep)(batch)
+    for ref in (DisabledAdapters(policy), FrozenModel(LogpsModel(copy.deepcopy(peft), keep).train())):
+        first, second = ref.logps(batch), ref.logps(batch)
+        torch.testing.assert_close(first.chosen_logps, want.chosen_logps, atol=1e-5, rtol=0)
+        assert torch.equal(first.rejected_logps, second.rejected_logps)
+        assert policy.training and all(m.training for m in peft.modules())
