@@ -71,9 +71,10 @@ def folders(tiny_model_dir, tmp_path_factory):
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 @pytest.mark.parametrize("name", ["llama", "gpt2"])
 def test_one_cli_step_with_dropout_rates_gives_ln2_and_zero_rewards(folders, tmp_path, name, lora):
-    """`preftune train` for 1 step on a model whose rates are 0.5 (and --lora-dropout 0.5): the policy is the
+    """`preftune train` for 1 step on a model whose rates are 0.5, also wrapped by LoRA: the policy is the
     reference (precomputed in eval mode), so with dropout really off every log-ratio is 0: loss = ln 2 = 0.693147,
-    rewards 0 (fp32 noise ~1e-7). A rate left on moves the policy's log-probs by nats (rewards ~0.1·nats).
+    rewards 0 (fp32 noise ~1e-7). A rate left on moves the policy's log-probs by nats (rewards ~0.1·nats). (LoRA's
+    B starts at 0, so its own dropout cannot show at step 1: the test above covers it with non-zero adapters.)
     warmup_ratio 0.1 of 1 step is ceil(0.1) = 1 warmup step, as transformers counts, so step 1 runs at lr 0."""
     paths, data = folders
     out = tmp_path / "run"
