@@ -14,12 +14,13 @@ Measured choices (BENCHMARKS.md):
   ~256 MiB of fp32 logits, always recomputed in backward; fused AdamW (no full-size optimizer temporaries).
 
 The probe: a path is taken only when it gives the plain path's log-probs on two synthetic pairs of uneven
-lengths, run on a two-layer model of the same class, config, attention and dtype with seeded random weights
+lengths, run on a two-layer fp32 model of the same class, config and attention with seeded random weights
 (built on the device before any sharding, so the same probe runs under FSDP2/ZeRO-3, with no collective, and
 every process decides alike). Two layers, because some failures only show in the second (a NaN at a padding
 position reaches real tokens through the next layer's keys). It catches code that ignores or refuses a custom
 4D mask (ALiBi models: MPT computes its bias from column indices, Bloom and Falcon cannot unpack a 4D mask) and
-a KV-cache path that breaks (eager attention in float64 turns a fully padded prompt row into NaN).
+a KV-cache path that breaks (eager attention in float64 turns a fully padded prompt row into NaN); a half-precision
+model's paths are run once more under autocast to its dtype, for failures of that precision alone.
 
 `cpu_threads()` / `ThreadGovernor`: on a CPU shared with other busy processes, a torch thread pool with
 more threads than free cores stalls at every parallel region whenever one of its threads is descheduled
@@ -134,9 +135,12 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
 
 
 def probe_model(lm: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """A two-layer copy of `lm`'s class and config (same attention, dtype, head layout) with seeded random weights
-    and a small vocabulary, on `device`, in eval mode. Built directly from the class (not `from_config`, which
-    would partition it under ZeRO-3) and under a forked RNG, so the run's own random stream is untouched."""
+    """A two-layer copy of `lm`'s class and config (same attention and head layout) with seeded random weights and
+    a small vocabulary, on `device`, in eval mode, in fp32 (float64 for a float64 model): whether a path is exact
+    does not depend on rounding, and half precision's own (2e-2 per token) would hide real errors (measured: a
+    2048-wide MPT's ALiBi error of 0.0097 per token passes in bf16, fails in fp32). Built directly from the class
+    (not `from_config`, which would partition it under ZeRO-3) and under a forked RNG, so the run's own random
+    stream is untouched. Only the config, class and dtype of `lm` are read: its weights may be sharded or meta."""
     cfg = copy.deepcopy(lm.config)
     cfg.num_hidden_layers = min(PROBE_LAYERS, int(getattr(cfg, "num_hidden_layers", PROBE_LAYERS)))
     if isinstance(getattr(cfg, "layer_types", None), list):
@@ -145,7 +149,7 @@ def probe_model(lm: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
         if isinstance(getattr(cfg, key, None), int) and getattr(cfg, key) >= cfg.vocab_size:
             setattr(cfg, key, None)
-    dtype = next(lm.parameters()).dtype
+    dtype = torch.float64 if next(lm.parameters()).dtype == torch.float64 else torch.float32
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), _default_dtype(dtype), device:
         torch.manual_seed(0)
         return type(lm)(cfg).eval()
@@ -155,17 +159,20 @@ def _failure(e: Exception) -> str:
     return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
 
 
-def path_matches_plain(model: torch.nn.Module, path: str, device: torch.device, rows: str = "pair") -> str | None:
-    """Run the probe pairs through `path` and the plain path; None when they agree, else why not.
+def path_matches_plain(model: torch.nn.Module, path: str, device: torch.device, rows: str = "pair",
+                       autocast: Autocast | None = None) -> str | None:
+    """Run the probe pairs through `path` and the plain path (under `autocast` if given); None when they agree,
+    else why not.
 
     Tolerance per answer token: 1e-4 in fp32/fp64, 2e-2 in half precision (their rounding alone); a leak of the
-    chosen answer into the rejected one, a wrong ALiBi distance or a NaN moves log-probs by far more.
+    chosen answer into the rejected one or a wrong ALiBi distance moves a random fp32 probe model's log-probs by
+    0.009-0.7 per token (measured on Llama, Qwen2 and MPT shapes up to 4096 wide); a NaN is never accepted.
     """
     lm = logprobs.causal_lm(model)
     batch = _probe_batch(lm.get_input_embeddings().weight.shape[0], device)
     impl = logprobs.attention_implementation(lm)
     try:
-        with logprobs.inference(model):
+        with logprobs.inference(model), autocast() if autocast else contextlib.nullcontext():
             got = logprobs.forward_logps(model, batch, ForwardPlan(path, rows=rows, attention=impl))
             plain = logprobs.forward_logps(model, batch, ForwardPlan("off"))
     except Exception as e:  # any failure of the custom mask or the cache means: not this path
@@ -174,7 +181,7 @@ def path_matches_plain(model: torch.nn.Module, path: str, device: torch.device, 
     diff = (torch.cat([got.chosen_logps, got.rejected_logps]) - torch.cat([plain.chosen_logps, plain.rejected_logps]))
     if not bool(torch.isfinite(diff).all()):
         return "it gave non-finite log-probs on a test input"
-    tol = 1e-4 if next(lm.parameters()).dtype in (torch.float32, torch.float64) else 2e-2
+    tol = 1e-4 if next(lm.parameters()).dtype in (torch.float32, torch.float64) and not autocast else 2e-2
     worst = float((diff.abs() / tokens).max())
     return None if worst <= tol else f"its log-probs differ from the plain path's by {worst:.2g} per token on a test input"
 
@@ -203,17 +210,25 @@ def packed_trains(model: torch.nn.Module, device: torch.device, autocast: Autoca
     return None
 
 
+def _exact(probe: torch.nn.Module, path: str, device: torch.device, half: Autocast | None,
+           rows: str = "pair") -> str | None:
+    """The probe in fp32, then (a half-precision model) once more under autocast to the model's dtype, where only
+    a failure or NaN of the run's own precision can show."""
+    return path_matches_plain(probe, path, device, rows) or (
+        path_matches_plain(probe, path, device, rows, autocast=half) if half else None)
+
+
 def _packed_on_flex(lm: torch.nn.Module, probe: torch.nn.Module, options: ForwardOptions, device: torch.device,
-                    training: bool, autocast: Autocast | None) -> bool:
+                    training: bool, autocast: Autocast | None, half: Autocast | None) -> bool:
     """Switch the probe, and then the model, to FlexAttention when packed rows run exactly there (CUDA)."""
     if not _use_flex(lm, options.attn_implementation, device):
         return False
     previous = logprobs.attention_implementation(probe)
     if not _switch_attention(probe, logprobs.FLEX_ATTENTION):
         return False
-    why = logprobs.packed_unsupported(probe) or path_matches_plain(probe, "packed", device, rows="packed")
+    why = logprobs.packed_unsupported(probe) or _exact(probe, "packed", device, half, rows="packed")
     if why is None and training:
-        why = packed_trains(probe, device, autocast)
+        why = packed_trains(probe, device, autocast or half)
     if why is None and _switch_attention(lm, logprobs.FLEX_ATTENTION):
         return True
     log.warning("FlexAttention cannot run the packed layout here (%s); trying %s", why, previous)
@@ -221,12 +236,13 @@ def _packed_on_flex(lm: torch.nn.Module, probe: torch.nn.Module, options: Forwar
     return False
 
 
-def _why_not(path: str, lm: torch.nn.Module, probe: torch.nn.Module | None, device: torch.device) -> str | None:
+def _why_not(path: str, lm: torch.nn.Module, probe: torch.nn.Module | None, device: torch.device,
+             half: Autocast | None) -> str | None:
     if path == "packed" and logprobs.packed_unsupported(lm):
         return logprobs.packed_unsupported(lm)
     if probe is None:
         return "no test model could be built to check it"
-    return path_matches_plain(probe, path, device)
+    return _exact(probe, path, device, half if probe is not lm else None)
 
 
 def _probe_for(lm: torch.nn.Module, device: torch.device, sharded: bool) -> torch.nn.Module | None:
@@ -259,10 +275,12 @@ def plan_forward(model: torch.nn.Module, device: torch.device | str = "cpu", *,
         wanted.remove("cache")
     path = "off"
     probe = _probe_for(lm, device, sharded) if wanted else None
+    dtype = next(lm.parameters()).dtype
+    half = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype in (torch.bfloat16, torch.float16) else None
     flex = probe is not None and "packed" in wanted and _packed_on_flex(lm, probe, options, device, training,
-                                                                        autocast)
+                                                                        autocast, half)
     for k, candidate in enumerate(wanted):
-        why = None if candidate == "packed" and flex else _why_not(candidate, lm, probe, device)
+        why = None if candidate == "packed" and flex else _why_not(candidate, lm, probe, device, half)
         if why is None:
             path = candidate
             break
@@ -273,8 +291,9 @@ def plan_forward(model: torch.nn.Module, device: torch.device | str = "cpu", *,
                           "replayed in backward, which would extend the cache twice); using one row per answer")
     del probe
     head = lm.get_output_embeddings()
-    chunk = int(options.logits_chunk_size) if options.logits_chunk_size != "auto" else \
-        chunk_size_for(head.weight.shape[0] if head is not None else 0)
+    # ZeRO-3 may have partitioned the weights at load (an empty local shape); `ds_shape` keeps the full one.
+    vocab = getattr(head.weight, "ds_shape", head.weight.shape)[0] if head is not None else 0
+    chunk = int(options.logits_chunk_size) if options.logits_chunk_size != "auto" else chunk_size_for(vocab)
     if chunk and not logprobs.supports_chunked_head(lm):
         chunk = 0
     impl = logprobs.attention_implementation(lm)

@@ -3,6 +3,8 @@ and the CPU thread policy (its arithmetic on fed numbers: no timing)."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -71,9 +73,9 @@ def test_model_ignoring_the_mask_falls_back(tiny, monkeypatch, caplog):
 
 
 def test_probe_model_is_a_small_seeded_copy_that_leaves_the_run_rng_alone(tiny):
-    """Two layers, the same class, attention and dtype, a 256-token vocabulary, the same weights every time (every
-    process of a sharded launch decides alike), and the global random stream as it was (LoRA's initialisation
-    and the data order come from it)."""
+    """Two layers, the same class and attention, a 256-token vocabulary, fp32 whatever the model's precision, the
+    same weights every time (every process of a sharded launch decides alike), and the global random stream as
+    it was (LoRA's initialisation and the data order come from it)."""
     torch.manual_seed(5)
     before = torch.rand(1)
     torch.manual_seed(5)
@@ -83,7 +85,17 @@ def test_probe_model_is_a_small_seeded_copy_that_leaves_the_run_rng_alone(tiny):
     assert type(probe) is type(tiny) and probe.config.num_hidden_layers == 2 and probe.config.vocab_size == 256
     assert probe.config._attn_implementation == "sdpa" and tiny.config.num_hidden_layers == 2
     assert all(torch.equal(a, b) for a, b in zip(probe.parameters(), again.parameters()))
-    assert not probe.training
+    assert not probe.training and next(probe.parameters()).dtype == torch.float32
+    assert next(device.probe_model(copy.deepcopy(tiny).bfloat16(), torch.device("cpu")).parameters()).dtype == \
+        torch.float32
+
+
+def test_half_precision_models_are_probed_in_fp32():
+    """A bf16 MPT's packed rows are off by 0.0058 per token (ALiBi counts key columns), below bf16's own rounding
+    tolerance (2e-2): a probe in bf16 would take the packed path; the fp32 probe sees it and takes the KV cache."""
+    from architectures import build
+
+    assert device.plan_forward(build("mpt").bfloat16(), "cpu").path == "cache"
 
 
 def test_training_probe_runs_backward_and_discards_gradients(tiny):
