@@ -33,6 +33,7 @@ def _two_forwards_differ_by(model) -> float:
                       model(input_ids=IDS, attention_mask=mask).logits).abs().max())
 
 
+@pytest.mark.filterwarnings("ignore:fan_in_fan_out is set to False")
 @pytest.mark.parametrize("name", sorted(ARCHITECTURES))
 def test_the_handle_turns_every_dropout_off(name):
     """13 architectures: with dropout kept (disable_dropout: false) two training-mode forwards differ; the
@@ -68,6 +69,7 @@ def folders(tiny_model_dir, tmp_path_factory):
     return out, write_jsonl(root / "pairs.jsonl", make_pairs(8, seed=4))
 
 
+@pytest.mark.filterwarnings("ignore:fan_in_fan_out is set to False")
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 @pytest.mark.parametrize("name", ["llama", "gpt2"])
 def test_one_cli_step_with_dropout_rates_gives_ln2_and_zero_rewards(folders, tmp_path, name, lora):
