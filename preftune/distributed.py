@@ -212,15 +212,8 @@ class Engine:
         """The policy (a LogpsModel) and optimizer wrapped for this engine."""
         if self.kind == "single":
             return policy.to(self.device), optimizer
+        # The forward plan (the policy's) already counts FSDP activation checkpointing: it is decided once, before.
         _expose_model_facts(policy)
-        if self.kind == "fsdp2":
-            options = getattr(policy, "options", {})
-            if self.activation_checkpointing and options.get("prefix_sharing") == "cache":
-                # A checkpointed layer replays its forward in backward, which would append the prompt's keys
-                # to the shared KV cache a second time.
-                options["prefix_sharing"] = "off"
-                self.notes.append("prefix sharing off: FSDP activation checkpointing recomputes layers, which "
-                                  "a shared KV cache cannot survive (one row per answer instead)")
         if self.kind == "deepspeed":
             self._fill_deepspeed_config(batch_size, accumulation, max_grad_norm)
         with warnings.catch_warnings():

@@ -118,6 +118,7 @@ def evaluate(model, tokenizer, records: Sequence[dict], *, reference=None, beta:
     decode the side-by-side answers (0 = greedy).
     """
     from preftune.data.render import render_texts
+    from preftune.device import forward_handle
     from preftune.generate import encode_prompt, generate_ids
     from preftune.generate import generate as sample
     from preftune.judging import judge_pairs, load_judge, win_rate
@@ -129,10 +130,13 @@ def evaluate(model, tokenizer, records: Sequence[dict], *, reference=None, beta:
         raise PreftuneError("a judge needs answers to compare; pass --generate N with N >= 1.")
     ref = _Reference(model, reference)
     t0 = time.time()
+    # Each model's forward plan is decided once (device.plan_forward) and every score below runs it.
+    m_handle = forward_handle(model)
+    r_handle = m_handle if ref.model is model else forward_handle(ref.model)
     kw = dict(max_length=max_length, max_prompt_length=max_prompt_length, batch_size=batch_size)
-    m_scores = score_records(model, tokenizer, records, **kw)
+    m_scores = score_records(m_handle, tokenizer, records, **kw)
     with ref.context():
-        r_scores = score_records(ref.model, tokenizer, records, **kw)
+        r_scores = score_records(r_handle, tokenizer, records, **kw)
     result: dict[str, Any] = {"beta": beta, "records": len(records),
                               "preference": preference_metrics(m_scores, r_scores, beta)}
 
@@ -148,9 +152,9 @@ def evaluate(model, tokenizer, records: Sequence[dict], *, reference=None, beta:
         outs = generate_ids(model, tokenizer, ids, max_new_tokens=max_new_tokens, temperature=1.0, seed=seed,
                             batch_size=batch_size, pure=True)
         answers = [a for a, _ in outs]
-        lp_m, n_tok = score_ids(model, ids, answers, pad_id=tokenizer.pad_token_id, batch_size=batch_size)
+        lp_m, n_tok = score_ids(m_handle, ids, answers, pad_id=tokenizer.pad_token_id, batch_size=batch_size)
         with ref.context():
-            lp_r, _ = score_ids(ref.model, ids, answers, pad_id=tokenizer.pad_token_id, batch_size=batch_size)
+            lp_r, _ = score_ids(r_handle, ids, answers, pad_id=tokenizer.pad_token_id, batch_size=batch_size)
         result["kl"] = kl_metrics(lp_m, lp_r, n_tok)
 
     if generate > 0:

@@ -15,16 +15,22 @@ Every loss is a function of these statistics only, so all paths below must give 
   each chunk recomputed in backward unless the micro-batch's logits fit `keep_logits_mib`; prompt
   positions never get logits at all.
 
-preftune/device.py picks among these per device (`plan_forward`).
+Which of them a model runs is decided once, by preftune/device.py's `plan_forward` (it probes the model), and
+held in a `ForwardPlan`; a `LogpsModel` (the handle: batch → log-probs) runs exactly that plan, nothing here
+decides again. Training, the reference pass, evaluation and every scoring command call a handle; `inference`
+is how they score: eval mode (no dropout) and no gradients, the caller's modes put back afterwards.
 
 The exactness of each against the plain path is tested in tests/test_logprobs.py.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -32,9 +38,10 @@ from torch.utils.checkpoint import checkpoint
 
 from preftune import packing
 from preftune.data.collate import Batch
+from preftune.modeling.load import disable_dropout
 
 log = logging.getLogger("preftune")
-MODES = ("packed", "cache", "off")
+PATHS = ("packed", "cache", "off")
 # Attention implementations that honour a custom 4D mask / BlockMask passed as attention_mask (transformers'
 # masking_utils returns a 4D mask unchanged); flash-attention kernels take only padding masks.
 DENSE_MASK_ATTENTION = ("sdpa", "eager")
@@ -50,7 +57,8 @@ def say_once(message: str) -> None:
 
 @dataclass
 class SequenceLogps:
-    """Summed answer log-probs and answer token counts, shape [B] each (rejected_* None for SFT)."""
+    """Summed answer log-probs and answer token counts, shape [B] each (rejected_* None for SFT); log-probs in
+    fp32, or float64 for a float64 model."""
 
     chosen_logps: torch.Tensor
     chosen_lengths: torch.Tensor
@@ -95,20 +103,26 @@ def _states(lm, full_logits: bool, keep_last_only: bool = False, cache=None, **k
     return (out.logits if full_logits else out.last_hidden_state), new_cache
 
 
+def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    # Half precision is widened for the log-softmax; float64 stays float64 (fp32 would round it away).
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def _head_logps(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    logits = head(hidden).float()
+    logits = _at_least_fp32(head(hidden))
     return logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
 def token_logps(lm, states: torch.Tensor, targets: torch.Tensor, full_logits: bool, chunk_size: int,
                 keep_logits_mib: float = 0) -> torch.Tensor:
-    """log p(target) for N predicting states [N, H] (or logits [N, V]) and targets [N] → [N], fp32.
+    """log p(target) for N predicting states [N, H] (or logits [N, V]) and targets [N] → [N], fp32 (float64
+    for float64 states).
 
     In training each chunk's logits are recomputed in backward unless all N tokens' fp32 logits fit in
     `keep_logits_mib` (CPU: RAM is cheap and the recompute is 1/4 of the head's work; GPU: 0, always recompute).
     """
     if full_logits:
-        return torch.log_softmax(states.float(), dim=-1).gather(-1, targets[:, None]).squeeze(-1)
+        return torch.log_softmax(_at_least_fp32(states), dim=-1).gather(-1, targets[:, None]).squeeze(-1)
     head = lm.get_output_embeddings()
     recompute = states.shape[0] * head.weight.shape[0] * 4 > keep_logits_mib * 2**20
     out = []
@@ -119,7 +133,7 @@ def token_logps(lm, states: torch.Tensor, targets: torch.Tensor, full_logits: bo
             out.append(checkpoint(_head_logps, head, h, t, use_reentrant=False))
         else:
             out.append(_head_logps(head, h, t))
-    return torch.cat(out) if out else states.new_zeros(0, dtype=torch.float32)
+    return torch.cat(out) if out else _at_least_fp32(states.new_zeros(0))
 
 
 def _answers(batch: Batch) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -152,7 +166,7 @@ def _plain(lm, batch: Batch, full_logits: bool, chunk_size: int, keep_mib: float
     states, _ = _states(lm, full_logits, input_ids=input_ids, attention_mask=attn, use_cache=False)
     at = torch.cat(predict_at).to(device)
     logps = token_logps(lm, states[at[:, 0], at[:, 1]], torch.cat(targets), full_logits, chunk_size, keep_mib)
-    return torch.zeros(len(rows), device=device, dtype=torch.float32).index_add_(0, torch.cat(seg).to(device), logps)
+    return logps.new_zeros(len(rows)).index_add_(0, torch.cat(seg).to(device), logps)
 
 
 def _prefix_shared(lm, batch: Batch, full_logits: bool, chunk_size: int, keep_mib: float = 0) -> torch.Tensor:
@@ -179,28 +193,25 @@ def _prefix_shared(lm, batch: Batch, full_logits: bool, chunk_size: int, keep_mi
     sel = amask.bool()
     logps = token_logps(lm, predictors[sel], ids[sel], full_logits, chunk_size, keep_mib)
     seg = torch.arange(n_sides * b, device=ids.device)[:, None].expand_as(sel)[sel]
-    sums = torch.zeros(n_sides * b, device=ids.device, dtype=torch.float32).index_add_(0, seg, logps)
+    sums = logps.new_zeros(n_sides * b).index_add_(0, seg, logps)
     return sums.view(b, n_sides).t().reshape(-1)  # back to side-major
 
 
-def _packed(lm, batch: Batch, full_logits: bool, chunk_size: int, keep_mib: float = 0,
-            rows: str | None = None) -> torch.Tensor:
+def _packed(lm, batch: Batch, full_logits: bool, plan: ForwardPlan) -> torch.Tensor:
     """prompt·chosen·rejected as one sequence per pair. Returns sums [S*B] side-major."""
-    impl = attention_implementation(lm)
-    flex = impl == FLEX_ATTENTION
-    rows = rows or ("packed" if flex else "pair")
+    flex = plan.attention == FLEX_ATTENTION
     # 128 = FlexAttention's block size: the compiled kernel then sees few distinct row lengths.
-    p = packing.pack(batch, rows=rows, pad_to=128 if rows == "packed" and flex else 1)
+    p = packing.pack(batch, rows=plan.rows, pad_to=128 if plan.rows == "packed" and flex else 1)
     if flex:
         mask = packing.block_mask(p, compile_mask=p.input_ids.is_cuda)
     else:
         # sdpa takes a bool mask in any dtype; eager adds the mask to its scores.
-        mask = packing.dense_mask(p, None if impl == "sdpa" else torch.float32)
+        mask = packing.dense_mask(p, None if plan.attention == "sdpa" else torch.float32)
     states, _ = _states(lm, full_logits, input_ids=p.input_ids, attention_mask=mask, position_ids=p.position_ids,
                         use_cache=False)
     flat = states.reshape(-1, states.shape[-1])
-    logps = token_logps(lm, flat[p.predict], p.targets, full_logits, chunk_size, keep_mib)
-    return torch.zeros(p.num_sequences, device=flat.device, dtype=torch.float32).index_add_(0, p.seq, logps)
+    logps = token_logps(lm, flat[p.predict], p.targets, full_logits, plan.chunk_size, plan.keep_logits_mib)
+    return logps.new_zeros(p.num_sequences).index_add_(0, p.seq, logps)
 
 
 def attention_implementation(lm: torch.nn.Module) -> str | None:
@@ -223,57 +234,57 @@ def packed_unsupported(lm: torch.nn.Module) -> str | None:
     return None
 
 
-def resolve_mode(lm: torch.nn.Module, prefix_sharing: bool | str, training: bool) -> str:
-    """The path that will run: 'packed', 'cache' or 'off'. True/'auto' = packed where the model takes the
-    mask, else the KV cache; activation checkpointing in training rules the KV cache out (it drops the cache)."""
-    mode = {True: "auto", False: "off"}.get(prefix_sharing, prefix_sharing)
-    if mode not in (*MODES, "auto"):
-        raise ValueError(f"prefix_sharing must be auto, packed, cache, off or a bool, got {prefix_sharing!r}")
-    if mode in ("auto", "packed"):
-        why = packed_unsupported(lm)
-        if why is None:
-            return "packed"
-        if mode == "packed":
-            say_once(f"packed prefix sharing is off for this model: {why}; using the KV-cache path instead")
-        mode = "cache"
-    if mode == "cache" and training and is_checkpointing(lm):
-        say_once("the KV-cache prefix sharing cannot run under activation checkpointing (it drops the cache); "
-                 "using one row per answer")
-        mode = "off"
-    return mode
+@dataclass(frozen=True)
+class ForwardPlan:
+    """How every forward of one model runs, decided once (preftune.device.plan_forward) and run as is.
+
+    path: "packed", "cache" or "off" (see the module docstring). chunk_size: LM-head tokens per chunk, 0 = the
+    model's own full logits. keep_logits_mib: in training, keep the head's logits for backward up to this size
+    (0 = recompute). rows: packed layout, "pair" (one pair per row, dense 4D mask) or "packed" (the micro-batch in
+    one row). attention: the attention implementation the packed mask is made for (sdpa: bool, eager: additive,
+    flex_attention: BlockMask). keep_dropout: leave the model's dropout rates as they are; otherwise the handle
+    turns every one off (scoring runs in eval mode either way). optimizer_kwargs and description: the device's
+    AdamW switches and the run's "speed:" line.
+    """
+
+    path: str = "off"
+    chunk_size: int = 0
+    keep_logits_mib: float = 0.0
+    rows: str = "pair"
+    attention: str | None = None
+    keep_dropout: bool = True
+    optimizer_kwargs: dict[str, Any] = field(default_factory=dict)
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        if self.path not in PATHS:
+            raise ValueError(f"a forward path is one of {', '.join(PATHS)}, got {self.path!r}")
+        if self.rows not in ("pair", "packed"):
+            raise ValueError(f"rows must be 'pair' or 'packed', got {self.rows!r}")
+
+    def values_key(self) -> str:
+        """What tells two plans' log-probs apart beyond fp32 rounding (they differ in the low bits of half
+        precision, e.g. up to 2.3e-2 per sequence between the KV-cache and packed paths in bf16)."""
+        return f"{self.path}/{self.rows}/{self.attention}" if self.path == "packed" else self.path
 
 
-def is_checkpointing(lm: torch.nn.Module) -> bool:
-    checkpointing = getattr(lm, "is_activation_checkpointing", None)
-    if checkpointing is None:
-        checkpointing = getattr(lm, "is_gradient_checkpointing", False)
-    return bool(checkpointing)
-
-
-def forward_logps(model: torch.nn.Module, batch: Batch, *, prefix_sharing: bool | str = "auto",
-                  chunk_size: int = 1024, keep_logits_mib: float = 0, rows: str | None = None) -> SequenceLogps:
-    """Summed answer log-probs of a batch under `model`.
+def forward_logps(model: torch.nn.Module, batch: Batch, plan: ForwardPlan) -> SequenceLogps:
+    """Summed answer log-probs of a batch under `model`, computed exactly as `plan` says.
 
     Args:
         model: a causal LM, possibly wrapped (PEFT, DDP, accelerate).
         batch: from `collate`; B pairs (or SFT examples when `rejected_ids` is None).
-        prefix_sharing: how each prompt is shared by its answers (all exact): "packed", "cache", "off" (one
-            row per answer), or "auto"/True (packed where the model's attention takes the mask, else cache).
-        chunk_size: tokens per chunk of the vocabulary projection; 0 → full logits from the model's forward.
-        keep_logits_mib: in training, keep the head's logits for backward instead of recomputing them when the
-            micro-batch's fp32 logits fit in this many MiB (0 = always recompute).
-        rows: packed layout only: "pair" (one pair per row) or "packed" (one row); default from the
-            attention implementation (FlexAttention → "packed").
+        plan: the forward path, LM-head chunking and packed layout (see ForwardPlan).
     Returns:
-        SequenceLogps with [B] tensors (fp32).
+        SequenceLogps with [B] tensors (fp32; float64 for a float64 model).
     """
     lm = causal_lm(model)
-    full_logits = chunk_size <= 0 or not supports_chunked_head(lm)
-    mode = resolve_mode(lm, prefix_sharing, lm.training and torch.is_grad_enabled())
-    if mode == "packed":
-        sums = _packed(lm, batch, full_logits, chunk_size, keep_logits_mib, rows)
+    full_logits = plan.chunk_size <= 0
+    if plan.path == "packed":
+        sums = _packed(lm, batch, full_logits, plan)
     else:
-        sums = (_prefix_shared if mode == "cache" else _plain)(lm, batch, full_logits, chunk_size, keep_logits_mib)
+        run = _prefix_shared if plan.path == "cache" else _plain
+        sums = run(lm, batch, full_logits, plan.chunk_size, plan.keep_logits_mib)
     b = len(batch)
     chosen_lengths = batch.chosen_mask.sum(-1).float()
     if batch.rejected_ids is None:
@@ -282,15 +293,45 @@ def forward_logps(model: torch.nn.Module, batch: Batch, *, prefix_sharing: bool 
 
 
 class LogpsModel(torch.nn.Module):
-    """`forward_logps` as a module, so DDP/FSDP wrap *this* and their forward hooks (gradient sync,
-    parameter gathering) run around the whole computation even though it calls the decoder directly."""
+    """The handle: batch → SequenceLogps under one ForwardPlan. A module, so DDP/FSDP wrap *this* and their
+    forward hooks (gradient sync, parameter gathering) run around the whole computation even though it calls
+    the decoder directly. Unless the plan keeps dropout, every dropout rate of the model (modules and the float
+    rates attention code reads) is turned off here, after LoRA was added (its dropout too)."""
 
-    def __init__(self, model: torch.nn.Module, *, prefix_sharing: bool | str = "auto", chunk_size: int = 1024,
-                 keep_logits_mib: float = 0, rows: str | None = None):
+    def __init__(self, model: torch.nn.Module, plan: ForwardPlan):
         super().__init__()
         self.model = model
-        self.options = dict(prefix_sharing=prefix_sharing, chunk_size=chunk_size, keep_logits_mib=keep_logits_mib,
-                            rows=rows)
+        self.plan = plan
+        if not plan.keep_dropout:
+            disable_dropout(model)
 
     def forward(self, batch: Batch) -> SequenceLogps:
-        return forward_logps(self.model, batch, **self.options)
+        return forward_logps(self.model, batch, self.plan)
+
+
+def unwrap_handle(handle: torch.nn.Module) -> torch.nn.Module:
+    """The LogpsModel inside DDP/DeepSpeed wrappers (FSDP2 keeps it in place)."""
+    while not isinstance(handle, LogpsModel) and isinstance(getattr(handle, "module", None), torch.nn.Module):
+        handle = handle.module
+    return handle
+
+
+def handle_model(handle: torch.nn.Module) -> torch.nn.Module:
+    """The model a handle runs (a PeftModel when LoRA is on); a module that is no handle, itself."""
+    inner = unwrap_handle(handle)
+    return inner.model if isinstance(inner, LogpsModel) else inner
+
+
+@contextlib.contextmanager
+def inference(module: torch.nn.Module) -> Iterator[None]:
+    """Score under `module`: eval mode (dropout off, whatever the caller left on) and no gradients; each
+    submodule's own mode is put back afterwards. Not torch.inference_mode: FSDP2 would build its unsharded
+    parameters as inference tensors."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for m, training in modes:
+            m.training = training

@@ -21,6 +21,12 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], *, lr: float, betas: t
     return torch.optim.AdamW(list(params), lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, **kernel)
 
 
+def warmup_steps(ratio: float, total: int) -> int:
+    """Warmup steps for a share `ratio` of `total` optimizer steps, rounded up as transformers does
+    (TrainingArguments.get_warmup_steps: ceil(total × ratio)): 0.1 of 12 steps → 2."""
+    return math.ceil(total * ratio)
+
+
 def lr_factor(step: int, kind: str, warmup: int, total: int) -> float:
     """Multiplier of the peak learning rate at optimizer step `step` (0-based)."""
     if step < warmup:

@@ -30,11 +30,11 @@ from preftune.config import TrainConfig
 from preftune.data.collate import collate
 from preftune.data.sampler import micro_batches, used_positions
 from preftune.data.splits import keep_data_in, load_splits
-from preftune.device import cpu_threads, plan_forward
+from preftune.device import ForwardOptions, cpu_threads, plan_forward
 from preftune.distributed import Engine, check_launch, rank_share
 from preftune.errors import PreftuneError
 from preftune.hub import HubCallback
-from preftune.logprobs import LogpsModel
+from preftune.logprobs import LogpsModel, inference, unwrap_handle
 from preftune.modeling.load import (
     add_lora,
     check_vocabulary,
@@ -46,7 +46,7 @@ from preftune.modeling.load import (
 )
 from preftune.modeling.reference import Placement, build_reference
 from preftune.objectives import make_objective
-from preftune.optim import build_optimizer, lr_schedule
+from preftune.optim import build_optimizer, lr_schedule, warmup_steps
 from preftune.outputs.checkpoint import load_checkpoint, pick_checkpoint, save_checkpoint, save_final
 from preftune.outputs.identity import check_resume, run_identity
 from preftune.outputs.metrics import MetricsWriter, Window, zeroed
@@ -193,14 +193,13 @@ class Recipe:
                            trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle, say=engine.print)
         check_vocabulary(model, self.tokenizer, self.train_split.pairs,
                          *([self.eval_split.pairs] if self.eval_split else []))
-        prepare_for_training(model, dropout=not cfg.disable_dropout, gradient_checkpointing=cfg.gradient_checkpointing)
+        prepare_for_training(model, gradient_checkpointing=cfg.gradient_checkpointing)
         if not engine.sharded:  # FSDP2 and ZeRO-3 move each process's shard to its device themselves
             model.to(engine.device)
-        # The fastest exact forward for this model and device (device.py), decided on the bare model. Under
-        # FSDP2/ZeRO-3 the weights are not on the device yet, so the packed path (which is chosen by a test
-        # forward there) is not tried: the KV-cache path, which the sharded engines were tested with.
-        plan = plan_forward(dataclasses.replace(cfg, prefix_sharing="cache") if engine.sharded and
-                            cfg.prefix_sharing == "auto" else cfg, model, engine.device)
+        # The fastest exact forward (device.py), decided once before any sharding; every forward runs it.
+        plan = plan_forward(model, engine.device, options=ForwardOptions.of(cfg), sharded=engine.sharded,
+                            checkpointing=cfg.gradient_checkpointing or engine.activation_checkpointing,
+                            autocast=engine.autocast)
         self.threads = cpu_threads() if engine.device.type == "cpu" else None
         return model, plan
 
@@ -224,10 +223,10 @@ class Recipe:
                              engine.num_processes, seed=cfg.seed, group_by_length=cfg.group_by_length)
         steps_per_epoch = len(micro_batches(self.train_split.pairs, epoch=0, **self.batching))
         total_steps = cfg.max_steps or max(1, math.ceil(steps_per_epoch * cfg.num_epochs))
-        warmup = cfg.warmup_steps or int(round(cfg.warmup_ratio * total_steps))
+        warmup = cfg.warmup_steps or warmup_steps(cfg.warmup_ratio, total_steps)
         self.scheduler = lr_schedule(optimizer, cfg.lr_scheduler, warmup, total_steps)
         self.policy, self.optimizer = engine.prepare(
-            LogpsModel(model, **plan.policy_kwargs()), optimizer, batch_size=cfg.batch_size,
+            LogpsModel(model, plan), optimizer, batch_size=cfg.batch_size,
             accumulation=cfg.gradient_accumulation_steps, max_grad_norm=cfg.max_grad_norm)
         self.params = [p for p in self.policy.parameters() if p.requires_grad]  # FSDP2 swapped in DTensors
         self.model = model
@@ -242,16 +241,19 @@ class Recipe:
         """After the engine's prepare, so a sharded policy can score the precomputed pass (split by process)."""
         cfg, engine = self.cfg, self.engine
         placement = Placement(rank=engine.process_index, world=engine.num_processes, sharded=engine.sharded,
-                              device=engine.device, policy=self.policy, wrap_frozen=engine.prepare_frozen)
+                              device=engine.device, wrap_frozen=engine.prepare_frozen)
+        handle = self.policy if engine.sharded else unwrap_handle(self.policy)  # sharded: the wrapper gathers
+        plan_for = functools.partial(plan_forward, device=engine.device, options=ForwardOptions.of(cfg),
+                                     sharded=engine.sharded, training=False)  # a separate reference_model's plan
         def used() -> np.ndarray:  # the order is known up front: only the pairs the steps use are scored
             return used_positions(self.train_split.pairs, self.state.total_steps, **self.batching)
 
         with self.run_dir.saving("the reference log-probs cache", "nothing else was changed"):
             self.reference = build_reference(
-                cfg, model=model, model_path=self.model_path, needs_reference=self.objective.needs_reference,
+                cfg, policy=handle, model_path=self.model_path, needs_reference=self.objective.needs_reference,
                 splits={"train": self.train_split.pairs, "eval": self.eval_split.pairs if self.eval_split else None},
                 cache_path=self.run_dir.reference_cache, pad_id=self.tokenizer.pad_token_id, device=engine.device,
-                forward=plan.reference_kwargs(), autocast=engine.autocast, is_main_process=engine.is_main_process,
+                plan_for=plan_for, autocast=engine.autocast, is_main_process=engine.is_main_process,
                 say=engine.print, placement=placement, used={"train": used})
 
     def _create_run_folder(self, clear: bool) -> None:
@@ -386,12 +388,11 @@ class Recipe:
         if self.eval_split is None:
             return {}
         engine, cfg = self.engine, self.cfg
-        self.policy.eval()
         window = Window()
         batches = length_sorted_batches(self.eval_split.pairs, cfg.eval_batch_size or 2 * cfg.batch_size,
                                         pad_id=self.tokenizer.pad_token_id, device=engine.device,
                                         rank=engine.process_index, world=engine.num_processes)
-        with torch.no_grad():
+        with inference(self.policy):  # eval mode and no gradients; the training modes come back afterwards
             for idx, batch in batches:
                 with engine.autocast():
                     policy = self.policy(batch)
@@ -399,7 +400,6 @@ class Recipe:
                 sums = self.objective.loss(policy, reference, training=False)[1]
                 # A filler batch (length_sorted_batches keeps the processes' forwards in step) counts nothing.
                 window.add(sums if idx else zeroed(sums))
-        self.policy.train()
         self.state.eval_metrics = self._log("eval", self.objective.summarize(window.totals(engine)))
         return self.state.eval_metrics
 

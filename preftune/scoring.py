@@ -1,7 +1,12 @@
 """One batched scoring loop: pairs sorted by length → collated → forward → per-pair log-probs, in input order.
 
 The reference precompute, evaluation during training, `preftune inspect --model` and `preftune eval` all
-walk pairs this way; writing it once keeps their batching, padding and ordering identical.
+walk pairs this way; writing it once keeps their batching, padding and ordering identical. The forward is a
+handle (`logprobs.LogpsModel`: a model and its ForwardPlan), run in eval mode without gradients:
+
+    from preftune.device import forward_handle
+    handle = forward_handle(model)          # the plan is decided here, once (device.plan_forward)
+    out = score(handle, pairs, pad_id=tok.pad_token_id, batch_size=8)
 """
 
 from __future__ import annotations
@@ -15,7 +20,8 @@ import torch
 from preftune.data.collate import Batch, collate
 from preftune.data.store import padded_lengths
 from preftune.data.tokenize import TokenizedPair
-from preftune.logprobs import SequenceLogps, forward_logps
+from preftune.device import forward_handle
+from preftune.logprobs import SequenceLogps, inference
 
 
 def length_sorted_batches(pairs: Sequence[TokenizedPair], batch_size: int, *, pad_id: int,
@@ -41,59 +47,55 @@ def length_sorted_batches(pairs: Sequence[TokenizedPair], batch_size: int, *, pa
             yield [], collate([pairs[order[0]]], [order[0]], pad_id).to(device)
 
 
-@torch.no_grad()  # not inference_mode: FSDP2 would build its unsharded parameters as inference tensors
-def score(model: torch.nn.Module, pairs: Sequence[TokenizedPair], *, pad_id: int, batch_size: int,
-          prefix_sharing: bool | str = "auto", chunk_size: int = 1024,
+def score(handle: torch.nn.Module, pairs: Sequence[TokenizedPair], *, pad_id: int, batch_size: int,
           autocast: Callable[[], contextlib.AbstractContextManager] | None = None,
           progress: bool = False, desc: str = "scoring", rank: int = 0, world: int = 1,
-          runner: Callable[[Batch], SequenceLogps] | None = None,
           device: torch.device | None = None) -> SequenceLogps:
-    """Summed answer log-probs and token counts of every pair under `model`, in the order of `pairs`.
+    """Summed answer log-probs and token counts of every pair under `handle`, in the order of `pairs`.
 
-    Returns SequenceLogps of [N] fp32 CPU tensors (rejected_* None for SFT examples). The model is put in
-    eval mode for the pass (dropout off) and restored afterwards.
+    `handle`: a LogpsModel (`device.forward_handle(model)`), or the one the launch wrapped (under FSDP2/DeepSpeed
+    its forward gathers the shards). It runs in eval mode (dropout off) without gradients, whatever mode it was
+    in, and every submodule's mode is restored afterwards. Returns SequenceLogps of [N] CPU tensors (fp32, float64
+    for a float64 model; rejected_* None for SFT examples).
 
     Several processes (`rank` of `world`, torch.distributed initialised) split the pairs, each scoring its
     share once, and the shares are summed across processes: every pair is scored by exactly one process and
-    is 0 elsewhere, so the sum is exact. `runner` is the model as the launch wrapped it (a LogpsModel under
-    FSDP2/DeepSpeed, whose forward gathers the shards), called instead of `forward_logps(model, ...)`;
-    `device` is where batches go (default: the model's first parameter's).
+    is 0 elsewhere, so the sum is exact. `device` is where batches go (default: the handle's first parameter's).
     """
     from tqdm.auto import tqdm
 
-    module = runner if isinstance(runner, torch.nn.Module) else model
-    was_training = module.training
-    module.eval()
-    device = device or next(model.parameters()).device
+    device = device or next(handle.parameters()).device
     n = len(pairs)
     sides = ("chosen",) if pairs and pairs[0].rejected_ids is None else ("chosen", "rejected")
-    cols = {f"{side}_{what}": torch.zeros(n) for side in sides for what in ("logps", "lengths")}
+    cols: dict[str, torch.Tensor] = {}
     batches = length_sorted_batches(pairs, batch_size, pad_id=pad_id, device=device, rank=rank, world=world)
-    with tqdm(total=n, desc=desc, unit="pair", disable=not progress, leave=False) as bar:
+    with tqdm(total=n, desc=desc, unit="pair", disable=not progress, leave=False) as bar, inference(handle):
         for idx, batch in batches:
             with autocast() if autocast else contextlib.nullcontext():
-                if runner is not None:
-                    out = runner(batch)
-                else:
-                    out = forward_logps(model, batch, prefix_sharing=prefix_sharing, chunk_size=chunk_size)
+                out = handle(batch)
+            if not cols:  # the log-probs' own precision (float64 stays float64)
+                cols = {f"{side}_{what}": torch.zeros(n, dtype=out.chosen_logps.dtype if what == "logps" else None)
+                        for side in sides for what in ("logps", "lengths")}
             if not idx:  # a filler batch (see length_sorted_batches)
                 continue
             for k, col in cols.items():
-                col[idx] = getattr(out, k).float().cpu()
+                col[idx] = getattr(out, k).to(col.dtype).cpu()
             bar.update(len(idx) * world)
-    module.train(was_training)
+    cols = cols or {f"{side}_{what}": torch.zeros(n) for side in sides for what in ("logps", "lengths")}
     if world > 1:
         import torch.distributed as dist
 
-        stacked = torch.stack(list(cols.values())).to(device)
+        stacked = torch.stack([c.double() for c in cols.values()]).to(device)
         dist.all_reduce(stacked, op=dist.ReduceOp.SUM)
-        cols = dict(zip(cols, stacked.cpu()))
+        cols = {k: v.to(c.dtype) for (k, c), v in zip(cols.items(), stacked.cpu())}
     return SequenceLogps(**cols)
 
 
 def score_records(model: torch.nn.Module, tokenizer, records: Sequence[dict], *, max_length: int = 1024,
                   max_prompt_length: int = 512, batch_size: int = 8) -> dict:
     """Summed log-probs of both answers of each preference record (standard or conversational).
+
+    `model`: a handle (`device.forward_handle`), or a loaded model, whose forward plan is then decided here.
 
     Returns a dict of 1-D fp32 CPU tensors `chosen_logps`, `rejected_logps`, `chosen_lengths`,
     `rejected_lengths` (one entry per kept pair) and `kept`, the record indices they belong to
@@ -104,7 +106,7 @@ def score_records(model: torch.nn.Module, tokenizer, records: Sequence[dict], *,
 
     texts = [render_texts(tokenizer, r) for r in records]
     pairs, _ = tokenize_records(tokenizer, texts, max_length=max_length, max_prompt_length=max_prompt_length)
-    out = score(model, pairs, pad_id=tokenizer.pad_token_id, batch_size=batch_size)
+    out = score(forward_handle(model), pairs, pad_id=tokenizer.pad_token_id, batch_size=batch_size)
     result = {k: v for k, v in vars(out).items() if v is not None}
     result["kept"] = [p.index for p in pairs]
     return result
@@ -116,10 +118,10 @@ def score_ids(model: torch.nn.Module, prompt_ids: Sequence[list[int]], completio
     """Summed log-prob and token count of each completion, given as token ids, after its prompt ids.
 
     For a model's own samples this scores exactly the tokens it drew (decoding to text and tokenizing again
-    can give other tokens). Returns ([N], [N]) fp32 CPU tensors in input order; completions must be non-empty.
+    can give other tokens). `model`: a handle or a loaded model (planned here). Returns ([N], [N]) fp32 CPU tensors in input order; completions must be non-empty.
     """
     from preftune.data.tokenize import TokenizedPair
 
     pairs = [TokenizedPair(list(p), list(c), None, i) for i, (p, c) in enumerate(zip(prompt_ids, completion_ids))]
-    out = score(model, pairs, pad_id=pad_id, batch_size=batch_size, autocast=autocast)
+    out = score(forward_handle(model), pairs, pad_id=pad_id, batch_size=batch_size, autocast=autocast)
     return out.chosen_logps, out.chosen_lengths

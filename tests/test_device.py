@@ -1,13 +1,16 @@
-"""Device-dependent speed choices: the forward plan, the LM-head chunk size, the speed config keys, and the
-CPU thread policy (its arithmetic on fed numbers: no timing)."""
+"""Device-dependent speed choices: the forward plan and its probe, the LM-head chunk size, the speed config keys,
+and the CPU thread policy (its arithmetic on fed numbers: no timing)."""
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
 
-from preftune import device, packing
+from preftune import device, logprobs, packing
 from preftune.config import TrainConfig
+from preftune.device import ForwardOptions
 from preftune.errors import PreftuneError
 from preftune.modeling.load import load_model_and_tokenizer
 
@@ -22,22 +25,21 @@ def test_chunk_size_for_vocab(vocab, chunk):
     assert device.chunk_size_for(vocab) == chunk
 
 
-@pytest.fixture()
+@pytest.fixture(scope="module")
 def tiny(tiny_model_dir):
     model, _ = load_model_and_tokenizer(str(tiny_model_dir))
     return model
 
 
 def test_cpu_plan_is_packed_pair_rows(tiny):
-    plan = device.plan_forward(TrainConfig(), tiny, "cpu")
-    assert (plan.prefix_sharing, plan.rows, plan.attn_implementation) == ("packed", "pair", "sdpa")
+    plan = device.plan_forward(tiny, "cpu", options=ForwardOptions.of(TrainConfig()))
+    assert (plan.path, plan.rows, plan.attention) == ("packed", "pair", "sdpa")
     assert plan.chunk_size == 4096  # tiny vocab: the cap
     assert plan.keep_logits_mib == device.CPU_KEEP_LOGITS_MIB and plan.optimizer_kwargs == {}
     assert plan.description.startswith("speed: packed prefix sharing (prompt·chosen·rejected as one sequence, "
                                        "one pair per row, sdpa 4D mask)")
     assert "activation checkpointing off" in plan.description
-    assert plan.policy_kwargs() == dict(prefix_sharing="packed", chunk_size=4096, keep_logits_mib=256)
-    assert plan.reference_kwargs() == dict(prefix_sharing="packed", chunk_size=4096)
+    assert not plan.keep_dropout  # disable_dropout defaults to true
 
 
 @pytest.mark.parametrize("kw, mode, chunk", [
@@ -47,29 +49,62 @@ def test_cpu_plan_is_packed_pair_rows(tiny):
     (dict(prefix_sharing=True, gradient_checkpointing=True), "packed", 4096),  # packing can
 ])
 def test_plan_follows_explicit_settings(tiny, kw, mode, chunk):
-    plan = device.plan_forward(TrainConfig(**kw), tiny, "cpu")
-    assert (plan.prefix_sharing, plan.chunk_size) == (mode, chunk)
+    cfg = TrainConfig(**kw)
+    plan = device.plan_forward(tiny, "cpu", options=ForwardOptions.of(cfg), checkpointing=cfg.gradient_checkpointing)
+    assert (plan.path, plan.chunk_size) == (mode, chunk)
 
 
-def test_model_ignoring_the_mask_falls_back(tiny, monkeypatch):
+def test_model_ignoring_the_mask_falls_back(tiny, monkeypatch, caplog):
     """A model that ignores the custom mask (simulated: the mask lets rejected tokens see the chosen ones)
-    gives different log-probs on the probe, so the plan falls back to the KV cache."""
+    gives different log-probs on the probe, so the plan falls back to the KV cache, and says so once."""
     def leaky(p, additive_dtype=None):
         n = p.kind.shape[1]
         return torch.ones(n, n, dtype=torch.bool).tril().expand(p.kind.shape[0], 1, n, n)
 
-    assert device.packed_matches_plain(tiny, torch.device("cpu")) is None
+    probe = device.probe_model(tiny, torch.device("cpu"))
+    assert device.path_matches_plain(probe, "packed", torch.device("cpu")) is None
     monkeypatch.setattr(packing, "dense_mask", leaky)
-    assert "differ" in device.packed_matches_plain(tiny, torch.device("cpu"))
-    assert device.plan_forward(TrainConfig(), tiny, "cpu").prefix_sharing == "cache"
+    assert "differ from the plain path's" in device.path_matches_plain(probe, "packed", torch.device("cpu"))
+    logprobs._said.clear()
+    with caplog.at_level("WARNING", logger="preftune"):
+        assert device.plan_forward(tiny, "cpu").path == "cache"
+        assert device.plan_forward(tiny, "cpu").path == "cache"
+    assert sum("packed prefix sharing is off for this model" in r.message for r in caplog.records) == 1
+
+
+def test_probe_model_is_a_small_seeded_copy_that_leaves_the_run_rng_alone(tiny):
+    """Two layers, the same class and attention, a 256-token vocabulary, fp32 whatever the model's precision, the
+    same weights every time (every process of a sharded launch decides alike), and the global random stream as
+    it was (LoRA's initialisation and the data order come from it)."""
+    torch.manual_seed(5)
+    before = torch.rand(1)
+    torch.manual_seed(5)
+    probe = device.probe_model(tiny, torch.device("cpu"))
+    assert torch.rand(1) == before
+    again = device.probe_model(tiny, torch.device("cpu"))
+    assert type(probe) is type(tiny) and probe.config.num_hidden_layers == 2 and probe.config.vocab_size == 256
+    assert probe.config._attn_implementation == "sdpa" and tiny.config.num_hidden_layers == 2
+    assert all(torch.equal(a, b) for a, b in zip(probe.parameters(), again.parameters()))
+    assert not probe.training and next(probe.parameters()).dtype == torch.float32
+    assert next(device.probe_model(copy.deepcopy(tiny).bfloat16(), torch.device("cpu")).parameters()).dtype == \
+        torch.float32
+
+
+def test_half_precision_models_are_probed_in_fp32():
+    """A bf16 MPT's packed rows are off by 0.0058 per token (ALiBi counts key columns), below bf16's own rounding
+    tolerance (2e-2): a probe in bf16 would take the packed path; the fp32 probe sees it and takes the KV cache."""
+    from architectures import build
+
+    assert device.plan_forward(build("mpt").bfloat16(), "cpu").path == "cache"
 
 
 def test_training_probe_runs_backward_and_discards_gradients(tiny):
     """The check run before FlexAttention is trusted for training (here through sdpa): it must pass on a
     model that trains, and leave no gradients or mode change behind."""
     tiny.eval()
-    assert device.packed_trains(tiny, torch.device("cpu"), None) is None
-    assert device.packed_trains(tiny, torch.device("cpu"), torch.bfloat16) is None  # under the run's autocast
+    assert device.packed_trains(tiny, torch.device("cpu"), rows="pair") is None
+    bf16 = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
+    assert device.packed_trains(tiny, torch.device("cpu"), bf16, rows="pair") is None  # under the run's autocast
     assert all(p.grad is None for p in tiny.parameters()) and not tiny.training
 
 
@@ -81,6 +116,12 @@ def test_training_probe_runs_backward_and_discards_gradients(tiny):
 def test_speed_keys_refuse_bad_values(kw, msg):
     with pytest.raises(PreftuneError, match=msg):
         TrainConfig(**kw)
+
+
+def test_forward_options_refuse_an_unknown_path():
+    with pytest.raises(ValueError, match="prefix_sharing must be auto, packed, cache, off"):
+        ForwardOptions("fast")
+    assert ForwardOptions(True).prefix_sharing == "auto" and ForwardOptions(False).prefix_sharing == "off"
 
 
 def test_speed_keys_accept_old_and_new_values():

@@ -3,9 +3,9 @@ the same global batch; an FSDP2 run killed mid-way resumes from its sharded chec
 
 The data: 64 pairs, 24 held out → 40 training pairs, a global batch of 16 → steps of 16, 16 and 8 pairs. The
 last step has one micro-batch of 8 for two DDP processes (batch 8 each), so one of them runs a filler; FSDP2 runs
-4 per device × 2 processes × 2 accumulation with activation checkpointing (so prefix sharing falls back to one
-row per answer). Tolerance 1e-5 (fp32): the processes sum the same numbers in another order (measured gaps:
-losses ≤ 2.4e-6, weights ≤ 7.3e-7).
+4 per device × 2 processes × 2 accumulation with activation checkpointing (packed prefix sharing, chosen by the
+forward plan's probe on a two-layer model before sharding). Tolerance 1e-5 (fp32): the processes sum the same
+numbers in another order (measured gaps: losses ≤ 2.4e-6, weights ≤ 7.3e-7).
 """
 
 from __future__ import annotations
@@ -133,7 +133,8 @@ def test_fsdp2_killed_and_resumed_equals_one_process(tiny_model_dir, pairs_file,
 
     resumed = _torchrun(script, tiny_model_dir, pairs_file, out, env, resume="true", **kw)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resumed from" in resumed.stdout and "prefix sharing off" in resumed.stdout
+    # The forward plan's probe runs on a two-layer model built before sharding: auto is packed under FSDP2 too.
+    assert "resumed from" in resumed.stdout and "speed: packed prefix sharing" in resumed.stdout
     _same_run(one_process, out)
 
     from transformers import AutoModelForCausalLM
@@ -143,19 +144,21 @@ def test_fsdp2_killed_and_resumed_equals_one_process(tiny_model_dir, pairs_file,
 
 
 @needs_torchrun
-def test_fsdp2_packed_prefix_sharing_with_activation_checkpointing(tiny_model_dir, pairs_file, one_process, script,
-                                                                  tmp_path):
-    """`--prefix-sharing packed` under FSDP2 with activation checkpointing: the packed layout needs no KV cache, so
-    it keeps sharing the prompt (no fallback line) and trains exactly like one process."""
+def test_fsdp2_kv_cache_under_activation_checkpointing_becomes_one_row_per_answer(tiny_model_dir, pairs_file,
+                                                                                  one_process, script, tmp_path):
+    """`--prefix-sharing cache` under FSDP2 activation checkpointing: the plan, told the engine's facts, takes one
+    row per answer (a replayed layer would extend the shared KV cache twice), says so, and trains exactly like
+    one process."""
     if not hasattr(torch.distributed, "fsdp") or not hasattr(torch.distributed.fsdp, "fully_shard"):
         pytest.skip(f"this torch ({torch.__version__}) has no FSDP2 (torch.distributed.fsdp.fully_shard)")
     env = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP",
            "FSDP_ACTIVATION_CHECKPOINTING": "true"}
-    res = _torchrun(script, tiny_model_dir, pairs_file, tmp_path / "packed", env, batch_size=4,
-                    gradient_accumulation_steps=2, prefix_sharing="packed")
+    res = _torchrun(script, tiny_model_dir, pairs_file, tmp_path / "cache", env, batch_size=4,
+                    gradient_accumulation_steps=2, prefix_sharing="cache")
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "speed: packed prefix sharing" in res.stdout and "prefix sharing off" not in res.stdout
-    _same_run(one_process, tmp_path / "packed")
+    assert "speed: no prefix sharing (one row per answer)" in res.stdout, res.stdout[-2000:]
+    assert "KV-cache prefix sharing cannot run under activation checkpointing" in res.stderr
+    _same_run(one_process, tmp_path / "cache")
 
 
 # ------------------------------------------------------------------------------------------ no processes needed

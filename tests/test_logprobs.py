@@ -15,19 +15,19 @@ from helpers import WORDS, make_pairs
 from preftune import logprobs
 from preftune.data.collate import collate
 from preftune.data.tokenize import tokenize_records
-from preftune.logprobs import forward_logps
+from preftune.logprobs import ForwardPlan, forward_logps
 from preftune.modeling.load import load_model_and_tokenizer
 
+PLAIN = ForwardPlan("off", chunk_size=0)
 PATHS = [
-    dict(prefix_sharing="cache", chunk_size=1024),
-    dict(prefix_sharing="cache", chunk_size=3),   # many small chunks
-    dict(prefix_sharing="off", chunk_size=7),
-    dict(prefix_sharing="cache", chunk_size=0),   # shared prefix with full logits
-    dict(prefix_sharing="packed", chunk_size=1024),                # one pair per row, sdpa 4D mask
-    dict(prefix_sharing="packed", chunk_size=0),                   # packed with the model's full logits
-    dict(prefix_sharing="packed", chunk_size=5, rows="packed"),    # whole batch in one row (document mask)
-    dict(prefix_sharing="packed", chunk_size=4, keep_logits_mib=64),  # head logits kept, not recomputed
-    dict(prefix_sharing=True, chunk_size=1024),   # old boolean: auto = packed for this model
+    dict(path="cache", chunk_size=1024),
+    dict(path="cache", chunk_size=3),   # many small chunks
+    dict(path="off", chunk_size=7),
+    dict(path="cache", chunk_size=0),   # shared prefix with full logits
+    dict(path="packed", chunk_size=1024, attention="sdpa"),             # one pair per row, sdpa 4D mask
+    dict(path="packed", chunk_size=0, attention="sdpa"),                # packed with the model's full logits
+    dict(path="packed", chunk_size=5, rows="packed", attention="sdpa"),  # whole batch in one row (document mask)
+    dict(path="packed", chunk_size=4, keep_logits_mib=64, attention="sdpa"),  # head logits kept, not recomputed
 ]
 
 
@@ -53,7 +53,7 @@ def _manual_logps(model, tok, prompt_ids, answer_ids):
 
 def test_plain_full_logits_matches_unpadded_rows(model_and_batch):
     model, tok, batch = model_and_batch
-    out = forward_logps(model, batch, prefix_sharing=False, chunk_size=0)
+    out = forward_logps(model, batch, PLAIN)
     for i in range(len(batch)):
         p = batch.prompt_ids[i][batch.prompt_mask[i].bool()].tolist()
         c = batch.chosen_ids[i][batch.chosen_mask[i].bool()].tolist()
@@ -63,9 +63,9 @@ def test_plain_full_logits_matches_unpadded_rows(model_and_batch):
         assert out.chosen_lengths[i] == len(c)
 
 
-def _values_and_grads(model, batch, **kw):
+def _values_and_grads(model, batch, plan):
     model.zero_grad()
-    out = forward_logps(model, batch, **kw)
+    out = forward_logps(model, batch, plan)
     loss = out.chosen_logps.sum()
     if out.rejected_logps is not None:
         loss = loss - 0.5 * out.rejected_logps.sum()
@@ -84,8 +84,8 @@ def _assert_same(out, grads, ref, ref_grads):
 @pytest.mark.parametrize("path", PATHS, ids=_path_id)
 def test_paths_match_plain_values_and_gradients(model_and_batch, path):
     model, _, batch = model_and_batch
-    ref, ref_grads = _values_and_grads(model, batch, prefix_sharing="off", chunk_size=0)
-    _assert_same(*_values_and_grads(model, batch, **path), ref, ref_grads)
+    ref, ref_grads = _values_and_grads(model, batch, PLAIN)
+    _assert_same(*_values_and_grads(model, batch, ForwardPlan(**path)), ref, ref_grads)
 
 
 @pytest.fixture(scope="module")
@@ -110,10 +110,11 @@ def uneven_batches(model_and_batch):
 def test_packed_uneven_truncated_pairs_match_unpadded_rows(model_and_batch, uneven_batches, rows, sft):
     model, tok, _ = model_and_batch
     batch = uneven_batches[sft]
-    ref, ref_grads = _values_and_grads(model, batch, prefix_sharing="off", chunk_size=0)
-    _assert_same(*_values_and_grads(model, batch, prefix_sharing="packed", chunk_size=3, rows=rows), ref, ref_grads)
+    ref, ref_grads = _values_and_grads(model, batch, PLAIN)
+    packed = ForwardPlan("packed", chunk_size=3, rows=rows, attention="sdpa")
+    _assert_same(*_values_and_grads(model, batch, packed), ref, ref_grads)
     with torch.no_grad():  # and against the independent one-sequence-at-a-time reference
-        out = forward_logps(model, batch, prefix_sharing="packed", rows=rows)
+        out = forward_logps(model, batch, packed)
     for i in range(3):
         p = batch.prompt_ids[i][batch.prompt_mask[i].bool()].tolist()
         c = batch.chosen_ids[i][batch.chosen_mask[i].bool()].tolist()
@@ -121,20 +122,24 @@ def test_packed_uneven_truncated_pairs_match_unpadded_rows(model_and_batch, unev
 
 
 def test_packed_composes_with_activation_checkpointing(tiny_model_dir, model_and_batch):
-    """Under checkpointing the KV cache is dropped, so `cache` falls back to one row per answer, but the
-    packed path keeps running packed, with the same values and gradients as the plain path without it."""
+    """Under checkpointing the plan drops the KV cache (a replayed layer would extend it twice): `cache` becomes
+    one row per answer, but packed keeps running packed, with the plain path's values and gradients."""
+    from preftune.device import ForwardOptions, plan_forward
+
     _, _, batch = model_and_batch
     model, _ = load_model_and_tokenizer(str(tiny_model_dir))
-    ref, ref_grads = _values_and_grads(model, batch, prefix_sharing="off", chunk_size=0)
+    ref, ref_grads = _values_and_grads(model, batch, PLAIN)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
-    assert logprobs.resolve_mode(model, "packed", training=True) == "packed"
-    assert logprobs.resolve_mode(model, "cache", training=True) == "off"
-    _assert_same(*_values_and_grads(model, batch, prefix_sharing="packed", chunk_size=4), ref, ref_grads)
+    for asked, path in (("packed", "packed"), ("auto", "packed"), ("cache", "off")):
+        plan = plan_forward(model, options=ForwardOptions(asked, 4), checkpointing=True)
+        assert plan.path == path and "activation checkpointing on" in plan.description
+    _assert_same(*_values_and_grads(model, batch, ForwardPlan("packed", chunk_size=4, attention="sdpa")), ref,
+                 ref_grads)
 
 
 def _fake_lm(**config):
-    return types.SimpleNamespace(config=types.SimpleNamespace(**config), is_gradient_checkpointing=False)
+    return types.SimpleNamespace(config=types.SimpleNamespace(**config))
 
 
 @pytest.mark.parametrize("config, reason", [
@@ -143,24 +148,18 @@ def _fake_lm(**config):
     (dict(_attn_implementation="sdpa", sliding_window=4096, use_sliding_window=False,
           layer_types=["full_attention", "sliding_attention"]), "sliding-window or chunked"),
 ])
-def test_backends_without_custom_masks_fall_back_once(config, reason, caplog):
-    lm = _fake_lm(**config)
-    assert reason in logprobs.packed_unsupported(lm)
-    logprobs._said.clear()
-    with caplog.at_level("WARNING", logger="preftune"):
-        assert logprobs.resolve_mode(lm, "packed", training=True) == "cache"
-        assert logprobs.resolve_mode(lm, "packed", training=True) == "cache"
-        assert logprobs.resolve_mode(lm, "auto", training=True) == "cache"
-    assert sum("packed prefix sharing is off" in r.message for r in caplog.records) == 1  # said once
+def test_backends_without_custom_masks_are_not_packed(config, reason):
+    assert reason in logprobs.packed_unsupported(_fake_lm(**config))
     # Qwen2-style: a sliding window configured but switched off is fine.
     assert logprobs.packed_unsupported(_fake_lm(_attn_implementation="sdpa", sliding_window=4096,
                                                 use_sliding_window=False)) is None
 
 
-def test_unknown_mode_is_refused(model_and_batch):
-    model, _, batch = model_and_batch
-    with pytest.raises(ValueError, match="prefix_sharing must be"):
-        forward_logps(model, batch, prefix_sharing="fast")
+def test_unknown_path_is_refused():
+    with pytest.raises(ValueError, match="a forward path is one of packed, cache, off"):
+        ForwardPlan("fast")
+    with pytest.raises(ValueError, match="rows must be"):
+        ForwardPlan("packed", rows="one")
 
 
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
@@ -176,8 +175,8 @@ def test_flex_attention_block_mask_through_the_model(tiny_model_dir, model_and_b
     model, _, batch = model_and_batch
     flex_model, _ = load_model_and_tokenizer(str(tiny_model_dir), attn_implementation="flex_attention")
     with torch.no_grad():
-        ref = forward_logps(model, batch, prefix_sharing="off", chunk_size=0)
-        out = forward_logps(flex_model, batch, prefix_sharing="packed", chunk_size=1024)
+        ref = forward_logps(model, batch, PLAIN)
+        out = forward_logps(flex_model, batch, ForwardPlan("packed", 1024, rows="packed", attention="flex_attention"))
     torch.testing.assert_close(out.chosen_logps, ref.chosen_logps, atol=1e-4, rtol=0)
     torch.testing.assert_close(out.rejected_logps, ref.rejected_logps, atol=1e-4, rtol=0)
 
@@ -187,7 +186,39 @@ def test_sft_batch_has_no_rejected(model_and_batch, mode):
     model, tok, _ = model_and_batch
     pairs, _ = tokenize_records(tok, [("question: red answer:", " yes good cat")], max_length=64, max_prompt_length=32)
     batch = collate(pairs, [0], tok.pad_token_id)
-    out = forward_logps(model, batch, prefix_sharing=mode)
+    out = forward_logps(model, batch, ForwardPlan(mode, 1024, attention="sdpa"))
     assert out.rejected_logps is None
     p, c = pairs[0].prompt_ids, pairs[0].chosen_ids
     torch.testing.assert_close(out.chosen_logps[0], _manual_logps(model, tok, p, c), atol=1e-4, rtol=0)
+
+
+def test_float64_eager_model_never_runs_the_nan_cache_path_and_stays_float64(tiny_model_dir, model_and_batch):
+    """Eager attention adds float64's most negative number to a fully padded (left-padded) prompt row and takes
+    its softmax in fp32, where that number is -inf: the row is NaN, and the next layer carries it into real
+    tokens through 0·NaN (measured: the pair with the shorter prompt scores NaN on the KV-cache path). The plan's
+    probe sees it and takes one row per answer, which equals the one-row forward in float64 (within 1e-9: fp32
+    rounding alone would be ~1e-6 here), and the log-probs stay float64."""
+    from transformers import AutoModelForCausalLM
+
+    from preftune.device import ForwardOptions, plan_forward
+    from preftune.logprobs import LogpsModel, inference
+
+    _, tok, batch = model_and_batch
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float64, attn_implementation="eager")
+    with torch.no_grad():
+        assert forward_logps(model, batch, ForwardPlan("cache")).chosen_logps.isnan().any()  # the path itself
+    logprobs._said.clear()
+    plan = plan_forward(model, options=ForwardOptions("cache"), training=False)
+    assert plan.path == "off"
+    assert plan_forward(model, options=ForwardOptions("auto"), training=False).path == "packed"  # fine there
+    handle = LogpsModel(model, plan)
+    with inference(handle):
+        out = handle(batch)
+    assert out.chosen_logps.dtype == torch.float64
+    for i in range(len(batch)):
+        p = batch.prompt_ids[i][batch.prompt_mask[i].bool()].tolist()
+        c = batch.chosen_ids[i][batch.chosen_mask[i].bool()].tolist()
+        with torch.no_grad():
+            ids = torch.tensor([p + c])
+            lp = torch.log_softmax(model(input_ids=ids).logits[0, :-1], -1).gather(-1, ids[0, 1:, None])[:, 0]
+        torch.testing.assert_close(out.chosen_logps[i], lp[len(p) - 1:].sum(), atol=1e-9, rtol=0)

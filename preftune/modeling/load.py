@@ -138,15 +138,54 @@ def load_model_and_tokenizer(name: str, *, dtype: str = "float32", attn_implemen
     return model, tokenizer
 
 
-def disable_dropout(model: torch.nn.Module) -> None:
-    """DPO's log-ratios compare two forwards of the same tokens; dropout would add noise to both."""
-    for m in model.modules():
-        if isinstance(m, torch.nn.Dropout):
-            m.p = 0.0
-    cfg = getattr(model, "config", None)
-    for key in ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"):
-        if cfg is not None and isinstance(getattr(cfg, key, None), float):
-            setattr(cfg, key, 0.0)
+def _is_rate(name: str, value: object) -> bool:
+    # A dropout-like rate is a float under a name saying so: attention_dropout, hidden_dropout, dropout,
+    # resid_pdrop, embd_pdrop, attn_dropout_p, layerdrop, drop_path_rate, ... (bools are not floats).
+    return isinstance(value, float) and value != 0 and "drop" in name.lower()
+
+
+def _zero_config_rates(cfg: object, seen: set[int]) -> list[str]:
+    """Zero the rates of a transformers config and of the configs nested in it (MPT's attn_config, text_config)."""
+    if id(cfg) in seen:
+        return []
+    seen.add(id(cfg))
+    zeroed = []
+    for name, value in list(vars(cfg).items()):
+        if _is_rate(name, value):
+            try:  # configs are typed dataclasses now: MPT declares attn_pdrop an int
+                setattr(cfg, name, 0.0)
+            except Exception:  # huggingface_hub's StrictDataclassFieldValidationError
+                setattr(cfg, name, 0)
+            zeroed.append(f"config.{name}")
+        elif hasattr(value, "to_dict") and hasattr(value, "model_type"):  # a nested PretrainedConfig
+            zeroed += [f"{name}.{z}" for z in _zero_config_rates(value, seen)]
+    return zeroed
+
+
+def disable_dropout(model: torch.nn.Module) -> list[str]:
+    """Turn every dropout of `model` off for training-mode forwards; returns what was turned off.
+
+    DPO's log-ratios compare two forwards of the same tokens; dropout would add noise to both. Three kinds of
+    dropout exist in transformers models, all found by walking the modules rather than by per-model names:
+    `nn.Dropout` modules (GPT-2, LoRA's lora_dropout); float rates attention/MLP code reads at forward time
+    (`self.attention_dropout` in Llama, Mistral, Qwen, Gemma, Phi3, GPT-NeoX, Falcon; `self.hidden_dropout` in
+    Bloom; `self.dropout`, `self.layerdrop` in OPT; `self.attn_dropout_p` in MPT); and config fields code reads
+    through `self.config` (Falcon's hidden_dropout). eval() would also silence them, but it stops activation
+    checkpointing too, which transformers applies in training mode only.
+    """
+    zeroed, seen = [], set()
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.modules.dropout._DropoutNd) and module.p != 0:
+            module.p = 0.0
+            zeroed.append(f"{name}.p")
+        for attr, value in list(vars(module).items()):
+            if not attr.startswith("_") and _is_rate(attr, value):
+                setattr(module, attr, 0.0)
+                zeroed.append(f"{name}.{attr}")
+        cfg = getattr(module, "config", None)
+        if cfg is not None and not isinstance(cfg, torch.nn.Module):
+            zeroed += _zero_config_rates(cfg, seen)
+    return zeroed
 
 
 @contextlib.contextmanager
@@ -190,11 +229,9 @@ def context_length(name: str, *, trust_remote_code: bool = False) -> int | None:
     return None
 
 
-def prepare_for_training(model: torch.nn.Module, *, dropout: bool, gradient_checkpointing: bool) -> None:
-    """Dropout off unless asked for (DPO's log-ratios compare two forwards of the same tokens), activation
-    recomputation on when asked for, no KV cache kept in training forwards."""
-    if not dropout:
-        disable_dropout(model)
+def prepare_for_training(model: torch.nn.Module, *, gradient_checkpointing: bool) -> None:
+    """Activation recomputation on when asked for, no KV cache kept in training forwards. (Dropout is the
+    forward plan's business: the handle turns it off after LoRA was added, see logprobs.LogpsModel.)"""
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False

@@ -12,10 +12,13 @@
 `build_reference` is the one place that picks the strategy (what `auto` means) and builds it; the recipe
 only asks the result for log-probs.
 
-Under several processes (`Placement`): the precomputed pass is split across them and gathered, each pair
-scored once; under FSDP2/ZeRO-3 (`Placement.sharded`) every reference forward goes through a model wrapped
-like the policy (the policy itself for `lora_disabled` and for the precompute, a frozen copy sharded like it
-for `copy`), because no process holds the whole model.
+Every reference forward goes through a handle (`logprobs.LogpsModel`: a model and the ForwardPlan decided for
+it once), scored in eval mode without gradients (`logprobs.inference`): the policy's own handle for
+`lora_disabled` and for precomputing the starting model, a handle of its own for a copy or a separate
+`reference_model` (whose plan is decided for that model). Under several processes (`Placement`): the
+precomputed pass is split across them and gathered, each pair scored once; under FSDP2/ZeRO-3
+(`Placement.sharded`) the handles are the ones the engine wrapped (the policy's, or a frozen copy sharded like
+it), because no process holds the whole model.
 """
 
 from __future__ import annotations
@@ -36,7 +39,8 @@ from safetensors.torch import load_file, save_file
 from preftune.data.store import pairs_digest
 from preftune.data.tokenize import TokenizedPair
 from preftune.errors import PreftuneError
-from preftune.logprobs import SequenceLogps, forward_logps
+from preftune.logprobs import ForwardPlan, LogpsModel, SequenceLogps, handle_model, inference, unwrap_handle
+from preftune.modeling.load import load_model, resolve_model_path
 
 
 class Reference:
@@ -52,48 +56,29 @@ def without_adapters(model: torch.nn.Module) -> contextlib.AbstractContextManage
 
 
 class FrozenModel(Reference):
-    """A frozen model in eval mode; a PeftModel (a copy of the policy taken after LoRA was added) runs with
-    its adapters off, so the reference is the base weights whatever the adapters hold. `runner`: the model as
-    the engine placed it (sharded like the policy), called instead of `forward_logps(model, ...)`."""
+    """A frozen model's handle (a LogpsModel, or the one the engine sharded like the policy); a PeftModel inside
+    (a copy of the policy taken after LoRA was added) runs with its adapters off, so the reference is the base
+    weights whatever the adapters hold."""
 
-    def __init__(self, model: torch.nn.Module, *, prefix_sharing: bool | str, chunk_size: int,
-                 runner: Callable[[Any], SequenceLogps] | None = None):
-        self.model = model.eval().requires_grad_(False)
-        self.prefix_sharing, self.chunk_size = prefix_sharing, chunk_size
-        self.runner = runner
+    def __init__(self, handle: torch.nn.Module):
+        self.handle = handle.requires_grad_(False)
 
-    @torch.no_grad()
     def logps(self, batch) -> SequenceLogps:
-        with without_adapters(self.model):
-            if self.runner is not None:
-                return self.runner(batch)
-            return forward_logps(self.model, batch, prefix_sharing=self.prefix_sharing, chunk_size=self.chunk_size)
+        with inference(self.handle), without_adapters(handle_model(self.handle)):
+            return self.handle(batch)
 
 
 class DisabledAdapters(Reference):
-    """The policy with its adapters off. `runner`: the policy as the engine wrapped it (needed when it is
-    sharded: only the wrapper's forward gathers the weights)."""
+    """The policy's own handle with its LoRA adapters off, scored in eval mode (a non-zero lora_dropout, or
+    dropout kept on with `disable_dropout: false`, cannot make it noisy) and put back in its training mode."""
 
-    def __init__(self, peft_model: torch.nn.Module, *, prefix_sharing: bool | str, chunk_size: int,
-                 runner: Callable[[Any], SequenceLogps] | None = None):
-        self.model = peft_model
-        self.prefix_sharing, self.chunk_size = prefix_sharing, chunk_size
-        self.runner = runner
+    def __init__(self, handle: torch.nn.Module):
+        self.handle = handle
+        self.model = handle_model(handle)  # the PeftModel
 
-    @torch.no_grad()
     def logps(self, batch) -> SequenceLogps:
-        module = self.runner if isinstance(self.runner, torch.nn.Module) else self.model
-        was_training = module.training
-        # eval() so a non-zero lora_dropout cannot make the reference noisy.
-        module.eval()
-        with self.model.disable_adapter():
-            if self.runner is not None:
-                out = self.runner(batch)
-            else:
-                out = forward_logps(self.model, batch, prefix_sharing=self.prefix_sharing,
-                                    chunk_size=self.chunk_size)
-        module.train(was_training)
-        return out
+        with inference(self.handle), self.model.disable_adapter():
+            return self.handle(batch)
 
 
 class Precomputed(Reference):
@@ -127,14 +112,26 @@ CACHE_FORMAT = 3
 
 def cache_key(model_id: str, pairs: Sequence[TokenizedPair], extra: dict) -> str:
     """Hash of everything that changes the reference log-probs beyond float rounding: the model, the exact token
-    ids (and so their count), the precision, remote model code. Batch size and the forward path (prefix sharing,
-    logits chunks, attention kernel) only change the last bits, and are left out so that a resume which changes
-    them reuses the very values the run started with."""
+    ids (and so their count), and what `extra` holds (`cache_settings`: the precision, remote model code, and in
+    half precision the forward path). Batch size and logits chunks only change the last bits, and are left out so
+    that a resume which changes them reuses the very values the run started with."""
     h = hashlib.sha256()
     h.update(json.dumps({"model": model_id, "format": CACHE_FORMAT, "pairs": len(pairs), **extra},
                         sort_keys=True).encode())
     h.update(token_digest(pairs).encode())
     return h.hexdigest()[:20]
+
+
+def cache_settings(cfg: Any, plan: ForwardPlan) -> dict[str, Any]:
+    """The settings of a reference pass that change its values: dtype, mixed precision, remote model code, and
+    in half precision (bf16/fp16 weights or autocast) the forward path, whose different summation orders then
+    differ by up to 2.3e-2 per sequence (KV cache vs packed, bf16): a cache from another path would make the
+    step-1 rewards non-zero. In fp32 the paths agree to ~1e-6, and a resume that changes the path reuses the
+    cache."""
+    extra = {"dtype": cfg.dtype, "mixed_precision": cfg.mixed_precision, "trust_remote_code": cfg.trust_remote_code}
+    if cfg.dtype in ("bfloat16", "float16") or cfg.mixed_precision in ("bf16", "fp16"):
+        extra["forward"] = plan.values_key()
+    return extra
 
 
 _WEIGHTS = (".safetensors", ".bin", ".pt", ".pth")
@@ -204,13 +201,13 @@ def _read_cache(cache_file: Path, n: int, say: Callable[[str], None]) -> Precomp
     return None
 
 
-def precompute(model: torch.nn.Module, pairs: Sequence[TokenizedPair], *, cache_file: Path, pad_id: int,
-               batch_size: int, prefix_sharing: bool | str, chunk_size: int, autocast=None,
-               progress: bool = False, save: bool = True, say: Callable[[str], None] = print,
-               placement: Placement | None = None, runner: Callable[[Any], SequenceLogps] | None = None,
+def precompute(handle: torch.nn.Module, pairs: Sequence[TokenizedPair], *, cache_file: Path, pad_id: int,
+               batch_size: int, autocast=None, progress: bool = False, save: bool = True,
+               say: Callable[[str], None] = print, placement: Placement | None = None,
                positions: np.ndarray | None = None) -> Precomputed:
-    """Reference log-probs of the pairs at `positions` (all pairs when None): as many as `cache_file` holds
-    loaded from it (when it is plausible), the rest computed, checked and added to it.
+    """Reference log-probs of the pairs at `positions` (all pairs when None) under `handle` (a LogpsModel, with
+    its adapters switched off when it runs a PeftModel): as many as `cache_file` holds loaded from it (when it
+    is plausible), the rest computed, checked and added to it.
 
     The file holds full-length `chosen` and `rejected` vectors, with NaN where a pair is not scored yet, and
     `scored` (uint8, 1 = computed): a run scores only the pairs its steps use, a later run that needs more
@@ -235,10 +232,9 @@ def precompute(model: torch.nn.Module, pairs: Sequence[TokenizedPair], *, cache_
 
     todo = missing.tolist()
     subset = pairs.subset(todo) if hasattr(pairs, "subset") else [pairs[i] for i in todo]
-    with without_adapters(model):
-        out = score(model, subset, pad_id=pad_id, batch_size=batch_size, prefix_sharing=prefix_sharing,
-                    chunk_size=chunk_size, autocast=autocast, progress=progress, desc="reference log-probs",
-                    rank=placement.rank, world=placement.world, runner=runner, device=placement.device)
+    with without_adapters(handle_model(handle)):
+        out = score(handle, subset, pad_id=pad_id, batch_size=batch_size, autocast=autocast, progress=progress,
+                    desc="reference log-probs", rank=placement.rank, world=placement.world, device=placement.device)
     bad = [subset[i].index for i in torch.nonzero(~(torch.isfinite(out.chosen_logps) &
                                                     torch.isfinite(out.rejected_logps))).flatten().tolist()]
     if bad:
@@ -262,14 +258,13 @@ def precompute(model: torch.nn.Module, pairs: Sequence[TokenizedPair], *, cache_
 @dataclass
 class Placement:
     """Where the reference's forward passes run: this process's `rank` of `world`, and under FSDP2/ZeRO-3
-    (`sharded`) the wrapped policy (`policy`: its forward gathers the shards) plus `wrap_frozen`, which
-    shards a frozen LogpsModel like the policy and returns it (distributed.Engine.prepare_frozen)."""
+    (`sharded`) `wrap_frozen`, which shards a frozen LogpsModel like the policy and returns it
+    (distributed.Engine.prepare_frozen)."""
 
     rank: int = 0
     world: int = 1
     sharded: bool = False
     device: torch.device | None = None
-    policy: torch.nn.Module | None = None
     wrap_frozen: Callable[[torch.nn.Module], torch.nn.Module] | None = None
 
 
@@ -301,20 +296,20 @@ def choose_strategy(requested: str, *, needs_reference: bool) -> str:
     return "precomputed" if requested == "auto" else requested
 
 
-def build_reference(cfg: Any, *, model: torch.nn.Module, model_path: str, needs_reference: bool,
+def build_reference(cfg: Any, *, policy: torch.nn.Module, model_path: str, needs_reference: bool,
                     splits: dict[str, Sequence[TokenizedPair] | None], cache_path: Callable[[str, str], Path],
-                    pad_id: int, device: torch.device, forward: dict[str, Any], autocast=None,
-                    is_main_process: bool = True, say: Callable[[str], None] = print,
+                    pad_id: int, device: torch.device, plan_for: Callable[[torch.nn.Module], ForwardPlan],
+                    autocast=None, is_main_process: bool = True, say: Callable[[str], None] = print,
                     placement: Placement | None = None,
                     used: dict[str, Callable[[], np.ndarray]] | None = None) -> ReferenceSetup:
     """Build the reference `cfg.reference` asks for (a TrainConfig's reference, reference_model, dtype,
     mixed_precision, eval_batch_size, batch_size, progress, ... are read).
 
-    `model` is the policy as it will be trained (a PeftModel when LoRA is on: its base weights are the
-    reference). `splits` maps "train"/"eval" to their tokenized pairs (eval may be None); `cache_path(split,
-    key)` names the precomputed cache file of a split; `forward` holds the forward options (prefix_sharing,
-    chunk_size) the reference passes use; `placement` says how the launch split the work (one process when
-    None). Under a sharded engine, call this after the policy was prepared (`placement.policy`).
+    `policy` is the policy's handle as it will be trained (its model a PeftModel when LoRA is on: the base
+    weights are the reference; under a sharded engine the handle the engine wrapped, so call this after the
+    engine's prepare). `plan_for(model)` decides the forward plan of a separately loaded reference model.
+    `splits` maps "train"/"eval" to their tokenized pairs (eval may be None); `cache_path(split, key)` names the
+    precomputed cache file of a split; `placement` says how the launch split the work (one process when None).
     `used[split]()` gives the positions the run will use (the sampler knows them up front); only those are
     precomputed (all of a split without one).
     """
@@ -323,22 +318,20 @@ def build_reference(cfg: Any, *, model: torch.nn.Module, model_path: str, needs_
     if strategy == "none":
         return ReferenceSetup(strategy)
     if strategy == "lora_disabled":
-        ref = DisabledAdapters(model, **forward, runner=placement.policy if placement.sharded else None)
+        ref = DisabledAdapters(policy)
         return ReferenceSetup(strategy, ref, ref)
-    source, runner = model, placement.policy if placement.sharded else None
+    handle = policy
     if cfg.reference_model or (placement.sharded and strategy == "copy"):
         # Under sharding no process holds the whole policy to copy, so the copy comes from disk.
-        source = _load_reference(cfg, cfg.reference_model or model_path)
-        if placement.sharded:
-            runner = _shard_frozen(source, forward, placement)
-        else:
-            source = source.to(device)
+        handle = _load_reference(cfg, cfg.reference_model or model_path, plan_for, placement, device)
     if strategy == "copy":
-        ref = FrozenModel(copy.deepcopy(source) if source is model else source, **forward, runner=runner)
+        if handle is policy:
+            handle = LogpsModel(copy.deepcopy(handle_model(policy)), _plan_of(policy))
+        ref = FrozenModel(handle)
         return ReferenceSetup(strategy, ref, ref)
 
     ident = model_identity(cfg.reference_model or model_path)
-    extra = {"dtype": cfg.dtype, "mixed_precision": cfg.mixed_precision, "trust_remote_code": cfg.trust_remote_code}
+    extra = cache_settings(cfg, _plan_of(handle))
     setup = ReferenceSetup(strategy)
     for name, pairs in splits.items():
         if pairs is None:
@@ -348,29 +341,31 @@ def build_reference(cfg: Any, *, model: torch.nn.Module, model_path: str, needs_
         positions = positions() if positions is not None else None
         count = f"{len(pairs):,}" if positions is None else f"{len(positions):,} of {len(pairs):,}"
         say(f"reference log-probs for {count} {name} pairs → {cache_file.parent.name}/{cache_file.name}")
-        ref = precompute(source, pairs, cache_file=cache_file, pad_id=pad_id,
+        ref = precompute(handle, pairs, cache_file=cache_file, pad_id=pad_id,
                          batch_size=cfg.eval_batch_size or 2 * cfg.batch_size, autocast=autocast,
                          progress=cfg.progress, save=is_main_process, say=say, placement=placement,
-                         runner=runner, positions=positions, **forward)
+                         positions=positions)
         setattr(setup, name, ref)
         if name == "train":
             setup.cache_file = cache_file
     return setup
 
 
-def _load_reference(cfg: Any, path: str) -> torch.nn.Module:
-    from preftune.modeling.load import disable_dropout, load_model, resolve_model_path
+def _plan_of(handle: torch.nn.Module) -> ForwardPlan:
+    return unwrap_handle(handle).plan
 
+
+def _load_reference(cfg: Any, path: str, plan_for: Callable[[torch.nn.Module], ForwardPlan], placement: Placement,
+                    device: torch.device) -> torch.nn.Module:
+    """A reference model from disk as a handle: its own forward plan, placed like the policy."""
     source = load_model(resolve_model_path(path, cfg.allow_pickle), dtype=cfg.dtype,
                         attn_implementation=cfg.attn_implementation, trust_remote_code=cfg.trust_remote_code,
                         allow_pickle=cfg.allow_pickle)
-    disable_dropout(source)
-    return source
-
-
-def _shard_frozen(source: torch.nn.Module, forward: dict[str, Any], placement: Placement) -> torch.nn.Module:
-    from preftune.logprobs import LogpsModel
-
+    if not placement.sharded:
+        source = source.to(device)
+    handle = LogpsModel(source, plan_for(source))
+    if not placement.sharded:
+        return handle
     if placement.wrap_frozen is None:
         raise ValueError("a sharded Placement needs wrap_frozen")
-    return placement.wrap_frozen(LogpsModel(source, **forward))
+    return placement.wrap_frozen(handle)

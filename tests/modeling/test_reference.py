@@ -14,6 +14,7 @@ from preftune import TrainConfig, train
 from preftune.data.collate import collate
 from preftune.data.sampler import used_positions
 from preftune.data.splits import load_splits
+from preftune.device import forward_handle
 from preftune.modeling.load import load_model_and_tokenizer
 from preftune.modeling.reference import cache_key, precompute
 
@@ -21,6 +22,7 @@ from preftune.modeling.reference import cache_key, precompute
 @pytest.fixture(scope="module")
 def model_and_pairs(tiny_model_dir, pairs_file):
     model, tok = load_model_and_tokenizer(str(tiny_model_dir))
+    model = forward_handle(model)
     cfg = TrainConfig(model=str(tiny_model_dir), data=str(pairs_file), output_dir="unused", progress=False,
                       max_length=64, max_prompt_length=32)
     train_split, _ = load_splits(cfg, tok, "dpo")
@@ -43,7 +45,7 @@ def scored_counts(monkeypatch):
 def test_only_the_positions_asked_are_scored_and_a_later_call_extends(model_and_pairs, tmp_path, scored_counts):
     model, tok, pairs = model_and_pairs
     file = tmp_path / "ref.safetensors"
-    kw = dict(cache_file=file, pad_id=tok.pad_token_id, batch_size=4, prefix_sharing=True, chunk_size=1024)
+    kw = dict(cache_file=file, pad_id=tok.pad_token_id, batch_size=4)
     first = precompute(model, pairs, positions=[1, 5, 7], **kw)
     saved = load_file(str(file))
     assert saved["scored"].nonzero().flatten().tolist() == [1, 5, 7] and scored_counts == [3]
@@ -52,8 +54,7 @@ def test_only_the_positions_asked_are_scored_and_a_later_call_extends(model_and_
     assert scored_counts == [3, 2]  # only 2 and 9 were new
     assert load_file(str(file))["scored"].nonzero().flatten().tolist() == [1, 2, 5, 7, 9]
     assert second.chosen[1] == first.chosen[1] and second.rejected[5] == first.rejected[5]  # read back, unchanged
-    full = precompute(model, pairs, cache_file=tmp_path / "all.safetensors", pad_id=tok.pad_token_id,
-                      batch_size=8, prefix_sharing=True, chunk_size=1024)
+    full = precompute(model, pairs, cache_file=tmp_path / "all.safetensors", pad_id=tok.pad_token_id, batch_size=8)
     # other batch compositions and padding round fp32 sums differently (~1e-7 on the tiny model); 1e-5 is far
     # below what scoring the wrong pair would change (log-probs here differ by ~1 between pairs)
     for i in (1, 2, 5, 7, 9):
@@ -71,8 +72,7 @@ def test_a_cache_file_without_scored_is_complete(model_and_pairs, tmp_path, scor
     model, tok, pairs = model_and_pairs
     file = tmp_path / "old.safetensors"
     save_file({"chosen": -torch.arange(len(pairs)).float(), "rejected": torch.zeros(len(pairs))}, str(file))
-    ref = precompute(model, pairs, cache_file=file, pad_id=tok.pad_token_id, batch_size=4, prefix_sharing=True,
-                     chunk_size=1024, positions=[3, 4])
+    ref = precompute(model, pairs, cache_file=file, pad_id=tok.pad_token_id, batch_size=4, positions=[3, 4])
     assert scored_counts == [] and ref.chosen[4].item() == -4.0 and bool(ref.scored.all())
 
 

@@ -1,5 +1,6 @@
-"""The reference cache: its key covers everything that changes the values beyond rounding, and a file with
-impossible content (all zeros, the wrong count, non-finite or positive log-probs, unreadable) is never used."""
+"""The reference cache: its key covers everything that changes the values beyond rounding (edited data gets fresh
+log-probs), and a file with impossible content (all zeros, the wrong count, non-finite or positive log-probs,
+unreadable) is never used."""
 
 from __future__ import annotations
 
@@ -7,12 +8,14 @@ import math
 
 import pytest
 import torch
+from helpers import make_pairs, write_jsonl
 from safetensors.torch import save_file
 
 from preftune import TrainConfig, train
 from preftune.data.tokenize import TokenizedPair
 from preftune.errors import PreftuneError
-from preftune.modeling.reference import cache_key, cache_problem
+from preftune.logprobs import ForwardPlan
+from preftune.modeling.reference import cache_key, cache_problem, cache_settings
 from preftune.outputs.metrics import read_metrics
 
 N = 4
@@ -39,20 +42,36 @@ def _pairs(ids):
 
 
 def test_cache_key_covers_what_changes_the_values():
+    """Any one id of any side, the prompt/answer boundary, the order and count of pairs, the model, the dtype, the
+    autocast, remote code and (cache_settings puts it there in half precision) the forward path change the key;
+    the same inputs, in any order of settings, give the same one."""
     base = dict(dtype="float32", mixed_precision="no", trust_remote_code=False)
     key = cache_key("model-a", _pairs([5, 6]), base)
-    assert key == cache_key("model-a", _pairs([5, 6]), dict(base))  # deterministic
-    others = [cache_key("model-b", _pairs([5, 6]), base),
-              cache_key("model-a", _pairs([5, 7]), base),
-              cache_key("model-a", _pairs([5, 6, 6]), base),
-              cache_key("model-a", _pairs([5, 6]), {**base, "dtype": "bfloat16"}),
-              cache_key("model-a", _pairs([5, 6]), {**base, "mixed_precision": "bf16"}),
-              cache_key("model-a", _pairs([5, 6]), {**base, "trust_remote_code": True})]
-    assert len({key, *others}) == 7
-    # the boundary between prompt and answer is part of the key: [1,2]+[3] is not [1]+[2,3]
-    a = [TokenizedPair([1, 2], [3], [4], 0)]
-    b = [TokenizedPair([1], [2, 3], [4], 0)]
-    assert cache_key("m", a, base) != cache_key("m", b, base)
+    assert key == cache_key("model-a", _pairs([5, 6]), dict(reversed(base.items())))  # deterministic
+    variants = [
+        [TokenizedPair([1, 2], [3, 5], [4, 6], 0), TokenizedPair([1, 2], [3, 6], [4, 7], 1)],  # rejected
+        [TokenizedPair([1, 2], [3, 5], [4, 5], 0), TokenizedPair([1, 2], [3, 7], [4, 6], 1)],  # chosen
+        [TokenizedPair([1, 3], [3, 5], [4, 5], 0), TokenizedPair([1, 2], [3, 6], [4, 6], 1)],  # prompt
+        [TokenizedPair([1], [2, 3, 5], [4, 5], 0), TokenizedPair([1, 2], [3, 6], [4, 6], 1)],  # a moved boundary
+        _pairs([5, 6])[::-1], _pairs([5]), _pairs([5, 6, 6]),                                  # order, count
+    ]
+    others = [cache_key("model-a", v, base) for v in variants]
+    others += [cache_key("model-b", _pairs([5, 6]), base)] + [
+        cache_key("model-a", _pairs([5, 6]), {**base, **change}) for change in
+        ({"dtype": "bfloat16"}, {"mixed_precision": "bf16"}, {"trust_remote_code": True}, {"forward": "cache"})]
+    assert len({key, *others}) == len(others) + 1
+
+
+@pytest.mark.parametrize("dtype, mixed_precision, by_path", [
+    ("float32", "no", False), ("bfloat16", "no", True), ("float32", "bf16", True), ("float16", "no", True)])
+def test_cache_settings_name_the_forward_path_only_in_half_precision(dtype, mixed_precision, by_path):
+    """In bf16 the KV-cache and packed paths differ by up to 2.3e-2 per sequence (a cache from the other path
+    makes step-1 rewards non-zero), so the path is part of the key there; in fp32 they agree to ~1e-6 and a
+    resume that changes --prefix-sharing reuses the cache."""
+    cfg = TrainConfig(dtype=dtype, mixed_precision=mixed_precision)
+    cache, packed = ForwardPlan("cache"), ForwardPlan("packed", attention="sdpa")
+    assert (cache_settings(cfg, cache) != cache_settings(cfg, packed)) is by_path
+    assert cache_settings(cfg, packed) == cache_settings(cfg, ForwardPlan("packed", chunk_size=64, attention="sdpa"))
 
 
 def _cfg(model, data, out, **kw) -> TrainConfig:
@@ -101,3 +120,25 @@ def test_non_finite_reference_is_refused_not_stored(tiny_model_dir, pairs_file, 
                                             r"float32 or bfloat16"):
         train(_cfg(tiny_model_dir, pairs_file, tmp_path / "run"))
     assert list((tmp_path / "run" / "reference_logps").glob("*")) == []
+
+
+@pytest.mark.parametrize("field", ["prompt", "chosen", "rejected"])
+def test_edited_data_gets_fresh_reference_logps(tiny_model_dir, tmp_path, field):
+    """Run once, edit one field of every row (same row count, same run folder), run again: at step 1 the
+    policy is the reference, so with reference log-probs of the *current* token ids every implicit reward
+    β·(log π − log π_ref) is 0 (fp32 noise ~1e-7) and the loss is ln 2. Stale log-probs of the old answers
+    would give rewards of β times the change in log-prob (several nats here, so ~0.1 or more). (Issue 16: a key
+    that left out the rejected answers reused stale reference log-probs after they were edited.)"""
+    rows = make_pairs(8, seed=31)
+    data = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    out = tmp_path / "run"
+    kw = dict(batch_size=8, learning_rate=1e-3, warmup_ratio=0.0, seed=3)
+    train(_cfg(tiny_model_dir, data, out, **kw))
+    edited = [{**r, field: r[field].replace(" answer:", " reply:") if field == "prompt"
+               else r[field] + " river stone"} for r in rows]
+    write_jsonl(data, edited)
+    train(_cfg(tiny_model_dir, data, out, overwrite=True, **kw))
+    first = read_metrics(out)[0]
+    for key in ("rewards/chosen", "rewards/rejected", "kl"):
+        assert first[key] == pytest.approx(0.0, abs=1e-5), key
+    assert len(list((out / "reference_logps").glob("train-*.safetensors"))) == 2

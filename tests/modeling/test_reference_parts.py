@@ -9,6 +9,7 @@ import torch
 
 from preftune.data.collate import collate
 from preftune.data.tokenize import TokenizedPair
+from preftune.logprobs import ForwardPlan, LogpsModel
 from preftune.modeling.reference import Precomputed, choose_strategy, model_identity, precompute
 
 
@@ -69,7 +70,7 @@ def test_cache_of_another_size_is_recomputed(tmp_path, monkeypatch):
     cache = tmp_path / "run" / "ref" / "train-key.safetensors"  # folders made as needed
     one = [TokenizedPair([1], [2, 3, 4], [5, 6], 0)]
     two = one + [TokenizedPair([1], [7], [8, 9], 1)]
-    kw = dict(cache_file=cache, pad_id=0, batch_size=2, prefix_sharing=True, chunk_size=0)
+    kw = dict(cache_file=cache, pad_id=0, batch_size=2)
     precompute(torch.nn.Linear(1, 1), one, **kw)
     got = precompute(torch.nn.Linear(1, 1), two, **kw)
     assert calls == [1, 2]
@@ -95,10 +96,39 @@ def test_precompute_scores_the_base_weights_under_adapters(tiny_model_dir, tmp_p
     peft = get_peft_model(copy.deepcopy(base), LoraConfig(r=2, target_modules=["q_proj", "v_proj"],
                                                            init_lora_weights=False))
     pairs = [TokenizedPair([5, 6, 7], [8, 9, 2], [10, 2], 0), TokenizedPair([5], [11, 2], [12, 13, 2], 1)]
-    kw = dict(pad_id=3, batch_size=2, prefix_sharing=True, chunk_size=0)
-    got = precompute(peft, pairs, cache_file=tmp_path / "a.safetensors", **kw)
-    want = precompute(base, pairs, cache_file=tmp_path / "b.safetensors", **kw)
+    kw = dict(pad_id=3, batch_size=2)
+    plan = ForwardPlan("packed", attention="sdpa")
+    got = precompute(LogpsModel(peft, plan), pairs, cache_file=tmp_path / "a.safetensors", **kw)
+    want = precompute(LogpsModel(base, plan), pairs, cache_file=tmp_path / "b.safetensors", **kw)
     torch.testing.assert_close(got.chosen, want.chosen, atol=1e-5, rtol=0)
     torch.testing.assert_close(got.rejected, want.rejected, atol=1e-5, rtol=0)
-    assert (got.chosen - precompute(peft.merge_and_unload(), pairs, cache_file=tmp_path / "c.safetensors",
-                                    **kw).chosen).abs().max() > 1e-3  # the adapters do change the scores
+    assert (got.chosen - precompute(LogpsModel(peft.merge_and_unload(), plan), pairs,
+                                    cache_file=tmp_path / "c.safetensors", **kw).chosen).abs().max() > 1e-3  # the adapters do change the scores
+
+
+def test_live_references_score_in_eval_mode_and_give_the_policy_its_mode_back():
+    """--lora, --reference lora_disabled (and copy) with dropout kept on (disable_dropout: false) in a Llama whose
+    attention_dropout is 0.5: the policy trains in training mode, yet two reference calls give the same
+    log-probs, those of the base model in eval mode, and the policy is still in training mode afterwards."""
+    import copy
+
+    from architectures import build
+    from peft import LoraConfig, get_peft_model
+
+    from preftune.modeling.reference import DisabledAdapters, FrozenModel
+
+    base = build("llama")
+    peft = get_peft_model(copy.deepcopy(base), LoraConfig(r=2, target_modules=["q_proj", "v_proj"],
+                                                          lora_dropout=0.5, init_lora_weights=False))
+    keep = ForwardPlan("off", keep_dropout=True)
+    policy = LogpsModel(peft, keep).train()
+    batch = collate([TokenizedPair([5, 6, 7], [8, 9, 2], [10, 2], 0), TokenizedPair([5], [11, 2], [12, 13, 2], 1)],
+                    [0, 1], pad_id=3)
+    with torch.no_grad():
+        assert not torch.equal(policy(batch).chosen_logps, policy(batch).chosen_logps)  # dropout is on in training
+        want = LogpsModel(base.eval(), keep)(batch)
+    for ref in (DisabledAdapters(policy), FrozenModel(LogpsModel(copy.deepcopy(peft), keep).train())):
+        first, second = ref.logps(batch), ref.logps(batch)
+        torch.testing.assert_close(first.chosen_logps, want.chosen_logps, atol=1e-5, rtol=0)
+        assert torch.equal(first.rejected_logps, second.rejected_logps)
+        assert policy.training and all(m.training for m in peft.modules())
