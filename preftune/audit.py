@@ -203,7 +203,7 @@ def _lengths(records: Sequence[dict], tokenizer: Any) -> dict:
             "empty": [i for i in range(len(records)) if words[1][i] == 0 or words[2][i] == 0],
             "identical": [],
         }
-    from preftune.data.tokenize import tokenize_records
+    from preftune.data.encode import tokenize_records
 
     texts = [render_record(tokenizer, r) for r in records]
     huge = 1 << 62

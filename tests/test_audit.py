@@ -151,7 +151,7 @@ def test_token_lengths_and_truncation_match_training(tmp_path):
     max_length 6, max_prompt_length 4: prompt 2 (5 > 4) is truncated; answers: pair 1 max(2,3) = 3 <= 6-3,
     pair 2 max(4,2) = 4 > 6-4 = 2, pair 3 7 > 6-1 = 5 -> 2 truncated. Chosen longer: pair 2 and 3 (2/3);
     mean difference ((2-3) + (4-2) + (7-2)) / 3 = 2. Training's own tokenizer statistics agree."""
-    from preftune.data.tokenize import tokenize_records
+    from preftune.data.encode import tokenize_records
 
     path = tmp_path / "t.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in TOKEN_RECORDS))
@@ -329,7 +329,7 @@ def test_show_examples_as_training_sees_them(tmp_path, capsys):
 def test_pairs_identical_after_truncation_are_counted_as_training_drops_them(tmp_path):
     """Word tokens, max_length 4, max_prompt_length 3: "the sky is" leaves room for one answer token, so
     "blue green"+EOS and "blue red"+EOS both become "blue": dropped, as tokenize_records drops it."""
-    from preftune.data.tokenize import tokenize_records
+    from preftune.data.encode import tokenize_records
 
     rows = [{"prompt": "the sky is", "chosen": " blue green", "rejected": " blue red"},
             {"prompt": "the sky is", "chosen": " blue", "rejected": " red"}]

@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from preftune.data.sources import Bad, Rows, type_name
+from preftune.data.rows import Bad, Rows, type_name
 from preftune.errors import PreftuneError
 
 MISSING: Any = object()

@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from preftune.data.layouts import LAYOUT_LABELS, PromptTemplate, detect_layout
-from preftune.data.sources import CHUNK_ROWS, Bad, Input, Rows, iter_rows, resolve
+from preftune.data.rows import CHUNK_ROWS, Bad, Input, Rows
+from preftune.data.sources import iter_rows, resolve
 from preftune.data.stats import value_key
 from preftune.data.validate import PREFERENCE_FORMATS, SFT_FORMATS, RowChecker, detect_format
 from preftune.errors import PreftuneError
@@ -113,7 +114,7 @@ def load_records(
     completion_field: str = "completion",
     prompt_template: str | None = None,
     skip_invalid: bool = False,
-    split: str = "train",
+    split: str | None = None,
 ) -> LoadedData:
     """Load and validate preference (``kind="preference"``) or SFT (``kind="sft"``) records.
 
@@ -162,7 +163,7 @@ class RecordStream:
     def __init__(self, source: str | Path | Sequence[str | Path], *, kind: str = "preference", format: str = "auto",
                  prompt_field: str = "prompt", chosen_field: str = "chosen", rejected_field: str = "rejected",
                  completion_field: str = "completion", prompt_template: str | None = None,
-                 skip_invalid: bool = False, split: str = "train", chunk_rows: int | None = None):
+                 skip_invalid: bool = False, split: str | None = None, chunk_rows: int | None = None):
         if kind not in ("preference", "sft"):
             raise PreftuneError(f"unknown data kind {kind!r}; use 'preference' or 'sft'")
         allowed = PREFERENCE_FORMATS if kind == "preference" else SFT_FORMATS

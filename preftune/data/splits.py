@@ -33,9 +33,16 @@ from preftune.data.cache import (
     source_fingerprint,
     staging_folder,
 )
-from preftune.data.encode import ANSWERS_TRUNCATED, DROPPED_EMPTY, DROPPED_IDENTICAL, PROMPT_TRUNCATED
 from preftune.data.store import Pairs, PairStore
-from preftune.data.tokenize import TokenizeStats
+from preftune.data.tokenize import (
+    ANSWERS_TRUNCATED,
+    DROPPED_EMPTY,
+    DROPPED_IDENTICAL,
+    PROMPT_TRUNCATED,
+    SAME_IDS,
+    UNKNOWN,
+    TokenizeStats,
+)
 from preftune.errors import PreftuneError
 
 if TYPE_CHECKING:  # the data layer sits below the config; it only reads the data settings
@@ -187,6 +194,7 @@ def _split_of(built: Any, records: np.ndarray, name: str, store: str = "data") -
     stats = TokenizeStats(kept=int((position >= 0).sum()),
                           dropped_empty=index[(flags & DROPPED_EMPTY) > 0].tolist(),
                           dropped_identical=index[(flags & DROPPED_IDENTICAL) > 0].tolist(),
+                          same_ids=index[(flags & SAME_IDS) > 0].tolist(), unknown=index[(flags & UNKNOWN) > 0].tolist(),
                           prompt_truncated=int(np.count_nonzero(flags & PROMPT_TRUNCATED)),
                           completion_truncated=int(np.count_nonzero(flags & ANSWERS_TRUNCATED)),
                           eos_in_text=int(built.eos[records].sum()))

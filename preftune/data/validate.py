@@ -27,7 +27,7 @@ from typing import Any
 
 from preftune.data.implicit import USER_ROLES, split_message_prompt, split_text_prompt
 from preftune.data.layouts import MISSING, SHAREGPT_ROLES, VOTERS, Layout, Problem
-from preftune.data.sources import MAX_ROW_CHARS, Bad, Rows, type_name
+from preftune.data.rows import MAX_ROW_CHARS, Bad, Rows, type_name
 
 PREFERENCE_FORMATS = ("standard", "conversational", "implicit")
 SFT_FORMATS = ("sft", "preference-chosen")

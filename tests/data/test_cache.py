@@ -12,11 +12,11 @@ import pytest
 import preftune.data.splits as splits
 from preftune.config import TrainConfig
 from preftune.data.cache import commit
+from preftune.data.encode import tokenize_records
 from preftune.data.examples import render_record
 from preftune.data.load import load_records, split_records
 from preftune.data.splits import keep_data_in, load_splits
 from preftune.data.store import largest_id
-from preftune.data.tokenize import tokenize_records
 
 from .files import write_jsonl
 from .test_render import tiny_tokenizer

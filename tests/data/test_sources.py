@@ -105,7 +105,7 @@ def test_save_to_disk_dataset_and_dataset_dict(tmp_path):
     dd.save_to_disk(str(tmp_path / "dd"))
     assert load_records(tmp_path / "dd").records == PAIRS[:2]
     assert load_records(tmp_path / "dd", split="test").records == PAIRS[2:]
-    with pytest.raises(PreftuneError, match="has no split 'validation'; it has train, test"):
+    with pytest.raises(PreftuneError, match="has no split 'validation'; its splits are train, test: pass one with --split"):
         load_records(tmp_path / "dd", split="validation")
 
 
