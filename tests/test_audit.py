@@ -82,6 +82,7 @@ def test_audit_figures_in_words(data_file):
         "completion_truncated": 4,
         "dropped_empty": 0,
         "dropped_identical": 0,
+        "identical_causes": {},
     }
     lb = r["length_bias"]
     assert (lb["chosen_longer"], lb["chosen_shorter"], lb["equal"]) == (0.6667, 0.1667, 0.1667)
@@ -338,7 +339,7 @@ def test_pairs_identical_after_truncation_are_counted_as_training_drops_them(tmp
     r = audit(path, tokenizer=word_tokenizer(), max_length=4, max_prompt_length=3)
     tr = r["truncation"]
     assert (tr["completion_truncated"], tr["dropped_identical"], tr["dropped_empty"]) == (2, 1, 0)
-    assert "1 pairs would be dropped: chosen and rejected are identical after truncation" in "\n".join(r["warnings"])
+    assert "1 pairs would be dropped: chosen and rejected identical after truncation: no signal" in r["warnings"]
     _, stats = tokenize_records(word_tokenizer(), [(x["prompt"], x["chosen"], x["rejected"]) for x in rows],
                                 max_length=4, max_prompt_length=3)
     assert (stats.completion_truncated, stats.dropped_identical) == (2, [0])

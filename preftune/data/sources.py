@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from preftune.data import readers
+from preftune.data.json_arrays import json_array_chunks
 from preftune.data.rows import CHUNK_ROWS, MAX_WHOLE_BYTES, Bad, Input, Rows, nul_error, too_big
 from preftune.errors import PreftuneError
 
@@ -147,7 +148,7 @@ def iter_rows(inp: Input, split: str | None, chunk_rows: int = CHUNK_ROWS) -> It
             yield from readers.csv_chunks(inp, f, head, "\t" if suffix == ".tsv" else ",", chunk_rows)
         elif first == b"[":
             inp.unit = "element"
-            yield from readers.json_array_chunks(inp, f, head, chunk_rows)
+            yield from json_array_chunks(inp, f, head, chunk_rows)
         elif first == b"{" or suffix in (".jsonl", ".ndjson"):
             yield from readers.jsonl_chunks(inp, f, head, chunk_rows, lambda: _read_all(inp))
         else:

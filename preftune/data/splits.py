@@ -103,8 +103,9 @@ def data_ingredients(cfg: TrainConfig, tokenizer, task: str) -> dict:
     from preftune.data.cache import tokenizer_fingerprint
 
     holdout = cfg.eval_fraction > 0 and not cfg.eval_data
+    eval_source = cfg.eval_data or (cfg.data if cfg.eval_split else None)
     return {"task": "sft" if task == "sft" else "preference", "data": source_fingerprint(cfg.data),
-            "eval_data": source_fingerprint(cfg.eval_data) if cfg.eval_data else None,
+            "eval_data": source_fingerprint(eval_source) if eval_source else None, "eval_split": cfg.eval_split,
             "eval_fraction": cfg.eval_fraction if holdout else 0.0, "seed": cfg.seed if holdout else None,
             **_load_kwargs(cfg, task), "max_length": cfg.max_length, "max_prompt_length": cfg.max_prompt_length,
             "tokenizer": tokenizer_fingerprint(tokenizer), **library_versions()}
@@ -114,7 +115,7 @@ def _load_kwargs(cfg: TrainConfig, task: str) -> dict:
     return dict(kind="sft" if task == "sft" else "preference", format=cfg.format, prompt_field=cfg.prompt_field,
                 chosen_field=cfg.chosen_field, rejected_field=cfg.rejected_field,
                 completion_field=cfg.completion_field, prompt_template=cfg.prompt_template,
-                skip_invalid=cfg.skip_invalid)
+                skip_invalid=cfg.skip_invalid, split=cfg.split, ranked=cfg.ranked)
 
 
 def build_entry(cfg: TrainConfig, tokenizer, task: str, folder: Path, ingredients: dict, progress: bool) -> None:
@@ -129,11 +130,11 @@ def build_entry(cfg: TrainConfig, tokenizer, task: str, folder: Path, ingredient
     data = build_source(cfg.data, folder / "data", tokenizer=tokenizer, encoder=encoder, load_kwargs=kw,
                         rank_seed=cfg.seed if holdout else None, progress=progress)
     held = None
-    if cfg.eval_data:
-        held = build_source(cfg.eval_data, folder / "eval", tokenizer=tokenizer, encoder=encoder, load_kwargs=kw,
-                            progress=progress, desc="tokenizing eval")
+    if cfg.eval_data or cfg.eval_split:  # another source, or another split of the same one
+        held = build_source(cfg.eval_data or cfg.data, folder / "eval", tokenizer=tokenizer, encoder=encoder,
+                            load_kwargs={**kw, "split": cfg.eval_split}, progress=progress, desc="tokenizing eval")
     n = len(data.position)
-    lines = [data.loaded.summary()]
+    lines = [data.loaded.summary(), *data.loaded.warnings()]
     in_eval = np.zeros(n, dtype=bool)
     if held is not None:
         lines.append("eval: " + held.loaded.summary())

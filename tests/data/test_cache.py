@@ -30,12 +30,12 @@ ROWS += [{"prompt": f"hello {'there ' * i}", "chosen": " blue", "rejected": " th
 def small_chunks(monkeypatch):
     """Chunks of 3 records: detection votes on 3 rows (it otherwise reads up to 1,000 before the first chunk),
     then the reader hands on 3 rows at a time."""
-    import preftune.data.layouts as layouts
+    import preftune.data.detect as detect
     import preftune.data.load as load
     import preftune.data.validate as validate
 
     monkeypatch.setattr(load, "CHUNK_ROWS", 3)
-    monkeypatch.setattr(layouts, "VOTERS", 3)
+    monkeypatch.setattr(detect, "VOTERS", 3)
     monkeypatch.setattr(validate, "VOTERS", 3)
 
 
