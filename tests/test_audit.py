@@ -53,6 +53,7 @@ def test_audit_figures_in_words(data_file):
     and line 6 (13 > 4), so 4; nothing dropped.
     Length bias: chosen longer in lines 1,2,3,6 = 4/6 = 0.6667 (> 0.65: warning), shorter in line 4 (1/6),
     equal in line 5 (1/6); mean difference (6+6+6-2+0+12)/6 = 28/6 = 4.6667.
+    Glued prompt/answer (a letter or digit on both sides, no space): line 5 "Say hi"+"Hi", line 6 "please"+"Once".
     """
     r = audit(data_file, max_length=12, max_prompt_length=8)
     assert (r["format"], r["pairs"], r["rows_read"]) == ("standard", 6, 8)
@@ -98,7 +99,9 @@ def test_audit_figures_in_words(data_file):
     assert "chosen is the longer one in 80.0% of pairs" in warnings
     assert "1 of 6 (16.7%) pairs would have their prompts truncated" in warnings
     assert "4 of 6 (66.7%) pairs would have their answers truncated" in warnings
-    assert len(r["warnings"]) == 6
+    assert f"2 of 6 pairs run the prompt's last word into the answer's first with no space between ({data_file} " \
+           "line 5: ...'Say hi' + 'Hi'...)" in warnings
+    assert len(r["warnings"]) == 7
 
     text = format_audit(r)
     assert "whitespace words, not tokens" in text
