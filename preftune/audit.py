@@ -55,6 +55,7 @@ TRUNCATION_WARN = 0.05  # warn when more than this share of pairs would lose tok
 TOP_PROMPTS = 5
 TOP_MARGINS = 10
 SNIPPET = 80
+PAGE_EXAMPLES = 3  # examples the HTML page shows when --show asks for fewer
 CHUNK = 4096  # records rendered and tokenized at a time
 
 
@@ -438,7 +439,7 @@ def run_inspect(args: Any) -> int:
         max_length=getattr(args, "max_length", 1024),
         max_prompt_length=getattr(args, "max_prompt_length", 512),
         batch_size=getattr(args, "batch_size", 8),
-        show=show,
+        show=max(show, PAGE_EXAMPLES) if output else show,
         context=context,
         split=getattr(args, "split", None),
         ranked=getattr(args, "ranked", "best-vs-next"),
@@ -448,6 +449,7 @@ def run_inspect(args: Any) -> int:
         rejected_field=getattr(args, "rejected_field", "rejected"),
         prompt_template=getattr(args, "prompt_template", None),
     )
+    report["show"] = show  # the terminal prints --show of them; the page shows a few more
     print(format_audit(report))
     if output:
         out = Path(output)

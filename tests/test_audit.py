@@ -318,7 +318,7 @@ def test_show_examples_as_training_sees_them(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert f"example 1 as training sees it ({path} line 1):\n  prompt   'the sky is'\n  chosen   ' blue'\n" in printed
     assert "  chosen start    'the' 'sky' 'is' | 'blue' '</s>'\n" in printed
-    (ex,) = json.loads(out.read_text())["examples"]
+    ex = json.loads(out.read_text())["examples"][0]  # the page shows up to 3
     assert ex["tokens"]["rejected_start"] == ["green", "red", "</s>"] and ex["tokens"]["chosen_eos"] == "added"
 
     split = tmp_path / "split.jsonl"

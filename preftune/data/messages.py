@@ -110,8 +110,7 @@ def _parts(content: list, where: str) -> tuple[str, list[dict]] | str:
             calls += more
         else:
             what = f"a {kind!r} part" if isinstance(kind, str) else f"part {j} of type {type_name(part)}"
-            return (f"{where} has {what}; only text parts ({{\"type\": \"text\", \"text\": ...}} or \"value\") are "
-                    "read (and LLaMA-Factory's tool_call parts)")
+            return f"{where} has {what}; only text parts ({{\"type\": \"text\", \"text\" or \"value\": ...}}) are read"
     return "\n".join(texts), calls
 
 
