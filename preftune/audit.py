@@ -45,7 +45,7 @@ from preftune.data.stats import (
 )
 from preftune.data.tokenize import DROPPED_EMPTY, IDENTICAL_REASONS, SAME_IDS, TokenizeStats
 from preftune.errors import PreftuneError
-from preftune.outputs.audit_page import format_audit, share_text
+from preftune.outputs.audit_page import format_audit, share_text, write_audit_files
 
 REPORT_VERSION = 1
 TOO_EASY = 0.9
@@ -85,9 +85,8 @@ def audit(
     ``show`` puts the first ``show`` pairs under ``examples``, rendered and tokenized exactly as training does.
     """
     if max_length < 2 or max_prompt_length < 1 or max_prompt_length >= max_length:
-        raise PreftuneError(
-            f"max_prompt_length ({max_prompt_length}) must be at least 1 and below max_length ({max_length})"
-        )
+        raise PreftuneError(f"max_prompt_length ({max_prompt_length}) must be at least 1 and below max_length "
+                            f"({max_length})")
     if model is not None and tokenizer is None:
         raise PreftuneError("auditing with a model needs its tokenizer too")
     if context is None and model is not None:
@@ -117,14 +116,7 @@ def audit(
         "limits": {"max_length": limits.max_length, "max_prompt_length": limits.max_prompt_length,
                    "note": limits.note},
     }
-    report["invalid"] = {
-        "count": len(data.invalid),
-        "by_reason": dict(Counter(r.category for r in data.invalid).most_common()),
-        "first": [str(r) for r in data.invalid[:10]],
-    }
-    report["skipped"] = {"count": len(data.skipped),
-                         "by_reason": dict(Counter(r.category for r in data.skipped).most_common()),
-                         "first": [str(r) for r in data.skipped[:10]]}
+    report["invalid"], report["skipped"] = _dropped(data.invalid), _dropped(data.skipped)
     report["examples"] = examples_from_records(records, origins, show, tokenizer=tokenizer,
                                                max_length=limits.max_length, max_prompt_length=limits.max_prompt_length)
     report["duplicates"] = _duplicates(records, origins)
@@ -149,6 +141,12 @@ def audit(
 
 
 # ---------------------------------------------------------------------------------------------- sections
+
+
+def _dropped(rows: Sequence[Any]) -> dict:
+    """Invalid or skipped rows (`preftune.data.load.InvalidRow`): how many, by reason, the first ten."""
+    return {"count": len(rows), "by_reason": dict(Counter(r.category for r in rows).most_common()),
+            "first": [str(r) for r in rows[:10]]}
 
 
 def _text_of(value: str | list[dict]) -> str:
@@ -215,14 +213,9 @@ def _lengths(records: Sequence[dict], tokenizer: Any, limits: Limits) -> dict:
     same `BatchEncoder`, at the run's limits) truncates and drops (`stats`); without a tokenizer, whitespace words."""
     if tokenizer is None:
         words = [[len(_text_of(r[k]).split()) for r in records] for k in ("prompt", "chosen", "rejected")]
-        return {
-            "unit": "words",
-            "note": "whitespace words, not tokens (pass a model/tokenizer for token counts)",
-            "prompt": words[0],
-            "chosen": words[1],
-            "rejected": words[2],
-            "empty": [i for i in range(len(records)) if words[1][i] == 0 or words[2][i] == 0],
-        }
+        return {"unit": "words", "note": "whitespace words, not tokens (pass a model/tokenizer for token counts)",
+                "prompt": words[0], "chosen": words[1], "rejected": words[2],
+                "empty": [i for i in range(len(records)) if words[1][i] == 0 or words[2][i] == 0]}
     encoder = BatchEncoder(tokenizer, max_length=limits.max_length, max_prompt_length=limits.max_prompt_length)
     stats, full, flags = TokenizeStats(), [], []
     for s in range(0, len(records), CHUNK):
@@ -278,7 +271,7 @@ def _model_margins(
 ) -> dict:
     """Margins m = log pi(chosen|x) - log pi(rejected|x) (summed) and the per-token version
     log pi(chosen|x)/|chosen| - log pi(rejected|x)/|rejected|, over the pairs training would keep."""
-    from preftune.scoring import score_records
+    from preftune.scoring import score_records  # imports torch: only when a model is audited
 
     out = score_records(
         model,
@@ -386,8 +379,6 @@ def write_audit(report: dict, output_json: str | Path,
                 output_html_or_png: str | Path | Sequence[str | Path] | None = None) -> None:
     """Write the report as JSON and, optionally, its histograms as a PNG and/or a self-contained HTML page
     (each extra path's suffix picks which: .png or .html/.htm; pass a list for both)."""
-    from preftune.outputs.audit_page import write_audit_files
-
     write_audit_files(report, format_audit(report), output_json, output_html_or_png)
 
 
@@ -415,22 +406,18 @@ def run_inspect(args: Any) -> int:
     if getattr(args, "model", None) and getattr(args, "tokenizer", None):
         raise PreftuneError("give --model (which brings its tokenizer) or --tokenizer, not both")
     if getattr(args, "model", None) or getattr(args, "tokenizer", None):
-        # modeling loads torch and transformers (seconds): only when a model or tokenizer is asked for
-        from preftune.modeling.load import context_length
+        # torch and transformers load in seconds: only when a model or tokenizer is asked for
+        import torch
+
+        from preftune.modeling.load import context_length, load_model_and_tokenizer, load_tokenizer
 
         context = context_length(args.model or args.tokenizer)  # train caps max_length to it: so does inspect
     if getattr(args, "model", None):
-        import torch
-
-        from preftune.modeling.load import load_model_and_tokenizer
-
         model, tokenizer = load_model_and_tokenizer(args.model)
         if torch.cuda.is_available():
             model = model.to("cuda")
         model.eval()
     elif getattr(args, "tokenizer", None):
-        from preftune.modeling.load import load_tokenizer
-
         tokenizer = load_tokenizer(args.tokenizer)
     report = audit(
         data,

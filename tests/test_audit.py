@@ -346,3 +346,50 @@ def test_pairs_identical_after_truncation_are_counted_as_training_drops_them(tmp
     _, stats = tokenize_records(word_tokenizer(), [(x["prompt"], x["chosen"], x["rejected"]) for x in rows],
                                 max_length=4, max_prompt_length=3)
     assert (stats.completion_truncated, stats.dropped_identical) == (2, [0])
+
+
+def test_one_pair_gives_no_model_share_warning_twenty_do(tmp_path):
+    """A share of one pair is 0% or 100%: the noisy-label (and too-easy) warning needs 20 scored pairs. 24 pairs
+    whose chosen has 9 tokens and rejected 2 ("blue" + EOS) are all preferred rejected by a random model (a summed
+    log-prob of 9 tokens is far below one of 2): 0.0%, the warning fires."""
+    tok = word_tokenizer()
+    model = _tiny_llama(tok).eval()
+    one = tmp_path / "one.jsonl"
+    one.write_text(json.dumps(TOKEN_RECORDS[0]))
+    r = audit(one, tokenizer=tok, model=model, max_length=16, max_prompt_length=8)
+    assert r["model"]["scored"] == 1 and not [w for w in r["warnings"] if "model" in w]
+    many = tmp_path / "many.jsonl"
+    row = {"prompt": "the sky is", "chosen": " one two three four five six seven eight", "rejected": " blue"}
+    many.write_text("\n".join(json.dumps(row) for _ in range(24)))
+    r = audit(many, tokenizer=tok, model=model, max_length=16, max_prompt_length=8)
+    assert "the model prefers chosen in only 0.0% of pairs: the labels may be noisy or swapped" in "\n".join(
+        r["warnings"])
+
+
+def test_inspect_truncates_at_the_limits_train_uses(tmp_path, tiny_model_dir, capsys):
+    """The tiny model has 256 positions: train caps max_length 1024 to 256 and max_prompt_length 512 to 128, and so
+    does inspect (before: it counted at 1024/512 and reported no truncation). Rows: two 200-word prompts ("red" is
+    one token or two: 200 to 400 tokens, over 128, under 512), one 300-word answer (over 256 - its short prompt,
+    under 1024), one short pair. Train and inspect both say: 2 prompts truncated, 1 answer truncated."""
+    from preftune.cli import main
+    from preftune.config import TrainConfig
+    from preftune.data.splits import load_splits
+    from preftune.modeling.load import context_length, load_tokenizer
+
+    rows = [{"prompt": "question: " + "red " * 200 + "answer:", "chosen": " yes", "rejected": " no"},
+            {"prompt": "question: " + "blue " * 200 + "answer:", "chosen": " yes good", "rejected": " no bad"},
+            {"prompt": "question: red answer:", "chosen": " yes" + " dog" * 300, "rejected": " no"},
+            {"prompt": "question: cat answer:", "chosen": " yes", "rejected": " no"}]
+    path = tmp_path / "long.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    cfg, note = TrainConfig(model=str(tiny_model_dir), data=str(path), output_dir="unused", progress=False) \
+        .fit_to_context(context_length(str(tiny_model_dir)))
+    assert note == "max_length 1024 is more than the model's 256 positions: capped it to 256 and max_prompt_length " \
+                   "512 to 128"
+    train, _ = load_splits(cfg, load_tokenizer(str(tiny_model_dir)), "dpo")
+    assert "train tokenized: 4 kept, 2 prompts truncated (left), 1 answers truncated (right)" in train.summary
+    assert main(["inspect", str(path), "--tokenizer", str(tiny_model_dir)]) == 0
+    printed = capsys.readouterr().out
+    assert note in printed
+    assert ("truncation at max_length 256 / max_prompt_length 128 (tokens): 2 of 4 (50.0%) prompts truncated, "
+            "1 of 4 (25.0%) answers truncated") in printed

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from preftune.data.encode import BatchEncoder
 from preftune.data.examples import render_record
@@ -56,10 +58,6 @@ def _digest(record: dict, parts: tuple[str, ...]) -> bytes:
 def build_source(source: Any, folder: Path, *, tokenizer: Any, encoder: BatchEncoder, load_kwargs: dict,
                  rank_seed: int | None = None, progress: bool = False, desc: str = "tokenizing") -> Built:
     """Validate and tokenize `source` into a store in `folder`; raises what `load_records` raises."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from tqdm.auto import tqdm
-
     stream = RecordStream(source, **load_kwargs)
     writer: StoreWriter | None = None
     position, flags, eos, dup, ranks = [], [], [], bytearray(), bytearray()

@@ -269,13 +269,13 @@ def render_guard() -> Iterator[None]:
 
 
 @contextmanager
-def time_limit(seconds: float = SECONDS) -> Iterator[None]:
-    """Interrupt the renders inside after `seconds` (main thread only; elsewhere no limit)."""
+def time_limit(seconds: float | None = None) -> Iterator[None]:
+    """Interrupt the renders inside after `seconds` (default SECONDS; main thread only, elsewhere no limit)."""
     with render_guard():
         if not _guard["on"] or threading.current_thread() is not threading.main_thread():
             yield
             return
-        signal.setitimer(signal.ITIMER_REAL, seconds)
+        signal.setitimer(signal.ITIMER_REAL, seconds or SECONDS)
         try:
             yield
         finally:

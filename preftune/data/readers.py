@@ -96,7 +96,7 @@ def byte_lines(inp: Input, f: BinaryIO, head: bytes) -> Iterator[bytes | LongLin
             if size > MAX_LINE_BYTES:
                 pending, skipping = [], True
         if size > MAX_SKIP_BYTES:
-            raise endless_line(inp, number + 1)
+            raise endless_line(inp, number + 1, MAX_SKIP_BYTES)
         block = f.read(BLOCK)
     yield LongLine(size) if skipping else b"".join(pending)
 

@@ -61,9 +61,9 @@ def too_long_row(size: int, unit: str = "") -> Bad:
     return Bad(f"row longer than {MAX_ROW_CHARS:,} characters ({size:,}{' ' + unit if unit else ''})")
 
 
-def endless_line(inp: Input, line: int) -> PreftuneError:
+def endless_line(inp: Input, line: int, limit: int = MAX_SKIP_BYTES) -> PreftuneError:
     return PreftuneError(
-        f"{inp.name} line {line} runs over {MAX_SKIP_BYTES >> 20} MB without a line break, which no data file does "
+        f"{inp.name} line {line} runs over {limit >> 20} MB without a line break, which no data file does "
         "(a compressed bomb or a binary file?); check that it is the data you meant"
     )
 

@@ -26,8 +26,16 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from preftune.data import readers
 from preftune.data.json_arrays import json_array_chunks
+from preftune.data.readers import (
+    BLOCK,
+    csv_chunks,
+    dataset_chunks,
+    jsonl_chunks,
+    load_hub_dataset,
+    load_saved_dataset,
+    parquet_chunks,
+)
 from preftune.data.rows import CHUNK_ROWS, MAX_WHOLE_BYTES, Bad, Input, Rows, nul_error, too_big
 from preftune.errors import PreftuneError
 
@@ -112,12 +120,12 @@ def iter_rows(inp: Input, split: str | None, chunk_rows: int = CHUNK_ROWS) -> It
     none. Whole-file problems raise `PreftuneError` (a few, such as NUL bytes deep in a file, only when the
     reading gets there)."""
     if inp.how == "disk":
-        ds = readers.load_saved_dataset(inp, split)
-        yield from readers.dataset_chunks(inp, ds, chunk_rows, f"the saved dataset {inp.name} is empty")
+        ds = load_saved_dataset(inp, split)
+        yield from dataset_chunks(inp, ds, chunk_rows, f"the saved dataset {inp.name} is empty")
         return
     if inp.how == "hub":
-        ds = readers.load_hub_dataset(inp, split)
-        yield from readers.dataset_chunks(inp, ds, chunk_rows,
+        ds = load_hub_dataset(inp, split)
+        yield from dataset_chunks(inp, ds, chunk_rows,
                                           f"the hub dataset {inp.name} (split {split or 'train'!r}) is empty")
         return
     assert inp.path is not None
@@ -132,9 +140,9 @@ def iter_rows(inp: Input, split: str | None, chunk_rows: int = CHUNK_ROWS) -> It
             if isinstance(f, _Gunzip):  # pyarrow needs to seek: decompress the whole file
                 import pyarrow as pa  # only for a gzipped Parquet file
 
-                yield from readers.parquet_chunks(inp, pa.BufferReader(_read_capped(inp, f, head)), chunk_rows)
+                yield from parquet_chunks(inp, pa.BufferReader(_read_capped(inp, f, head)), chunk_rows)
             else:
-                yield from readers.parquet_chunks(inp, str(inp.path), chunk_rows)
+                yield from parquet_chunks(inp, str(inp.path), chunk_rows)
             return
         if not head.strip():
             raise PreftuneError(f"data file {inp.name} is empty")
@@ -145,12 +153,12 @@ def iter_rows(inp: Input, split: str | None, chunk_rows: int = CHUNK_ROWS) -> It
         head = head[3:] if head[:3] == b"\xef\xbb\xbf" else head
         first = head.lstrip()[:1]
         if suffix in (".csv", ".tsv"):
-            yield from readers.csv_chunks(inp, f, head, "\t" if suffix == ".tsv" else ",", chunk_rows)
+            yield from csv_chunks(inp, f, head, "\t" if suffix == ".tsv" else ",", chunk_rows)
         elif first == b"[":
             inp.unit = "element"
             yield from json_array_chunks(inp, f, head, chunk_rows)
         elif first == b"{" or suffix in (".jsonl", ".ndjson"):
-            yield from readers.jsonl_chunks(inp, f, head, chunk_rows, lambda: _read_all(inp))
+            yield from jsonl_chunks(inp, f, head, chunk_rows, lambda: _read_all(inp))
         else:
             raise PreftuneError(
                 f"{inp.name} does not look like a JSONL/JSON/CSV/Parquet data file (it starts with "
@@ -206,7 +214,7 @@ def _head(f: Any) -> bytes:
 def _read_capped(inp: Input, f: Any, head: bytes) -> bytes:
     """`head` + the rest of `f`, refused once it passes MAX_WHOLE_BYTES (decompressed), while reading."""
     parts, size = [head], len(head)
-    while block := f.read(readers.BLOCK):
+    while block := f.read(BLOCK):
         size += len(block)
         if size > MAX_WHOLE_BYTES:
             raise too_big(inp, "one JSON value or gzipped Parquet file")

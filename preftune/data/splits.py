@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from preftune.data.build import build_source, find_record
 from preftune.data.cache import (
     DataEntry,
     commit,
@@ -32,7 +33,12 @@ from preftune.data.cache import (
     make_key,
     source_fingerprint,
     staging_folder,
+    tokenizer_fingerprint,
 )
+from preftune.data.encode import BatchEncoder
+from preftune.data.examples import example, format_example, render_record
+from preftune.data.load import holdout_groups
+from preftune.data.stats import duplicates_warning, length_bias, length_bias_warning
 from preftune.data.store import Pairs, PairStore
 from preftune.data.tokenize import (
     ANSWERS_TRUNCATED,
@@ -100,8 +106,6 @@ def keep_data_in(split: Split, cache_dir: Path) -> None:
 
 def data_ingredients(cfg: TrainConfig, tokenizer, task: str) -> dict:
     """Everything the tokenized splits depend on (the cache key is its hash)."""
-    from preftune.data.cache import tokenizer_fingerprint
-
     holdout = cfg.eval_fraction > 0 and not cfg.eval_data
     eval_source = cfg.eval_data or (cfg.data if cfg.eval_split else None)
     return {"task": "sft" if task == "sft" else "preference", "data": source_fingerprint(cfg.data),
@@ -120,9 +124,6 @@ def _load_kwargs(cfg: TrainConfig, task: str) -> dict:
 
 def build_entry(cfg: TrainConfig, tokenizer, task: str, folder: Path, ingredients: dict, progress: bool) -> None:
     """Stream, tokenize and split the data into a cache entry in `folder` (meta.json written last)."""
-    from preftune.data.build import build_source
-    from preftune.data.encode import BatchEncoder
-    from preftune.data.stats import duplicates_warning
 
     kw = _load_kwargs(cfg, task)
     encoder = BatchEncoder(tokenizer, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length)
@@ -159,8 +160,6 @@ def build_entry(cfg: TrainConfig, tokenizer, task: str, folder: Path, ingredient
     if evaluation is not None:
         lines.append(evaluation["line"])
     shown = _first_example(cfg, tokenizer, task, data, store, int(train["positions"][0]))
-    from preftune.data.examples import format_example
-
     lines += format_example(shown, "first training example as the model sees it", SUMMARY_TEXT_LIMIT)
     splits = {}
     for name, split in (("train", train), ("eval", evaluation)):
@@ -176,8 +175,6 @@ def build_entry(cfg: TrainConfig, tokenizer, task: str, folder: Path, ingredient
 
 def _held_out(ranks: np.ndarray, eval_fraction: float) -> np.ndarray:
     """`split_records`' hold-out, from each record's prompt rank: whole prompt groups, in rank order."""
-    from preftune.data.load import holdout_groups
-
     groups, group_of, sizes = np.unique(ranks, return_inverse=True, return_counts=True)
     if len(groups) < 2:
         raise PreftuneError(
@@ -207,9 +204,6 @@ def _split_of(built: Any, records: np.ndarray, name: str, store: str = "data") -
 
 def _first_example(cfg: TrainConfig, tokenizer, task: str, data: Any, store: PairStore, position: int) -> dict:
     """The first training pair as the model sees it, from its record (kept while streaming, else read again)."""
-    from preftune.data.build import find_record
-    from preftune.data.examples import example, render_record
-
     pair = store.pairs()[position]
     if pair.index in data.samples:
         record, texts, origin = data.samples[pair.index]
@@ -237,8 +231,6 @@ def open_entry(entry: DataEntry) -> tuple[Split, Split | None]:
 
 def _length_bias_line(chosen: list[int], rejected: list[int]) -> str:
     """DPO learns "longer is better" from data where chosen is usually the longer answer: say so up front."""
-    from preftune.data.stats import length_bias, length_bias_warning
-
     b = length_bias({"chosen": chosen, "rejected": rejected, "unit": "tokens"})
     return length_bias_warning(b) or (f"length bias: chosen is longer in {b['chosen_longer']:.0%} and shorter in "
                                       f"{b['chosen_shorter']:.0%} of pairs (mean difference "
