@@ -22,23 +22,29 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-
 pytestmark = pytest.mark.skipif(BROWSER is None, reason="no Chromium installed")
 
 
-def scroll_widths(pages: dict, width: int, tmp_path) -> dict:
-    """{name: (scrollWidth, clientWidth)} of each page laid out `width` CSS px wide. Headless Chromium keeps its
-    window at least ~500 px wide, so each page sits in an iframe of exactly `width` px (its own viewport)."""
-    frames = "".join(f"<iframe id='{name}' src='{path.as_uri()}' style='border:0;width:{width}px;height:900px'>"
-                     "</iframe>" for name, path in pages.items())
-    probe = tmp_path / f"probe-{width}.html"
+def scroll_widths(pages: dict, widths: tuple[int, ...], tmp_path) -> dict:
+    """{(name, width): (scrollWidth, clientWidth)} of each page laid out `width` CSS px wide, from one browser
+    start. Headless Chromium keeps its window at least ~500 px wide, so each page sits in an iframe of exactly
+    `width` px: its own viewport, as a phone's screen is."""
+    frames = "".join(f"<iframe id='{name}@{w}' src='{path.as_uri()}' style='border:0;width:{w}px;height:900px'>"
+                     "</iframe>" for name, path in pages.items() for w in widths)
+    probe = tmp_path / "probe.html"
     probe.write_text(
         f"<!doctype html><html><head><title>probe</title></head><body style='margin:0'>{frames}<script>"
         "window.addEventListener('load', function () { var out = [];"
         "document.querySelectorAll('iframe').forEach(function (f) { var d = f.contentDocument.documentElement;"
         "out.push(f.id + '=' + d.scrollWidth + ',' + d.clientWidth); }); document.title = out.join(' '); });"
         "</script></body></html>")
-    run = subprocess.run([BROWSER, *FLAGS, f"--user-data-dir={tmp_path / f'profile-{width}'}",
-                          f"--window-size={width + 40},1000", "--virtual-time-budget=5000", "--dump-dom",
+    run = subprocess.run([BROWSER, *FLAGS, f"--user-data-dir={tmp_path / 'profile'}",
+                          f"--window-size={max(widths) + 40},1000", "--virtual-time-budget=5000", "--dump-dom",
                           probe.as_uri()], capture_output=True, text=True, timeout=120)
     title = re.search(r"<title>([^<]*)</title>", run.stdout).group(1)
-    return {name: tuple(map(int, size.split(","))) for name, size in (p.split("=") for p in title.split())}
+    out = {}
+    for item in title.split():
+        key, size = item.split("=")
+        name, width = key.split("@")
+        out[name, int(width)] = tuple(map(int, size.split(",")))
+    return out
 
 
 def test_audit_and_report_pages_fit_1280_and_390_px(tmp_path, tiny_model_dir, tiny_dpo_run):
@@ -54,8 +60,8 @@ def test_audit_and_report_pages_fit_1280_and_390_px(tmp_path, tiny_model_dir, ti
     model, tok = load_model_and_tokenizer(str(tiny_model_dir))
     write_audit(audit(data, tokenizer=tok, model=model.eval(), show=2), tmp_path / "a.json", tmp_path / "a.html")
     pages = {"audit": tmp_path / "a.html", "report": write_report(tiny_dpo_run, tmp_path / "report").html}
-    wide, phone = scroll_widths(pages, 1280, tmp_path), scroll_widths(pages, 390, tmp_path)
+    sizes = scroll_widths(pages, (1280, 390), tmp_path)
     for name in pages:
-        assert wide[name][0] <= wide[name][1], (name, wide)
-    assert phone["audit"][0] <= phone["audit"][1], phone
-    assert phone["audit"][1] >= 370  # the viewport really was a phone's (390 px less a scrollbar)
+        assert sizes[name, 1280][0] <= sizes[name, 1280][1], sizes
+    assert sizes["audit", 390][0] <= sizes["audit", 390][1], sizes
+    assert sizes["audit", 390][1] >= 370, sizes  # the viewport really was a phone's (390 px less a scrollbar)
