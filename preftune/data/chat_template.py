@@ -38,7 +38,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 MAX_TEXT = 1 << 25  # characters any value built inside a template may reach (32 MiB of text)
 MAX_OUTPUT = 1 << 23  # characters one rendered conversation may reach (8 MiB; rows hold at most 1M characters)
-SECONDS = 10.0  # one row's renders
+SECONDS = 5.0  # one row's renders (a real template takes milliseconds)
 
 
 class TemplateLimit(Exception):
