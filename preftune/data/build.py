@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from preftune.data.chat_template import render_guard
 from preftune.data.encode import BatchEncoder
 from preftune.data.examples import render_record
 from preftune.data.load import LoadedData, RecordStream, group_rank
@@ -78,7 +79,8 @@ def build_source(source: Any, folder: Path, *, tokenizer: Any, encoder: BatchEnc
     # One chunk is tokenized in a worker thread (the Rust batch call releases the GIL) while this thread reads,
     # validates and renders the next one and stores the one before: chunks keep their order.
     pending = None
-    with ThreadPoolExecutor(1) as worker, \
+    # render_guard: the chat template's time limit is armed per row, its signal handler installed once
+    with ThreadPoolExecutor(1) as worker, render_guard(), \
             tqdm(total=_expected_rows(stream), desc=desc, unit="pair", disable=not progress, leave=False) as bar:
         for chunk in stream:
             n = len(chunk.records)
