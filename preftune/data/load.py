@@ -111,9 +111,10 @@ class LoadedData:
             n_skip = len(self.skipped)
             text += (f"; dropped {n_skip:,} pair{'s' if n_skip != 1 else ''} with nothing to train on: "
                      f"{_count_text(self.skipped)} (first: {self.skipped[0]})")
-        if self.notes.get("ranked_rows"):
-            text += (f"; {self.notes['ranked_rows']:,} rows ranked more than two answers: {self.ranked} made "
-                     f"{self.notes['ranked_pairs']:,} pairs of them (--ranked best-vs-next|best-vs-worst|all-pairs)")
+        rows, pairs = self.notes.get("ranked_rows", 0), self.notes.get("ranked_pairs", 0)
+        if rows:
+            text += (f"; {rows:,} row{'s' if rows != 1 else ''} ranked more than two answers: {self.ranked} made "
+                     f"{pairs:,} pair{'s' if pairs != 1 else ''} of them (--ranked best-vs-next|best-vs-worst|all-pairs)")
         return text
 
     def warnings(self) -> list[str]:

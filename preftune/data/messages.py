@@ -110,7 +110,7 @@ def _parts(content: list, where: str) -> tuple[str, list[dict]] | str:
             calls += more
         else:
             what = f"a {kind!r} part" if isinstance(kind, str) else f"part {j} of type {type_name(part)}"
-            return f"{where} has {what}; only text parts ({{\"type\": \"text\", \"text\" or \"value\": ...}}) are read"
+            return f"{where} has {what}; only text parts are read ({{\"type\": \"text\", \"text\" or \"value\": ...}})"
     return "\n".join(texts), calls
 
 

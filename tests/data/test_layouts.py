@@ -69,7 +69,7 @@ def test_content_as_a_list_of_parts(tmp_path):
     assert data.records == [{"prompt": [user("What is\n2+2?")], "chosen": [assistant("4")],
                              "rejected": [assistant("5")]}]
     assert data.invalid[0].reason == ("field 'prompt' message 1 has a 'image_url' part; only text parts "
-                                      "({\"type\": \"text\", \"text\" or \"value\": ...}) are read")
+                                      "are read ({\"type\": \"text\", \"text\" or \"value\": ...})")
 
 
 def test_openai_preference_fine_tuning(tmp_path):

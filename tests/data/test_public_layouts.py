@@ -42,7 +42,7 @@ def test_llamafactory_v1_whole_conversations_with_value_parts(tmp_path):
     assert data.records == [{"prompt": [{"role": "system", "content": "Be brief."}, user("2+2?")],
                              "chosen": [assistant("4")], "rejected": [assistant("5")]}]
     assert data.invalid[0].reason == ("field 'chosen_messages' message 2 has a 'reasoning' part; only text parts "
-                                      "({\"type\": \"text\", \"text\" or \"value\": ...}) are read")
+                                      "are read ({\"type\": \"text\", \"text\" or \"value\": ...})")
     assert "LLaMA-Factory v1 layout" in data.summary()
 
 
@@ -61,7 +61,7 @@ def test_alpaca_ranked_outputs_by_rule(tmp_path, ranked, pairs):
     assert got == pairs
     assert data.records[0]["prompt"] == [user("hi"), assistant("hello"), user("A?")]
     n = len(pairs) - 1
-    assert f"1 rows ranked more than two answers: {ranked} made {n} pairs of them" in data.summary()
+    assert f"1 row ranked more than two answers: {ranked} made {n} pair{'s' if n > 1 else ''} of them" in data.summary()
     assert data.origins[0].endswith("line 1" + (" pair 1" if n > 1 else ""))
 
 
