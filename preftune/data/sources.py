@@ -116,8 +116,8 @@ def read_rows(inp: Input, split: str | None = None) -> Rows:
 
 def iter_rows(inp: Input, split: str | None, chunk_rows: int = CHUNK_ROWS) -> Iterator[Rows]:
     """The rows of one input in chunks, in order, never the whole file at once (`preftune.data.readers`).
-    `split` picks a split of a saved DatasetDict or a hub dataset (None: "train", or the only one); a file has
-    none. Whole-file problems raise `PreftuneError` (a few, such as NUL bytes deep in a file, only when the
+    `split` picks a split of a saved DatasetDict or a hub dataset (None: "train", or the only one); a file is
+    all one split ("train"). Whole-file problems raise `PreftuneError` (a few, such as NUL bytes deep in a file, only when the
     reading gets there)."""
     if inp.how == "disk":
         ds = load_saved_dataset(inp, split)
@@ -129,7 +129,7 @@ def iter_rows(inp: Input, split: str | None, chunk_rows: int = CHUNK_ROWS) -> It
                                           f"the hub dataset {inp.name} (split {split or 'train'!r}) is empty")
         return
     assert inp.path is not None
-    if split is not None:
+    if split not in (None, "train"):  # "train", the default name, is what a file holds
         raise PreftuneError(f"--split {split} names a split of a saved dataset folder or a hub dataset; {inp.name} "
                             "is a file: leave --split (and --eval-split) out, or pass the eval file as --eval-data")
     with _open(inp) as f:
