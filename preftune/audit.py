@@ -27,7 +27,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from preftune.data.encode import BatchEncoder
 from preftune.data.examples import examples_from_records, render_record
+from preftune.data.limits import Limits, effective_limits
 from preftune.data.load import LoadedData, load_records
 from preftune.data.stats import compact_number as _num
 from preftune.data.stats import (
@@ -39,16 +43,20 @@ from preftune.data.stats import (
     length_bias_warning,
     value_key,
 )
+from preftune.data.tokenize import DROPPED_EMPTY, IDENTICAL_REASONS, SAME_IDS, TokenizeStats
 from preftune.errors import PreftuneError
-from preftune.outputs.audit_page import format_audit, share_text
+from preftune.outputs.audit_page import format_audit, share_text, write_audit_files
 
 REPORT_VERSION = 1
 TOO_EASY = 0.9
 TOO_NOISY = 0.4
+MIN_PAIRS_FOR_SHARES = 20  # a share of fewer pairs says nothing about the data (one pair is 0% or 100%)
 TRUNCATION_WARN = 0.05  # warn when more than this share of pairs would lose tokens
 TOP_PROMPTS = 5
 TOP_MARGINS = 10
 SNIPPET = 80
+PAGE_EXAMPLES = 3  # examples the HTML page shows when --show asks for fewer
+CHUNK = 4096  # records rendered and tokenized at a time
 
 
 def audit(
@@ -60,10 +68,14 @@ def audit(
     max_prompt_length: int = 512,
     batch_size: int = 8,
     show: int = 0,
+    context: int | None = None,
     **load_kwargs: Any,
 ) -> dict:
     """Audit preference data; returns a JSON-able report dict (see `format_audit` for its sections).
 
+    ``context`` is the model's positions (`preftune.modeling.load.context_length`); ``max_length`` is capped to
+    it as `train` caps it (`preftune.data.limits.effective_limits`), so truncation is counted as training does
+    it. The model's own positions are used when ``model`` is given and ``context`` is not.
     ``source`` is anything `load_records` accepts, or an already loaded `LoadedData`; ``load_kwargs`` go to
     `load_records` (field names, format, split), with ``skip_invalid=True`` so that bad rows are reported,
     not raised. ``tokenizer`` (a transformers tokenizer) gives token lengths measured exactly as training
@@ -73,11 +85,13 @@ def audit(
     ``show`` puts the first ``show`` pairs under ``examples``, rendered and tokenized exactly as training does.
     """
     if max_length < 2 or max_prompt_length < 1 or max_prompt_length >= max_length:
-        raise PreftuneError(
-            f"max_prompt_length ({max_prompt_length}) must be at least 1 and below max_length ({max_length})"
-        )
+        raise PreftuneError(f"max_prompt_length ({max_prompt_length}) must be at least 1 and below max_length "
+                            f"({max_length})")
     if model is not None and tokenizer is None:
         raise PreftuneError("auditing with a model needs its tokenizer too")
+    if context is None and model is not None:
+        context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    limits = effective_limits(max_length, max_prompt_length, context)
     if isinstance(source, LoadedData):
         data = source
     else:
@@ -96,38 +110,43 @@ def audit(
         "rows_read": sum(data.rows_per_source.values()) or len(records) + len(data.invalid),
         "pairs": len(records),
         "summary": data.summary(),
+        "data_warnings": data.warnings(),
         "layout": data.layout,
         "notes": dict(data.notes),
+        "limits": {"max_length": limits.max_length, "max_prompt_length": limits.max_prompt_length,
+                   "note": limits.note},
     }
-    report["invalid"] = {
-        "count": len(data.invalid),
-        "by_reason": dict(Counter(r.category for r in data.invalid).most_common()),
-        "first": [str(r) for r in data.invalid[:10]],
-    }
-    report["examples"] = examples_from_records(records, origins, show, tokenizer=tokenizer, max_length=max_length,
-                                               max_prompt_length=max_prompt_length)
+    report["invalid"], report["skipped"] = _dropped(data.invalid), _dropped(data.skipped)
+    report["examples"] = examples_from_records(records, origins, show, tokenizer=tokenizer,
+                                               max_length=limits.max_length, max_prompt_length=limits.max_prompt_length)
     report["duplicates"] = _duplicates(records, origins)
     report["prompts"] = _prompt_counts(records)
 
-    lengths = _lengths(records, tokenizer)
+    lengths = _lengths(records, tokenizer, limits)
     report["lengths"] = {
         "unit": lengths["unit"],
         "note": lengths["note"],
         **{part: describe(lengths[part]) for part in ("prompt", "chosen", "rejected")},
         "histograms": {part: histogram(lengths[part]) for part in ("prompt", "chosen", "rejected")},
     }
-    report["truncation"] = _truncation(lengths, max_length, max_prompt_length)
+    report["truncation"] = _truncation(lengths, limits)
     report["length_bias"] = length_bias(lengths)
     report["model"] = None
     if model is not None:
         report["model"] = _model_margins(
-            model, tokenizer, records, origins, max_length, max_prompt_length, batch_size
+            model, tokenizer, records, origins, limits.max_length, limits.max_prompt_length, batch_size
         )
     report["warnings"] = _warnings(report)
     return report
 
 
 # ---------------------------------------------------------------------------------------------- sections
+
+
+def _dropped(rows: Sequence[Any]) -> dict:
+    """Invalid or skipped rows (`preftune.data.load.InvalidRow`): how many, by reason, the first ten."""
+    return {"count": len(rows), "by_reason": dict(Counter(r.category for r in rows).most_common()),
+            "first": [str(r) for r in rows[:10]]}
 
 
 def _text_of(value: str | list[dict]) -> str:
@@ -189,65 +208,55 @@ def _prompt_counts(records: Sequence[dict]) -> dict:
     }
 
 
-def _lengths(records: Sequence[dict], tokenizer: Any) -> dict:
-    """Per-pair lengths [prompt], [chosen], [rejected] and the pairs tokenizing drops (with a tokenizer: also
-    the untruncated pairs, which `_truncation` cuts as training does)."""
+def _lengths(records: Sequence[dict], tokenizer: Any, limits: Limits) -> dict:
+    """Per-pair lengths [prompt], [chosen], [rejected] before truncation, and what training's tokenization (the
+    same `BatchEncoder`, at the run's limits) truncates and drops (`stats`); without a tokenizer, whitespace words."""
     if tokenizer is None:
         words = [[len(_text_of(r[k]).split()) for r in records] for k in ("prompt", "chosen", "rejected")]
-        return {
-            "unit": "words",
-            "note": "whitespace words, not tokens (pass a model/tokenizer for token counts)",
-            "prompt": words[0],
-            "chosen": words[1],
-            "rejected": words[2],
-            "empty": [i for i in range(len(records)) if words[1][i] == 0 or words[2][i] == 0],
-            "identical": [],
-        }
-    from preftune.data.tokenize import tokenize_records
-
-    texts = [render_record(tokenizer, r) for r in records]
-    huge = 1 << 62
-    pairs, stats = tokenize_records(tokenizer, texts, max_length=huge, max_prompt_length=huge - 1)
+        return {"unit": "words", "note": "whitespace words, not tokens (pass a model/tokenizer for token counts)",
+                "prompt": words[0], "chosen": words[1], "rejected": words[2],
+                "empty": [i for i in range(len(records)) if words[1][i] == 0 or words[2][i] == 0]}
+    encoder = BatchEncoder(tokenizer, max_length=limits.max_length, max_prompt_length=limits.max_prompt_length)
+    stats, full, flags = TokenizeStats(), [], []
+    for s in range(0, len(records), CHUNK):
+        enc = encoder([render_record(tokenizer, r) for r in records[s:s + CHUNK]])
+        stats.add(enc, s)
+        full.append(enc.full)
+        flags.append(enc.flags)
+    shown = np.concatenate(flags) & (DROPPED_EMPTY | SAME_IDS) == 0 if flags else np.zeros(0, dtype=bool)
+    lengths = np.concatenate(full)[shown] if full else np.zeros((0, 3), dtype=np.int64)
     return {
         "unit": "tokens",
         "note": "tokens as training tokenizes them; each answer ends in one EOS, as in training",
-        "prompt": [len(p.prompt_ids) for p in pairs],
-        "chosen": [len(p.chosen_ids) for p in pairs],
-        "rejected": [len(p.rejected_ids) for p in pairs],
+        "prompt": lengths[:, 0].tolist(),
+        "chosen": lengths[:, 1].tolist(),
+        "rejected": lengths[:, 2].tolist(),
         "empty": list(stats.dropped_empty),
-        "identical": list(stats.dropped_identical),  # identical token ids even before truncation
-        "pairs": pairs,
-        "bos_id": tokenizer.bos_token_id,
+        "stats": stats,
     }
 
 
-def _truncation(lengths: dict, max_length: int, max_prompt_length: int) -> dict:
-    """Pairs that training's truncation would touch, counted per pair (a pair counts once per kind).
-
-    With tokens, the untruncated pairs are cut by training's own `truncate_pair`. With words: prompt
-    truncated = prompt > max_prompt_length; completion truncated = the longer answer does not fit in
-    max_length - min(prompt, max_prompt_length). dropped: an answer would be empty (no token of its own), or
-    chosen and rejected would be identical after truncation (tokens only).
-    """
-    from preftune.data.tokenize import TokenizeStats, truncate_pair
-
-    cut = TokenizeStats(dropped_identical=list(lengths["identical"]))
-    if "pairs" in lengths:
-        for pair in lengths["pairs"]:
-            truncate_pair(pair, max_length=max_length, max_prompt_length=max_prompt_length,
-                          bos_id=lengths["bos_id"], stats=cut)
-    else:
+def _truncation(lengths: dict, limits: Limits) -> dict:
+    """Pairs that training's truncation touches, counted per pair (a pair counts once per kind): with tokens,
+    exactly training's counts; with words, prompt truncated = prompt > max_prompt_length, completion truncated =
+    the longer answer does not fit in max_length - min(prompt, max_prompt_length). dropped: an answer would be
+    empty (no token of its own), or chosen and rejected identical (tokens only, by cause)."""
+    ml, mpl = limits.max_length, limits.max_prompt_length
+    cut = lengths.get("stats")
+    if cut is None:
+        cut = TokenizeStats()
         for p, c, r in zip(lengths["prompt"], lengths["chosen"], lengths["rejected"]):
-            cut.prompt_truncated += p > max_prompt_length
-            cut.completion_truncated += max(c, r) > max_length - min(p, max_prompt_length)
+            cut.prompt_truncated += p > mpl
+            cut.completion_truncated += max(c, r) > ml - min(p, mpl)
     return {
         "unit": lengths["unit"],
-        "max_length": max_length,
-        "max_prompt_length": max_prompt_length,
+        "max_length": ml,
+        "max_prompt_length": mpl,
         "prompt_truncated": cut.prompt_truncated,
         "completion_truncated": cut.completion_truncated,
         "dropped_empty": len(lengths["empty"]),
         "dropped_identical": len(cut.dropped_identical),
+        "identical_causes": {k: v for k, v in cut.identical_causes().items() if v},
     }
 
 
@@ -262,7 +271,7 @@ def _model_margins(
 ) -> dict:
     """Margins m = log pi(chosen|x) - log pi(rejected|x) (summed) and the per-token version
     log pi(chosen|x)/|chosen| - log pi(rejected|x)/|rejected|, over the pairs training would keep."""
-    from preftune.scoring import score_records
+    from preftune.scoring import score_records  # imports torch: only when a model is audited
 
     out = score_records(
         model,
@@ -340,11 +349,15 @@ def _warnings(report: dict) -> list[str]:
             )
     if tr["dropped_empty"]:
         out.append(f"{tr['dropped_empty']:,} pairs would be dropped: an answer adds no token of its own")
-    if tr["dropped_identical"]:
-        out.append(f"{tr['dropped_identical']:,} pairs would be dropped: chosen and rejected are identical after "
-                   "truncation (no preference signal)")
+    for cause, count in tr.get("identical_causes", {}).items():
+        out.append(f"{count:,} pairs would be dropped: {IDENTICAL_REASONS[cause]}")
+    sk = report.get("skipped", {})
+    if sk.get("count"):
+        reasons = ", ".join(f"{n:,} {why}" for why, n in sk["by_reason"].items())
+        out.append(f"{sk['count']:,} pairs hold nothing to train on and are dropped ({reasons}; first: {sk['first'][0]})")
+    out += report.get("data_warnings", [])
     m = report.get("model")
-    if m and m.get("scored"):
+    if m and m.get("scored", 0) >= MIN_PAIRS_FOR_SHARES:
         share = m["prefers_chosen"]
         if share > TOO_EASY:
             out.append(
@@ -366,8 +379,6 @@ def write_audit(report: dict, output_json: str | Path,
                 output_html_or_png: str | Path | Sequence[str | Path] | None = None) -> None:
     """Write the report as JSON and, optionally, its histograms as a PNG and/or a self-contained HTML page
     (each extra path's suffix picks which: .png or .html/.htm; pass a list for both)."""
-    from preftune.outputs.audit_page import write_audit_files
-
     write_audit_files(report, format_audit(report), output_json, output_html_or_png)
 
 
@@ -377,8 +388,8 @@ def run_inspect(args: Any) -> int:
     status (0).
 
     Reads from `args`: data (one or more paths), model, tokenizer, show, max_length, max_prompt_length,
-    batch_size, format, prompt_field, chosen_field, rejected_field, prompt_template, output; a missing
-    attribute takes the CLI default.
+    batch_size, format, prompt_field, chosen_field, rejected_field, prompt_template, split, ranked, output; a
+    missing attribute takes the CLI default.
     """
     data = list(args.data) if isinstance(args.data, (list, tuple)) else args.data
     if isinstance(data, list) and len(data) == 1:
@@ -391,21 +402,22 @@ def run_inspect(args: Any) -> int:
     show = getattr(args, "show", 0) or 0
     if show < 0:
         raise PreftuneError(f"--show takes how many examples to print (0 or more), got {show}")
-    model = tokenizer = None
+    model = tokenizer = context = None
     if getattr(args, "model", None) and getattr(args, "tokenizer", None):
         raise PreftuneError("give --model (which brings its tokenizer) or --tokenizer, not both")
-    if getattr(args, "model", None):
+    if getattr(args, "model", None) or getattr(args, "tokenizer", None):
+        # torch and transformers load in seconds: only when a model or tokenizer is asked for
         import torch
 
-        from preftune.modeling.load import load_model_and_tokenizer
+        from preftune.modeling.load import context_length, load_model_and_tokenizer, load_tokenizer
 
+        context = context_length(args.model or args.tokenizer)  # train caps max_length to it: so does inspect
+    if getattr(args, "model", None):
         model, tokenizer = load_model_and_tokenizer(args.model)
         if torch.cuda.is_available():
             model = model.to("cuda")
         model.eval()
     elif getattr(args, "tokenizer", None):
-        from preftune.modeling.load import load_tokenizer
-
         tokenizer = load_tokenizer(args.tokenizer)
     report = audit(
         data,
@@ -414,13 +426,17 @@ def run_inspect(args: Any) -> int:
         max_length=getattr(args, "max_length", 1024),
         max_prompt_length=getattr(args, "max_prompt_length", 512),
         batch_size=getattr(args, "batch_size", 8),
-        show=show,
+        show=max(show, PAGE_EXAMPLES) if output else show,
+        context=context,
+        split=getattr(args, "split", None),
+        ranked=getattr(args, "ranked", "best-vs-next"),
         format=getattr(args, "format", "auto"),
         prompt_field=getattr(args, "prompt_field", "prompt"),
         chosen_field=getattr(args, "chosen_field", "chosen"),
         rejected_field=getattr(args, "rejected_field", "rejected"),
         prompt_template=getattr(args, "prompt_template", None),
     )
+    report["show"] = show  # the terminal prints --show of them; the page shows a few more
     print(format_audit(report))
     if output:
         out = Path(output)

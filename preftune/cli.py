@@ -203,7 +203,8 @@ def _run_demo(argv: Sequence[str]) -> int:
 def _run_eval_command(command: str, opts: Any) -> int:
     # As in _run: each command's module (torch, transformers, matplotlib, huggingface_hub) is imported when it runs.
     if command == "generate":
-        from preftune.generate import read_prompts, run_generate
+        from preftune.data.prompts import read_prompts
+        from preftune.generate import run_generate
 
         prompts = opts.prompt or read_prompts(opts.data, opts.prompt_field)
         run_generate(opts.model, prompts=prompts, output=opts.output, base_model=opts.base_model, dtype=opts.dtype,

@@ -29,8 +29,10 @@ from preftune.options import (
     MODEL,
     PROMPT_FIELD,
     PROMPT_TEMPLATE,
+    RANKED,
     REJECTED_FIELD,
     SEED,
+    SPLIT,
     TEMPERATURE,
     TOP_P,
     Option,
@@ -106,6 +108,8 @@ class InspectOptions(_Checked):
     chosen_field: str = CHOSEN_FIELD.field()
     rejected_field: str = REJECTED_FIELD.field()
     prompt_template: str | None = PROMPT_TEMPLATE.field()
+    split: str | None = SPLIT.field()
+    ranked: str = RANKED.field()
     output: str | None = option(None, "Write the audit as JSON here (a PNG and HTML report are written beside it).",
                                 path=True)
 

@@ -33,8 +33,10 @@ from preftune.options import (
     MODEL,
     PROMPT_FIELD,
     PROMPT_TEMPLATE,
+    RANKED,
     REJECTED_FIELD,
     SEED,
+    SPLIT,
     TEXT_TYPES,
     check_keys,
     include_options,
@@ -112,6 +114,12 @@ class TrainConfig:
                         check=paths(allow_empty=False), may_change=True)
     eval_fraction: float = _f(0.0, "Share of `data` held out for evaluation when eval_data is not given (0 = none).",
                               range="[0, 1)")
+    split: str | None = SPLIT.field(help="Split of a saved DatasetDict folder or hub dataset to train on (default: "
+                                    "'train', or its only split).")
+    # what to evaluate on, like eval_data
+    eval_split: str | None = _f(None, "Split to evaluate on, of eval_data or else of data (e.g. test_prefs); instead of "
+                                "eval_fraction.", may_change=True)
+    ranked: str = RANKED.field()
     format: str = FORMAT.field()
     prompt_field: str = PROMPT_FIELD.field()
     chosen_field: str = CHOSEN_FIELD.field()
@@ -222,6 +230,8 @@ class TrainConfig:
         need(self.max_prompt_length < self.max_length,
              f"max_prompt_length ({self.max_prompt_length}) must be smaller than max_length ({self.max_length}) "
              "so that some completion tokens fit.")
+        need(not (self.eval_split and self.eval_fraction > 0),
+             "eval_split and eval_fraction both choose the eval data; give one of them.")
         need(not (self.reference == "lora_disabled" and not self.lora),
              "reference 'lora_disabled' needs lora: true (it reuses the base weights under the adapters).")
         # Building the loss config checks the loss names, their weights and which settings they use.
@@ -249,14 +259,15 @@ class TrainConfig:
                           **{name: getattr(self, name) for name in LOSS_OPTIONS})
 
     def fit_to_context(self, limit: int | None) -> tuple[TrainConfig, str | None]:
-        """This config with max_length capped at a model's `limit` positions (positions past it were never
-        trained), and the line that says so; (self, None) when it fits."""
-        if limit is None or self.max_length <= limit:
+        """This config with max_length capped at a model's `limit` positions, and the line that says so; (self, None)
+        when it fits. The rule is the data layer's, which `preftune inspect` uses too."""
+        # the data layer owns the rule, one for train and inspect (imported here: config loads before any data)
+        from preftune.data.limits import effective_limits
+
+        fit = effective_limits(self.max_length, self.max_prompt_length, limit)
+        if fit.note is None:
             return self, None
-        prompt = self.max_prompt_length if self.max_prompt_length < limit else limit // 2
-        note = f" and max_prompt_length {self.max_prompt_length} to {prompt}" if prompt != self.max_prompt_length else ""
-        return (dataclasses.replace(self, max_length=limit, max_prompt_length=prompt),
-                f"max_length {self.max_length} is more than the model's {limit} positions: capped it to {limit}{note}")
+        return dataclasses.replace(self, max_length=fit.max_length, max_prompt_length=fit.max_prompt_length), fit.note
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

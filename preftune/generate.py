@@ -363,37 +363,6 @@ def sample_completions(model, tokenizer, prompt_ids: Sequence[list[int]], *, sam
             for answers in raw]
 
 
-def read_prompts(source: str | Path, prompt_field: str = "prompt") -> list[str | list[dict]]:
-    """Prompts from a file: JSONL or a JSON array of objects with a `prompt_field` (a string or a message
-    list; preference and SFT data files qualify), or a .txt file with one prompt a line."""
-    path = Path(source).expanduser()
-    if not path.is_file():
-        raise PreftuneError(f"prompt file {path} does not exist; pass a .jsonl, .json or .txt file.")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise PreftuneError(f"cannot read prompt file {path} ({e}).") from None
-    if path.suffix.lower() == ".txt":
-        prompts: list[Any] = [ln for ln in text.splitlines() if ln.strip()]
-    else:
-        try:
-            rows = json.loads(text) if path.suffix.lower() == ".json" else \
-                [json.loads(ln) for ln in text.splitlines() if ln.strip()]
-        except json.JSONDecodeError as e:
-            raise PreftuneError(f"prompt file {path} is not valid JSON{'L' if path.suffix != '.json' else ''} "
-                                f"({e.msg} at line {e.lineno}).") from None
-        if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
-            raise PreftuneError(f"prompt file {path} must hold objects with a {prompt_field!r} field.")
-        missing = next((n for n, r in enumerate(rows, 1) if not isinstance(r.get(prompt_field), (str, list))), None)
-        if missing is not None:
-            raise PreftuneError(f"row {missing} of {path} has no {prompt_field!r} text; pass --prompt-field NAME "
-                                "for another column.")
-        prompts = [r[prompt_field] for r in rows]
-    if not prompts:
-        raise PreftuneError(f"prompt file {path} holds no prompts.")
-    return prompts
-
-
 def run_generate(model: str, *, prompts: Sequence[str | list[dict]], output: str | Path | None = None,
                  base_model: str | None = None, dtype: str = "float32", device: str | None = None,
                  batch_size: int = 16, **sampling: Any) -> list[dict]:

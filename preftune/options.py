@@ -276,6 +276,10 @@ MAX_PROMPT_LENGTH = Option(512, "Longest prompt in tokens; prompts are truncated
 FORMAT = Option("auto", "Data format: auto, standard, conversational or implicit.",
                 choices=("auto", "standard", "conversational", "implicit"))
 PROMPT_FIELD = Option("prompt", "Column holding the prompt (dotted path for nested fields).")
+SPLIT = Option(None, "Split of a saved DatasetDict folder or hub dataset to read (default: 'train', or its only split).")
+RANKED = Option("best-vs-next", "Pairs from rows ranking more than two answers (Alpaca output lists, Nectar): "
+                "best-vs-next (LLaMA-Factory's rule), best-vs-worst or all-pairs.",
+                choices=("best-vs-next", "best-vs-worst", "all-pairs"))
 CHOSEN_FIELD = Option("chosen", "Column holding the preferred answer.")
 REJECTED_FIELD = Option("rejected", "Column holding the dispreferred answer.")
 PROMPT_TEMPLATE = Option(None, "Build the prompt from several fields, e.g. '{system}\\n\\n{question}' (fields are "

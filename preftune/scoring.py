@@ -101,8 +101,8 @@ def score_records(model: torch.nn.Module, tokenizer, records: Sequence[dict], *,
     `rejected_lengths` (one entry per kept pair) and `kept`, the record indices they belong to
     (pairs that tokenization drops are left out).
     """
+    from preftune.data.encode import tokenize_records
     from preftune.data.render import render_texts
-    from preftune.data.tokenize import tokenize_records
 
     texts = [render_texts(tokenizer, r) for r in records]
     pairs, _ = tokenize_records(tokenizer, texts, max_length=max_length, max_prompt_length=max_prompt_length)

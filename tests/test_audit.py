@@ -53,6 +53,7 @@ def test_audit_figures_in_words(data_file):
     and line 6 (13 > 4), so 4; nothing dropped.
     Length bias: chosen longer in lines 1,2,3,6 = 4/6 = 0.6667 (> 0.65: warning), shorter in line 4 (1/6),
     equal in line 5 (1/6); mean difference (6+6+6-2+0+12)/6 = 28/6 = 4.6667.
+    Glued prompt/answer (a letter or digit on both sides, no space): line 5 "Say hi"+"Hi", line 6 "please"+"Once".
     """
     r = audit(data_file, max_length=12, max_prompt_length=8)
     assert (r["format"], r["pairs"], r["rows_read"]) == ("standard", 6, 8)
@@ -82,6 +83,7 @@ def test_audit_figures_in_words(data_file):
         "completion_truncated": 4,
         "dropped_empty": 0,
         "dropped_identical": 0,
+        "identical_causes": {},
     }
     lb = r["length_bias"]
     assert (lb["chosen_longer"], lb["chosen_shorter"], lb["equal"]) == (0.6667, 0.1667, 0.1667)
@@ -97,7 +99,9 @@ def test_audit_figures_in_words(data_file):
     assert "chosen is the longer one in 80.0% of pairs" in warnings
     assert "1 of 6 (16.7%) pairs would have their prompts truncated" in warnings
     assert "4 of 6 (66.7%) pairs would have their answers truncated" in warnings
-    assert len(r["warnings"]) == 6
+    assert f"2 of 6 pairs run the prompt's last word into the answer's first with no space between ({data_file} " \
+           "line 5: ...'Say hi' + 'Hi'...)" in warnings
+    assert len(r["warnings"]) == 7
 
     text = format_audit(r)
     assert "whitespace words, not tokens" in text
@@ -151,7 +155,7 @@ def test_token_lengths_and_truncation_match_training(tmp_path):
     max_length 6, max_prompt_length 4: prompt 2 (5 > 4) is truncated; answers: pair 1 max(2,3) = 3 <= 6-3,
     pair 2 max(4,2) = 4 > 6-4 = 2, pair 3 7 > 6-1 = 5 -> 2 truncated. Chosen longer: pair 2 and 3 (2/3);
     mean difference ((2-3) + (4-2) + (7-2)) / 3 = 2. Training's own tokenizer statistics agree."""
-    from preftune.data.tokenize import tokenize_records
+    from preftune.data.encode import tokenize_records
 
     path = tmp_path / "t.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in TOKEN_RECORDS))
@@ -314,7 +318,7 @@ def test_show_examples_as_training_sees_them(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert f"example 1 as training sees it ({path} line 1):\n  prompt   'the sky is'\n  chosen   ' blue'\n" in printed
     assert "  chosen start    'the' 'sky' 'is' | 'blue' '</s>'\n" in printed
-    (ex,) = json.loads(out.read_text())["examples"]
+    ex = json.loads(out.read_text())["examples"][0]  # the page shows up to 3
     assert ex["tokens"]["rejected_start"] == ["green", "red", "</s>"] and ex["tokens"]["chosen_eos"] == "added"
 
     split = tmp_path / "split.jsonl"
@@ -329,7 +333,7 @@ def test_show_examples_as_training_sees_them(tmp_path, capsys):
 def test_pairs_identical_after_truncation_are_counted_as_training_drops_them(tmp_path):
     """Word tokens, max_length 4, max_prompt_length 3: "the sky is" leaves room for one answer token, so
     "blue green"+EOS and "blue red"+EOS both become "blue": dropped, as tokenize_records drops it."""
-    from preftune.data.tokenize import tokenize_records
+    from preftune.data.encode import tokenize_records
 
     rows = [{"prompt": "the sky is", "chosen": " blue green", "rejected": " blue red"},
             {"prompt": "the sky is", "chosen": " blue", "rejected": " red"}]
@@ -338,7 +342,54 @@ def test_pairs_identical_after_truncation_are_counted_as_training_drops_them(tmp
     r = audit(path, tokenizer=word_tokenizer(), max_length=4, max_prompt_length=3)
     tr = r["truncation"]
     assert (tr["completion_truncated"], tr["dropped_identical"], tr["dropped_empty"]) == (2, 1, 0)
-    assert "1 pairs would be dropped: chosen and rejected are identical after truncation" in "\n".join(r["warnings"])
+    assert "1 pairs would be dropped: chosen and rejected identical after truncation: no signal" in r["warnings"]
     _, stats = tokenize_records(word_tokenizer(), [(x["prompt"], x["chosen"], x["rejected"]) for x in rows],
                                 max_length=4, max_prompt_length=3)
     assert (stats.completion_truncated, stats.dropped_identical) == (2, [0])
+
+
+def test_one_pair_gives_no_model_share_warning_twenty_do(tmp_path):
+    """A share of one pair is 0% or 100%: the noisy-label (and too-easy) warning needs 20 scored pairs. 24 pairs
+    whose chosen has 9 tokens and rejected 2 ("blue" + EOS) are all preferred rejected by a random model (a summed
+    log-prob of 9 tokens is far below one of 2): 0.0%, the warning fires."""
+    tok = word_tokenizer()
+    model = _tiny_llama(tok).eval()
+    one = tmp_path / "one.jsonl"
+    one.write_text(json.dumps(TOKEN_RECORDS[0]))
+    r = audit(one, tokenizer=tok, model=model, max_length=16, max_prompt_length=8)
+    assert r["model"]["scored"] == 1 and not [w for w in r["warnings"] if "model" in w]
+    many = tmp_path / "many.jsonl"
+    row = {"prompt": "the sky is", "chosen": " one two three four five six seven eight", "rejected": " blue"}
+    many.write_text("\n".join(json.dumps(row) for _ in range(24)))
+    r = audit(many, tokenizer=tok, model=model, max_length=16, max_prompt_length=8)
+    assert "the model prefers chosen in only 0.0% of pairs: the labels may be noisy or swapped" in "\n".join(
+        r["warnings"])
+
+
+def test_inspect_truncates_at_the_limits_train_uses(tmp_path, tiny_model_dir, capsys):
+    """The tiny model has 256 positions: train caps max_length 1024 to 256 and max_prompt_length 512 to 128, and so
+    does inspect (before: it counted at 1024/512 and reported no truncation). Rows: two 200-word prompts ("red" is
+    one token or two: 200 to 400 tokens, over 128, under 512), one 300-word answer (over 256 - its short prompt,
+    under 1024), one short pair. Train and inspect both say: 2 prompts truncated, 1 answer truncated."""
+    from preftune.cli import main
+    from preftune.config import TrainConfig
+    from preftune.data.splits import load_splits
+    from preftune.modeling.load import context_length, load_tokenizer
+
+    rows = [{"prompt": "question: " + "red " * 200 + "answer:", "chosen": " yes", "rejected": " no"},
+            {"prompt": "question: " + "blue " * 200 + "answer:", "chosen": " yes good", "rejected": " no bad"},
+            {"prompt": "question: red answer:", "chosen": " yes" + " dog" * 300, "rejected": " no"},
+            {"prompt": "question: cat answer:", "chosen": " yes", "rejected": " no"}]
+    path = tmp_path / "long.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    cfg, note = TrainConfig(model=str(tiny_model_dir), data=str(path), output_dir="unused", progress=False) \
+        .fit_to_context(context_length(str(tiny_model_dir)))
+    assert note == "max_length 1024 is more than the model's 256 positions: capped it to 256 and max_prompt_length " \
+                   "512 to 128"
+    train, _ = load_splits(cfg, load_tokenizer(str(tiny_model_dir)), "dpo")
+    assert "train tokenized: 4 kept, 2 prompts truncated (left), 1 answers truncated (right)" in train.summary
+    assert main(["inspect", str(path), "--tokenizer", str(tiny_model_dir)]) == 0
+    printed = capsys.readouterr().out
+    assert note in printed
+    assert ("truncation at max_length 256 / max_prompt_length 128 (tokens): 2 of 4 (50.0%) prompts truncated, "
+            "1 of 4 (25.0%) answers truncated") in printed

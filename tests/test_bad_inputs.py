@@ -37,11 +37,10 @@ def _jsonl(path, rows):
     ([GOOD, b'{"prompt": "x", "chosen": ', GOOD], ["line 2", "not valid JSON"]),
     ([GOOD, {"prompt": "p", "chosen": "c"}], ["line 2", "missing field 'rejected'"]),
     ([GOOD, {"prompt": 3, "chosen": "c", "rejected": "r"}], ["line 2", "'prompt' is int"]),
-    ([GOOD, GOOD, {"prompt": "p", "chosen": "", "rejected": "r"}], ["line 3", "'chosen' is empty"]),
-    ([GOOD, {"prompt": "p", "chosen": "same", "rejected": "same"}], ["line 2", "identical"]),
     ([GOOD, b'{"prompt": "caf\xe9", "chosen": "a", "rejected": "b"}'], ["line 2", "UTF-8"]),
     ([GOOD, {"prompt": "x" * 1_000_001, "chosen": "a", "rejected": "b"}], ["line 2", "long"]),
-], ids=["bad-json", "missing-field", "wrong-type", "empty-chosen", "identical", "invalid-utf8", "huge-row"])
+], ids=["bad-json", "missing-field", "wrong-type", "invalid-utf8", "huge-row"])  # empty/identical answers: dropped
+# and counted, not refused (tests/data/test_public_files.py)
 def test_bad_rows(tmp_path, tiny_model_dir, capsys, rows, needles):
     data = _jsonl(tmp_path / "d.jsonl", rows)
     out = tmp_path / "out"

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from preftune.cli import main
+from preftune.data.prompts import read_prompts
 from preftune.errors import PreftuneError
 from preftune.generate import (
     Sampling,
@@ -21,7 +22,6 @@ from preftune.generate import (
     max_positions,
     pick_tokens,
     prompt_text,
-    read_prompts,
     sample_completions,
     sample_ids,
     stop_ids,

@@ -14,7 +14,7 @@ from helpers import WORDS, make_pairs
 
 from preftune import logprobs
 from preftune.data.collate import collate
-from preftune.data.tokenize import tokenize_records
+from preftune.data.encode import tokenize_records
 from preftune.logprobs import ForwardPlan, forward_logps
 from preftune.modeling.load import load_model_and_tokenizer
 

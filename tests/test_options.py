@@ -113,7 +113,7 @@ def test_what_a_resume_may_change_is_read_from_the_options():
     """The settings that never change what the steps already taken mean (outputs/identity.py compares the rest)."""
     assert may_change(TrainConfig) == {
         "max_steps", "num_epochs", "save_steps", "save_total_limit", "logging_steps", "eval_steps",
-        "eval_batch_size", "eval_data", "progress", "resume", "resume_force", "overwrite", "output_dir", "model",
+        "eval_batch_size", "eval_data", "eval_split", "progress", "resume", "resume_force", "overwrite", "output_dir", "model",
         "data", "reference_model", "skip_invalid", "trust_remote_code", "allow_pickle", "attn_implementation",
         "gradient_checkpointing", "prefix_sharing", "logits_chunk_size", "on_nonfinite", "merge_lora",
         "data_cache_dir", "report_to", "push_to_hub", "hub_private", "batch_size", "gradient_accumulation_steps"}

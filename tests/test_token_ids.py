@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 
 from preftune.data.collate import collate
-from preftune.data.tokenize import TokenizedPair, tokenize_records
+from preftune.data.encode import tokenize_records
+from preftune.data.tokenize import TokenizedPair
 
 VOCAB = ["<unk>", "<s>", "</s>", "<pad>", "question:", "answer:", "red", "cat", "yes", "good", "no", "bad", "dog",
          "tree", "sun", "moon"]

@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm.auto import tqdm
 
+from preftune.data.chat_template import render_guard
 from preftune.data.encode import BatchEncoder
 from preftune.data.examples import render_record
 from preftune.data.load import LoadedData, RecordStream, group_rank
@@ -56,10 +59,6 @@ def _digest(record: dict, parts: tuple[str, ...]) -> bytes:
 def build_source(source: Any, folder: Path, *, tokenizer: Any, encoder: BatchEncoder, load_kwargs: dict,
                  rank_seed: int | None = None, progress: bool = False, desc: str = "tokenizing") -> Built:
     """Validate and tokenize `source` into a store in `folder`; raises what `load_records` raises."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from tqdm.auto import tqdm
-
     stream = RecordStream(source, **load_kwargs)
     writer: StoreWriter | None = None
     position, flags, eos, dup, ranks = [], [], [], bytearray(), bytearray()
@@ -80,7 +79,8 @@ def build_source(source: Any, folder: Path, *, tokenizer: Any, encoder: BatchEnc
     # One chunk is tokenized in a worker thread (the Rust batch call releases the GIL) while this thread reads,
     # validates and renders the next one and stores the one before: chunks keep their order.
     pending = None
-    with ThreadPoolExecutor(1) as worker, \
+    # render_guard: the chat template's time limit is armed per row, its signal handler installed once
+    with ThreadPoolExecutor(1) as worker, render_guard(), \
             tqdm(total=_expected_rows(stream), desc=desc, unit="pair", disable=not progress, leave=False) as bar:
         for chunk in stream:
             n = len(chunk.records)

@@ -16,7 +16,9 @@ answers dropped. What changes is how the work is done:
   prompt is too short for a safe boundary take the plain path. Each chunk's first pairs are also encoded the
   plain way and compared: a mismatch switches prefix reuse off for the rest of the run.
 
-A tokenizer without a Rust backend is called one text at a time, as the per-pair rule does.
+A tokenizer without a Rust backend is called one text at a time, as the per-pair rule does. `tokenize_records` is
+the driver for a list of texts (the audit, scoring, tests); training streams chunks through `BatchEncoder`
+(`preftune.data.build`).
 """
 
 from __future__ import annotations
@@ -30,25 +32,37 @@ from typing import Any
 
 import numpy as np
 
+from preftune.data.tokenize import (
+    ANSWERS_TRUNCATED,
+    DROPPED_EMPTY,
+    DROPPED_IDENTICAL,
+    PROMPT_TRUNCATED,
+    SAME_IDS,
+    UNKNOWN,
+    TokenizedPair,
+    TokenizeStats,
+    answer_text,
+    check_tokenizer,
+)
+
 PIECE_MARGIN = 3  # pre-tokenizer pieces before the prompt's end that are always re-encoded with the answer
 SELF_CHECK = 16  # pairs per chunk whose fast-path ids are compared with the plain path's
-
-
-PROMPT_TRUNCATED, ANSWERS_TRUNCATED, DROPPED_EMPTY, DROPPED_IDENTICAL = 1, 2, 4, 8  # bits of EncodedChunk.flags
 
 
 @dataclass
 class EncodedChunk:
     """The kept pairs of one chunk: ids laid out [prompt | chosen | rejected] per pair in `ids`, `lengths` [n, 1 + k]
-    (prompt, each answer), `kept` their positions in the chunk. Per text of the chunk: `flags` (the bits above)
-    and `eos` (how many of its answers already ended in EOS; 0 for dropped pairs), for
-    `preftune.data.tokenize.TokenizeStats`."""
+    (prompt, each answer), `kept` their positions in the chunk. Per text of the chunk: `flags` (the bits of
+    `preftune.data.tokenize`), `eos` (how many of its answers already ended in EOS; 0 for dropped pairs), for
+    `preftune.data.tokenize.TokenizeStats`, and `full` [n, 1 + k]: the lengths before truncation (what the audit
+    describes)."""
 
     ids: np.ndarray
     lengths: np.ndarray
     kept: np.ndarray
     flags: np.ndarray
     eos: np.ndarray
+    full: np.ndarray
 
     def count(self, bit: int) -> int:
         return int(np.count_nonzero(self.flags & bit))
@@ -105,12 +119,11 @@ class BatchEncoder:
     """The per-pair rule of `preftune.data.tokenize` over chunks of (prompt, answer[, answer]) texts."""
 
     def __init__(self, tokenizer: Any, *, max_length: int, max_prompt_length: int, reuse: bool = True):
-        from preftune.data.tokenize import check_tokenizer
-
         check_tokenizer(tokenizer)
         self.tokenizer, self.max_length, self.max_prompt_length = tokenizer, max_length, max_prompt_length
         self.bos, self.eos_text = tokenizer.bos_token, tokenizer.eos_token
         self.bos_id, self.eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+        self.unk_id = getattr(tokenizer, "unk_token_id", None)
         self.backend = rust_backend(tokenizer)
         with_special = self._encode_raw(["a"], True)[0]
         plain = self._encode_raw(["a"], False)[0]
@@ -140,11 +153,9 @@ class BatchEncoder:
 
     # --- one chunk
     def __call__(self, texts: Sequence[tuple[str, ...]]) -> EncodedChunk:
-        from preftune.data.tokenize import answer_text
-
         if not texts:
             return EncodedChunk(np.zeros(0, dtype=np.int64), np.zeros((0, 3), dtype=np.int32), np.zeros(0, np.int64),
-                                np.zeros(0, np.uint8), np.zeros(0, np.uint8))
+                                np.zeros(0, np.uint8), np.zeros(0, np.uint8), np.zeros((0, 3), dtype=np.int64))
         prompts = [t[0] for t in texts]
         answers = [[answer_text(a, self.eos_text) for a in t[1:]] for t in texts]
         k = len(texts[0]) - 1
@@ -192,11 +203,16 @@ class BatchEncoder:
         long = np.any([f > room for f in full_len], axis=0)
         kept_len = [np.where(long, np.where(room >= 0, np.minimum(f, room), np.maximum(f + room, 0)), f)
                     for f in full_len]
-        identical = np.zeros(len(cut), dtype=bool)
+        identical = same_ids = unknown = np.zeros(len(cut), dtype=bool)
         if len(answers) == 2:
             (a1, s1), (a2, s2) = answers
             same = common_prefix(a1, s1, kept_len[0], a2, s2, kept_len[1])
             identical = ~empty & (kept_len[0] == kept_len[1]) & (same == kept_len[0])
+            whole = common_prefix(a1, s1, full_len[0], a2, s2, full_len[1])
+            same_ids = ~empty & (full_len[0] == full_len[1]) & (whole == full_len[0])
+            unknown = same_ids.copy()
+            for i in np.flatnonzero(same_ids):  # rare: look for <unk> in those answers only
+                unknown[i] = self.unk_id is not None and bool(np.any(a1[s1[i]:s1[i] + full_len[0][i]] == self.unk_id))
         kept = np.flatnonzero(~empty & ~identical)
         # [BOS? | prompt | answer 1 | answer 2] per kept pair, in one gather from one source array
         bos = self.bos_id if self.bos_id is not None else -1
@@ -209,11 +225,12 @@ class BatchEncoder:
         starts = np.stack([s[kept] for s, _ in segments], axis=1).reshape(-1)
         lens = np.stack([ln[kept] for _, ln in segments], axis=1).reshape(-1)
         flags = ((over & ~empty) * PROMPT_TRUNCATED + (long & ~empty) * ANSWERS_TRUNCATED + empty * DROPPED_EMPTY
-                 + identical * DROPPED_IDENTICAL).astype(np.uint8)
+                 + identical * DROPPED_IDENTICAL + same_ids * SAME_IDS + unknown * UNKNOWN).astype(np.uint8)
         return EncodedChunk(
             ids=gather(source, starts, lens),
             lengths=np.stack([prompt_len[kept], *(ln[kept] for ln in kept_len)], axis=1).astype(np.int32),
-            kept=kept, flags=flags, eos=(np.sum(had_eos, axis=0) * (~empty & ~identical)).astype(np.uint8))
+            kept=kept, flags=flags, eos=(np.sum(had_eos, axis=0) * (~empty & ~identical)).astype(np.uint8),
+            full=np.stack([cut, *full_len], axis=1).astype(np.int64))
 
 
 def _with_eos(values: np.ndarray, start: np.ndarray, length: np.ndarray, full: np.ndarray,
@@ -231,10 +248,9 @@ def _with_eos(values: np.ndarray, start: np.ndarray, length: np.ndarray, full: n
 def rust_backend(tokenizer: Any) -> Any:
     """The `tokenizers.Tokenizer` behind a fast tokenizer whose encoding transformers does not change, set up as
     transformers sets it for a call (no truncation or padding, its split_special_tokens); else None."""
-    try:
-        from transformers import PreTrainedTokenizerFast
-    except ImportError:  # pragma: no cover - transformers is a dependency
-        return None
+    # transformers takes a second to import, and `preftune inspect` without a tokenizer never needs it
+    from transformers import PreTrainedTokenizerFast
+
     if not isinstance(tokenizer, PreTrainedTokenizerFast):
         return None
     base = PreTrainedTokenizerFast
@@ -387,3 +403,35 @@ def prefix_reuse(enc: BatchEncoder) -> PrefixReuse | None:
             return None
     longest = max((len(t.get("content", "")) for t in added), default=0)
     return PrefixReuse(enc.backend, prefix, longest)
+
+
+def tokenize_records(tokenizer: Any, texts: Sequence[tuple[str, ...]], *, max_length: int, max_prompt_length: int,
+                     chunk: int = 4096, reuse: bool = True) -> tuple[list[TokenizedPair], TokenizeStats]:
+    """Tokenize rendered texts: (prompt, chosen, rejected) for pairs or (prompt, completion) for SFT.
+
+    The ids are those of `preftune.data.tokenize`'s per-pair rule (`tokenize_texts` + `truncate_pair`); the work
+    is batched (`BatchEncoder`; `reuse=False` switches its prefix reuse off). For a few thousand pairs; training
+    data goes through `preftune.data.splits`, which keeps the ids in arrays instead.
+    """
+    encoder = BatchEncoder(tokenizer, max_length=max_length, max_prompt_length=max_prompt_length, reuse=reuse)
+    stats = TokenizeStats()
+    out: list[TokenizedPair] = []
+    for s in range(0, len(texts), chunk):
+        enc = encoder(list(texts[s:s + chunk]))
+        stats.add(enc, s)
+        out += pairs_of(enc, s)
+    stats.kept = len(out)
+    return out, stats
+
+
+def pairs_of(enc: EncodedChunk, start: int) -> list[TokenizedPair]:
+    """The kept pairs of a chunk whose first text is number `start`, as `TokenizedPair`s."""
+    ids = enc.ids.tolist()
+    out, at = [], 0
+    for local, lengths in zip(enc.kept.tolist(), enc.lengths.tolist()):
+        parts = []
+        for n in lengths:
+            parts.append(ids[at:at + n])
+            at += n
+        out.append(TokenizedPair(parts[0], parts[1], parts[2] if len(parts) > 2 else None, start + local))
+    return out

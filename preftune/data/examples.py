@@ -13,8 +13,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from preftune.data.encode import tokenize_records
 from preftune.data.render import render_sft_texts, render_texts
-from preftune.data.tokenize import TokenizedPair, TokenizeStats, answer_text, tokenize_records
+from preftune.data.tokenize import IDENTICAL_REASONS, TokenizedPair, TokenizeStats, answer_text
 
 EDGE = 8  # token pieces shown at each end
 TEXT_LIMIT = 2000  # characters of a text shown in full; longer texts keep their head and tail
@@ -87,9 +88,8 @@ def examples_from_records(records: Sequence[dict], origins: Sequence[str], n: in
 def drop_reason(stats: TokenizeStats, index: int) -> str | None:
     if index in stats.dropped_empty:
         return "an answer adds no token of its own"
-    if index in stats.dropped_identical:
-        return "chosen and rejected are identical after truncation"
-    return None
+    cause = stats.identical_cause(index)
+    return IDENTICAL_REASONS[cause] if cause else None
 
 
 def _show(text: str, limit: int) -> str:

@@ -20,10 +20,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from preftune.data.layouts import LAYOUT_LABELS, PromptTemplate, detect_layout
-from preftune.data.sources import CHUNK_ROWS, Bad, Input, Rows, iter_rows, resolve
+from preftune.data.detect import detect_layout
+from preftune.data.fields import PromptTemplate, Skip
+from preftune.data.layouts import LAYOUT_LABELS
+from preftune.data.ranked import check_rule
+from preftune.data.rows import CHUNK_ROWS, Bad, Input, Rows
+from preftune.data.sources import iter_rows, resolve
 from preftune.data.stats import value_key
-from preftune.data.validate import PREFERENCE_FORMATS, SFT_FORMATS, RowChecker, detect_format
+from preftune.data.validate import PREFERENCE_FORMATS, SFT_FORMATS, RowChecker, detect_format, glued
 from preftune.errors import PreftuneError
 
 # How many invalid rows an error message lists one per line before it says "and N more".
@@ -78,6 +82,10 @@ class LoadedData:
     layout: str = "fields"
     notes: dict[str, int] = field(default_factory=dict)
     count: int = -1  # valid records when `records` is not kept (a streamed load); -1: len(records)
+    # pairs dropped because they hold nothing to train on (an empty answer, identical answers, a tie), by where
+    skipped: list[InvalidRow] = field(default_factory=list)
+    ranked: str = "best-vs-next"  # the rule that paired rows ranking more than two answers
+    firsts: dict[str, str] = field(default_factory=dict)  # a note -> where it first happened ("glued": the row)
 
     def summary(self) -> str:
         """One line for the log: "loaded 1,000 pairs (standard) from 2 files; dropped 3 invalid rows: ..."."""
@@ -99,7 +107,26 @@ class LoadedData:
         if self.notes.get("repeated_prompt"):
             text += (f"; chosen/rejected repeated the prompt's messages in {self.notes['repeated_prompt']:,} rows "
                      "(used once)")
+        if self.skipped:
+            n_skip = len(self.skipped)
+            text += (f"; dropped {n_skip:,} pair{'s' if n_skip != 1 else ''} with nothing to train on: "
+                     f"{_count_text(self.skipped)} (first: {self.skipped[0]})")
+        rows, pairs = self.notes.get("ranked_rows", 0), self.notes.get("ranked_pairs", 0)
+        if rows:
+            text += (f"; {rows:,} row{'s' if rows != 1 else ''} ranked more than two answers: {self.ranked} made "
+                     f"{pairs:,} pair{'s' if pairs != 1 else ''} of them (--ranked best-vs-next|best-vs-worst|all-pairs)")
         return text
+
+    def warnings(self) -> list[str]:
+        """Lines about the data a person should act on (printed by train and inspect)."""
+        out = []
+        n, total = self.notes.get("glued", 0), self.count if self.count >= 0 and not self.records else len(self.records)
+        if n:
+            noun = "pairs" if self.kind == "preference" else "examples"
+            out.append(f"{n:,} of {total:,} {noun} run the prompt's last word into the answer's first with no space "
+                       f"between ({self.firsts['glued']}): the tokenizer reads one word where two were meant; end "
+                       "the prompts or begin the answers with a space or newline")
+        return out
 
 
 def load_records(
@@ -113,7 +140,8 @@ def load_records(
     completion_field: str = "completion",
     prompt_template: str | None = None,
     skip_invalid: bool = False,
-    split: str = "train",
+    split: str | None = None,
+    ranked: str = "best-vs-next",
 ) -> LoadedData:
     """Load and validate preference (``kind="preference"``) or SFT (``kind="sft"``) records.
 
@@ -124,6 +152,10 @@ def load_records(
     Alpaca, ...) is detected from the rows' keys. ``format="auto"`` decides the format by a vote of the first
     rows; pass "standard", "conversational" or "implicit" (or "sft" / "preference-chosen" for SFT) to force one.
 
+    ``split`` picks the split of a saved DatasetDict folder or a hub dataset (None: "train", or the only one).
+    ``ranked`` pairs rows that rank more than two answers (`preftune.data.ranked`: "best-vs-next",
+    "best-vs-worst", "all-pairs").
+
     Every row is validated. By default any invalid row raises `PreftuneError` listing the rows and reasons;
     with ``skip_invalid=True`` they are dropped and returned in ``LoadedData.invalid``. A source with no
     valid row, an empty, missing or binary file, sources of different formats and layouts preftune does not
@@ -131,7 +163,7 @@ def load_records(
     """
     stream = RecordStream(source, kind=kind, format=format, prompt_field=prompt_field, chosen_field=chosen_field,
                           rejected_field=rejected_field, completion_field=completion_field,
-                          prompt_template=prompt_template, skip_invalid=skip_invalid, split=split)
+                          prompt_template=prompt_template, skip_invalid=skip_invalid, split=split, ranked=ranked)
     records: list[dict] = []
     origins: list[str] = []
     for chunk in stream:
@@ -162,7 +194,8 @@ class RecordStream:
     def __init__(self, source: str | Path | Sequence[str | Path], *, kind: str = "preference", format: str = "auto",
                  prompt_field: str = "prompt", chosen_field: str = "chosen", rejected_field: str = "rejected",
                  completion_field: str = "completion", prompt_template: str | None = None,
-                 skip_invalid: bool = False, split: str = "train", chunk_rows: int | None = None):
+                 skip_invalid: bool = False, split: str | None = None, chunk_rows: int | None = None,
+                 ranked: str = "best-vs-next"):
         if kind not in ("preference", "sft"):
             raise PreftuneError(f"unknown data kind {kind!r}; use 'preference' or 'sft'")
         allowed = PREFERENCE_FORMATS if kind == "preference" else SFT_FORMATS
@@ -179,8 +212,11 @@ class RecordStream:
         self.names = {"prompt": prompt_field, "chosen": chosen_field, "rejected": rejected_field,
                       "completion": completion_field}
         self.template = PromptTemplate.parse(prompt_template) if prompt_template is not None else None
+        self.ranked = check_rule(ranked)
         self.inputs = resolve(source)
         self.invalid: list[InvalidRow] = []
+        self.skipped: list[InvalidRow] = []
+        self.firsts: dict[str, str] = {}
         self.formats: dict[str, str] = {}
         self.layouts: dict[str, str] = {}
         self.rows_per_source: dict[str, int] = {}
@@ -207,12 +243,13 @@ class RecordStream:
             return itertools.chain(list(head.rows), itertools.islice(fresh, len(head.rows), None))
 
         # detection reads only as far as its votes need; those rows are validated first, then the rest
-        layout = detect_layout(head, self.kind, self.names, self.template, inp.name, every_row)
+        layout = detect_layout(head, self.kind, self.names, self.template, inp.name, every_row, self.ranked)
         fmt = self.format if self.format != "auto" else detect_format(head, self.kind, layout)
         self.formats[inp.name], self.layouts[inp.name] = fmt, layout.name
         check = RowChecker(self.kind, fmt, layout, self.notes)
         first_dict = None
         n_rows = n_valid = 0
+        skipped_before = len(self.skipped)
         file_invalid: list[InvalidRow] = []
         for rows in head.then_rest():
             n_rows += len(rows)
@@ -225,14 +262,26 @@ class RecordStream:
                 if isinstance(out, str):
                     file_invalid.append(InvalidRow(inp.name, number, out, inp.unit))
                     self.invalid.append(file_invalid[-1])
-                else:
-                    records.append(out)
-                    origins.append(f"{inp.name} {inp.unit} {number}")
+                    continue
+                where = f"{inp.name} {inp.unit} {number}"
+                for k, one in enumerate(out, start=1):
+                    if isinstance(one, Skip):
+                        self.skipped.append(InvalidRow(inp.name, number, one.reason, inp.unit))
+                        continue
+                    records.append(one)
+                    origins.append(where + (f" pair {k}" if len(out) > 1 else ""))
+                    if glued(one):
+                        self.notes["glued"] += 1
+                        self.firsts.setdefault("glued", f"{where}: ...{_tail(one['prompt'])!r} + "
+                                                        f"{_head(one.get('chosen', one.get('completion')))!r}...")
             if records:
                 self.shapes.update(isinstance(r["prompt"], list) for r in records)
                 yield Chunk(records, origins, self.count)
                 self.count += len(records)
                 n_valid += len(records)
+        if not n_valid and len(self.skipped) > skipped_before and not file_invalid:
+            raise PreftuneError(f"{inp.name} has no pair to train on: all {n_rows:,} rows hold an empty answer, "
+                                f"identical answers or a tie ({_count_text(self.skipped[skipped_before:])})")
         if not n_valid:
             raise PreftuneError(_no_valid_rows_message(inp, n_rows, first_dict, file_invalid))
         self.rows_per_source[inp.name] = n_rows
@@ -254,7 +303,8 @@ class RecordStream:
         return LoadedData(records if records is not None else [], self.invalid, distinct[0],
                           [i.name for i in self.inputs], self.kind, self.shapes == {True}, self.rows_per_source,
                           origins if origins is not None else [], "+".join(dict.fromkeys(self.layouts.values())),
-                          dict(self.notes), count=self.count)
+                          dict(self.notes), count=self.count, skipped=self.skipped, ranked=self.ranked,
+                          firsts=dict(self.firsts))
 
 
 class _Replay:
@@ -339,6 +389,14 @@ def holdout_groups(sizes: Sequence[int], target: int) -> list[int]:
 
 # ----------------------------------------------------------------------------------------------------------
 # messages
+
+
+def _tail(text: str, width: int = 20) -> str:
+    return text[-width:]
+
+
+def _head(text: Any, width: int = 20) -> str:
+    return text[:width] if isinstance(text, str) else ""
 
 
 def _category(reason: str) -> str:

@@ -19,12 +19,17 @@ answer's one EOS and drops what follows it.
 Special tokens: a rendered prompt usually starts with the template's BOS string (e.g. "<s>"). The
 tokenization code therefore encodes chat-rendered text with ``add_special_tokens=False`` so that BOS is not
 added twice; standard string records are encoded with the tokenizer's own special tokens.
+
+A record's ``tools`` (tool schemas) go to the template with every render, as TRL passes them; the template is
+run by `preftune.data.chat_template` under a time and a size limit, so a template that loops or balloons costs
+one sentence.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from preftune.data.chat_template import TemplateLimit, render_chat, time_limit
 from preftune.errors import PreftuneError
 
 
@@ -41,14 +46,13 @@ def render_texts(tokenizer: Any, record: dict) -> tuple[str, str, str]:
     prompt, chosen, rejected = record["prompt"], record["chosen"], record["rejected"]
     if not is_conversational(record):
         return prompt, chosen, rejected
-    prompt_msgs = _as_messages(prompt, "user")
-    prompt_text = _render(tokenizer, prompt_msgs, True, prompt_msgs)
-    chosen_text = _completion(
-        tokenizer, prompt_msgs, prompt_text, _as_messages(chosen, "assistant"), "chosen"
-    )
-    rejected_text = _completion(
-        tokenizer, prompt_msgs, prompt_text, _as_messages(rejected, "assistant"), "rejected"
-    )
+    prompt_msgs, tools = _as_messages(prompt, "user"), record.get("tools")
+    with time_limit():
+        prompt_text = _render(tokenizer, prompt_msgs, True, prompt_msgs, tools)
+        chosen_text = _completion(tokenizer, prompt_msgs, prompt_text, _as_messages(chosen, "assistant"), "chosen",
+                                  tools)
+        rejected_text = _completion(tokenizer, prompt_msgs, prompt_text, _as_messages(rejected, "assistant"),
+                                    "rejected", tools)
     return prompt_text, chosen_text, rejected_text
 
 
@@ -57,11 +61,11 @@ def render_sft_texts(tokenizer: Any, record: dict) -> tuple[str, str]:
     prompt, completion = record["prompt"], record["completion"]
     if not is_conversational(record):
         return prompt, completion
-    prompt_msgs = _as_messages(prompt, "user")
-    prompt_text = _render(tokenizer, prompt_msgs, True, prompt_msgs)
-    completion_text = _completion(
-        tokenizer, prompt_msgs, prompt_text, _as_messages(completion, "assistant"), "completion"
-    )
+    prompt_msgs, tools = _as_messages(prompt, "user"), record.get("tools")
+    with time_limit():
+        prompt_text = _render(tokenizer, prompt_msgs, True, prompt_msgs, tools)
+        completion_text = _completion(tokenizer, prompt_msgs, prompt_text, _as_messages(completion, "assistant"),
+                                      "completion", tools)
     return prompt_text, completion_text
 
 
@@ -73,10 +77,9 @@ def _as_messages(value: str | list[dict], role: str) -> list[dict]:
     return value
 
 
-def _completion(
-    tokenizer: Any, prompt_msgs: list[dict], prompt_text: str, answer: list[dict], which: str
-) -> str:
-    full = _render(tokenizer, prompt_msgs + answer, False, prompt_msgs)
+def _completion(tokenizer: Any, prompt_msgs: list[dict], prompt_text: str, answer: list[dict], which: str,
+                tools: list[dict] | None) -> str:
+    full = _render(tokenizer, prompt_msgs + answer, False, prompt_msgs, tools)
     if not full.startswith(prompt_text):
         at = next(
             (i for i, (a, b) in enumerate(zip(prompt_text, full)) if a != b), min(len(prompt_text), len(full))
@@ -91,9 +94,8 @@ def _completion(
     return full[len(prompt_text) :]
 
 
-def _render(
-    tokenizer: Any, messages: list[dict], add_generation_prompt: bool, prompt_msgs: list[dict]
-) -> str:
+def _render(tokenizer: Any, messages: list[dict], add_generation_prompt: bool, prompt_msgs: list[dict],
+            tools: list[dict] | None) -> str:
     if getattr(tokenizer, "chat_template", None) is None:
         name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
         raise PreftuneError(
@@ -102,21 +104,15 @@ def _render(
             "set tokenizer.chat_template or use standard string data"
         )
     try:
-        text = tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=add_generation_prompt
-        )
-    except (
-        Exception
-    ) as e:  # jinja raises TemplateError (e.g. "roles must alternate") and others from the template
+        text = render_chat(tokenizer, messages, add_generation_prompt=add_generation_prompt, tools=tools)
+    except TemplateLimit as e:
+        raise PreftuneError(f"the chat template {e.what} (on the row beginning {_beginning(prompt_msgs)}); a "
+                            "template that loops or builds text without end is not usable: fix or replace it") from None
+    except (Exception, RecursionError) as e:  # jinja raises TemplateError ("roles must alternate") and others
         raise PreftuneError(
             f"the chat template failed on the row beginning {_beginning(prompt_msgs)}: "
-            f"{str(e).strip() or type(e).__name__}"
+            f"{str(e).strip()[:300] or type(e).__name__}"
         ) from None
-    if not isinstance(text, str):
-        raise PreftuneError(
-            f"the chat template returned {type(text).__name__}, not text, "
-            f"for the row beginning {_beginning(prompt_msgs)}"
-        )
     return text
 
 

@@ -23,33 +23,27 @@ import os
 import re
 import zlib
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from preftune.data.json_arrays import json_array_chunks
+from preftune.data.readers import (
+    BLOCK,
+    csv_chunks,
+    dataset_chunks,
+    jsonl_chunks,
+    load_hub_dataset,
+    load_saved_dataset,
+    parquet_chunks,
+)
+from preftune.data.rows import CHUNK_ROWS, MAX_WHOLE_BYTES, Bad, Input, Rows, nul_error, too_big
 from preftune.errors import PreftuneError
 
-# A row this long is almost always a concatenation accident (a missing newline between thousands of rows);
-# refusing it early keeps one bad line from costing gigabytes of tokenizer memory.
-MAX_ROW_CHARS = 1_000_000
+__all__ = ["Bad", "Input", "Rows", "iter_rows", "read_rows", "resolve"]
+
 DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet", ".gz", ".txt", ".ndjson")
 _HUB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9_.-]+$")
 _GLOB_CHARS = re.compile(r"[*?\[]")
-
-
-def type_name(value: Any) -> str:
-    """The JSON name of a value's type, for messages ("object", "list", "string", "null", ...)."""
-    if value is None:
-        return "null"
-    return {dict: "object", list: "list", str: "string"}.get(type(value), type(value).__name__)
-
-
-@dataclass
-class Input:
-    name: str  # as shown in messages
-    path: Path | None
-    how: str  # "file" | "disk" | "hub"
-    unit: str = "line"
 
 
 def resolve(source: str | Path | Sequence[str | Path]) -> list[Input]:
@@ -115,74 +109,61 @@ def _is_data_name(path: Path) -> bool:
 # reading rows: each reader returns [(row number, dict-or-Bad)], never raises anything but PreftuneError
 
 
-@dataclass
-class Bad:
-    reason: str
-
-
-Rows = list[tuple[int, Any]]
-
-
-CHUNK_ROWS = 4096  # rows a streaming reader hands on at a time
-
-
-def read_rows(inp: Input, split: str) -> Rows:
+def read_rows(inp: Input, split: str | None = None) -> Rows:
     """All rows of one input (see `iter_rows`)."""
     return [row for chunk in iter_rows(inp, split) for row in chunk]
 
 
-def iter_rows(inp: Input, split: str, chunk_rows: int = CHUNK_ROWS) -> Iterator[Rows]:
-    """The rows of one input in chunks, in order; JSON Lines, Parquet and datasets are read a chunk at a time
-    (`preftune.data.readers`), so memory does not grow with the file. Whole-file problems raise
-    `PreftuneError` (a few, such as NUL bytes deep in a JSONL file, only when the reading gets there)."""
-    from preftune.data import readers
-
+def iter_rows(inp: Input, split: str | None, chunk_rows: int = CHUNK_ROWS) -> Iterator[Rows]:
+    """The rows of one input in chunks, in order, never the whole file at once (`preftune.data.readers`).
+    `split` picks a split of a saved DatasetDict or a hub dataset (None: "train", or the only one); a file is
+    all one split ("train"). Whole-file problems raise `PreftuneError` (a few, such as NUL bytes deep in a file, only when the
+    reading gets there)."""
     if inp.how == "disk":
-        ds = readers.load_saved_dataset(inp, split)
-        yield from readers.dataset_chunks(inp, ds, chunk_rows, f"the saved dataset {inp.name} is empty")
+        ds = load_saved_dataset(inp, split)
+        yield from dataset_chunks(inp, ds, chunk_rows, f"the saved dataset {inp.name} is empty")
         return
     if inp.how == "hub":
-        ds = readers.load_hub_dataset(inp, split)
-        yield from readers.dataset_chunks(inp, ds, chunk_rows, f"the hub dataset {inp.name} (split {split!r}) is empty")
+        ds = load_hub_dataset(inp, split)
+        yield from dataset_chunks(inp, ds, chunk_rows,
+                                          f"the hub dataset {inp.name} (split {split or 'train'!r}) is empty")
         return
     assert inp.path is not None
+    if split not in (None, "train"):  # "train", the default name, is what a file holds
+        raise PreftuneError(f"--split {split} names a split of a saved dataset folder or a hub dataset; {inp.name} "
+                            "is a file: leave --split (and --eval-split) out, or pass the eval file as --eval-data")
     with _open(inp) as f:
         head = _head(f)
         suffix = _suffix(inp.path)
         if head[:4] == b"PAR1" or suffix == ".parquet":
             inp.unit = "row"
             if isinstance(f, _Gunzip):  # pyarrow needs to seek: decompress the whole file
-                import pyarrow as pa
+                import pyarrow as pa  # only for a gzipped Parquet file
 
-                yield from readers.parquet_chunks(inp, pa.BufferReader(head + f.read()), chunk_rows)
+                yield from parquet_chunks(inp, pa.BufferReader(_read_capped(inp, f, head)), chunk_rows)
             else:
-                yield from readers.parquet_chunks(inp, str(inp.path), chunk_rows)
+                yield from parquet_chunks(inp, str(inp.path), chunk_rows)
             return
         if not head.strip():
             raise PreftuneError(f"data file {inp.name} is empty")
         if head[:2] in (b"\xff\xfe", b"\xfe\xff"):
             raise PreftuneError(f"{inp.name} is UTF-16 encoded; save it as UTF-8")
-        bom = 3 if head[:3] == b"\xef\xbb\xbf" else 0
-        first = head[bom:].lstrip()[:1]
-        if suffix not in (".csv", ".tsv") and first != b"[" and (first == b"{" or suffix in (".jsonl", ".ndjson")):
-            yield from readers.jsonl_chunks(inp, f, head[bom:], chunk_rows, lambda: _read_all(inp))
-            return
-        data = head + f.read()
-        if b"\x00" in data:
-            raise readers.nul_error(inp)
-        data = data[bom:]
+        if b"\x00" in head:
+            raise nul_error(inp)
+        head = head[3:] if head[:3] == b"\xef\xbb\xbf" else head
+        first = head.lstrip()[:1]
         if suffix in (".csv", ".tsv"):
-            rows = readers.read_csv(inp, data, "\t" if suffix == ".tsv" else ",")
+            yield from csv_chunks(inp, f, head, "\t" if suffix == ".tsv" else ",", chunk_rows)
         elif first == b"[":
             inp.unit = "element"
-            rows = readers.read_json_array(inp, data)
+            yield from json_array_chunks(inp, f, head, chunk_rows)
+        elif first == b"{" or suffix in (".jsonl", ".ndjson"):
+            yield from jsonl_chunks(inp, f, head, chunk_rows, lambda: _read_all(inp))
         else:
             raise PreftuneError(
                 f"{inp.name} does not look like a JSONL/JSON/CSV/Parquet data file (it starts with "
-                f"{data.lstrip()[:20]!r}); use .jsonl, .json, .csv or .parquet"
+                f"{head.lstrip()[:20]!r}); use .jsonl, .json, .csv or .parquet"
             )
-        for s in range(0, len(rows), chunk_rows):
-            yield rows[s:s + chunk_rows]
 
 
 class _Gunzip:
@@ -230,9 +211,20 @@ def _head(f: Any) -> bytes:
     return head
 
 
+def _read_capped(inp: Input, f: Any, head: bytes) -> bytes:
+    """`head` + the rest of `f`, refused once it passes MAX_WHOLE_BYTES (decompressed), while reading."""
+    parts, size = [head], len(head)
+    while block := f.read(BLOCK):
+        size += len(block)
+        if size > MAX_WHOLE_BYTES:
+            raise too_big(inp, "one JSON value or gzipped Parquet file")
+        parts.append(block)
+    return b"".join(parts)
+
+
 def _read_all(inp: Input) -> bytes:
     with _open(inp) as f:
-        return f.read()
+        return _read_capped(inp, f, b"")
 
 
 def _suffix(path: Path) -> str:

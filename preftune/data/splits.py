@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from preftune.data.build import build_source, find_record
 from preftune.data.cache import (
     DataEntry,
     commit,
@@ -32,10 +33,22 @@ from preftune.data.cache import (
     make_key,
     source_fingerprint,
     staging_folder,
+    tokenizer_fingerprint,
 )
-from preftune.data.encode import ANSWERS_TRUNCATED, DROPPED_EMPTY, DROPPED_IDENTICAL, PROMPT_TRUNCATED
+from preftune.data.encode import BatchEncoder
+from preftune.data.examples import example, format_example, render_record
+from preftune.data.load import holdout_groups
+from preftune.data.stats import duplicates_warning, length_bias, length_bias_warning
 from preftune.data.store import Pairs, PairStore
-from preftune.data.tokenize import TokenizeStats
+from preftune.data.tokenize import (
+    ANSWERS_TRUNCATED,
+    DROPPED_EMPTY,
+    DROPPED_IDENTICAL,
+    PROMPT_TRUNCATED,
+    SAME_IDS,
+    UNKNOWN,
+    TokenizeStats,
+)
 from preftune.errors import PreftuneError
 
 if TYPE_CHECKING:  # the data layer sits below the config; it only reads the data settings
@@ -93,11 +106,10 @@ def keep_data_in(split: Split, cache_dir: Path) -> None:
 
 def data_ingredients(cfg: TrainConfig, tokenizer, task: str) -> dict:
     """Everything the tokenized splits depend on (the cache key is its hash)."""
-    from preftune.data.cache import tokenizer_fingerprint
-
     holdout = cfg.eval_fraction > 0 and not cfg.eval_data
+    eval_source = cfg.eval_data or (cfg.data if cfg.eval_split else None)
     return {"task": "sft" if task == "sft" else "preference", "data": source_fingerprint(cfg.data),
-            "eval_data": source_fingerprint(cfg.eval_data) if cfg.eval_data else None,
+            "eval_data": source_fingerprint(eval_source) if eval_source else None, "eval_split": cfg.eval_split,
             "eval_fraction": cfg.eval_fraction if holdout else 0.0, "seed": cfg.seed if holdout else None,
             **_load_kwargs(cfg, task), "max_length": cfg.max_length, "max_prompt_length": cfg.max_prompt_length,
             "tokenizer": tokenizer_fingerprint(tokenizer), **library_versions()}
@@ -107,14 +119,11 @@ def _load_kwargs(cfg: TrainConfig, task: str) -> dict:
     return dict(kind="sft" if task == "sft" else "preference", format=cfg.format, prompt_field=cfg.prompt_field,
                 chosen_field=cfg.chosen_field, rejected_field=cfg.rejected_field,
                 completion_field=cfg.completion_field, prompt_template=cfg.prompt_template,
-                skip_invalid=cfg.skip_invalid)
+                skip_invalid=cfg.skip_invalid, split=cfg.split, ranked=cfg.ranked)
 
 
 def build_entry(cfg: TrainConfig, tokenizer, task: str, folder: Path, ingredients: dict, progress: bool) -> None:
     """Stream, tokenize and split the data into a cache entry in `folder` (meta.json written last)."""
-    from preftune.data.build import build_source
-    from preftune.data.encode import BatchEncoder
-    from preftune.data.stats import duplicates_warning
 
     kw = _load_kwargs(cfg, task)
     encoder = BatchEncoder(tokenizer, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length)
@@ -122,11 +131,11 @@ def build_entry(cfg: TrainConfig, tokenizer, task: str, folder: Path, ingredient
     data = build_source(cfg.data, folder / "data", tokenizer=tokenizer, encoder=encoder, load_kwargs=kw,
                         rank_seed=cfg.seed if holdout else None, progress=progress)
     held = None
-    if cfg.eval_data:
-        held = build_source(cfg.eval_data, folder / "eval", tokenizer=tokenizer, encoder=encoder, load_kwargs=kw,
-                            progress=progress, desc="tokenizing eval")
+    if cfg.eval_data or cfg.eval_split:  # another source, or another split of the same one
+        held = build_source(cfg.eval_data or cfg.data, folder / "eval", tokenizer=tokenizer, encoder=encoder,
+                            load_kwargs={**kw, "split": cfg.eval_split}, progress=progress, desc="tokenizing eval")
     n = len(data.position)
-    lines = [data.loaded.summary()]
+    lines = [data.loaded.summary(), *data.loaded.warnings()]
     in_eval = np.zeros(n, dtype=bool)
     if held is not None:
         lines.append("eval: " + held.loaded.summary())
@@ -151,8 +160,6 @@ def build_entry(cfg: TrainConfig, tokenizer, task: str, folder: Path, ingredient
     if evaluation is not None:
         lines.append(evaluation["line"])
     shown = _first_example(cfg, tokenizer, task, data, store, int(train["positions"][0]))
-    from preftune.data.examples import format_example
-
     lines += format_example(shown, "first training example as the model sees it", SUMMARY_TEXT_LIMIT)
     splits = {}
     for name, split in (("train", train), ("eval", evaluation)):
@@ -168,8 +175,6 @@ def build_entry(cfg: TrainConfig, tokenizer, task: str, folder: Path, ingredient
 
 def _held_out(ranks: np.ndarray, eval_fraction: float) -> np.ndarray:
     """`split_records`' hold-out, from each record's prompt rank: whole prompt groups, in rank order."""
-    from preftune.data.load import holdout_groups
-
     groups, group_of, sizes = np.unique(ranks, return_inverse=True, return_counts=True)
     if len(groups) < 2:
         raise PreftuneError(
@@ -187,6 +192,7 @@ def _split_of(built: Any, records: np.ndarray, name: str, store: str = "data") -
     stats = TokenizeStats(kept=int((position >= 0).sum()),
                           dropped_empty=index[(flags & DROPPED_EMPTY) > 0].tolist(),
                           dropped_identical=index[(flags & DROPPED_IDENTICAL) > 0].tolist(),
+                          same_ids=index[(flags & SAME_IDS) > 0].tolist(), unknown=index[(flags & UNKNOWN) > 0].tolist(),
                           prompt_truncated=int(np.count_nonzero(flags & PROMPT_TRUNCATED)),
                           completion_truncated=int(np.count_nonzero(flags & ANSWERS_TRUNCATED)),
                           eos_in_text=int(built.eos[records].sum()))
@@ -198,9 +204,6 @@ def _split_of(built: Any, records: np.ndarray, name: str, store: str = "data") -
 
 def _first_example(cfg: TrainConfig, tokenizer, task: str, data: Any, store: PairStore, position: int) -> dict:
     """The first training pair as the model sees it, from its record (kept while streaming, else read again)."""
-    from preftune.data.build import find_record
-    from preftune.data.examples import example, render_record
-
     pair = store.pairs()[position]
     if pair.index in data.samples:
         record, texts, origin = data.samples[pair.index]
@@ -228,8 +231,6 @@ def open_entry(entry: DataEntry) -> tuple[Split, Split | None]:
 
 def _length_bias_line(chosen: list[int], rejected: list[int]) -> str:
     """DPO learns "longer is better" from data where chosen is usually the longer answer: say so up front."""
-    from preftune.data.stats import length_bias, length_bias_warning
-
     b = length_bias({"chosen": chosen, "rejected": rejected, "unit": "tokens"})
     return length_bias_warning(b) or (f"length bias: chosen is longer in {b['chosen_longer']:.0%} and shorter in "
                                       f"{b['chosen_shorter']:.0%} of pairs (mean difference "

@@ -13,7 +13,10 @@ the same rule.
 
 Truncation: the prompt loses tokens on the left (its end, next to the answer, matters most), then answers
 lose tokens on the right; pairs left with an empty answer, and pairs whose two answers are identical after
-truncation (no preference signal left), are dropped and counted.
+truncation (no preference signal left), are dropped and counted, with the cause when the tokenizer itself made
+two different texts the same ids (its unknown token, or its normalisation).
+
+This module is the rule for one pair; `preftune.data.encode` runs it over thousands of pairs at once.
 """
 
 from __future__ import annotations
@@ -22,6 +25,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from preftune.errors import PreftuneError
+
+# What tokenization did to a pair: bits of `preftune.data.encode.EncodedChunk.flags`, counted by `TokenizeStats`.
+PROMPT_TRUNCATED, ANSWERS_TRUNCATED, DROPPED_EMPTY, DROPPED_IDENTICAL = 1, 2, 4, 8
+SAME_IDS = 16  # identical before any truncation: the tokenizer gave two different texts the same ids ...
+UNKNOWN = 32  # ... and they hold its unknown token (the characters where the texts differ have no token)
 
 
 @dataclass
@@ -52,14 +60,17 @@ class TokenizeStats:
     prompt_truncated: int = 0
     completion_truncated: int = 0
     eos_in_text: int = 0  # answers that already ended in EOS (from the chat template or the data)
+    # among dropped_identical: identical before any truncation (SAME_IDS), and of those, holding <unk> (UNKNOWN)
+    same_ids: list[int] = field(default_factory=list)
+    unknown: list[int] = field(default_factory=list)
 
     def add(self, chunk, start: int) -> None:
         """Count a `preftune.data.encode.EncodedChunk` whose first text is number `start`."""
-        from preftune.data.encode import ANSWERS_TRUNCATED, DROPPED_EMPTY, DROPPED_IDENTICAL, PROMPT_TRUNCATED
-
         self.kept += len(chunk.kept)
         self.dropped_empty += [start + i for i in chunk.where(DROPPED_EMPTY)]
         self.dropped_identical += [start + i for i in chunk.where(DROPPED_IDENTICAL)]
+        self.same_ids += [start + i for i in chunk.where(SAME_IDS)]
+        self.unknown += [start + i for i in chunk.where(UNKNOWN)]
         self.prompt_truncated += chunk.count(PROMPT_TRUNCATED)
         self.completion_truncated += chunk.count(ANSWERS_TRUNCATED)
         self.eos_in_text += int(chunk.eos.sum())
@@ -72,12 +83,31 @@ class TokenizeStats:
             parts.append(f"{self.completion_truncated:,} answers truncated (right)")
         if self.dropped_empty:
             parts.append(f"{len(self.dropped_empty):,} dropped (empty answer after tokenization)")
-        if self.dropped_identical:
-            parts.append(f"{len(self.dropped_identical):,} dropped (chosen and rejected identical after "
-                         "truncation: no signal)")
+        parts += [f"{n:,} dropped ({IDENTICAL_REASONS[cause]})" for cause, n in self.identical_causes().items() if n]
         if self.eos_in_text:
             parts.append(f"{self.eos_in_text:,} answers already end in EOS (no second EOS added)")
         return "tokenized: " + ", ".join(parts)
+
+    def identical_causes(self) -> dict[str, int]:
+        """How many identical pairs each cause made: "truncation", "unknown" tokens, or "normalisation"."""
+        same = len(self.same_ids)
+        return {"truncation": len(self.dropped_identical) - same, "unknown": len(self.unknown),
+                "normalisation": same - len(self.unknown)}
+
+    def identical_cause(self, index: int) -> str | None:
+        """Why pair `index` was dropped as identical (a key of IDENTICAL_REASONS), None when it was not."""
+        if index not in self.dropped_identical:
+            return None
+        return "unknown" if index in self.unknown else "normalisation" if index in self.same_ids else "truncation"
+
+
+IDENTICAL_REASONS = {
+    "truncation": "chosen and rejected identical after truncation: no signal",
+    "unknown": "chosen and rejected become the same tokens: the tokenizer has no token for the characters where "
+               "they differ and maps them to its unknown token; use a tokenizer that covers the text",
+    "normalisation": "chosen and rejected become the same tokens: the tokenizer's normalisation erases where they "
+                     "differ (case, accents or spacing)",
+}
 
 
 def check_tokenizer(tokenizer) -> None:
@@ -162,9 +192,14 @@ def tokenize_texts(tokenizer, prompt: str, answers: Sequence[str]) -> tuple[list
 
 
 def truncate_pair(pair: TokenizedPair, *, max_length: int, max_prompt_length: int, bos_id: int | None,
-                  stats: TokenizeStats) -> TokenizedPair | None:
+                  stats: TokenizeStats, unk_id: int | None = None) -> TokenizedPair | None:
     """`pair` cut to the limits (prompt from the left, keeping a leading BOS, then answers from the right),
-    counted in `stats`; None when its two answers are identical afterwards (no preference signal left)."""
+    counted in `stats`; None when its two answers are identical afterwards (no preference signal left), with the
+    cause when they were identical before any cut (holding `unk_id` or not)."""
+    if pair.rejected_ids is not None and pair.chosen_ids == pair.rejected_ids:
+        stats.same_ids.append(pair.index)
+        if unk_id is not None and unk_id in pair.chosen_ids:
+            stats.unknown.append(pair.index)
     prompt = _truncate_prompt(pair.prompt_ids, max_prompt_length, bos_id)
     stats.prompt_truncated += len(prompt) < len(pair.prompt_ids)
     answers = [pair.chosen_ids] if pair.rejected_ids is None else [pair.chosen_ids, pair.rejected_ids]
@@ -176,31 +211,3 @@ def truncate_pair(pair: TokenizedPair, *, max_length: int, max_prompt_length: in
         stats.dropped_identical.append(pair.index)
         return None
     return TokenizedPair(prompt, answers[0], answers[1] if len(answers) > 1 else None, pair.index)
-
-
-def tokenize_records(tokenizer, texts: Sequence[tuple[str, ...]], *, max_length: int, max_prompt_length: int,
-                     chunk: int = 4096, reuse: bool = True) -> tuple[list[TokenizedPair], TokenizeStats]:
-    """Tokenize rendered texts: (prompt, chosen, rejected) for pairs or (prompt, completion) for SFT.
-
-    The ids are those of `tokenize_texts` + `truncate_pair` per pair; the work is batched
-    (`preftune.data.encode.BatchEncoder`; `reuse=False` switches its prefix reuse off). For a few thousand
-    pairs; training data goes through `preftune.data.splits`, which keeps the ids in arrays instead.
-    """
-    from preftune.data.encode import BatchEncoder
-
-    encoder = BatchEncoder(tokenizer, max_length=max_length, max_prompt_length=max_prompt_length, reuse=reuse)
-    stats = TokenizeStats()
-    out: list[TokenizedPair] = []
-    for s in range(0, len(texts), chunk):
-        enc = encoder(list(texts[s:s + chunk]))
-        stats.add(enc, s)
-        ids = enc.ids.tolist()
-        at = 0
-        for local, lengths in zip(enc.kept.tolist(), enc.lengths.tolist()):
-            parts = []
-            for n in lengths:
-                parts.append(ids[at:at + n])
-                at += n
-            out.append(TokenizedPair(parts[0], parts[1], parts[2] if len(parts) > 2 else None, s + local))
-    stats.kept = len(out)
-    return out, stats

@@ -1,22 +1,25 @@
-"""Row checks: each raw row becomes a normalised record or the one reason it is invalid.
+"""Row checks: each raw row becomes its normalised records, pairs dropped as untrainable, or the one reason it is
+invalid.
 
 Record shapes (``kind="preference"``):
 
 * standard: ``{"prompt": str, "chosen": str, "rejected": str}`` (chosen/rejected are completions only);
-* conversational: ``{"prompt": list[msg], "chosen": list[msg], "rejected": list[msg]}``,
-  msg = ``{"role", "content"}`` with string content;
+* conversational: ``{"prompt": list[msg], "chosen": list[msg], "rejected": list[msg]}`` (+ ``"tools"`` when the
+  row has a tools column), msg = ``{"role", "content"}`` with string content (`preftune.data.messages`);
 * implicit (no prompt field): the shared beginning of chosen and rejected becomes the prompt
   (`preftune.data.implicit`), giving one of the two shapes above.
 
 ``kind="sft"`` gives ``{"prompt": ..., "completion": ...}`` from prompt/completion data, or from preference
 data by taking chosen as the completion (the DPO paper's "Preferred-FT" baseline, Rafailov et al., 2023, §6).
 
-Messages are read in three spellings: ``{"role", "content"}``; ShareGPT's ``{"from", "value"}`` (speakers
-human/gpt/system); and content given as a list of parts, ``[{"type": "text", "text": ...}]`` (OpenAI), whose
-text parts are joined with a newline as vLLM does for text-only models. A chosen/rejected given as one message
-object counts as a one-message list. When chosen and rejected both repeat the prompt's messages first
-(UltraFeedback-binarized keeps the user turn in them), the repeat is dropped once; an answer must then begin
-with the assistant's reply, never with a user or system turn.
+A row that is well formed but holds nothing to train on is not invalid: an empty or whitespace-only answer, two
+identical answers or a tie is a `Skip`, dropped and counted (HH-RLHF's test file has a whitespace-only answer;
+it should cost that pair, not the file). Structural problems (a missing field, a wrong type) make the row
+invalid, which stops the run unless --skip-invalid.
+
+When chosen and rejected both repeat the prompt's messages first (UltraFeedback-binarized keeps the user turn in
+them), the repeat is dropped once; an answer must then begin with the assistant's reply, never with a user or
+system turn.
 """
 
 from __future__ import annotations
@@ -25,17 +28,19 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
+from preftune.data.detect import VOTERS
+from preftune.data.fields import MISSING, Problem, Skip
 from preftune.data.implicit import USER_ROLES, split_message_prompt, split_text_prompt
-from preftune.data.layouts import MISSING, SHAREGPT_ROLES, VOTERS, Layout, Problem
-from preftune.data.sources import MAX_ROW_CHARS, Bad, Rows, type_name
+from preftune.data.layouts import RANKED_FROM, Layout
+from preftune.data.messages import Reason, messages, tools_of
+from preftune.data.rows import MAX_ROW_CHARS, Bad, Rows, type_name
 
 PREFERENCE_FORMATS = ("standard", "conversational", "implicit")
 SFT_FORMATS = ("sft", "preference-chosen")
-Reason = tuple[str]  # a failed check: (why,), told apart from a valid str value by its type
 
 
-def text(value: Any, name: str) -> str | Reason:
-    """A string part, or (reason,) when it is missing, not a string or empty."""
+def text(value: Any, name: str, answer: bool = False) -> str | Reason | Skip:
+    """A string part, or (reason,) when it is missing, not a string or empty; an empty `answer` is a Skip."""
     if value is MISSING:
         return (f"missing field '{name}'",)
     if isinstance(value, Problem):
@@ -43,66 +48,8 @@ def text(value: Any, name: str) -> str | Reason:
     if not isinstance(value, str):
         return (f"field '{name}' is {type_name(value)}, expected a string",)
     if not value.strip():
-        return (f"field '{name}' is empty",)
+        return Skip("empty answer") if answer else (f"field '{name}' is empty",)
     return value
-
-
-def messages(value: Any, name: str, *, allow_string: str | None = None) -> list[dict] | Reason:
-    """A message-list part normalised to [{"role", "content"}], or (reason,).
-
-    `allow_string` is the role a plain string is wrapped into (a string prompt next to message completions).
-    """
-    if value is MISSING:
-        return (f"missing field '{name}'",)
-    if isinstance(value, Problem):
-        return (value.reason,)
-    if isinstance(value, str) and allow_string:
-        if not value.strip():
-            return (f"field '{name}' is empty",)
-        return [{"role": allow_string, "content": value}]
-    if isinstance(value, dict):  # ShareGPT's chosen/rejected: one message object
-        value = [value]
-    if not isinstance(value, list):
-        return (f"field '{name}' is {type_name(value)}, expected a list of messages",)
-    if not value:
-        return (f"field '{name}' is empty",)
-    out = []
-    for i, msg in enumerate(value, start=1):
-        one = _message(msg, f"field '{name}' message {i}")
-        if isinstance(one, str):
-            return (one,)
-        out.append(one)
-    return out
-
-
-def _message(msg: Any, where: str) -> dict | str:
-    if not isinstance(msg, dict):
-        return f"{where} is {type_name(msg)}, expected an object with role and content"
-    if "role" not in msg and "content" not in msg and ("from" in msg or "value" in msg):
-        who, content = msg.get("from", MISSING), msg.get("value", MISSING)
-        if who is MISSING or content is MISSING:
-            return f"{where} has no '{'from' if who is MISSING else 'value'}'"
-        role = SHAREGPT_ROLES.get(who) if isinstance(who, str) else None
-        if role is None:
-            return f"{where} is from {who!r}; ShareGPT speakers are human, gpt and system (tool turns are not read)"
-    else:
-        role, content = msg.get("role", MISSING), msg.get("content", MISSING)
-        if role is MISSING or content is MISSING:
-            return f"{where} has no '{'role' if role is MISSING else 'content'}'"
-        if not isinstance(role, str) or not role:
-            return f"{where} role is {type_name(role)}, expected a string"
-    if isinstance(content, list):
-        parts = []
-        for j, part in enumerate(content, start=1):
-            kind = part.get("type") if isinstance(part, dict) else None
-            if kind != "text" or not isinstance(part.get("text"), str):
-                what = f"a {kind!r} part" if isinstance(kind, str) else f"part {j} of type {type_name(part)}"
-                return f"{where} has {what}; only text parts ({{\"type\": \"text\", \"text\": ...}}) are read"
-            parts.append(part["text"])
-        content = "\n".join(parts)
-    elif not isinstance(content, str):
-        return f"{where} content is {type_name(content)}, expected a string or a list of text parts"
-    return {"role": role, "content": content}
 
 
 def too_long(*values: Any) -> str | None:
@@ -117,11 +64,26 @@ def too_long(*values: Any) -> str | None:
     return None
 
 
+def glued(record: dict) -> bool:
+    """Whether a string record runs its prompt's last word into an answer's first ("...joke of" + "the
+    situation"): the tokenizer then reads one word where two were meant."""
+    prompt = record.get("prompt")
+    if not isinstance(prompt, str) or not prompt[-1:].isalnum():
+        return False
+    return any(isinstance(record.get(k), str) and record[k][:1].isalnum() for k in ("chosen", "rejected", "completion"))
+
+
+def _first_row(layout: Layout, obj: dict) -> dict | None:
+    rows = layout.rows(obj)
+    return next((r for r in rows if isinstance(r, dict)), None) if isinstance(rows, list) else None
+
+
 def detect_format(rows: Rows, kind: str, layout: Layout) -> str:
     """The format of one file by a vote of its first rows (ties go to the first format listed)."""
     votes: Counter[str] = Counter()
-    for _, obj in rows:
-        if isinstance(obj, Bad):
+    for _, raw in rows:
+        obj = None if isinstance(raw, Bad) else _first_row(layout, raw)
+        if obj is None:
             continue
         if kind == "sft":
             if layout.value(obj, "completion") is not MISSING:
@@ -151,11 +113,18 @@ def _same_turns(a: Sequence[dict], b: Sequence[dict]) -> bool:
                                     for x, y in zip(a, b))
 
 
+def _failed(*parts: Any) -> str | Skip | None:
+    """The first reason among checked parts (a structural problem wins over a Skip), else None."""
+    reason = next((v[0] for v in parts if isinstance(v, tuple)), None)
+    return reason if reason is not None else next((v for v in parts if isinstance(v, Skip)), None)
+
+
 class RowChecker:
-    """row -> normalised record, or the reason (a str) the row is invalid, for one (kind, format, layout).
+    """row -> its records (and Skips), or the reason (a str) the row is invalid, for one (kind, format, layout).
 
     ``notes`` counts what was done to valid rows: "prompt_at_turn" / "prompt_at_prefix" (how implicit text
-    prompts were split) and "repeated_prompt" (answers that repeated the prompt's messages).
+    prompts were split), "repeated_prompt" (answers that repeated the prompt's messages), "ranked_rows" /
+    "ranked_pairs" (rows that ranked more than two answers, and the pairs the rule made of them).
     """
 
     def __init__(self, kind: str, fmt: str, layout: Layout, notes: Counter[str]):
@@ -164,11 +133,31 @@ class RowChecker:
                       "implicit": self._implicit, "sft": self._sft,
                       "preference-chosen": self._preference_chosen}[fmt]
 
-    def __call__(self, obj: dict) -> dict | str:
-        self._pending = []
-        out = self.check(obj)
-        if isinstance(out, dict):
-            self.notes.update(self._pending)
+    def __call__(self, obj: dict) -> list[dict | Skip] | str:
+        rows = self.layout.rows(obj)
+        tools = tools_of(obj)
+        for problem in (rows, tools):
+            if isinstance(problem, Problem):
+                return problem.reason
+        out: list[dict | Skip] = []
+        for row in rows:  # type: ignore[union-attr]
+            if isinstance(row, Skip):
+                out.append(row)
+                continue
+            self._pending = []
+            record = self.check(row)
+            if isinstance(record, str):
+                return record
+            if isinstance(record, dict):
+                self.notes.update(self._pending)
+                if tools and isinstance(record["prompt"], list):
+                    record["tools"] = tools
+            out.append(record)
+        ranked = self.layout.expand is not None and any(isinstance(r, dict) and r.get(RANKED_FROM, 2) > 2
+                                                        for r in rows)  # type: ignore[union-attr]
+        if ranked:
+            self.notes["ranked_rows"] += 1
+            self.notes["ranked_pairs"] += sum(isinstance(r, dict) for r in out)
         return out
 
     def _get(self, obj: dict, part: str) -> Any:
@@ -177,36 +166,36 @@ class RowChecker:
     def _name(self, part: str) -> str:
         return self.layout.names[part]
 
-    def _standard(self, obj: dict) -> dict | str:
+    def _standard(self, obj: dict) -> dict | str | Skip:
         prompt, chosen, rejected = (self._get(obj, k) for k in ("prompt", "chosen", "rejected"))
         # a message-list row in string data: name the real problem instead of "is list, expected a string"
         if isinstance(prompt, list) or isinstance(chosen, (list, dict)):
             return "row is conversational (message lists) but the data is standard (strings); mixed formats"
-        parts = [text(v, self._name(k)) for v, k in ((prompt, "prompt"), (chosen, "chosen"), (rejected, "rejected"))]
-        return self._pair(*parts)
+        return self._pair(text(prompt, self._name("prompt")), text(chosen, self._name("chosen"), True),
+                          text(rejected, self._name("rejected"), True))
 
-    def _conversational(self, obj: dict) -> dict | str:
+    def _conversational(self, obj: dict) -> dict | str | Skip:
         prompt, chosen, rejected = (self._get(obj, k) for k in ("prompt", "chosen", "rejected"))
         if isinstance(prompt, str) and isinstance(chosen, str):
             return "row is standard (strings) but the data is conversational (message lists); mixed formats"
         p = messages(prompt, self._name("prompt"), allow_string="user")
-        c = messages(chosen, self._name("chosen"), allow_string="assistant")
-        r = messages(rejected, self._name("rejected"), allow_string="assistant")
-        for v in (p, c, r):
-            if isinstance(v, tuple):
-                return v[0]
+        c = messages(chosen, self._name("chosen"), allow_string="assistant", answer=True)
+        r = messages(rejected, self._name("rejected"), allow_string="assistant", answer=True)
+        failed = _failed(p, c, r)
+        if failed is not None:
+            return failed
         answers = self._after_prompt(p, [c, r], ("chosen", "rejected"))
-        return answers if isinstance(answers, str) else self._pair(p, *answers)
+        return answers if isinstance(answers, (str, Skip)) else self._pair(p, *answers)
 
-    def _pair(self, p: Any, c: Any, r: Any) -> dict | str:
-        for v in (p, c, r):
-            if isinstance(v, tuple):
-                return v[0]
+    def _pair(self, p: Any, c: Any, r: Any) -> dict | str | Skip:
+        failed = _failed(p, c, r)
+        if failed is not None:
+            return failed
         if c == r:
-            return "chosen is identical to rejected"
+            return Skip("identical answers")
         return too_long(p, c, r) or {"prompt": p, "chosen": c, "rejected": r}
 
-    def _after_prompt(self, prompt: list[dict], answers: list[list[dict]], sides: Sequence[str]) -> list | str:
+    def _after_prompt(self, prompt: list[dict], answers: list[list[dict]], sides: Sequence[str]) -> list | str | Skip:
         """The answers without a repeat of the prompt's messages; each must begin with the assistant's turn."""
         n = len(prompt)
         repeats = [_same_turns(a[:n], prompt) for a in answers]
@@ -219,25 +208,26 @@ class RowChecker:
                     "reply only, or both the whole conversation")
         for side, answer in zip(sides, answers):
             if not answer:
-                return f"{side} is empty after removing the repeated prompt"
+                return Skip("empty answer")
             if answer[0]["role"] in USER_ROLES:
                 return (f"{side} begins with a {answer[0]['role']} message that is not the prompt's; an answer "
                         "holds the assistant's reply (or repeats the whole prompt before it)")
         return answers
 
-    def _implicit_parts(self, obj: dict) -> tuple | str:
+    def _implicit_parts(self, obj: dict) -> tuple | str | Skip:
         """(prompt, chosen, rejected) split off the shared beginning of chosen and rejected."""
         chosen = self._get(obj, "chosen")
         if isinstance(chosen, (list, dict)):
             c = messages(chosen, self._name("chosen"))
             r = messages(self._get(obj, "rejected"), self._name("rejected"))
         else:
-            c, r = text(chosen, self._name("chosen")), text(self._get(obj, "rejected"), self._name("rejected"))
-        for v in (c, r):
-            if isinstance(v, tuple):
-                return v[0]
+            c = text(chosen, self._name("chosen"), True)
+            r = text(self._get(obj, "rejected"), self._name("rejected"), True)
+        failed = _failed(c, r)
+        if failed is not None:
+            return failed
         if c == r:
-            return "chosen is identical to rejected"
+            return Skip("identical answers")
         if isinstance(c, list):
             k = split_message_prompt(c, r)
         else:
@@ -249,41 +239,42 @@ class RowChecker:
         if isinstance(k, str):
             return k
         p, c, r = c[:k], c[k:], r[k:]
-        if not c or (isinstance(c, str) and not c.strip()):
-            return "chosen is empty after removing the shared prompt"
-        if not r or (isinstance(r, str) and not r.strip()):
-            return "rejected is empty after removing the shared prompt"
+        for answer in (c, r):
+            empty = not answer if isinstance(answer, list) else not answer.strip()
+            if empty or (isinstance(answer, list) and not any(m["content"].strip() or m.get("tool_calls")
+                                                              for m in answer)):
+                return Skip("empty answer")
         return p, c, r
 
-    def _implicit(self, obj: dict) -> dict | str:
+    def _implicit(self, obj: dict) -> dict | str | Skip:
         out = self._implicit_parts(obj)
-        if isinstance(out, str):
+        if isinstance(out, (str, Skip)):
             return out
         p, c, r = out
         return too_long(p, c, r) or {"prompt": p, "chosen": c, "rejected": r}
 
-    def _sft(self, obj: dict, part: str = "completion") -> dict | str:
+    def _sft(self, obj: dict, part: str = "completion") -> dict | str | Skip:
         prompt, completion = self._get(obj, "prompt"), self._get(obj, part)
         if isinstance(prompt, list) or isinstance(completion, (list, dict)):
             p = messages(prompt, self._name("prompt"), allow_string="user")
-            c = messages(completion, self._name(part), allow_string="assistant")
-            if not isinstance(p, tuple) and not isinstance(c, tuple):
+            c = messages(completion, self._name(part), allow_string="assistant", answer=True)
+            if _failed(p, c) is None:
                 answers = self._after_prompt(p, [c], (part,))
-                if isinstance(answers, str):
+                if isinstance(answers, (str, Skip)):
                     return answers
                 c = answers[0]
         else:
-            p, c = text(prompt, self._name("prompt")), text(completion, self._name(part))
-        for v in (p, c):
-            if isinstance(v, tuple):
-                return v[0]
+            p, c = text(prompt, self._name("prompt")), text(completion, self._name(part), True)
+        failed = _failed(p, c)
+        if failed is not None:
+            return failed
         return too_long(p, c) or {"prompt": p, "completion": c}
 
-    def _preference_chosen(self, obj: dict) -> dict | str:
+    def _preference_chosen(self, obj: dict) -> dict | str | Skip:
         no_prompt = self._get(obj, "prompt") is MISSING and not self.layout.named_prompt
         if no_prompt and self._get(obj, "rejected") is not MISSING:
             out = self._implicit_parts(obj)  # implicit-prompt preference data: the shared beginning is the prompt
-            if isinstance(out, str):
+            if isinstance(out, (str, Skip)):
                 return out
             return too_long(out[0], out[1]) or {"prompt": out[0], "completion": out[1]}
         return self._sft(obj, "chosen")

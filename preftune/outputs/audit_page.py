@@ -1,5 +1,7 @@
-"""The audit report rendered: terminal text (`format_audit`), its figure (length and margin histograms) and its
-self-contained HTML page."""
+"""The audit report rendered: terminal text (`format_audit`), its figure (length and margin histograms), and the
+self-contained HTML page: readable at 1280 px and on a 390 px phone without scrolling the page sideways (wide tables
+scroll in their own box), the data's paths once at the top, numbers formatted, examples as prompt / chosen /
+rejected blocks with their real line breaks and the token pieces on each side of the prompt/answer boundary."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import io
 import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from preftune.data.examples import format_example
 from preftune.errors import PreftuneError
@@ -63,6 +66,9 @@ def format_audit(report: dict) -> str:
     for part in ("prompt", "chosen", "rejected"):
         add(f"  {part:<9}{_fmt_stats(ln[part])}")
     tr = report["truncation"]
+    note = report.get("limits", {}).get("note")
+    if note:
+        add(note)
     add(
         f"truncation at max_length {tr['max_length']:,} / max_prompt_length {tr['max_prompt_length']:,} "
         f"({tr['unit']}): {share_text(tr['prompt_truncated'], n)} prompts truncated, "
@@ -88,7 +94,8 @@ def format_audit(report: dict) -> str:
         add("  largest |margin|:")
         for item in m["largest"]:
             add(f"    {item['margin']:+9.2f}  {item['verdict']:<16} {item['where']}: {item['prompt'][:50]}")
-    for i, ex in enumerate(report.get("examples", []), start=1):
+    shown = report.get("examples", [])[:report.get("show", len(report.get("examples", [])))]
+    for i, ex in enumerate(shown, start=1):
         lines.extend(format_example(ex, f"example {i} as training sees it"))
     if report["warnings"]:
         add("warnings:")
@@ -99,24 +106,28 @@ def format_audit(report: dict) -> str:
     return "\n".join(lines)
 
 
-def _figure_png(report: dict) -> bytes:
+def _panels(report: dict) -> list[tuple[str, dict]]:
+    hists = report["lengths"]["histograms"]
+    panels = [(f"{part} length ({report['lengths']['unit']})", hists[part]) for part in ("prompt", "chosen", "rejected")]
+    m = report.get("model")
+    if m and m.get("scored"):
+        panels.append(("margin log p(chosen) - log p(rejected)", m["histogram"]))
+    return panels
+
+
+def _figure_png(panels: list[tuple[str, dict]], columns: int | None = None) -> bytes:
+    """The histograms side by side (`columns` per row; all in one row by default) as one PNG."""
     # The object-oriented API with an explicit Agg canvas: no pyplot, so no global backend is switched for
     # the process that imports us (a notebook keeps its own backend).
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    hists = report["lengths"]["histograms"]
-    panels = [
-        (f"{part} length ({report['lengths']['unit']})", hists[part])
-        for part in ("prompt", "chosen", "rejected")
-    ]
-    m = report.get("model")
-    if m and m.get("scored"):
-        panels.append(("margin log p(chosen) - log p(rejected)", m["histogram"]))
-    fig = Figure(figsize=(4.2 * len(panels), 3.2), dpi=100)
+    cols = columns or len(panels)
+    rows = -(-len(panels) // cols)
+    fig = Figure(figsize=(3.2 * cols, 2.5 * rows), dpi=100)
     FigureCanvasAgg(fig)
     for i, (title, hist) in enumerate(panels, start=1):
-        ax = fig.add_subplot(1, len(panels), i)
+        ax = fig.add_subplot(rows, cols, i)
         if hist["counts"]:
             ax.stairs(hist["counts"], hist["edges"], fill=True, alpha=0.7)
         if title.startswith("margin"):
@@ -128,50 +139,6 @@ def _figure_png(report: dict) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     return buf.getvalue()
-
-
-def _html(report: dict, png: bytes, text: str) -> str:
-    esc = html.escape
-    rows = "".join(f"<li>{esc(w)}</li>" for w in report["warnings"]) or "<li>none</li>"
-    img = base64.b64encode(png).decode("ascii")
-    body = [
-        "<!doctype html><html><head><meta charset='utf-8'><title>preftune data audit</title>",
-        "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}"
-        "td,th{border:1px solid #ccc;padding:2px 8px;text-align:left}pre{background:#f6f6f6;padding:1em;"
-        "white-space:pre-wrap}</style></head><body>",
-        f"<h1>Data audit: {esc(', '.join(report['sources']))}</h1>",
-        f"<p>{esc(report['summary'])}</p>",
-        f"<h2>Warnings</h2><ul>{rows}</ul>",
-        f"<img alt='length and margin histograms' src='data:image/png;base64,{img}'>",
-    ]
-    ln = report["lengths"]
-    table = (
-        "<tr><th></th>" + "".join(f"<th>{k}</th>" for k in ("min", "median", "p95", "max", "mean")) + "</tr>"
-    )
-    for part in ("prompt", "chosen", "rejected"):
-        d = ln[part]
-        table += (
-            f"<tr><th>{part}</th>"
-            + "".join(f"<td>{d.get(k, '-')}</td>" for k in ("min", "median", "p95", "max", "mean"))
-            + "</tr>"
-        )
-    body.append(f"<h2>Lengths ({esc(ln['note'])})</h2><table>{table}</table>")
-    m = report.get("model")
-    if m and m.get("scored"):
-        columns = ("margin", "per token", "verdict", "where", "prompt", "chosen", "rejected")
-        head = "<tr>" + "".join(f"<th>{c}</th>" for c in columns) + "</tr>"
-        cells = "".join(
-            "<tr>"
-            + "".join(
-                f"<td>{esc(str(item[k]))}</td>"
-                for k in ("margin", "margin_per_token", "verdict", "where", "prompt", "chosen", "rejected")
-            )
-            + "</tr>"
-            for item in m["largest"]
-        )
-        body.append(f"<h2>Largest margins</h2><table>{head}{cells}</table>")
-    body.append(f"<h2>Full report</h2><pre>{esc(text)}</pre></body></html>")
-    return "\n".join(body)
 
 
 def write_audit_files(
@@ -195,12 +162,160 @@ def write_audit_files(
     try:
         output_json.parent.mkdir(parents=True, exist_ok=True)
         output_json.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        png = _figure_png(report) if extras else b""
         for extra in extras:
             extra.parent.mkdir(parents=True, exist_ok=True)
             if extra.suffix.lower() == ".png":
-                extra.write_bytes(png)
+                extra.write_bytes(_figure_png(_panels(report)))
             else:
-                extra.write_text(_html(report, png, text), encoding="utf-8")
+                pngs = [(title, _figure_png([(title, hist)])) for title, hist in _panels(report)]
+                extra.write_text(audit_html(report, pngs, text), encoding="utf-8")
     except OSError as e:
         raise PreftuneError(f"cannot write the audit report: {e}") from None
+
+
+# ---------------------------------------------------------------------------------------------- the HTML page
+
+_STYLE = (
+    "body{font-family:sans-serif;max-width:1100px;margin:1.5em auto;padding:0 1em;color:#222;line-height:1.4;"
+    "overflow-wrap:anywhere}"
+    "h1{font-size:1.5em;overflow-wrap:anywhere}h2{font-size:1.2em;margin-top:1.6em}"
+    ".paths,.where{color:#555;font-size:.9em;overflow-wrap:anywhere}"
+    ".box{overflow-x:auto;max-width:100%}table{border-collapse:collapse;margin:.5em 0}"
+    "td,th{border:1px solid #ccc;padding:2px 8px;text-align:left;vertical-align:top}"
+    "td.n{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}"
+    "li{overflow-wrap:anywhere}.bad{color:#a00}"
+    ".figs{display:grid;grid-template-columns:repeat(auto-fill,minmax(min(100%,240px),1fr));gap:.8em}"
+    ".figs img{width:100%;height:auto}"
+    ".ex{border:1px solid #ddd;border-radius:4px;margin:1em 0;padding:.3em .8em .8em}.ex h3{font-size:1em}"
+    ".label{font-size:.8em;color:#555;margin-top:.6em;text-transform:uppercase;letter-spacing:.05em}"
+    ".text{white-space:pre-wrap;overflow-wrap:anywhere;background:#f6f6f6;padding:.4em .6em;font-family:monospace;"
+    "font-size:.9em;margin:.2em 0}.text.chosen{background:#eef7ee}.text.rejected{background:#fbeeee}"
+    ".tok{display:inline-block;background:#e8eefc;border:1px solid #c5d0ee;border-radius:3px;padding:0 3px;"
+    "margin:1px;font-family:monospace;font-size:.85em;white-space:pre;max-width:100%;overflow:hidden}"
+    ".cut{display:inline-block;color:#c60;font-weight:bold;margin:0 .4em}"
+    "pre{white-space:pre-wrap;overflow-wrap:anywhere;background:#f6f6f6;padding:1em}"
+)
+
+
+def _n(x: Any) -> str:
+    """A number as a person reads it: 6,273 / 6,273.18 / 0.0123 / 1.2e-05."""
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return "-" if x is None else str(x)
+    if isinstance(x, int) or float(x).is_integer() and abs(x) < 1e15:
+        return f"{int(x):,}"
+    return f"{x:,.2f}" if abs(x) >= 100 else f"{x:.3g}" if abs(x) >= 1e-3 else f"{x:.2e}"
+
+
+def _pct(share: float | None) -> str:
+    return "-" if share is None else f"{100 * share:.1f}%"
+
+
+def _shorten(text: str, sources: list[str]) -> str:
+    """`text` with the data's paths left out (they are shown once at the top): "line 7", or "b.jsonl line 7"."""
+    for src in sorted(sources, key=len, reverse=True):
+        text = text.replace(f"{src} ", "" if len(sources) == 1 else f"{Path(src).name} ").replace(src, Path(src).name)
+    return text
+
+
+def _rows(items: list[tuple[str, Any]]) -> str:
+    esc = html.escape
+    return "".join(f"<tr><th>{esc(k)}</th><td class='n'>{esc(v if isinstance(v, str) else _n(v))}</td></tr>"
+                   for k, v in items)
+
+
+def _overview(report: dict) -> str:
+    n, dup, pr = report["pairs"], report["duplicates"], report["prompts"]
+    tr, lb = report["truncation"], report["length_bias"]
+    items = [("rows read", report["rows_read"]), ("valid pairs", n), ("invalid rows", report["invalid"]["count"]),
+             ("pairs with nothing to train on", report.get("skipped", {}).get("count", 0)),
+             ("format", report["format"] + (", " + report["layout"] if report["layout"] != "fields" else "")),
+             ("exact duplicates", dup["exact"]), ("near duplicates", dup["near"]),
+             ("distinct prompts", pr["distinct"]), ("pairs per prompt", pr["mean_pairs_per_prompt"]),
+             (f"prompts truncated ({tr['unit']})", share_text(tr["prompt_truncated"], n)),
+             (f"answers truncated ({tr['unit']})", share_text(tr["completion_truncated"], n))]
+    if lb.get("pairs"):
+        items.append(("chosen longer / shorter", f"{_pct(lb['chosen_longer'])} / {_pct(lb['chosen_shorter'])}"))
+    m = report.get("model")
+    if m and m.get("scored"):
+        items += [("model prefers chosen (summed)", _pct(m["prefers_chosen"])),
+                  ("model prefers chosen (per token)", _pct(m["prefers_chosen_per_token"]))]
+    return f"<div class='box'><table>{_rows(items)}</table></div>"
+
+
+def _lengths_table(report: dict) -> str:
+    ln, keys = report["lengths"], ("count", "min", "median", "p95", "max", "mean")
+    head = "<tr><th></th>" + "".join(f"<th>{k}</th>" for k in keys) + "</tr>"
+    body = "".join(f"<tr><th>{part}</th>" + "".join(f"<td class='n'>{_n(ln[part].get(k))}</td>" for k in keys)
+                   + "</tr>" for part in ("prompt", "chosen", "rejected"))
+    return f"<div class='box'><table>{head}{body}</table></div>"
+
+
+def _margins(report: dict) -> str:
+    m, esc, src = report.get("model"), html.escape, report["sources"]
+    if not (m and m.get("scored")):
+        return ""
+    head = "<tr><th>margin<br>(per token)</th><th>prefers</th><th>pair</th></tr>"
+    body = "".join(
+        f"<tr><td class='n'>{_n(it['margin'])}<br>({_n(it['margin_per_token'])})</td>"
+        f"<td>{esc(it['verdict'].removeprefix('prefers '))}</td>"
+        f"<td><div class='where'>{esc(_shorten(it['where'], src))}</div>"
+        f"<b>prompt</b> {esc(it['prompt'])}<br><b>chosen</b> {esc(it['chosen'])}<br>"
+        f"<b>rejected</b> {esc(it['rejected'])}</td></tr>" for it in m["largest"])
+    return (f"<h2>Model preference ({_n(m['scored'])} pairs)</h2><p>margin log p(chosen) - log p(rejected): median "
+            f"{_n(m['margin'].get('median'))}, mean {_n(m['margin'].get('mean'))}.</p><h3>Largest |margin|</h3>"
+            f"<div class='box'><table>{head}{body}</table></div>")
+
+
+def _tokens(pieces: list[str]) -> str:
+    return "".join(f"<span class='tok'>{html.escape(p)}</span>" for p in pieces)
+
+
+def _example(i: int, ex: dict, sources: list[str]) -> str:
+    esc = html.escape
+    sides = [s for s in ("chosen", "rejected", "completion") if s in ex]
+    out = [f"<div class='ex'><h3>Example {i} <span class='where'>({esc(_shorten(ex['where'], sources))})</span></h3>"]
+    for part in ("prompt", *sides):
+        out.append(f"<div class='label'>{part}</div><div class='text {part}'>{esc(ex[part])}</div>")
+    tok = ex.get("tokens") or {}
+    if "dropped" in tok:
+        out.append(f"<p class='bad'>dropped by tokenization: {esc(tok['dropped'])}</p>")
+    elif tok:
+        out.append(f"<div class='label'>tokens at the boundary (prompt {_n(tok['prompt'])} tokens)</div>")
+        for s in sides:
+            more = "… " if tok["prompt"] > len(tok["prompt_end"]) else ""
+            out.append(f"<div>{more}{_tokens(tok['prompt_end'])}<span class='cut'>| {s}</span>"
+                       f"{_tokens(tok[f'{s}_start'])}</div>")
+        for s in sides:
+            out.append(f"<div class='label'>end of {s} ({_n(tok[s])} tokens, EOS {esc(tok[f'{s}_eos'])})</div>"
+                       f"<div>{_tokens(tok[f'{s}_end'])}</div>")
+    if "note" in ex:
+        out.append(f"<p class='where'>{esc(ex['note'])}</p>")
+    return "".join(out) + "</div>"
+
+
+def audit_html(report: dict, pngs: list[tuple[str, bytes]], text: str) -> str:
+    """The self-contained page: overview, warnings, histograms, lengths, model margins, examples, full text."""
+    esc, src = html.escape, report["sources"]
+    warnings = "".join(f"<li>{esc(_shorten(w, src))}</li>" for w in report["warnings"]) or "<li>none</li>"
+    figs = "".join(f"<img alt='{esc(title)}' src='data:image/png;base64,{base64.b64encode(png).decode('ascii')}'>"
+                   for title, png in pngs)
+    tr, note = report["truncation"], report.get("limits", {}).get("note")
+    body = [
+        "<!doctype html><html><head><meta charset='utf-8'>",
+        "<meta name='viewport' content='width=device-width, initial-scale=1'>",
+        f"<title>preftune data audit</title><style>{_STYLE}</style></head><body>",
+        "<h1>Data audit</h1>",
+        "<p class='paths'>" + "<br>".join(esc(s) for s in src) + "</p>",
+        f"<p>{esc(_shorten(report['summary'], src))}</p>",
+        f"<h2>Overview</h2>{_overview(report)}",
+        f"<h2>Warnings</h2><ul>{warnings}</ul>",
+        f"<h2>Lengths</h2><p>{esc(report['lengths']['note'])}; truncation at max_length {_n(tr['max_length'])} / "
+        f"max_prompt_length {_n(tr['max_prompt_length'])}" + (f" ({esc(note)})" if note else "") + ".</p>",
+        f"<div class='figs'>{figs}</div>{_lengths_table(report)}",
+        _margins(report),
+    ]
+    if report.get("examples"):
+        body.append("<h2>Examples as training sees them</h2>")
+        body += [_example(i, ex, src) for i, ex in enumerate(report["examples"], start=1)]
+    body.append(f"<details><summary>Full report (text)</summary><pre>{esc(text)}</pre></details></body></html>")
+    return "\n".join(body)

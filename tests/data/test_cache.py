@@ -12,11 +12,11 @@ import pytest
 import preftune.data.splits as splits
 from preftune.config import TrainConfig
 from preftune.data.cache import commit
+from preftune.data.encode import tokenize_records
 from preftune.data.examples import render_record
 from preftune.data.load import load_records, split_records
 from preftune.data.splits import keep_data_in, load_splits
 from preftune.data.store import largest_id
-from preftune.data.tokenize import tokenize_records
 
 from .files import write_jsonl
 from .test_render import tiny_tokenizer
@@ -30,12 +30,12 @@ ROWS += [{"prompt": f"hello {'there ' * i}", "chosen": " blue", "rejected": " th
 def small_chunks(monkeypatch):
     """Chunks of 3 records: detection votes on 3 rows (it otherwise reads up to 1,000 before the first chunk),
     then the reader hands on 3 rows at a time."""
-    import preftune.data.layouts as layouts
+    import preftune.data.detect as detect
     import preftune.data.load as load
     import preftune.data.validate as validate
 
     monkeypatch.setattr(load, "CHUNK_ROWS", 3)
-    monkeypatch.setattr(layouts, "VOTERS", 3)
+    monkeypatch.setattr(detect, "VOTERS", 3)
     monkeypatch.setattr(validate, "VOTERS", 3)
 
 

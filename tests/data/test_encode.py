@@ -13,8 +13,8 @@ from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_toke
 from transformers import PreTrainedTokenizerFast
 
 import preftune.data.encode as encode
-from preftune.data.encode import BatchEncoder, prefix_reuse
-from preftune.data.tokenize import TokenizedPair, TokenizeStats, _Encoder, tokenize_records, truncate_pair
+from preftune.data.encode import BatchEncoder, prefix_reuse, tokenize_records
+from preftune.data.tokenize import TokenizedPair, TokenizeStats, _Encoder, truncate_pair
 
 # Llama-3's pre-tokenizer regex (tokenizer.json of meta-llama/Meta-Llama-3-8B)
 LLAMA3 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|"
@@ -91,7 +91,7 @@ def per_pair(tokenizer, texts, max_length, max_prompt_length):
             continue
         pair = TokenizedPair(prompt_ids, answer_ids[0], answer_ids[1] if len(answer_ids) > 1 else None, index)
         pair = truncate_pair(pair, max_length=max_length, max_prompt_length=max_prompt_length,
-                             bos_id=tokenizer.bos_token_id, stats=stats)
+                             bos_id=tokenizer.bos_token_id, stats=stats, unk_id=tokenizer.unk_token_id)
         if pair is not None:
             stats.eos_in_text += sum(had_eos)
             out.append(pair)

@@ -53,9 +53,9 @@ def test_string_example_eos_added_cut_off_and_dropped():
     assert [exs[0]["tokens"][k] for k in ("chosen", "chosen_eos", "chosen_end")] == [2, "added", ["blue", "</s>"]]
     assert [exs[1]["tokens"][k] for k in ("chosen", "chosen_eos", "chosen_end")] == [2, "cut off by max_length",
                                                                                       ["the", "sky"]]
-    assert exs[2]["tokens"] == {"dropped": "chosen and rejected are identical after truncation"}
+    assert exs[2]["tokens"] == {"dropped": "chosen and rejected identical after truncation: no signal"}
     assert format_example(exs[2], "example 3")[-1] == (
-        "  dropped by tokenization: chosen and rejected are identical after truncation")
+        "  dropped by tokenization: chosen and rejected identical after truncation: no signal")
 
 
 def test_without_a_tokenizer_the_records_are_shown():

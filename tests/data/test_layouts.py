@@ -44,8 +44,7 @@ def test_sharegpt_llama_factory_dpo(tmp_path):
          "chosen": [assistant("4")], "rejected": [assistant("5")]},
     ]
     assert [x.reason for x in data.invalid] == [
-        "field 'conversations' message 1 is from 'function_call'; ShareGPT speakers are human, gpt and system "
-        "(tool turns are not read)"]
+        "field 'conversations' message 1 holds a tool call without a name; write {\"name\": ..., \"arguments\": {...}}"]
     assert "(conversational, ShareGPT layout)" in data.summary()
     # SFT on ShareGPT chat data: the last turn is the answer
     sft = [{"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]}]
@@ -70,7 +69,7 @@ def test_content_as_a_list_of_parts(tmp_path):
     assert data.records == [{"prompt": [user("What is\n2+2?")], "chosen": [assistant("4")],
                              "rejected": [assistant("5")]}]
     assert data.invalid[0].reason == ("field 'prompt' message 1 has a 'image_url' part; only text parts "
-                                      "({\"type\": \"text\", \"text\": ...}) are read")
+                                      "are read ({\"type\": \"text\", \"text\" or \"value\": ...})")
 
 
 def test_openai_preference_fine_tuning(tmp_path):
@@ -119,7 +118,8 @@ def test_alpaca_instruction_and_input_with_the_alpaca_template(tmp_path):
 
 def test_alpaca_pairwise_history_becomes_earlier_turns(tmp_path):
     """history [[q, a], ...] is kept as user/assistant turns before the current instruction, not dropped; a file
-    with history gives message lists (for the chat template), also for its rows without history."""
+    with history gives message lists (for the chat template), also for its rows without history. Three ranked
+    outputs give the best against the second (LLaMA-Factory's rule, the default --ranked best-vs-next)."""
     rows = [{"instruction": "And 3+3?", "input": "", "output": ["6", "7"], "history": [["2+2?", "4"]]},
             {"instruction": "Name a colour.", "input": "", "output": ["Red", "Car"], "history": []},
             {"instruction": "x", "output": ["a", "b", "c"]}]
@@ -129,8 +129,9 @@ def test_alpaca_pairwise_history_becomes_earlier_turns(tmp_path):
         {"prompt": [user("2+2?"), assistant("4"), user("And 3+3?")], "chosen": [assistant("6")],
          "rejected": [assistant("7")]},
         {"prompt": [user("Name a colour.")], "chosen": [assistant("Red")], "rejected": [assistant("Car")]},
+        {"prompt": [user("x")], "chosen": [assistant("a")], "rejected": [assistant("b")]},
     ]
-    assert data.invalid[0].reason == "field 'output' holds 3 answers, expected [chosen, rejected]"
+    assert not data.invalid and data.notes["ranked_rows"] == 1
 
 
 def test_ultrafeedback_binarized_repeated_user_turn_is_used_once(tmp_path):
@@ -176,8 +177,10 @@ def test_ultrafeedback_binarized_repeated_user_turn_is_used_once(tmp_path):
      "looks like rated completions (UltraFeedback-style 'completions' with ratings); binarize them into "
      "chosen/rejected first, as HuggingFaceH4/ultrafeedback_binarized does"),
     ({"prompt": "p", "response_0": "a", "response_1": "b", "better_response_id": 0}, "preference",
-     "looks like PKU-SafeRLHF-style data (response_0, response_1 and which is better); write the better "
-     "response as 'chosen' and the other as 'rejected' first"),
+     "looks like PKU-SafeRLHF-style data (response_0, response_1 and which is better); which response wins depends "
+     "on the label you train for, so write chosen = response_<better_response_id> (helpfulness) or "
+     "response_<safer_response_id> (harmlessness) and rejected = the other one first; naming the columns with "
+     "--chosen-field/--rejected-field would train every row whose better answer is response_1 backwards"),
     ({"text": "just text"}, "sft",
      "looks like plain text (a 'text' field); preference training needs prompt/chosen/rejected fields, SFT needs "
      "prompt/completion"),

@@ -105,7 +105,7 @@ def test_save_to_disk_dataset_and_dataset_dict(tmp_path):
     dd.save_to_disk(str(tmp_path / "dd"))
     assert load_records(tmp_path / "dd").records == PAIRS[:2]
     assert load_records(tmp_path / "dd", split="test").records == PAIRS[2:]
-    with pytest.raises(PreftuneError, match="has no split 'validation'; it has train, test"):
+    with pytest.raises(PreftuneError, match="has no split 'validation'; its splits are train, test: pass one with --split"):
         load_records(tmp_path / "dd", split="validation")
 
 
@@ -129,15 +129,14 @@ def test_hub_name_unreachable(monkeypatch):
 
 
 def test_csv_line_numbers_count_the_header_and_multiline_cells(tmp_path):
-    """Header = line 1. Row 1 spans lines 2-3 (a quoted newline), so row 2 starts on line 4."""
+    """Header = line 1. Row 1 spans lines 2-3 (a quoted newline), so row 2 starts on line 4 (an empty answer:
+    dropped and counted, not invalid) and row 3 on line 5."""
     path = tmp_path / "d.csv"
     path.write_text('prompt,chosen,rejected\n"two\nlines",a,b\nq,,b\nq2,x\n', encoding="utf-8")
     data = load_records(path, skip_invalid=True)
     assert data.records == [{"prompt": "two\nlines", "chosen": "a", "rejected": "b"}]
-    assert [(x.row, x.reason) for x in data.invalid] == [
-        (4, "field 'chosen' is empty"),
-        (5, "has 2 fields, the header has 3"),
-    ]
+    assert [(x.row, x.reason) for x in data.skipped] == [(4, "empty answer")]
+    assert [(x.row, x.reason) for x in data.invalid] == [(5, "has 2 fields, the header has 3")]
 
 
 def test_file_level_errors(tmp_path):

@@ -18,7 +18,7 @@ from .files import PAIRS, write_csv, write_jsonl
 
 def _rows(path, chunk_rows):
     inp = resolve(str(path))[0]
-    return [[(n, getattr(o, "reason", o)) for n, o in chunk] for chunk in iter_rows(inp, "train", chunk_rows)]
+    return [[(n, getattr(o, "reason", o)) for n, o in chunk] for chunk in iter_rows(inp, None, chunk_rows)]
 
 
 def test_jsonl_chunks_keep_row_numbers_across_blocks(tmp_path, monkeypatch):
@@ -31,7 +31,7 @@ def test_jsonl_chunks_keep_row_numbers_across_blocks(tmp_path, monkeypatch):
     chunks = _rows(path, 2)
     assert [[n for n, _ in c] for c in chunks] == [[1, 2], [4, 5], [6]]
     assert chunks[1][0][1].startswith("not valid JSON")
-    assert [r for c in chunks for r in c] == [(n, getattr(o, "reason", o)) for n, o in read_rows(resolve(str(path))[0], "train")]
+    assert [r for c in chunks for r in c] == [(n, getattr(o, "reason", o)) for n, o in read_rows(resolve(str(path))[0])]
 
 
 def test_gzip_and_parquet_stream_in_chunks(tmp_path):

@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 
 from preftune.data.collate import collate
+from preftune.data.encode import tokenize_records
 from preftune.data.sampler import batch_order
-from preftune.data.tokenize import TokenizedPair, answer_text, tokenize_records, tokenize_texts
+from preftune.data.tokenize import TokenizedPair, answer_text, tokenize_texts
 from preftune.errors import PreftuneError
 from preftune.modeling.load import load_tokenizer
 

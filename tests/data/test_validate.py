@@ -72,8 +72,8 @@ def test_every_reason_with_its_line_number(tmp_path):
         "[1, 2]",  # 4 not an object
         json.dumps({"prompt": "a", "rejected": "c"}),  # 5 missing chosen
         json.dumps({"prompt": 7, "chosen": "b", "rejected": "c"}),  # 6 wrong type
-        json.dumps({"prompt": "a", "chosen": "  ", "rejected": "c"}),  # 7 empty
-        json.dumps({"prompt": "a", "chosen": "same", "rejected": "same"}),  # 8 identical
+        json.dumps({"prompt": "a", "chosen": "  ", "rejected": "c"}),  # 7 empty: dropped and counted, not invalid
+        json.dumps({"prompt": "a", "chosen": "same", "rejected": "same"}),  # 8 identical: dropped and counted
         json.dumps({"prompt": "a", "chosen": "b", "rejected": "x" * 1_000_001}),  # 9 too long
         json.dumps({"prompt": None, "chosen": "b", "rejected": "c"}),  # 11 null (line 10 is the bad bytes)
         json.dumps(PAIRS[1]),  # 12 ok
@@ -89,8 +89,6 @@ def test_every_reason_with_its_line_number(tmp_path):
         "line 4: not an object (a JSON list)",
         "line 5: missing field 'chosen'",
         "line 6: field 'prompt' is int, expected a string",
-        "line 7: field 'chosen' is empty",
-        "line 8: chosen is identical to rejected",
         # 44 characters before the value + 1,000,001 + '"}'
         "line 9: row longer than 1,000,000 characters (1,000,047)",
         "line 10: invalid UTF-8",
@@ -98,11 +96,12 @@ def test_every_reason_with_its_line_number(tmp_path):
     ]
     for text in expected:
         assert f"  {path} {text}\n" in msg
-    assert msg.startswith("9 of 11 data rows are invalid: ")
+    assert msg.startswith("7 of 11 data rows are invalid: ")
     assert msg.endswith("fix these rows or pass --skip-invalid to drop them")
 
     data = load_records(path, skip_invalid=True)
     assert data.records == [PAIRS[0], PAIRS[1]]
+    assert [(x.row, x.reason) for x in data.skipped] == [(7, "empty answer"), (8, "identical answers")]
     assert [(x.row, x.category) for x in data.invalid][:3] == [
         (3, "not valid JSON"),
         (4, "not an object"),
@@ -154,5 +153,5 @@ def test_conversational_message_errors(tmp_path):
         load_records(write_jsonl(tmp_path / "d.jsonl", rows))
     msg = str(e.value)
     assert "line 1: field 'prompt' message 1 has no 'content'" in msg
-    assert "line 2: field 'chosen' is empty" in msg
+    assert "line 2:" not in msg  # an empty answer is dropped and counted, not invalid
     assert "line 3: field 'chosen' message 1 content is int, expected a string" in msg
