@@ -4,7 +4,7 @@ Read top to bottom, a run is: setup (config → run folder checks → data → m
 optimizer and schedule → resume) → the step loop (micro-batches, loss, backward, clip, step, log, evaluate,
 checkpoint) → save (final/) → the end. The rest is called where it is owned: the task's loss, normaliser and
 metrics (objectives.py), reference log-probs (modeling/reference.py), every path the run writes
-(outputs/run_dir.py), the batch order (data/sampler.py), the forward paths (logprobs.py), and whatever differs
+(outputs/run_dir.py), the batch order and each process's share (data/batching.py), the forward paths (logprobs.py), and whatever differs
 between one process, DDP, FSDP2 and DeepSpeed (the Engine, distributed.py; never accelerate directly). Events go
 to callbacks (callbacks.py), each phase of the run included: the progress bar, the console, bench/'s clocks,
 trackers and reports listen there.
@@ -27,11 +27,11 @@ import yaml
 
 from preftune.callbacks import Callback, CallbackList, ConsoleEval, ProgressBar, TrainState, checked_callbacks
 from preftune.config import TrainConfig
+from preftune.data.batching import Share, micro_batches, rank_share, used_positions
 from preftune.data.collate import collate
-from preftune.data.sampler import micro_batches, used_positions
 from preftune.data.splits import keep_data_in, load_splits
 from preftune.device import ForwardOptions, cpu_threads, plan_forward
-from preftune.distributed import Engine, check_launch, rank_share
+from preftune.distributed import Engine, check_launch
 from preftune.errors import PreftuneError
 from preftune.hub import HubCallback
 from preftune.logprobs import LogpsModel, inference, unwrap_handle
@@ -298,8 +298,8 @@ class Recipe:
                                   "with --resume")
                 return
 
-    def _micro_batches(self, epoch: int) -> list[tuple[list[list[int]], list[list[int]]]]:
-        """Each step's (this process's micro-batches, its filler micro-batches); see distributed.rank_share."""
+    def _micro_batches(self, epoch: int) -> list[Share]:
+        """Each step's share of this process: its micro-batches and its fillers (data/batching.py)."""
         if epoch not in self._epoch_batches:  # one epoch's order at a time: a pure function of (seed, epoch)
             steps = micro_batches(self.train_split.pairs, epoch=epoch, **self.batching)
             engine = self.engine
@@ -307,19 +307,18 @@ class Recipe:
                                            for m in steps]}
         return self._epoch_batches[epoch]
 
-    def train_step(self, step: int, share: tuple[list[list[int]], list[list[int]]], window: Window) -> None:
+    def train_step(self, step: int, share: Share, window: Window) -> None:
         """One optimizer step over this process's micro-batches of one global batch."""
         engine, pairs, n_proc = self.engine, self.train_split.pairs, self.engine.num_processes
-        micro, fillers = share
+        micro = share.batches
         # Normalise by the whole global batch (all micro-batches, all processes): accumulation then gives the
         # same gradient as one big batch, whatever the micro-batch sizes. DDP, FSDP2 and ZeRO average
         # gradients over processes, hence the division by n_proc.
         local = self.objective.normaliser([pairs[i] for m in micro for i in m])
         denominator = engine.reduce_sum([local])[0] / n_proc
         losses: list[torch.Tensor] = []
-        runs = micro + fillers
-        for k, idx in enumerate(runs):
-            filler = k >= len(micro)
+        runs = list(share.runs())
+        for k, (idx, filler) in enumerate(runs):
             batch = collate([pairs[i] for i in idx], idx, self.tokenizer.pad_token_id).to(engine.device)
             # Every process runs every backward, even after a non-finite loss or with nothing left to learn
             # from (a filler): skipping one would leave the others waiting in a collective.
@@ -393,13 +392,12 @@ class Recipe:
                                         pad_id=self.tokenizer.pad_token_id, device=engine.device,
                                         rank=engine.process_index, world=engine.num_processes)
         with inference(self.policy):  # eval mode and no gradients; the training modes come back afterwards
-            for idx, batch in batches:
+            for _, filler, batch in batches:
                 with engine.autocast():
                     policy = self.policy(batch)
                 reference = self.reference.eval.logps(batch) if self.reference.eval is not None else None
                 sums = self.objective.loss(policy, reference, training=False)[1]
-                # A filler batch (length_sorted_batches keeps the processes' forwards in step) counts nothing.
-                window.add(sums if idx else zeroed(sums))
+                window.add(zeroed(sums) if filler else sums)  # a filler (data/batching.py) counts nothing
         self.state.eval_metrics = self._log("eval", self.objective.summarize(window.totals(engine)))
         return self.state.eval_metrics
 

@@ -14,11 +14,10 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
 
-import numpy as np
 import torch
 
+from preftune.data.batching import length_sorted_share
 from preftune.data.collate import Batch, collate
-from preftune.data.store import padded_lengths
 from preftune.data.tokenize import TokenizedPair
 from preftune.device import forward_handle
 from preftune.logprobs import SequenceLogps, inference
@@ -26,25 +25,13 @@ from preftune.logprobs import SequenceLogps, inference
 
 def length_sorted_batches(pairs: Sequence[TokenizedPair], batch_size: int, *, pad_id: int,
                           device: torch.device | str = "cpu", rank: int = 0,
-                          world: int = 1) -> Iterator[tuple[list[int], Batch]]:
-    """(positions, batch) over `pairs`, longest first so each batch pads little; process `rank` of `world`
-    takes every world-th pair of that order, so the processes' shares are disjoint and of similar cost.
-
-    With several processes every one yields the same number of batches: a process whose share needs fewer
-    ends with filler batches, yielded with *no* positions (`([], batch)`), which the caller runs and ignores.
-    Under FSDP2 and ZeRO-3 each forward is a collective (the layers' weights are gathered from all
-    processes), so a process that skipped one would leave the others waiting forever.
-    """
-    # a stable sort, longest first: the same order as sorted(key=-padded_length), from a lengths array
-    order = np.argsort(-padded_lengths(pairs), kind="stable").tolist()
-    mine = order[rank::world]
-    for s in range(0, len(mine), batch_size):
-        idx = mine[s:s + batch_size]
-        yield idx, collate([pairs[i] for i in idx], idx, pad_id).to(device)
-    if world > 1 and order:
-        most = -(-len(order[0::world]) // batch_size)  # rank 0's share is the longest
-        for _ in range(most - -(-len(mine) // batch_size)):
-            yield [], collate([pairs[order[0]]], [order[0]], pad_id).to(device)
+                          world: int = 1) -> Iterator[tuple[list[int], bool, Batch]]:
+    """(positions, is_filler, batch) of process `rank`'s share of `pairs` (`batching.length_sorted_share`:
+    longest first, every world-th pair), collated on `device`. With several processes every one yields the same
+    number of batches, its filler batches last: the caller runs them and ignores their outputs (the filler
+    convention, preftune/data/batching.py)."""
+    for idx, filler in length_sorted_share(pairs, batch_size, rank=rank, world=world).runs():
+        yield idx, filler, collate([pairs[i] for i in idx], idx, pad_id).to(device)
 
 
 def score(handle: torch.nn.Module, pairs: Sequence[TokenizedPair], *, pad_id: int, batch_size: int,
@@ -70,13 +57,13 @@ def score(handle: torch.nn.Module, pairs: Sequence[TokenizedPair], *, pad_id: in
     cols: dict[str, torch.Tensor] = {}
     batches = length_sorted_batches(pairs, batch_size, pad_id=pad_id, device=device, rank=rank, world=world)
     with tqdm(total=n, desc=desc, unit="pair", disable=not progress, leave=False) as bar, inference(handle):
-        for idx, batch in batches:
+        for idx, filler, batch in batches:
             with autocast() if autocast else contextlib.nullcontext():
                 out = handle(batch)
             if not cols:  # the log-probs' own precision (float64 stays float64)
                 cols = {f"{side}_{what}": torch.zeros(n, dtype=out.chosen_logps.dtype if what == "logps" else None)
                         for side in sides for what in ("logps", "lengths")}
-            if not idx:  # a filler batch (see length_sorted_batches)
+            if filler:
                 continue
             for k, col in cols.items():
                 col[idx] = getattr(out, k).to(col.dtype).cpu()

@@ -11,8 +11,8 @@ from safetensors.torch import load_file
 
 import preftune.scoring as scoring
 from preftune import TrainConfig, train
+from preftune.data.batching import used_positions
 from preftune.data.collate import collate
-from preftune.data.sampler import used_positions
 from preftune.data.splits import load_splits
 from preftune.device import forward_handle
 from preftune.modeling.load import load_model_and_tokenizer
