@@ -37,7 +37,7 @@ from preftune.data.cache import (
 )
 from preftune.data.encode import BatchEncoder
 from preftune.data.examples import example, format_example, render_record
-from preftune.data.load import holdout_groups
+from preftune.data.holdout import HoldOut
 from preftune.data.stats import duplicates_warning, length_bias, length_bias_warning
 from preftune.data.store import Pairs, PairStore
 from preftune.data.tokenize import (
@@ -106,13 +106,13 @@ def keep_data_in(split: Split, cache_dir: Path) -> None:
 
 def data_ingredients(cfg: TrainConfig, tokenizer, task: str) -> dict:
     """Everything the tokenized splits depend on (the cache key is its hash)."""
-    holdout = cfg.eval_fraction > 0 and not cfg.eval_data
-    eval_source = cfg.eval_data or (cfg.data if cfg.eval_split else None)
     return {"task": "sft" if task == "sft" else "preference", "data": source_fingerprint(cfg.data),
-            "eval_data": source_fingerprint(eval_source) if eval_source else None, "eval_split": cfg.eval_split,
-            "eval_fraction": cfg.eval_fraction if holdout else 0.0, "seed": cfg.seed if holdout else None,
-            **_load_kwargs(cfg, task), "max_length": cfg.max_length, "max_prompt_length": cfg.max_prompt_length,
+            **_holdout(cfg).ingredients(source_fingerprint), **_load_kwargs(cfg, task), "max_length": cfg.max_length, "max_prompt_length": cfg.max_prompt_length,
             "tokenizer": tokenizer_fingerprint(tokenizer), **library_versions()}
+
+
+def _holdout(cfg: TrainConfig) -> HoldOut:
+    return HoldOut(cfg.data, cfg.eval_data, cfg.eval_split, cfg.eval_fraction, cfg.seed)
 
 
 def _load_kwargs(cfg: TrainConfig, task: str) -> dict:
@@ -127,21 +127,21 @@ def build_entry(cfg: TrainConfig, tokenizer, task: str, folder: Path, ingredient
 
     kw = _load_kwargs(cfg, task)
     encoder = BatchEncoder(tokenizer, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length)
-    holdout = cfg.eval_fraction > 0 and not cfg.eval_data
+    holdout = _holdout(cfg)
     data = build_source(cfg.data, folder / "data", tokenizer=tokenizer, encoder=encoder, load_kwargs=kw,
-                        rank_seed=cfg.seed if holdout else None, progress=progress)
+                        rank_seed=holdout.rank_seed, progress=progress)
     held = None
-    if cfg.eval_data or cfg.eval_split:  # another source, or another split of the same one
-        held = build_source(cfg.eval_data or cfg.data, folder / "eval", tokenizer=tokenizer, encoder=encoder,
-                            load_kwargs={**kw, "split": cfg.eval_split}, progress=progress, desc="tokenizing eval")
+    if holdout.source is not None:  # another source, or another split of the same one
+        held = build_source(holdout.source, folder / "eval", tokenizer=tokenizer, encoder=encoder,
+                            load_kwargs={**kw, "split": holdout.eval_split}, progress=progress, desc="tokenizing eval")
     n = len(data.position)
     lines = [data.loaded.summary(), *data.loaded.warnings()]
     in_eval = np.zeros(n, dtype=bool)
     if held is not None:
         lines.append("eval: " + held.loaded.summary())
-    elif holdout:
-        in_eval = _held_out(data.rank, cfg.eval_fraction)
-        lines.append(f"held out {int(in_eval.sum()):,} of {n:,} for evaluation (eval_fraction {cfg.eval_fraction})")
+    elif holdout.fraction:
+        in_eval, line = holdout.split(data.rank)
+        lines.append(line)
     train = _split_of(data, ~in_eval, "train")
     lines.append(train["line"])
     store = PairStore(folder / "data", data.store)
@@ -171,18 +171,6 @@ def build_entry(cfg: TrainConfig, tokenizer, task: str, folder: Path, ingredient
     meta = {"ingredients": ingredients, "stores": {"data": data.store, **({"eval": held.store} if held else {})},
             "splits": splits, "summary": "\n".join(lines), "example": shown, "info": info}
     (folder / "meta.json").write_text(json.dumps(meta, ensure_ascii=False, default=str), encoding="utf-8")
-
-
-def _held_out(ranks: np.ndarray, eval_fraction: float) -> np.ndarray:
-    """`split_records`' hold-out, from each record's prompt rank: whole prompt groups, in rank order."""
-    groups, group_of, sizes = np.unique(ranks, return_inverse=True, return_counts=True)
-    if len(groups) < 2:
-        raise PreftuneError(
-            f"cannot hold out an eval split: all {len(ranks)} records share one prompt; use eval fraction 0")
-    target = max(1, round(eval_fraction * len(ranks)))
-    chosen = np.zeros(len(groups), dtype=bool)
-    chosen[holdout_groups(sizes.tolist(), target)] = True
-    return chosen[group_of.reshape(-1)]
 
 
 def _split_of(built: Any, records: np.ndarray, name: str, store: str = "data") -> dict:
