@@ -29,7 +29,7 @@ from preftune.callbacks import Callback, CallbackList, ConsoleEval, ProgressBar,
 from preftune.config import TrainConfig
 from preftune.data.batching import Share, micro_batches, rank_share, used_positions
 from preftune.data.collate import collate
-from preftune.data.splits import keep_data_in, load_splits
+from preftune.data.splits import DataSettings, keep_data_in, load_splits
 from preftune.device import ForwardOptions, cpu_threads, plan_forward
 from preftune.distributed import Engine, check_launch
 from preftune.errors import PreftuneError
@@ -182,7 +182,7 @@ class Recipe:
             self.engine.print(note)
         # A shared cache: one process per machine tokenizes, the others read (a setting: the same on every process)
         with self.engine.local_main_first(bool(cfg.data_cache_dir)):
-            self.train_split, self.eval_split = load_splits(self.cfg, self.tokenizer, self.task,  # capped lengths
+            self.train_split, self.eval_split = load_splits(DataSettings.of(self.cfg), self.tokenizer, self.task,  # capped lengths
                                                             cache_dir=self.run_dir.data_cache)
         self.engine.print(self.train_split.summary)
 

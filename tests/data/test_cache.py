@@ -16,7 +16,7 @@ from preftune.data.encode import tokenize_records
 from preftune.data.examples import render_record
 from preftune.data.holdout import held_out, prompt_ranks
 from preftune.data.load import load_records
-from preftune.data.splits import keep_data_in, load_splits
+from preftune.data.splits import DataSettings, keep_data_in, load_splits
 from preftune.data.store import largest_id
 
 from .files import write_jsonl
@@ -40,8 +40,8 @@ def small_chunks(monkeypatch):
     monkeypatch.setattr(validate, "VOTERS", 3)
 
 
-def _cfg(path, **kw):
-    return TrainConfig(model="m", data=str(path), output_dir="unused", progress=False, **kw)
+def _cfg(path, **kw) -> DataSettings:
+    return DataSettings.of(TrainConfig(model="m", data=str(path), output_dir="unused", progress=False, **kw))
 
 
 @pytest.fixture
