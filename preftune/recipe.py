@@ -199,7 +199,7 @@ class Recipe:
         # The fastest exact forward (device.py), decided once before any sharding; every forward runs it.
         plan = plan_forward(model, engine.device, options=ForwardOptions.of(cfg), sharded=engine.sharded,
                             checkpointing=cfg.gradient_checkpointing or engine.activation_checkpointing,
-                            autocast=engine.autocast)
+                            autocast=engine.autocast, sft=self.task == "sft")
         self.threads = cpu_threads() if engine.device.type == "cpu" else None
         return model, plan
 
