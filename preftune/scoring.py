@@ -15,9 +15,13 @@ import contextlib
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
 
 from preftune.data.batching import length_sorted_share
 from preftune.data.collate import Batch, collate
+from preftune.data.encode import tokenize_records
+from preftune.data.render import render_texts
 from preftune.data.tokenize import TokenizedPair
 from preftune.device import forward_handle
 from preftune.logprobs import SequenceLogps, inference
@@ -49,8 +53,6 @@ def score(handle: torch.nn.Module, pairs: Sequence[TokenizedPair], *, pad_id: in
     share once, and the shares are summed across processes: every pair is scored by exactly one process and
     is 0 elsewhere, so the sum is exact. `device` is where batches go (default: the handle's first parameter's).
     """
-    from tqdm.auto import tqdm
-
     device = device or next(handle.parameters()).device
     n = len(pairs)
     sides = ("chosen",) if pairs and pairs[0].rejected_ids is None else ("chosen", "rejected")
@@ -70,8 +72,6 @@ def score(handle: torch.nn.Module, pairs: Sequence[TokenizedPair], *, pad_id: in
             bar.update(len(idx) * world)
     cols = cols or {f"{side}_{what}": torch.zeros(n) for side in sides for what in ("logps", "lengths")}
     if world > 1:
-        import torch.distributed as dist
-
         stacked = torch.stack([c.double() for c in cols.values()]).to(device)
         dist.all_reduce(stacked, op=dist.ReduceOp.SUM)
         cols = {k: v.to(c.dtype) for (k, c), v in zip(cols.items(), stacked.cpu())}
@@ -88,9 +88,6 @@ def score_records(model: torch.nn.Module, tokenizer, records: Sequence[dict], *,
     `rejected_lengths` (one entry per kept pair) and `kept`, the record indices they belong to
     (pairs that tokenization drops are left out).
     """
-    from preftune.data.encode import tokenize_records
-    from preftune.data.render import render_texts
-
     texts = [render_texts(tokenizer, r) for r in records]
     pairs, _ = tokenize_records(tokenizer, texts, max_length=max_length, max_prompt_length=max_prompt_length)
     out = score(forward_handle(model), pairs, pad_id=tokenizer.pad_token_id, batch_size=batch_size)
@@ -107,8 +104,6 @@ def score_ids(model: torch.nn.Module, prompt_ids: Sequence[list[int]], completio
     For a model's own samples this scores exactly the tokens it drew (decoding to text and tokenizing again
     can give other tokens). `model`: a handle or a loaded model (planned here). Returns ([N], [N]) fp32 CPU tensors in input order; completions must be non-empty.
     """
-    from preftune.data.tokenize import TokenizedPair
-
     pairs = [TokenizedPair(list(p), list(c), None, i) for i, (p, c) in enumerate(zip(prompt_ids, completion_ids))]
     out = score(forward_handle(model), pairs, pad_id=pad_id, batch_size=batch_size, autocast=autocast)
     return out.chosen_logps, out.chosen_lengths

@@ -30,12 +30,12 @@ ARGS = dict(max_length=64, max_prompt_length=32, learning_rate=1e-3, lr_schedule
 needs_torchrun = pytest.mark.skipif(not TORCHRUN.exists() and not shutil.which("torchrun"),
                                     reason="torchrun not installed")
 
-# Run as the torchrun script: the CLI plus two callbacks. One prints the wrapper type of a decoder layer
-# (accelerate on CPU would silently use DDP for an FSDP config; preftune must really shard), the other kills
-# every process right after metrics line KILL_AFTER, before that step's checkpoint: an exact kill point.
+# Run as the torchrun script: the CLI with a callback (cli.main's `callbacks`) whose two events check the run. One
+# prints the wrapper type of a decoder layer (accelerate on CPU would silently use DDP for an FSDP config; preftune
+# must really shard), the other kills every process right after metrics line KILL_AFTER, before that step's
+# checkpoint: an exact kill point.
 SCRIPT = """
 import os, signal, sys
-from preftune import recipe
 from preftune.callbacks import Callback
 from preftune.cli import main
 
@@ -48,9 +48,7 @@ class Probe(Callback):
         if row["split"] == "train" and row["step"] >= int(os.environ.get("KILL_AFTER", "1000000")):
             os.kill(os.getpid(), signal.SIGKILL)
 
-defaults = recipe.default_callbacks
-recipe.default_callbacks = lambda cfg: defaults(cfg) + [Probe()]
-sys.exit(main(sys.argv[1:]))
+sys.exit(main(sys.argv[1:], callbacks=[Probe()]))
 """
 
 
