@@ -1,6 +1,6 @@
 """Which pairs run together, and on which process: dataset positions only (collate.py makes them tensors).
 
-Training: `batch_order` draws an epoch's global batches (a pure function of seed and epoch, so a resume recomputes
+Training (`TrainOrder` puts these together for a run): `batch_order` draws an epoch's global batches (a pure function of seed and epoch, so a resume recomputes
 it), `micro_batches` cuts each into micro-batches, `rank_share` gives every process its part of one global batch,
 and `used_positions` says up front which pairs the run's steps will see. Scoring (the reference pass, evaluation,
 `preftune eval`): `length_sorted_share` orders pairs longest first and gives every process every world-th.
@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterator, Sequence
-from typing import NamedTuple
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -122,3 +123,39 @@ def used_positions(pairs: Sequence[TokenizedPair], steps: int, *, batch_size: in
         steps -= len(batches)
         epoch += 1
     return np.unique(np.fromiter((i for b in used for i in b), dtype=np.int64))
+
+
+@dataclass
+class TrainOrder:
+    """A run's steps over `pairs`: each optimizer step one global batch of batch_size × accumulation × world pairs
+    (`micro_batches`), of which process `rank` of `world` runs its share (`rank_share`): the same pairs in the same
+    steps whatever the launch shape, for a given global batch. One epoch's order is kept at a time."""
+
+    pairs: Sequence[TokenizedPair]
+    batch_size: int
+    accumulation: int  # gradient accumulation steps of each process
+    seed: int
+    group_by_length: bool = True
+    rank: int = 0
+    world: int = 1
+    steps_per_epoch: int = field(init=False)
+    _epoch: tuple[int, list[Share]] = field(init=False, repr=False, default=(-1, []))
+
+    def __post_init__(self) -> None:
+        self.steps_per_epoch = len(micro_batches(self.pairs, epoch=0, **self._settings()))
+
+    def _settings(self) -> dict[str, Any]:
+        return dict(batch_size=self.batch_size, accumulation=self.accumulation * self.world, seed=self.seed,
+                    group_by_length=self.group_by_length)
+
+    def share(self, step: int) -> Share:
+        """This process's micro-batches and fillers of optimizer step `step` (counted from 0 over all epochs)."""
+        epoch, position = divmod(step, self.steps_per_epoch)
+        if self._epoch[0] != epoch:  # the order is a pure function of (seed, epoch): recomputed, never stored
+            steps = micro_batches(self.pairs, epoch=epoch, **self._settings())
+            self._epoch = (epoch, [rank_share(micro, self.rank, self.world) for micro in steps])
+        return self._epoch[1][position]
+
+    def used(self, steps: int) -> np.ndarray:
+        """Sorted positions of every pair the first `steps` steps train on, all processes together."""
+        return used_positions(self.pairs, steps, **self._settings())

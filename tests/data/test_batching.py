@@ -8,7 +8,15 @@ import random
 
 import pytest
 
-from preftune.data.batching import Share, batch_order, length_sorted_share, micro_batches, rank_share
+from preftune.data.batching import (
+    Share,
+    TrainOrder,
+    batch_order,
+    length_sorted_share,
+    micro_batches,
+    rank_share,
+    used_positions,
+)
 from preftune.data.tokenize import TokenizedPair
 
 
@@ -72,3 +80,20 @@ def test_length_sorted_share_splits_ranks_disjointly_with_fillers():
     assert length_sorted_share(pairs, 3) == ([[0, 1, 2], [3, 4, 5], [6]], [])  # one process: no fillers
     assert length_sorted_share(pairs[:1], 3, rank=1, world=2) == ([], [[0]])
     assert length_sorted_share([], 3, rank=1, world=2) == ([], [])
+
+
+def test_a_runs_order_counts_steps_across_epochs_and_shares_each_global_batch():
+    """45 pairs, 4 per device × 2 accumulation × 2 processes = global batches of 16: 3 steps an epoch (16, 16, 13).
+    Step 4 is epoch 1's second global batch, exactly one process's batch of 16 at step 4, split between the two
+    ranks; the first 2 steps use the 32 pairs of epoch 0's first two global batches, 5 steps all 45."""
+    pairs = _pairs(45)
+    ranks = [TrainOrder(pairs, 4, 2, seed=7, rank=r, world=2) for r in (0, 1)]
+    one = TrainOrder(pairs, 16, 1, seed=7)
+    assert ranks[0].steps_per_epoch == one.steps_per_epoch == 3
+    micro = micro_batches(pairs, batch_size=4, accumulation=4, seed=7, epoch=1, group_by_length=True)[1]
+    assert [order.share(4) for order in ranks] == [rank_share(micro, r, 2) for r in (0, 1)]
+    assert sorted(i for order in ranks for m in order.share(4).batches for i in m) == sorted(one.share(4).batches[0])
+    first_two = sorted(i for step in (0, 1) for i in one.share(step).batches[0])
+    assert ranks[1].used(2).tolist() == one.used(2).tolist() == first_two and len(first_two) == 32
+    assert ranks[0].used(5).tolist() == used_positions(pairs, 5, batch_size=16, accumulation=1, seed=7,
+                                                       group_by_length=True).tolist() == list(range(45))
