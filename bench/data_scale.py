@@ -127,6 +127,7 @@ def child_data(job: dict) -> dict:
     from transformers import AutoTokenizer
 
     from preftune.config import TrainConfig
+    from preftune.data import splits
     from preftune.data.splits import load_splits
 
     tok = AutoTokenizer.from_pretrained(job["model"])
@@ -134,6 +135,8 @@ def child_data(job: dict) -> dict:
     fields = TrainConfig.field_names()
     extra = {"data_cache_dir": job["cache"]} if "data_cache_dir" in fields else {}
     cfg = TrainConfig(model=job["model"], data=job["data"], output_dir=job["out"], progress=False, **extra)
+    if hasattr(splits, "DataSettings"):  # load_splits takes the data settings only (before: the whole config)
+        cfg = splits.DataSettings.of(cfg)
     w, c = time.perf_counter(), time.process_time()
     train, _ = load_splits(cfg, tok, "dpo")
     out = {"wall_s": time.perf_counter() - w, "cpu_s": time.process_time() - c, "pairs": len(train.pairs),

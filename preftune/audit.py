@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from preftune.command_options import InspectOptions
 from preftune.data.encode import BatchEncoder
 from preftune.data.examples import examples_from_records, render_record
 from preftune.data.limits import Limits, effective_limits
@@ -382,59 +383,50 @@ def write_audit(report: dict, output_json: str | Path,
     write_audit_files(report, format_audit(report), output_json, output_html_or_png)
 
 
-def run_inspect(args: Any) -> int:
+def run_inspect(opts: InspectOptions) -> int:
     """`preftune inspect DATA... [--model M | --tokenizer T] [--show N] [--output report.json]`: print the
     audit and, with --output, write report.json plus report.png and report.html beside it. Returns the exit
-    status (0).
-
-    Reads from `args`: data (one or more paths), model, tokenizer, show, max_length, max_prompt_length,
-    batch_size, format, prompt_field, chosen_field, rejected_field, prompt_template, split, ranked, output; a
-    missing attribute takes the CLI default.
+    status (0). `opts` are checked when built (a negative --show, --model with --tokenizer are refused there).
     """
-    data = list(args.data) if isinstance(args.data, (list, tuple)) else args.data
+    data = list(opts.data) if isinstance(opts.data, (list, tuple)) else opts.data
     if isinstance(data, list) and len(data) == 1:
         data = data[0]  # one argument may be a glob or a folder
-    output = getattr(args, "output", None)
+    output, show = opts.output, opts.show
     if output and Path(output).suffix.lower() in (".png", ".html", ".htm"):
         raise PreftuneError(
             f"--output takes the JSON file name ({output} given); the PNG and HTML go beside it"
         )
-    show = getattr(args, "show", 0) or 0
-    if show < 0:
-        raise PreftuneError(f"--show takes how many examples to print (0 or more), got {show}")
     model = tokenizer = context = None
-    if getattr(args, "model", None) and getattr(args, "tokenizer", None):
-        raise PreftuneError("give --model (which brings its tokenizer) or --tokenizer, not both")
-    if getattr(args, "model", None) or getattr(args, "tokenizer", None):
+    if opts.model or opts.tokenizer:
         # torch and transformers load in seconds: only when a model or tokenizer is asked for
         import torch
 
         from preftune.modeling.load import context_length, load_model_and_tokenizer, load_tokenizer
 
-        context = context_length(args.model or args.tokenizer)  # train caps max_length to it: so does inspect
-    if getattr(args, "model", None):
-        model, tokenizer = load_model_and_tokenizer(args.model)
+        context = context_length(opts.model or opts.tokenizer)  # train caps max_length to it: so does inspect
+    if opts.model:
+        model, tokenizer = load_model_and_tokenizer(opts.model)
         if torch.cuda.is_available():
             model = model.to("cuda")
         model.eval()
-    elif getattr(args, "tokenizer", None):
-        tokenizer = load_tokenizer(args.tokenizer)
+    elif opts.tokenizer:
+        tokenizer = load_tokenizer(opts.tokenizer)
     report = audit(
         data,
         tokenizer=tokenizer,
         model=model,
-        max_length=getattr(args, "max_length", 1024),
-        max_prompt_length=getattr(args, "max_prompt_length", 512),
-        batch_size=getattr(args, "batch_size", 8),
+        max_length=opts.max_length,
+        max_prompt_length=opts.max_prompt_length,
+        batch_size=opts.batch_size,
         show=max(show, PAGE_EXAMPLES) if output else show,
         context=context,
-        split=getattr(args, "split", None),
-        ranked=getattr(args, "ranked", "best-vs-next"),
-        format=getattr(args, "format", "auto"),
-        prompt_field=getattr(args, "prompt_field", "prompt"),
-        chosen_field=getattr(args, "chosen_field", "chosen"),
-        rejected_field=getattr(args, "rejected_field", "rejected"),
-        prompt_template=getattr(args, "prompt_template", None),
+        split=opts.split,
+        ranked=opts.ranked,
+        format=opts.format,
+        prompt_field=opts.prompt_field,
+        chosen_field=opts.chosen_field,
+        rejected_field=opts.rejected_field,
+        prompt_template=opts.prompt_template,
     )
     report["show"] = show  # the terminal prints --show of them; the page shows a few more
     print(format_audit(report))

@@ -255,13 +255,14 @@ def _probe_for(lm: torch.nn.Module, device: torch.device, sharded: bool) -> torc
 
 def plan_forward(model: torch.nn.Module, device: torch.device | str = "cpu", *,
                  options: ForwardOptions = ForwardOptions(), sharded: bool = False, checkpointing: bool = False,
-                 training: bool = True, autocast: Autocast | None = None) -> ForwardPlan:
+                 training: bool = True, autocast: Autocast | None = None, sft: bool = False) -> ForwardPlan:
     """The forward plan for `model` on `device`: the first of the paths the options allow (auto and packed:
     packed, then the KV cache, then one row per answer) that the probe finds exact; the KV cache is left out
     under activation checkpointing (`checkpointing`: the model's or the engine's), which replays layers and would
     extend the cache twice. `sharded`: under FSDP2/ZeRO-3 (the probe never runs on the model itself then).
     `training`: a backward will run (the FlexAttention probe includes one, under `autocast`, the run's
-    Engine.autocast). Each fallback is said once.
+    Engine.autocast). `sft`: the batches hold one answer (the "speed:" line then says what runs for it). Each
+    fallback is said once.
 
     Side effect on CUDA: the model's attention is switched to FlexAttention when the packed path will use it and
     the user named no attention implementation. Call before sharding, after gradient checkpointing is set.
@@ -303,7 +304,7 @@ def plan_forward(model: torch.nn.Module, device: torch.device | str = "cpu", *,
     opt = {"fused": True} if device.type == "cuda" else {}
     plan = ForwardPlan(path, chunk, CPU_KEEP_LOGITS_MIB if device.type == "cpu" else 0, rows, impl,
                        options.keep_dropout, opt)
-    return dataclasses.replace(plan, description=describe(plan, checkpointing, device))
+    return dataclasses.replace(plan, description=describe(plan, checkpointing, device, sft=sft))
 
 
 def forward_handle(model: torch.nn.Module, device: torch.device | str | None = None, *,
@@ -315,11 +316,17 @@ def forward_handle(model: torch.nn.Module, device: torch.device | str | None = N
     return LogpsModel(model, plan_forward(model, device, options=options, training=False))
 
 
-def describe(plan: ForwardPlan, checkpointing: bool, device: torch.device) -> str:
-    parts = {"packed": "packed prefix sharing (prompt·chosen·rejected as one sequence, "
-                       + ("the micro-batch in one row, FlexAttention block mask)" if plan.rows == "packed"
-                          else f"one pair per row, {plan.attention} 4D mask)"),
-             "cache": "KV-cache prefix sharing", "off": "no prefix sharing (one row per answer)"}
+def describe(plan: ForwardPlan, checkpointing: bool, device: torch.device, sft: bool = False) -> str:
+    """The run's "speed:" line; `sft`: for examples with one answer, which no prompt is shared by."""
+    rows = ("the micro-batch in one row, FlexAttention block mask" if plan.rows == "packed"
+            else f"one {'example' if sft else 'pair'} per row, {plan.attention} 4D mask")
+    if sft:
+        parts = {"packed": f"packed rows (prompt·completion as one sequence, {rows})",
+                 "cache": "KV cache (the completion continues from the prompt's)",
+                 "off": "plain rows (prompt·completion, one row per example)"}
+    else:
+        parts = {"packed": f"packed prefix sharing (prompt·chosen·rejected as one sequence, {rows})",
+                 "cache": "KV-cache prefix sharing", "off": "no prefix sharing (one row per answer)"}
     text = [parts[plan.path]]
     if plan.chunk_size:
         recompute = f"kept for backward up to {plan.keep_logits_mib:g} MiB" if plan.keep_logits_mib \

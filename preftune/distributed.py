@@ -380,16 +380,3 @@ def _offloads(plugin: Any) -> bool:
 
     return isinstance(getattr(plugin, "cpu_offload", None), CPUOffloadPolicy)
 
-
-def rank_share(micro: list[list[int]], rank: int, world: int) -> tuple[list[list[int]], list[list[int]]]:
-    """This process's micro-batches of one global batch (every world-th), and the filler micro-batches it must
-    run so that every process runs the same number of forwards and backwards.
-
-    Each process must take part in every collective (DDP's all-reduce, FSDP2's all-gathers, ZeRO's
-    reductions), so a process whose share is shorter (the epoch's last, short global batch) runs fillers (the
-    global batch's first pair) whose loss is multiplied by 0: they change no gradient and count in no
-    metric. Example: 3 micro-batches on 2 processes → rank 0 runs 2, rank 1 runs 1 and one filler.
-    """
-    mine = micro[rank::world]
-    most = -(-len(micro) // world)
-    return mine, [micro[0][:1]] * (most - len(mine))

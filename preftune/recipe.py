@@ -2,12 +2,12 @@
 
 Read top to bottom, a run is: setup (config → run folder checks → data → model → run folder → reference →
 optimizer and schedule → resume) → the step loop (micro-batches, loss, backward, clip, step, log, evaluate,
-checkpoint) → save (final/) → the end. The rest is called where it is owned: the task's loss, normaliser and
-metrics (objectives.py), reference log-probs (modeling/reference.py), every path the run writes
-(outputs/run_dir.py), the batch order (data/sampler.py), the forward paths (logprobs.py), and whatever differs
-between one process, DDP, FSDP2 and DeepSpeed (the Engine, distributed.py; never accelerate directly). Events go
-to callbacks (callbacks.py), each phase of the run included: the progress bar, the console, bench/'s clocks,
-trackers and reports listen there.
+checkpoint) → save (final/) → the end. The rest is called where it is owned: building the data, the model and
+its optimizer (recipe_setup.py), the task's loss, normaliser and metrics (objectives.py), reference log-probs
+(modeling/reference.py), every path the run writes (outputs/run_dir.py), the steps' order and each process's
+share (data/batching.py), the forward paths (logprobs.py), and whatever differs between one process, DDP, FSDP2
+and DeepSpeed (the Engine, distributed.py; never accelerate directly). Events go to callbacks (callbacks.py),
+each phase of the run included: the progress bar, the console, bench/'s clocks, trackers and reports listen there.
 
 Assumptions: a causal LM from transformers; one or more processes (accelerate, torchrun); dropout if asked.
 """
@@ -21,32 +21,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import yaml
 
 from preftune.callbacks import Callback, CallbackList, ConsoleEval, ProgressBar, TrainState, checked_callbacks
 from preftune.config import TrainConfig
+from preftune.data.batching import Share, TrainOrder
 from preftune.data.collate import collate
-from preftune.data.sampler import micro_batches, used_positions
-from preftune.data.splits import keep_data_in, load_splits
+from preftune.data.splits import keep_data_in
 from preftune.device import ForwardOptions, cpu_threads, plan_forward
-from preftune.distributed import Engine, check_launch, rank_share
+from preftune.distributed import Engine, check_launch
 from preftune.errors import PreftuneError
 from preftune.hub import HubCallback
 from preftune.logprobs import LogpsModel, inference, unwrap_handle
-from preftune.modeling.load import (
-    add_lora,
-    check_vocabulary,
-    context_length,
-    load_model,
-    load_tokenizer,
-    prepare_for_training,
-    resolve_model_path,
-)
+from preftune.modeling.load import resolve_model_path
 from preftune.modeling.reference import Placement, build_reference
 from preftune.objectives import make_objective
-from preftune.optim import build_optimizer, lr_schedule, warmup_steps
+from preftune.optim import lr_schedule, warmup_steps
 from preftune.outputs.checkpoint import load_checkpoint, pick_checkpoint, save_checkpoint, save_final
 from preftune.outputs.identity import check_resume, run_identity
 from preftune.outputs.metrics import MetricsWriter, Window, zeroed
@@ -54,6 +45,7 @@ from preftune.outputs.model_card import ModelCardCallback
 from preftune.outputs.report import ReportCallback
 from preftune.outputs.run_dir import RunDir
 from preftune.outputs.trackers import TrackerCallback
+from preftune.recipe_setup import load_data, load_policy, trainable
 from preftune.runtime import StopRequest, seed_everything
 from preftune.scoring import length_sorted_batches
 
@@ -150,14 +142,17 @@ class Recipe:
         if checkpoint is not None:
             check_launch(checkpoint, launch)
         seed_everything(cfg.seed)
-        with self.callbacks.phase(self.state, "data"):
-            self._setup_data()  # validated and tokenized before the (expensive) model load
+        with self.callbacks.phase(self.state, "data"):  # validated and tokenized before the (expensive) model load
+            self.cfg, self.tokenizer, self.train_split, self.eval_split = load_data(
+                cfg, self.task, self.model_path, engine, self.run_dir.data_cache)
         # what every checkpoint records, and a resume must match: before the model loads, so a refusal is quick
         self.identity = run_identity(self.cfg, self.task, self.model_path, self.train_split.pairs)
         if checkpoint is not None:
             check_resume(checkpoint, self.identity, force=cfg.resume_force, say=engine.print, launch=launch)
         with self.callbacks.phase(self.state, "model"):
-            model, plan = self._setup_model()
+            splits = [self.train_split.pairs, *([self.eval_split.pairs] if self.eval_split else [])]
+            model, plan = load_policy(self.cfg, self.task, self.model_path, self.tokenizer, splits, engine)
+            self.threads = cpu_threads() if engine.device.type == "cpu" else None
         # The run folder is written only once everything loaded; the main process locks it (a refusal stops all).
         fresh = checkpoint is None and (cfg.overwrite or cfg.resume == "auto")  # auto: a requeued job's first try
         engine.main_first(lambda: self._create_run_folder(clear=fresh))
@@ -173,55 +168,15 @@ class Recipe:
             with self.callbacks.phase(self.state, "resume"):
                 self.resume(checkpoint)
 
-    def _setup_data(self) -> None:
-        cfg = self.cfg
-        self.tokenizer = load_tokenizer(self.model_path, trust_remote_code=cfg.trust_remote_code)
-        limit = context_length(self.model_path, trust_remote_code=cfg.trust_remote_code)
-        self.cfg, note = cfg.fit_to_context(limit)
-        if note:
-            self.engine.print(note)
-        # A shared cache: one process per machine tokenizes, the others read (a setting: the same on every process)
-        with self.engine.local_main_first(bool(cfg.data_cache_dir)):
-            self.train_split, self.eval_split = load_splits(self.cfg, self.tokenizer, self.task,  # capped lengths
-                                                            cache_dir=self.run_dir.data_cache)
-        self.engine.print(self.train_split.summary)
-
-    def _setup_model(self) -> tuple[torch.nn.Module, Any]:
-        """The model, checked against the tokenizer and the data, ready for training, and the forward plan."""
-        cfg, engine = self.cfg, self.engine
-        model = load_model(self.model_path, dtype=cfg.dtype, attn_implementation=cfg.attn_implementation,
-                           trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle, say=engine.print)
-        check_vocabulary(model, self.tokenizer, self.train_split.pairs,
-                         *([self.eval_split.pairs] if self.eval_split else []))
-        prepare_for_training(model, gradient_checkpointing=cfg.gradient_checkpointing)
-        if not engine.sharded:  # FSDP2 and ZeRO-3 move each process's shard to its device themselves
-            model.to(engine.device)
-        # The fastest exact forward (device.py), decided once before any sharding; every forward runs it.
-        plan = plan_forward(model, engine.device, options=ForwardOptions.of(cfg), sharded=engine.sharded,
-                            checkpointing=cfg.gradient_checkpointing or engine.activation_checkpointing,
-                            autocast=engine.autocast)
-        self.threads = cpu_threads() if engine.device.type == "cpu" else None
-        return model, plan
-
     def _setup_training(self, model: torch.nn.Module, plan: Any) -> torch.nn.Module:
-        """LoRA, optimizer, schedule, batching and the engine's wrapping; returns the (maybe LoRA) model."""
+        """LoRA, optimizer, schedule, the steps' order and the engine's wrapping; returns the (maybe LoRA) model."""
         cfg, engine = self.cfg, self.engine
-        if cfg.lora:
-            model = add_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-                             target_modules=cfg.lora_target_modules)
-            if cfg.gradient_checkpointing:
-                model.enable_input_require_grads()
+        model, optimizer = trainable(cfg, model, plan)
         # The dtypes final/ is written in (FSDP2 upcasts trainable weights to fp32 under mixed precision).
         self.dtypes = {k: v.dtype for k, v in model.state_dict().items()} if engine.sharded else None
-        optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate,
-                                    betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
-                                    weight_decay=cfg.weight_decay, **plan.optimizer_kwargs)
-        # The order is drawn per global batch (per-device × processes × accumulation) and cut into
-        # micro-batches of batch_size; each process then takes every n-th (rank_share): the same pairs in the
-        # same steps whatever the launch shape, for a given global batch.
-        self.batching = dict(batch_size=cfg.batch_size, accumulation=cfg.gradient_accumulation_steps *
-                             engine.num_processes, seed=cfg.seed, group_by_length=cfg.group_by_length)
-        steps_per_epoch = len(micro_batches(self.train_split.pairs, epoch=0, **self.batching))
+        self.order = TrainOrder(self.train_split.pairs, cfg.batch_size, cfg.gradient_accumulation_steps, cfg.seed,
+                                cfg.group_by_length, rank=engine.process_index, world=engine.num_processes)
+        steps_per_epoch = self.order.steps_per_epoch
         total_steps = cfg.max_steps or max(1, math.ceil(steps_per_epoch * cfg.num_epochs))
         warmup = cfg.warmup_steps or warmup_steps(cfg.warmup_ratio, total_steps)
         self.scheduler = lr_schedule(optimizer, cfg.lr_scheduler, warmup, total_steps)
@@ -230,7 +185,6 @@ class Recipe:
             accumulation=cfg.gradient_accumulation_steps, max_grad_norm=cfg.max_grad_norm)
         self.params = [p for p in self.policy.parameters() if p.requires_grad]  # FSDP2 swapped in DTensors
         self.model = model
-        self._epoch_batches: dict[int, list] = {}
         vars(self.state).update(  # in place: callbacks may hold it since the first phase
             config=cfg, total_steps=total_steps, steps_per_epoch=steps_per_epoch, is_main_process=engine.is_main_process,
             num_processes=engine.num_processes, device=engine.device, model=model, tokenizer=self.tokenizer,
@@ -245,9 +199,8 @@ class Recipe:
         handle = self.policy if engine.sharded else unwrap_handle(self.policy)  # sharded: the wrapper gathers
         plan_for = functools.partial(plan_forward, device=engine.device, options=ForwardOptions.of(cfg),
                                      sharded=engine.sharded, training=False)  # a separate reference_model's plan
-        def used() -> np.ndarray:  # the order is known up front: only the pairs the steps use are scored
-            return used_positions(self.train_split.pairs, self.state.total_steps, **self.batching)
-
+        # the order is known up front: only the pairs the steps use are scored
+        used = functools.partial(self.order.used, self.state.total_steps)
         with self.run_dir.saving("the reference log-probs cache", "nothing else was changed"):
             self.reference = build_reference(
                 cfg, policy=handle, model_path=self.model_path, needs_reference=self.objective.needs_reference,
@@ -280,8 +233,7 @@ class Recipe:
         window = Window()
         self.skipped = 0
         for step in range(st.step, st.total_steps):
-            epoch, position = divmod(step, st.steps_per_epoch)
-            self.train_step(step, self._micro_batches(epoch)[position], window)
+            self.train_step(step, self.order.share(step), window)
             st.step = done = step + 1
             self.callbacks.on_step_end(st)
             if done % cfg.logging_steps == 0 or done == st.total_steps:
@@ -298,28 +250,18 @@ class Recipe:
                                   "with --resume")
                 return
 
-    def _micro_batches(self, epoch: int) -> list[tuple[list[list[int]], list[list[int]]]]:
-        """Each step's (this process's micro-batches, its filler micro-batches); see distributed.rank_share."""
-        if epoch not in self._epoch_batches:  # one epoch's order at a time: a pure function of (seed, epoch)
-            steps = micro_batches(self.train_split.pairs, epoch=epoch, **self.batching)
-            engine = self.engine
-            self._epoch_batches = {epoch: [rank_share(m, engine.process_index, engine.num_processes)
-                                           for m in steps]}
-        return self._epoch_batches[epoch]
-
-    def train_step(self, step: int, share: tuple[list[list[int]], list[list[int]]], window: Window) -> None:
+    def train_step(self, step: int, share: Share, window: Window) -> None:
         """One optimizer step over this process's micro-batches of one global batch."""
         engine, pairs, n_proc = self.engine, self.train_split.pairs, self.engine.num_processes
-        micro, fillers = share
+        micro = share.batches
         # Normalise by the whole global batch (all micro-batches, all processes): accumulation then gives the
         # same gradient as one big batch, whatever the micro-batch sizes. DDP, FSDP2 and ZeRO average
         # gradients over processes, hence the division by n_proc.
         local = self.objective.normaliser([pairs[i] for m in micro for i in m])
         denominator = engine.reduce_sum([local])[0] / n_proc
         losses: list[torch.Tensor] = []
-        runs = micro + fillers
-        for k, idx in enumerate(runs):
-            filler = k >= len(micro)
+        runs = list(share.runs())
+        for k, (idx, filler) in enumerate(runs):
             batch = collate([pairs[i] for i in idx], idx, self.tokenizer.pad_token_id).to(engine.device)
             # Every process runs every backward, even after a non-finite loss or with nothing left to learn
             # from (a filler): skipping one would leave the others waiting in a collective.
@@ -393,13 +335,12 @@ class Recipe:
                                         pad_id=self.tokenizer.pad_token_id, device=engine.device,
                                         rank=engine.process_index, world=engine.num_processes)
         with inference(self.policy):  # eval mode and no gradients; the training modes come back afterwards
-            for idx, batch in batches:
+            for _, filler, batch in batches:
                 with engine.autocast():
                     policy = self.policy(batch)
                 reference = self.reference.eval.logps(batch) if self.reference.eval is not None else None
                 sums = self.objective.loss(policy, reference, training=False)[1]
-                # A filler batch (length_sorted_batches keeps the processes' forwards in step) counts nothing.
-                window.add(sums if idx else zeroed(sums))
+                window.add(zeroed(sums) if filler else sums)  # a filler (data/batching.py) counts nothing
         self.state.eval_metrics = self._log("eval", self.objective.summarize(window.totals(engine)))
         return self.state.eval_metrics
 

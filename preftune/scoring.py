@@ -14,11 +14,14 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
 
-import numpy as np
 import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
 
+from preftune.data.batching import length_sorted_share
 from preftune.data.collate import Batch, collate
-from preftune.data.store import padded_lengths
+from preftune.data.encode import tokenize_records
+from preftune.data.render import render_texts
 from preftune.data.tokenize import TokenizedPair
 from preftune.device import forward_handle
 from preftune.logprobs import SequenceLogps, inference
@@ -26,25 +29,13 @@ from preftune.logprobs import SequenceLogps, inference
 
 def length_sorted_batches(pairs: Sequence[TokenizedPair], batch_size: int, *, pad_id: int,
                           device: torch.device | str = "cpu", rank: int = 0,
-                          world: int = 1) -> Iterator[tuple[list[int], Batch]]:
-    """(positions, batch) over `pairs`, longest first so each batch pads little; process `rank` of `world`
-    takes every world-th pair of that order, so the processes' shares are disjoint and of similar cost.
-
-    With several processes every one yields the same number of batches: a process whose share needs fewer
-    ends with filler batches, yielded with *no* positions (`([], batch)`), which the caller runs and ignores.
-    Under FSDP2 and ZeRO-3 each forward is a collective (the layers' weights are gathered from all
-    processes), so a process that skipped one would leave the others waiting forever.
-    """
-    # a stable sort, longest first: the same order as sorted(key=-padded_length), from a lengths array
-    order = np.argsort(-padded_lengths(pairs), kind="stable").tolist()
-    mine = order[rank::world]
-    for s in range(0, len(mine), batch_size):
-        idx = mine[s:s + batch_size]
-        yield idx, collate([pairs[i] for i in idx], idx, pad_id).to(device)
-    if world > 1 and order:
-        most = -(-len(order[0::world]) // batch_size)  # rank 0's share is the longest
-        for _ in range(most - -(-len(mine) // batch_size)):
-            yield [], collate([pairs[order[0]]], [order[0]], pad_id).to(device)
+                          world: int = 1) -> Iterator[tuple[list[int], bool, Batch]]:
+    """(positions, is_filler, batch) of process `rank`'s share of `pairs` (`batching.length_sorted_share`:
+    longest first, every world-th pair), collated on `device`. With several processes every one yields the same
+    number of batches, its filler batches last: the caller runs them and ignores their outputs (the filler
+    convention, preftune/data/batching.py)."""
+    for idx, filler in length_sorted_share(pairs, batch_size, rank=rank, world=world).runs():
+        yield idx, filler, collate([pairs[i] for i in idx], idx, pad_id).to(device)
 
 
 def score(handle: torch.nn.Module, pairs: Sequence[TokenizedPair], *, pad_id: int, batch_size: int,
@@ -62,29 +53,25 @@ def score(handle: torch.nn.Module, pairs: Sequence[TokenizedPair], *, pad_id: in
     share once, and the shares are summed across processes: every pair is scored by exactly one process and
     is 0 elsewhere, so the sum is exact. `device` is where batches go (default: the handle's first parameter's).
     """
-    from tqdm.auto import tqdm
-
     device = device or next(handle.parameters()).device
     n = len(pairs)
     sides = ("chosen",) if pairs and pairs[0].rejected_ids is None else ("chosen", "rejected")
     cols: dict[str, torch.Tensor] = {}
     batches = length_sorted_batches(pairs, batch_size, pad_id=pad_id, device=device, rank=rank, world=world)
     with tqdm(total=n, desc=desc, unit="pair", disable=not progress, leave=False) as bar, inference(handle):
-        for idx, batch in batches:
+        for idx, filler, batch in batches:
             with autocast() if autocast else contextlib.nullcontext():
                 out = handle(batch)
             if not cols:  # the log-probs' own precision (float64 stays float64)
                 cols = {f"{side}_{what}": torch.zeros(n, dtype=out.chosen_logps.dtype if what == "logps" else None)
                         for side in sides for what in ("logps", "lengths")}
-            if not idx:  # a filler batch (see length_sorted_batches)
+            if filler:
                 continue
             for k, col in cols.items():
                 col[idx] = getattr(out, k).to(col.dtype).cpu()
             bar.update(len(idx) * world)
     cols = cols or {f"{side}_{what}": torch.zeros(n) for side in sides for what in ("logps", "lengths")}
     if world > 1:
-        import torch.distributed as dist
-
         stacked = torch.stack([c.double() for c in cols.values()]).to(device)
         dist.all_reduce(stacked, op=dist.ReduceOp.SUM)
         cols = {k: v.to(c.dtype) for (k, c), v in zip(cols.items(), stacked.cpu())}
@@ -101,9 +88,6 @@ def score_records(model: torch.nn.Module, tokenizer, records: Sequence[dict], *,
     `rejected_lengths` (one entry per kept pair) and `kept`, the record indices they belong to
     (pairs that tokenization drops are left out).
     """
-    from preftune.data.encode import tokenize_records
-    from preftune.data.render import render_texts
-
     texts = [render_texts(tokenizer, r) for r in records]
     pairs, _ = tokenize_records(tokenizer, texts, max_length=max_length, max_prompt_length=max_prompt_length)
     out = score(forward_handle(model), pairs, pad_id=tokenizer.pad_token_id, batch_size=batch_size)
@@ -120,8 +104,6 @@ def score_ids(model: torch.nn.Module, prompt_ids: Sequence[list[int]], completio
     For a model's own samples this scores exactly the tokens it drew (decoding to text and tokenizing again
     can give other tokens). `model`: a handle or a loaded model (planned here). Returns ([N], [N]) fp32 CPU tensors in input order; completions must be non-empty.
     """
-    from preftune.data.tokenize import TokenizedPair
-
     pairs = [TokenizedPair(list(p), list(c), None, i) for i, (p, c) in enumerate(zip(prompt_ids, completion_ids))]
     out = score(forward_handle(model), pairs, pad_id=pad_id, batch_size=batch_size, autocast=autocast)
     return out.chosen_logps, out.chosen_lengths

@@ -373,7 +373,7 @@ def test_inspect_truncates_at_the_limits_train_uses(tmp_path, tiny_model_dir, ca
     under 1024), one short pair. Train and inspect both say: 2 prompts truncated, 1 answer truncated."""
     from preftune.cli import main
     from preftune.config import TrainConfig
-    from preftune.data.splits import load_splits
+    from preftune.data.splits import DataSettings, load_splits
     from preftune.modeling.load import context_length, load_tokenizer
 
     rows = [{"prompt": "question: " + "red " * 200 + "answer:", "chosen": " yes", "rejected": " no"},
@@ -386,7 +386,7 @@ def test_inspect_truncates_at_the_limits_train_uses(tmp_path, tiny_model_dir, ca
         .fit_to_context(context_length(str(tiny_model_dir)))
     assert note == "max_length 1024 is more than the model's 256 positions: capped it to 256 and max_prompt_length " \
                    "512 to 128"
-    train, _ = load_splits(cfg, load_tokenizer(str(tiny_model_dir)), "dpo")
+    train, _ = load_splits(DataSettings.of(cfg), load_tokenizer(str(tiny_model_dir)), "dpo")
     assert "train tokenized: 4 kept, 2 prompts truncated (left), 1 answers truncated (right)" in train.summary
     assert main(["inspect", str(path), "--tokenizer", str(tiny_model_dir)]) == 0
     printed = capsys.readouterr().out

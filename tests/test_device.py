@@ -12,6 +12,7 @@ from preftune import device, logprobs, packing
 from preftune.config import TrainConfig
 from preftune.device import ForwardOptions
 from preftune.errors import PreftuneError
+from preftune.logprobs import ForwardPlan
 from preftune.modeling.load import load_model_and_tokenizer
 
 
@@ -40,6 +41,19 @@ def test_cpu_plan_is_packed_pair_rows(tiny):
                                        "one pair per row, sdpa 4D mask)")
     assert "activation checkpointing off" in plan.description
     assert not plan.keep_dropout  # disable_dropout defaults to true
+
+
+def test_an_sft_speed_line_says_what_runs_for_one_answer():
+    """SFT examples have no second answer to share a prompt with: the line names prompt·completion rows."""
+    cpu = torch.device("cpu")
+    packed = ForwardPlan("packed", 4096, 256, "pair", "sdpa")
+    assert device.describe(packed, False, cpu, sft=True).startswith(
+        "speed: packed rows (prompt·completion as one sequence, one example per row, sdpa 4D mask), LM head")
+    assert device.describe(ForwardPlan("cache"), False, cpu, sft=True).startswith(
+        "speed: KV cache (the completion continues from the prompt's), full logits")
+    assert device.describe(ForwardPlan("off"), False, cpu, sft=True).startswith(
+        "speed: plain rows (prompt·completion, one row per example)")
+    assert "prompt·chosen·rejected" in device.describe(packed, False, cpu)
 
 
 @pytest.mark.parametrize("kw, mode, chunk", [

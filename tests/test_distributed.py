@@ -30,12 +30,12 @@ ARGS = dict(max_length=64, max_prompt_length=32, learning_rate=1e-3, lr_schedule
 needs_torchrun = pytest.mark.skipif(not TORCHRUN.exists() and not shutil.which("torchrun"),
                                     reason="torchrun not installed")
 
-# Run as the torchrun script: the CLI plus two callbacks. One prints the wrapper type of a decoder layer
-# (accelerate on CPU would silently use DDP for an FSDP config; preftune must really shard), the other kills
-# every process right after metrics line KILL_AFTER, before that step's checkpoint: an exact kill point.
+# Run as the torchrun script: the CLI with a callback (cli.main's `callbacks`) whose two events check the run. One
+# prints the wrapper type of a decoder layer (accelerate on CPU would silently use DDP for an FSDP config; preftune
+# must really shard), the other kills every process right after metrics line KILL_AFTER, before that step's
+# checkpoint: an exact kill point.
 SCRIPT = """
 import os, signal, sys
-from preftune import recipe
 from preftune.callbacks import Callback
 from preftune.cli import main
 
@@ -48,9 +48,7 @@ class Probe(Callback):
         if row["split"] == "train" and row["step"] >= int(os.environ.get("KILL_AFTER", "1000000")):
             os.kill(os.getpid(), signal.SIGKILL)
 
-defaults = recipe.default_callbacks
-recipe.default_callbacks = lambda cfg: defaults(cfg) + [Probe()]
-sys.exit(main(sys.argv[1:]))
+sys.exit(main(sys.argv[1:], callbacks=[Probe()]))
 """
 
 
@@ -159,68 +157,6 @@ def test_fsdp2_kv_cache_under_activation_checkpointing_becomes_one_row_per_answe
     assert "speed: no prefix sharing (one row per answer)" in res.stdout, res.stdout[-2000:]
     assert "KV-cache prefix sharing cannot run under activation checkpointing" in res.stderr
     _same_run(one_process, tmp_path / "cache")
-
-
-# ------------------------------------------------------------------------------------------ no processes needed
-def _pairs(n: int, seed: int = 0):
-    import random
-
-    from preftune.data.tokenize import TokenizedPair
-
-    rng = random.Random(seed)
-    return [TokenizedPair([1] * rng.randint(1, 9), [2] * rng.randint(1, 6), [3] * rng.randint(1, 6), i)
-            for i in range(n)]
-
-
-def test_rank_share_gives_every_process_the_same_number_of_micro_batches():
-    """3 micro-batches on 2 processes: rank 0 takes the 1st and 3rd, rank 1 the 2nd plus one filler (the global
-    batch's first pair); 1 micro-batch on 2: rank 1 only a filler; 4 on 2: no filler."""
-    from preftune.distributed import rank_share
-
-    micro = [[5, 6], [7, 8], [9]]
-    assert rank_share(micro, 0, 2) == ([[5, 6], [9]], [])
-    assert rank_share(micro, 1, 2) == ([[7, 8]], [[5]])
-    assert rank_share([[4, 2]], 1, 2) == ([], [[4]])
-    assert rank_share([[1], [2], [3], [4]], 1, 2) == ([[2], [4]], [])
-    assert rank_share(micro, 0, 1) == (micro, [])
-
-
-@pytest.mark.parametrize("batch_size, accumulation, processes",
-                         [(8, 1, 2), (4, 2, 2), (2, 2, 4), (4, 1, 4), (1, 16, 1), (2, 1, 8)])
-def test_every_launch_shape_of_a_global_batch_of_16_sees_the_same_pairs_each_step(batch_size, accumulation,
-                                                                                processes):
-    """What the recipe does (micro_batches over the global batch, then rank_share) puts exactly the pairs of a
-    one-process batch of 16 into each step, split over the processes, in the same number of micro-batches per
-    process. 45 pairs: steps of 16, 16 and 13."""
-    from preftune.data.sampler import micro_batches
-    from preftune.distributed import rank_share
-
-    pairs = _pairs(45)
-    kw = dict(seed=7, epoch=1, group_by_length=True)
-    one = micro_batches(pairs, batch_size=16, accumulation=1, **kw)
-    steps = micro_batches(pairs, batch_size=batch_size, accumulation=accumulation * processes, **kw)
-    assert [len(m[0]) for m in one] == [16, 16, 13] and len(steps) == 3
-    for step, micro in enumerate(steps):
-        shares = [rank_share(micro, r, processes) for r in range(processes)]
-        assert len({len(mine) + len(fill) for mine, fill in shares}) == 1
-        real = [i for mine, _ in shares for m in mine for i in m]
-        assert sorted(real) == sorted(one[step][0]) and len(real) == len(set(real))
-        assert all(len(m) <= batch_size for mine, _ in shares for m in mine)
-
-
-def test_length_sorted_batches_split_ranks_disjointly_with_fillers():
-    """7 pairs of lengths 7..1 on 2 processes, batches of 3: rank 0 takes the 1st, 3rd, 5th, 7th longest
-    (2 batches), rank 1 the 2nd, 4th, 6th (1 batch) plus a filler with no positions; nothing is scored twice."""
-    from preftune.data.tokenize import TokenizedPair
-    from preftune.scoring import length_sorted_batches
-
-    pairs = [TokenizedPair([1] * (7 - i), [2], [3], i) for i in range(7)]  # pair i: padded length 8 - i
-    r0 = [(idx, len(b)) for idx, b in length_sorted_batches(pairs, 3, pad_id=0, rank=0, world=2)]
-    r1 = [(idx, len(b)) for idx, b in length_sorted_batches(pairs, 3, pad_id=0, rank=1, world=2)]
-    assert r0 == [([0, 2, 4], 3), ([6], 1)]
-    assert r1 == [([1, 3, 5], 3), ([], 1)]
-    one = [idx for idx, _ in length_sorted_batches(pairs, 3, pad_id=0)]
-    assert one == [[0, 1, 2], [3, 4, 5], [6]]  # one process: no fillers, as before
 
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "accelerate"

@@ -23,7 +23,8 @@ from tqdm.auto import tqdm
 from preftune.data.chat_template import render_guard
 from preftune.data.encode import BatchEncoder
 from preftune.data.examples import render_record
-from preftune.data.load import LoadedData, RecordStream, group_rank
+from preftune.data.holdout import prompt_ranks
+from preftune.data.load import LoadedData, RecordStream
 from preftune.data.stats import value_key
 from preftune.data.store import StoreWriter
 
@@ -90,7 +91,7 @@ def build_source(source: Any, folder: Path, *, tokenizer: Any, encoder: BatchEnc
             parts = ("prompt", "chosen", "rejected") if "chosen" in chunk.records[0] else ("prompt", "completion")
             dup += b"".join(_digest(r, parts) for r in chunk.records)
             if rank_seed is not None:
-                ranks += b"".join(group_rank(value_key(r["prompt"]), rank_seed) for r in chunk.records)
+                ranks += prompt_ranks(chunk.records, rank_seed)
             texts = [render_record(tokenizer, r) for r in chunk.records]
             job = (chunk, texts, worker.submit(encoder, texts))
             if pending is not None:

@@ -12,7 +12,6 @@ OpenAI, Alpaca, a prompt template); `preftune.data.validate` checks each row and
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -26,7 +25,6 @@ from preftune.data.layouts import LAYOUT_LABELS
 from preftune.data.ranked import check_rule
 from preftune.data.rows import CHUNK_ROWS, Bad, Input, Rows
 from preftune.data.sources import iter_rows, resolve
-from preftune.data.stats import value_key
 from preftune.data.validate import PREFERENCE_FORMATS, SFT_FORMATS, RowChecker, detect_format, glued
 from preftune.errors import PreftuneError
 
@@ -331,60 +329,6 @@ class _Replay:
         if kept:
             yield kept
         yield from self.chunks
-
-
-def split_records(
-    records: Sequence[dict], eval_fraction: float, seed: int = 0
-) -> tuple[list[dict], list[dict]]:
-    """Split records into (train, eval) deterministically, never putting one prompt on both sides.
-
-    Records are grouped by prompt (pairs sharing a prompt would leak the prompt into eval otherwise); groups
-    are ordered by a hash of (seed, prompt), which does not depend on the record order or Python's hash salt,
-    and taken into eval while they fit into ``round(eval_fraction * len(records))`` (at least 1) records. Both
-    lists keep the records' original order.
-    """
-    if not 0.0 <= eval_fraction < 1.0:
-        raise PreftuneError(f"eval fraction {eval_fraction} is out of range; use a number in [0, 1)")
-    if eval_fraction == 0.0 or not records:
-        return list(records), []
-    groups: dict[str, list[int]] = {}
-    for i, rec in enumerate(records):
-        groups.setdefault(value_key(rec.get("prompt")), []).append(i)
-    if len(groups) < 2:
-        raise PreftuneError(
-            f"cannot hold out an eval split: all {len(records)} records share one prompt; use eval fraction 0"
-        )
-    target = max(1, round(eval_fraction * len(records)))
-    order = sorted(groups, key=lambda key: group_rank(key, seed))
-    chosen_keys = [order[g] for g in holdout_groups([len(groups[k]) for k in order], target)]
-    in_eval = {i for key in chosen_keys for i in groups[key]}
-    train = [r for i, r in enumerate(records) if i not in in_eval]
-    held = [r for i, r in enumerate(records) if i in in_eval]
-    return train, held
-
-
-def group_rank(key: str, seed: int) -> bytes:
-    """Where a prompt group (`value_key` of its prompt) comes in the hold-out order: a hash of (seed, prompt),
-    independent of the record order and of Python's hash salt."""
-    return hashlib.sha256(f"{seed}\x00{key}".encode("utf-8", "surrogatepass")).digest()
-
-
-def holdout_groups(sizes: Sequence[int], target: int) -> list[int]:
-    """Which prompt groups (given in rank order, by size) go to eval: each in turn while it fits into `target`
-    records; if none fits, the smallest (the first of equals); never all of them."""
-    chosen: list[int] = []
-    taken = 0
-    for g, size in enumerate(sizes):
-        if taken + size <= target:
-            chosen.append(g)
-            taken += size
-        if taken >= target:
-            break
-    if not chosen:  # every group is larger than the target: take the smallest, ties broken by rank
-        chosen = [min(range(len(sizes)), key=lambda g: sizes[g])]
-    if len(chosen) == len(sizes):
-        chosen = chosen[:-1]
-    return chosen
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
@@ -37,7 +37,7 @@ from preftune.data.cache import (
 )
 from preftune.data.encode import BatchEncoder
 from preftune.data.examples import example, format_example, render_record
-from preftune.data.load import holdout_groups
+from preftune.data.holdout import HoldOut
 from preftune.data.stats import duplicates_warning, length_bias, length_bias_warning
 from preftune.data.store import Pairs, PairStore
 from preftune.data.tokenize import (
@@ -51,8 +51,46 @@ from preftune.data.tokenize import (
 )
 from preftune.errors import PreftuneError
 
-if TYPE_CHECKING:  # the data layer sits below the config; it only reads the data settings
-    from preftune.config import TrainConfig
+
+@dataclass(frozen=True)
+class DataSettings:
+    """What the tokenized splits are made from: the TrainConfig options of the same names (`DataSettings.of(cfg)`),
+    and nothing else of the run (the data layer sits below the config)."""
+
+    data: Any
+    eval_data: Any
+    eval_split: str | None
+    eval_fraction: float
+    seed: int  # the hold-out's (with eval_fraction)
+    split: str | None
+    ranked: str
+    format: str
+    prompt_field: str
+    chosen_field: str
+    rejected_field: str
+    completion_field: str
+    prompt_template: str | None
+    skip_invalid: bool
+    max_length: int
+    max_prompt_length: int
+    data_cache_dir: str | None
+    progress: bool
+
+    @classmethod
+    def of(cls, cfg: Any) -> DataSettings:
+        """The data settings of a TrainConfig (or of anything with these attributes)."""
+        return cls(**{f.name: getattr(cfg, f.name) for f in fields(cls)})
+
+    @property
+    def holdout(self) -> HoldOut:
+        return HoldOut(self.data, self.eval_data, self.eval_split, self.eval_fraction, self.seed)
+
+    def read_kwargs(self, task: str) -> dict[str, Any]:
+        """`RecordStream`'s keywords for `task`'s data (train or sft)."""
+        return dict(kind="sft" if task == "sft" else "preference", format=self.format, prompt_field=self.prompt_field,
+                    chosen_field=self.chosen_field, rejected_field=self.rejected_field,
+                    completion_field=self.completion_field, prompt_template=self.prompt_template,
+                    skip_invalid=self.skip_invalid, split=self.split, ranked=self.ranked)
 
 
 @dataclass
@@ -68,28 +106,28 @@ class Split:
 SUMMARY_TEXT_LIMIT = 600  # characters of each text the summary's example shows before eliding the middle
 
 
-def load_splits(cfg: TrainConfig, tokenizer, task: str, *, cache_dir: Path | None = None,
+def load_splits(settings: DataSettings, tokenizer, task: str, *, cache_dir: Path | None = None,
                 progress: bool | None = None) -> tuple[Split, Split | None]:
-    """Tokenized (train, eval or None) splits of `cfg`'s data; the train split's summary holds the lines the
+    """Tokenized (train, eval or None) splits of the data `settings` name; the train split's summary holds the lines the
     recipe prints: what was loaded and dropped, held out, tokenized (truncated, dropped), length bias, exact
     duplicates, and one example exactly as training sees it.
 
-    The result is cached under `cfg.data_cache_dir` when set, else under `cache_dir` (the run folder's
+    The result is cached under `settings.data_cache_dir` when set, else under `cache_dir` (the run folder's
     `data_cache/`): reused when present; built there when that folder exists; otherwise built in the temporary
     folder, and `keep_data_in` moves it to `cache_dir` once that may be written. Without either, nothing is kept.
     """
-    shared = getattr(cfg, "data_cache_dir", None)
+    shared = settings.data_cache_dir
     where = Path(shared).expanduser() if shared else cache_dir
     if shared:
         where.mkdir(parents=True, exist_ok=True)
-    ingredients = data_ingredients(cfg, tokenizer, task)
+    ingredients = data_ingredients(settings, tokenizer, task)
     key = make_key(ingredients)
     found = find(where, key)
     if found is not None:
         return open_entry(DataEntry(found, key, staged=False))
     staging, staged = staging_folder(where, key)
     try:
-        build_entry(cfg, tokenizer, task, staging, ingredients, cfg.progress if progress is None else progress)
+        build_entry(settings, tokenizer, task, staging, ingredients, settings.progress if progress is None else progress)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -104,44 +142,35 @@ def keep_data_in(split: Split, cache_dir: Path) -> None:
         split.entry.keep_in(cache_dir)
 
 
-def data_ingredients(cfg: TrainConfig, tokenizer, task: str) -> dict:
+def data_ingredients(settings: DataSettings, tokenizer, task: str) -> dict:
     """Everything the tokenized splits depend on (the cache key is its hash)."""
-    holdout = cfg.eval_fraction > 0 and not cfg.eval_data
-    eval_source = cfg.eval_data or (cfg.data if cfg.eval_split else None)
-    return {"task": "sft" if task == "sft" else "preference", "data": source_fingerprint(cfg.data),
-            "eval_data": source_fingerprint(eval_source) if eval_source else None, "eval_split": cfg.eval_split,
-            "eval_fraction": cfg.eval_fraction if holdout else 0.0, "seed": cfg.seed if holdout else None,
-            **_load_kwargs(cfg, task), "max_length": cfg.max_length, "max_prompt_length": cfg.max_prompt_length,
+    return {"task": "sft" if task == "sft" else "preference", "data": source_fingerprint(settings.data),
+            **settings.holdout.ingredients(source_fingerprint), **settings.read_kwargs(task),
+            "max_length": settings.max_length, "max_prompt_length": settings.max_prompt_length,
             "tokenizer": tokenizer_fingerprint(tokenizer), **library_versions()}
 
 
-def _load_kwargs(cfg: TrainConfig, task: str) -> dict:
-    return dict(kind="sft" if task == "sft" else "preference", format=cfg.format, prompt_field=cfg.prompt_field,
-                chosen_field=cfg.chosen_field, rejected_field=cfg.rejected_field,
-                completion_field=cfg.completion_field, prompt_template=cfg.prompt_template,
-                skip_invalid=cfg.skip_invalid, split=cfg.split, ranked=cfg.ranked)
-
-
-def build_entry(cfg: TrainConfig, tokenizer, task: str, folder: Path, ingredients: dict, progress: bool) -> None:
+def build_entry(settings: DataSettings, tokenizer, task: str, folder: Path, ingredients: dict,
+                progress: bool) -> None:
     """Stream, tokenize and split the data into a cache entry in `folder` (meta.json written last)."""
 
-    kw = _load_kwargs(cfg, task)
-    encoder = BatchEncoder(tokenizer, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length)
-    holdout = cfg.eval_fraction > 0 and not cfg.eval_data
-    data = build_source(cfg.data, folder / "data", tokenizer=tokenizer, encoder=encoder, load_kwargs=kw,
-                        rank_seed=cfg.seed if holdout else None, progress=progress)
+    kw = settings.read_kwargs(task)
+    encoder = BatchEncoder(tokenizer, max_length=settings.max_length, max_prompt_length=settings.max_prompt_length)
+    holdout = settings.holdout
+    data = build_source(settings.data, folder / "data", tokenizer=tokenizer, encoder=encoder, load_kwargs=kw,
+                        rank_seed=holdout.rank_seed, progress=progress)
     held = None
-    if cfg.eval_data or cfg.eval_split:  # another source, or another split of the same one
-        held = build_source(cfg.eval_data or cfg.data, folder / "eval", tokenizer=tokenizer, encoder=encoder,
-                            load_kwargs={**kw, "split": cfg.eval_split}, progress=progress, desc="tokenizing eval")
+    if holdout.source is not None:  # another source, or another split of the same one
+        held = build_source(holdout.source, folder / "eval", tokenizer=tokenizer, encoder=encoder,
+                            load_kwargs={**kw, "split": holdout.eval_split}, progress=progress, desc="tokenizing eval")
     n = len(data.position)
     lines = [data.loaded.summary(), *data.loaded.warnings()]
     in_eval = np.zeros(n, dtype=bool)
     if held is not None:
         lines.append("eval: " + held.loaded.summary())
-    elif holdout:
-        in_eval = _held_out(data.rank, cfg.eval_fraction)
-        lines.append(f"held out {int(in_eval.sum()):,} of {n:,} for evaluation (eval_fraction {cfg.eval_fraction})")
+    elif holdout.fraction:
+        in_eval, line = holdout.split(data.rank)
+        lines.append(line)
     train = _split_of(data, ~in_eval, "train")
     lines.append(train["line"])
     store = PairStore(folder / "data", data.store)
@@ -159,7 +188,7 @@ def build_entry(cfg: TrainConfig, tokenizer, task: str, folder: Path, ingredient
         evaluation = _split_of(data, in_eval, "eval")
     if evaluation is not None:
         lines.append(evaluation["line"])
-    shown = _first_example(cfg, tokenizer, task, data, store, int(train["positions"][0]))
+    shown = _first_example(settings.data, kw, tokenizer, data, store, int(train["positions"][0]))
     lines += format_example(shown, "first training example as the model sees it", SUMMARY_TEXT_LIMIT)
     splits = {}
     for name, split in (("train", train), ("eval", evaluation)):
@@ -171,18 +200,6 @@ def build_entry(cfg: TrainConfig, tokenizer, task: str, folder: Path, ingredient
     meta = {"ingredients": ingredients, "stores": {"data": data.store, **({"eval": held.store} if held else {})},
             "splits": splits, "summary": "\n".join(lines), "example": shown, "info": info}
     (folder / "meta.json").write_text(json.dumps(meta, ensure_ascii=False, default=str), encoding="utf-8")
-
-
-def _held_out(ranks: np.ndarray, eval_fraction: float) -> np.ndarray:
-    """`split_records`' hold-out, from each record's prompt rank: whole prompt groups, in rank order."""
-    groups, group_of, sizes = np.unique(ranks, return_inverse=True, return_counts=True)
-    if len(groups) < 2:
-        raise PreftuneError(
-            f"cannot hold out an eval split: all {len(ranks)} records share one prompt; use eval fraction 0")
-    target = max(1, round(eval_fraction * len(ranks)))
-    chosen = np.zeros(len(groups), dtype=bool)
-    chosen[holdout_groups(sizes.tolist(), target)] = True
-    return chosen[group_of.reshape(-1)]
 
 
 def _split_of(built: Any, records: np.ndarray, name: str, store: str = "data") -> dict:
@@ -202,13 +219,14 @@ def _split_of(built: Any, records: np.ndarray, name: str, store: str = "data") -
     return {"positions": position[position >= 0], "line": f"{name} {stats.summary()}", "store": store}
 
 
-def _first_example(cfg: TrainConfig, tokenizer, task: str, data: Any, store: PairStore, position: int) -> dict:
-    """The first training pair as the model sees it, from its record (kept while streaming, else read again)."""
+def _first_example(source: Any, load_kwargs: dict, tokenizer, data: Any, store: PairStore, position: int) -> dict:
+    """The first training pair as the model sees it, from its record (kept while streaming, else read again from
+    `source` with `load_kwargs`)."""
     pair = store.pairs()[position]
     if pair.index in data.samples:
         record, texts, origin = data.samples[pair.index]
     else:
-        record, origin = find_record(cfg.data, _load_kwargs(cfg, task), pair.index)
+        record, origin = find_record(source, load_kwargs, pair.index)
         texts = render_record(tokenizer, record)
     return example(tokenizer, record, texts, pair, origin)
 

@@ -100,11 +100,6 @@ class Precomputed(Reference):
                              self.rejected[idx].to(dev), batch.rejected_mask.sum(-1).float())
 
 
-def token_digest(pairs: Sequence[TokenizedPair]) -> str:
-    """SHA-256 of the exact token ids of every pair, in order (the data as training sees it), from arrays."""
-    return pairs_digest(pairs)
-
-
 # Bumped when what a cache file holds changes meaning, so older files are never read as the new kind
 # (3: partial files, with `scored`).
 CACHE_FORMAT = 3
@@ -118,7 +113,7 @@ def cache_key(model_id: str, pairs: Sequence[TokenizedPair], extra: dict) -> str
     h = hashlib.sha256()
     h.update(json.dumps({"model": model_id, "format": CACHE_FORMAT, "pairs": len(pairs), **extra},
                         sort_keys=True).encode())
-    h.update(token_digest(pairs).encode())
+    h.update(pairs_digest(pairs).encode())  # the exact token ids of every pair, in order
     return h.hexdigest()[:20]
 
 

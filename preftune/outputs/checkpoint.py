@@ -29,7 +29,6 @@ import errno
 import json
 import os
 import random
-import re
 import shutil
 import warnings
 from collections.abc import Callable, Iterator
@@ -40,10 +39,14 @@ import numpy as np
 import torch
 
 from preftune.errors import PreftuneError
-from preftune.outputs.manifest import MANIFEST, damage, write_manifest
-
-CHECKPOINTS = "checkpoints"
-_STEP = re.compile(r"step-(\d+)$")
+from preftune.outputs.manifest import (
+    CHECKPOINTS,
+    MANIFEST,
+    damage,
+    list_checkpoints,
+    step_folders,
+    write_manifest,
+)
 
 
 def _rank_world() -> tuple[int, int]:
@@ -197,19 +200,6 @@ def save_checkpoint(run_dir: Path, step: int, *, model: torch.nn.Module, optimiz
     return final
 
 
-def list_checkpoints(run_dir: Path) -> list[Path]:
-    """The run's checkpoint folders (step-N, not links) in step order, whole or not (`damage` tells)."""
-    return _steps(run_dir / CHECKPOINTS)
-
-
-def _steps(root: Path) -> list[Path]:
-    if not root.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP.match(p.name)) and p.is_dir()
-             and not p.is_symlink()]
-    return [p for _, p in sorted(found)]
-
-
 def pick_checkpoint(run_dir: Path, resume: Any, say: Callable[[str], None] = print) -> Path | None:
     """The checkpoint `resume` (TrainConfig.resume, its spellings already read there) asks for, verified against
     its manifest: true/"latest" → the newest intact one in the run folder (damaged newer ones are named in one
@@ -219,7 +209,7 @@ def pick_checkpoint(run_dir: Path, resume: Any, say: Callable[[str], None] = pri
         return None
     root = run_dir / CHECKPOINTS
     if resume is True or resume in ("latest", "auto"):
-        candidates = _steps(root)
+        candidates = step_folders(root)
         if not candidates:
             if resume == "auto":
                 return None
@@ -242,7 +232,7 @@ def pick_checkpoint(run_dir: Path, resume: Any, say: Callable[[str], None] = pri
     why = damage(path)
     if why is None:
         return path
-    intact = next((c for c in reversed(_steps(path.parent)) if c != path and damage(c) is None), None)
+    intact = next((c for c in reversed(step_folders(path.parent)) if c != path and damage(c) is None), None)
     if intact is not None:
         raise PreftuneError(f"checkpoint {path} is damaged ({why}); resume from {intact} instead (--resume "
                             f"{intact}), or start again without --resume.")

@@ -1,4 +1,4 @@
-"""Checkpoint integrity: a manifest of every file's size and SHA-256, written once the checkpoint folder is
+"""Which checkpoints a run folder holds, and their integrity: a manifest of every file's size and SHA-256, written once the checkpoint folder is
 complete (before it is renamed into place) and verified before a resume loads it.
 
 It covers whatever files the folder holds (weights, optimizer, RNG, accelerate's shards, copies of the metrics
@@ -17,10 +17,27 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 MANIFEST = "manifest.json"
+CHECKPOINTS = "checkpoints"
+_STEP = re.compile(r"step-(\d+)$")
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """The run's checkpoint folders (step-N, not links) in step order, whole or not (`damage` tells)."""
+    return step_folders(run_dir / CHECKPOINTS)
+
+
+def step_folders(root: Path) -> list[Path]:
+    """The step-N folders in `root` (not links), in step order; [] when `root` is no folder."""
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP.match(p.name)) and p.is_dir()
+             and not p.is_symlink()]
+    return [p for _, p in sorted(found)]
 
 
 def sha256(path: Path) -> str:

@@ -39,6 +39,7 @@ from pathlib import Path
 
 from preftune.errors import PreftuneError
 from preftune.outputs.lock import LOCK, RunLock
+from preftune.outputs.manifest import list_checkpoints  # the listing rule, without checkpoint.py's torch
 
 MARK = ".preftune-run.json"
 TMP = ".tmp-"
@@ -319,8 +320,6 @@ class RunDir:
         """After final/ could not be written (its partial files are gone): keep the trained weights as a
         checkpoint of this step if there is none (smaller than final/ for LoRA with --merge-lora); (what is
         kept, how to continue). Checkpoints are never deleted before final/ is whole."""
-        from preftune.outputs.checkpoint import list_checkpoints  # (checkpoint.py sits beside this module)
-
         saved = [p for p in list_checkpoints(self.path) if p.name == f"step-{step:07d}"]
         if not saved:
             try:

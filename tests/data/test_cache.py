@@ -1,6 +1,6 @@
 """Tokenized data kept on disk (preftune.data.splits / cache / store): reused when nothing that shapes the ids
-changed, rebuilt when anything did; the stored pairs are the per-pair rule's; the held-out split is
-split_records'; a fresh run's entry is staged outside the (not yet existing) run folder and moved in."""
+changed, rebuilt when anything did; the stored pairs are the per-pair rule's; the streamed held-out split is
+the hold-out of the whole record list; a fresh run's entry is staged outside the (not yet existing) run folder and moved in."""
 
 from __future__ import annotations
 
@@ -14,8 +14,9 @@ from preftune.config import TrainConfig
 from preftune.data.cache import commit
 from preftune.data.encode import tokenize_records
 from preftune.data.examples import render_record
-from preftune.data.load import load_records, split_records
-from preftune.data.splits import keep_data_in, load_splits
+from preftune.data.holdout import held_out, prompt_ranks
+from preftune.data.load import load_records
+from preftune.data.splits import DataSettings, keep_data_in, load_splits
 from preftune.data.store import largest_id
 
 from .files import write_jsonl
@@ -39,8 +40,8 @@ def small_chunks(monkeypatch):
     monkeypatch.setattr(validate, "VOTERS", 3)
 
 
-def _cfg(path, **kw):
-    return TrainConfig(model="m", data=str(path), output_dir="unused", progress=False, **kw)
+def _cfg(path, **kw) -> DataSettings:
+    return DataSettings.of(TrainConfig(model="m", data=str(path), output_dir="unused", progress=False, **kw))
 
 
 @pytest.fixture
@@ -122,15 +123,17 @@ def test_stored_pairs_are_the_per_pair_rule(tmp_path, small_chunks, monkeypatch)
     assert sizes == [3, 3, 3, 3]  # built once, in chunks of 3 (12 rows)
 
 
-def test_held_out_split_is_split_records(tmp_path):
-    """Streaming holds out by each record's prompt rank; the groups are exactly split_records' (record order kept
-    on both sides), and the summary says how many records were held out."""
+def test_streamed_held_out_split_is_the_whole_lists(tmp_path, small_chunks):
+    """Streaming in chunks of 3 holds out by each record's prompt rank exactly what the hold-out of the whole
+    record list does (record order kept on both sides), and the summary says how many records were held out."""
     path = write_jsonl(tmp_path / "d.jsonl", ROWS)
     tok = tiny_tokenizer()
     records = load_records(path).records
     for seed in (0, 1, 5):
         train, held = load_splits(_cfg(path, eval_fraction=0.3, seed=seed), tok, "dpo")
-        want_train, want_held = split_records(records, 0.3, seed)
+        mask = held_out(np.frombuffer(prompt_ranks(records, seed), dtype="S32"), 0.3)
+        want_train = [r for r, m in zip(records, mask) if not m]
+        want_held = [r for r, m in zip(records, mask) if m]
         assert [records[i] for i in train.pairs.index.tolist()] == want_train
         assert [records[i] for i in held.pairs.index.tolist()] == want_held
         assert f"held out {len(want_held)} of {len(records)} for evaluation" in train.summary

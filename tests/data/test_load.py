@@ -1,10 +1,10 @@
-"""The public entry points (preftune.data.load): load_records and its summary, SFT records, split_records."""
+"""The public entry points (preftune.data.load): load_records and its summary, SFT records."""
 
 from __future__ import annotations
 
 import pytest
 
-from preftune.data.load import InvalidRow, LoadedData, load_records, split_records
+from preftune.data.load import InvalidRow, LoadedData, load_records
 from preftune.errors import PreftuneError
 
 from .files import PAIRS, write_jsonl
@@ -65,30 +65,3 @@ def test_invalid_row_str():
     )
 
 
-def test_split_records_is_deterministic_and_groups_prompts():
-    """40 records over 10 prompts (4 each); eval_fraction 0.2 -> 8 records = exactly 2 whole prompts."""
-    records = [{"prompt": f"p{i % 10}", "chosen": f"c{i}", "rejected": f"r{i}"} for i in range(40)]
-    train, held = split_records(records, 0.2, seed=1)
-    assert len(held) == 8 and len(train) == 32
-    assert {r["prompt"] for r in train}.isdisjoint({r["prompt"] for r in held})
-    assert split_records(records, 0.2, seed=1) == (train, held)
-    # order of the input does not change which prompts are held out
-    _, held_rev = split_records(records[::-1], 0.2, seed=1)
-    assert {r["prompt"] for r in held_rev} == {r["prompt"] for r in held}
-    # another seed holds out other prompts (for these 10 prompts and seeds 1 and 2)
-    _, held2 = split_records(records, 0.2, seed=2)
-    assert {r["prompt"] for r in held2} != {r["prompt"] for r in held}
-    assert split_records(records, 0.0) == (records, [])
-    with pytest.raises(PreftuneError):
-        split_records(records, 1.0)
-    with pytest.raises(PreftuneError, match="share one prompt"):
-        split_records([{"prompt": "same", "chosen": "a", "rejected": "b"}] * 5, 0.2)
-
-
-def test_split_records_conversational_prompts():
-    records = [
-        {"prompt": [{"role": "user", "content": f"q{i % 3}"}], "chosen": [], "rejected": []} for i in range(9)
-    ]
-    train, held = split_records(records, 0.34, seed=0)
-    assert len(held) == 3 and len(train) == 6
-    assert {r["prompt"][0]["content"] for r in held}.isdisjoint({r["prompt"][0]["content"] for r in train})

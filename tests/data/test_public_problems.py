@@ -11,7 +11,7 @@ from preftune.data.encode import tokenize_records
 from preftune.data.examples import examples_from_records
 from preftune.data.load import load_records
 from preftune.data.prompts import read_prompts
-from preftune.data.splits import load_splits
+from preftune.data.splits import DataSettings, load_splits
 from preftune.errors import PreftuneError
 
 from .files import write_jsonl
@@ -82,7 +82,7 @@ def test_split_and_eval_split_of_a_saved_dataset_dict(tmp_path):
                      split="train_prefs")
     cfg = TrainConfig(model="m", data=str(folder), output_dir="unused", split="train_prefs", eval_split="test_prefs",
                       progress=False, max_length=64, max_prompt_length=32)
-    train, held = load_splits(cfg, tiny_tokenizer(), "dpo")
+    train, held = load_splits(DataSettings.of(cfg), tiny_tokenizer(), "dpo")
     assert (len(train.pairs), len(held.pairs)) == (3, 2)
     with pytest.raises(PreftuneError, match="eval_split and eval_fraction both choose the eval data"):
         TrainConfig(model="m", data="d", output_dir="o", eval_split="test_prefs", eval_fraction=0.1)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from preftune.config import TrainConfig
-from preftune.data.splits import load_splits
+from preftune.data.splits import DataSettings, load_splits
 
 from .files import write_jsonl
 from .test_render import tiny_tokenizer
@@ -21,7 +21,7 @@ def test_summary_warns_about_duplicates_drops_identical_answers_and_shows_an_exa
     path = write_jsonl(tmp_path / "d.jsonl", [a, a, c])
     cfg = TrainConfig(model="m", data=str(path), output_dir=str(tmp_path / "out"), max_length=4,
                       max_prompt_length=2)
-    train, held = load_splits(cfg, tiny_tokenizer(None), "dpo")
+    train, held = load_splits(DataSettings.of(cfg), tiny_tokenizer(None), "dpo")
     assert held is None and [p.index for p in train.pairs] == [0, 1]
     assert train.summary.split("\n") == [
         f"loaded 3 pairs (standard) from {path}",
@@ -47,7 +47,7 @@ def test_sft_summary_and_prompt_template(tmp_path):
     rows = [{"system": "what", "question": "color", "chosen": " blue", "rejected": " green"}]
     path = write_jsonl(tmp_path / "d.jsonl", rows)
     cfg = TrainConfig(model="m", data=str(path), output_dir=str(tmp_path / "out"), prompt_template="{system} {question}")
-    train, _ = load_splits(cfg, tiny_tokenizer(None), "sft")
+    train, _ = load_splits(DataSettings.of(cfg), tiny_tokenizer(None), "sft")
     assert train.summary.split("\n")[0] == f"loaded 1 example (preference-chosen) from {path}"
     assert train.summary.split("\n")[-6:] == [
         f"first training example as the model sees it ({path} line 1):",

@@ -1,5 +1,5 @@
 """Joint tokenization, one EOS per answer (also after a chat template's EOS), truncation order and dropping;
-batch layout and order."""
+batch layout."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import pytest
 
 from preftune.data.collate import collate
 from preftune.data.encode import tokenize_records
-from preftune.data.sampler import batch_order
 from preftune.data.tokenize import TokenizedPair, answer_text, tokenize_texts
 from preftune.errors import PreftuneError
 from preftune.modeling.load import load_tokenizer
@@ -83,18 +82,6 @@ def test_collate_layout():
     assert b.rejected_mask.tolist() == [[1, 1, 1], [1, 0, 0]]
     assert b.indices.tolist() == [3, 4]
     assert b.num_tokens == 3 + 1 + 2 + 4 + 3 + 1
-
-
-def test_batch_order_is_deterministic_and_complete():
-    lengths = [i % 17 for i in range(100)]
-    a = batch_order(lengths, 8, seed=1, epoch=0)
-    assert a == batch_order(lengths, 8, seed=1, epoch=0)
-    assert a != batch_order(lengths, 8, seed=1, epoch=1)
-    assert sorted(i for b in a for i in b) == list(range(100))
-    # grouped by length: within a batch the spread is small compared with random batches
-    spread = sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in a)
-    plain = batch_order(lengths, 8, seed=1, epoch=0, group_by_length=False)
-    assert spread < sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in plain)
 
 
 # Real-style chat templates whose assistant turn ends in EOS (as shipped in the models' tokenizer_config.json,

@@ -11,9 +11,9 @@ from safetensors.torch import load_file
 
 import preftune.scoring as scoring
 from preftune import TrainConfig, train
+from preftune.data.batching import used_positions
 from preftune.data.collate import collate
-from preftune.data.sampler import used_positions
-from preftune.data.splits import load_splits
+from preftune.data.splits import DataSettings, load_splits
 from preftune.device import forward_handle
 from preftune.modeling.load import load_model_and_tokenizer
 from preftune.modeling.reference import cache_key, precompute
@@ -25,7 +25,7 @@ def model_and_pairs(tiny_model_dir, pairs_file):
     model = forward_handle(model)
     cfg = TrainConfig(model=str(tiny_model_dir), data=str(pairs_file), output_dir="unused", progress=False,
                       max_length=64, max_prompt_length=32)
-    train_split, _ = load_splits(cfg, tok, "dpo")
+    train_split, _ = load_splits(DataSettings.of(cfg), tok, "dpo")
     return model, tok, train_split.pairs
 
 
@@ -105,7 +105,7 @@ def test_a_run_scores_exactly_the_pairs_its_steps_use(tiny_model_dir, pairs_file
     res = train(TrainConfig(max_steps=2, **kw))
     file = next((out / "reference_logps").glob("train-*.safetensors"))
     tok = load_model_and_tokenizer(str(tiny_model_dir))[1]
-    pairs = load_splits(TrainConfig(**kw), tok, "dpo", cache_dir=out / "data_cache")[0].pairs  # the run's own
+    pairs = load_splits(DataSettings.of(TrainConfig(**kw)), tok, "dpo", cache_dir=out / "data_cache")[0].pairs  # the run's own
     batching = dict(batch_size=4, accumulation=1, seed=3, group_by_length=True)
     first = load_file(str(file))
     assert first["scored"].nonzero().flatten().tolist() == used_positions(pairs, 2, **batching).tolist()

@@ -21,7 +21,6 @@ TIMING = {"pairs_per_s", "tokens_per_s"}
 
 KILL_AFTER_LINE = """
 import os, signal, sys
-from preftune import recipe
 from preftune.callbacks import Callback
 from preftune.cli import main
 
@@ -30,9 +29,7 @@ class Die(Callback):
         if row["split"] == "train" and row["step"] >= int(os.environ["KILL_AFTER"]):
             os.kill(os.getpid(), signal.SIGKILL)
 
-defaults = recipe.default_callbacks
-recipe.default_callbacks = lambda cfg: defaults(cfg) + [Die()]
-sys.exit(main(sys.argv[1:]))
+sys.exit(main(sys.argv[1:], callbacks=[Die()]))
 """
 
 
