@@ -8,7 +8,8 @@ learning rate: does a user switching over see the same training?
 Set-up (both tools): the fixture's tiny Llama (bench/fixture.py, preset "tiny": 2 layers, hidden 64, vocab 4,096,
 random init, fp32) and its BPE tokenizer; 8 pairs trained as one full batch of 8 for 10 steps (so the data
 order cannot differ), AdamW lr 5e-4 constant without warmup, weight decay 0, gradient clipping 1.0, β 0.1,
-dropout off, reference log-probs precomputed (DPO family), no gradient checkpointing, no bf16, CPU.
+dropout off, reference log-probs precomputed (DPO family; TR-DPO: a live copy in both), no gradient checkpointing,
+no bf16, CPU.
 TRL: DPOTrainer, and the experimental ORPOTrainer and CPOTrainer. Every prompt starts with the BOS text "<s>",
 so both tools see the same ids (TRL's ORPO and CPO prepend BOS where it is missing, preftune and TRL's DPO do not).
 
@@ -66,6 +67,16 @@ ROWS = [
     ("orpo λ 0.1", "aligned", {"loss": "orpo"}, "orpo", {}),
     ("cpo", "varied", {"loss": "cpo"}, "cpo", {}),
     ("cpo", "equal", {"loss": "cpo"}, "cpo", {}),
+    ("sigmoid, WPO", "varied", {"use_weighting": True}, "dpo", {"use_weighting": True}),
+    ("ipo, WPO", "varied", {"loss": "ipo", "use_weighting": True}, "dpo", {"loss_type": ["ipo"], "use_weighting": True}),
+    ("sigmoid, LD-DPO α 0.5", "varied", {"ld_alpha": 0.5}, "dpo", {"ld_alpha": 0.5}),
+    ("sigmoid, LD-DPO α 0.5 + WPO", "varied", {"ld_alpha": 0.5, "use_weighting": True}, "dpo",
+     {"ld_alpha": 0.5, "use_weighting": True}),
+    ("sigmoid, TR-DPO α 0.6 τ 3", "varied", {"sync_ref_model": True, "ref_model_sync_steps": 3}, "dpo",
+     {"sync_ref_model": True, "ref_model_sync_steps": 3}),
+    ("sigmoid, TR-DPO α 1 τ 2 (hard)", "varied",
+     {"sync_ref_model": True, "ref_model_mixup_alpha": 1.0, "ref_model_sync_steps": 2}, "dpo",
+     {"sync_ref_model": True, "ref_model_mixup_alpha": 1.0, "ref_model_sync_steps": 2}),
 ]
 
 
@@ -127,7 +138,8 @@ def run_trl(model_dir: Path, data: Path, out: Path, trainer: str, options: dict)
     if trainer == "dpo":
         from trl import DPOConfig as Config
         from trl import DPOTrainer as Trainer
-        common.update(precompute_ref_log_probs=True, padding_free=False)
+        # TR-DPO's reference moves, so TRL (like preftune) refuses to precompute it: a live copy then.
+        common.update(precompute_ref_log_probs=not options.get("sync_ref_model", False), padding_free=False)
     elif trainer == "orpo":
         from trl.experimental.orpo import ORPOConfig as Config
         from trl.experimental.orpo import ORPOTrainer as Trainer

@@ -84,8 +84,14 @@ class PreferenceObjective(Objective):
              training: bool = True) -> tuple[torch.Tensor, dict[str, Any]]:
         ref_c = reference.chosen_logps if reference is not None else None
         ref_r = reference.rejected_logps if reference is not None else None
-        res = preference_loss(policy.chosen_logps, policy.rejected_logps, ref_c, ref_r, policy.chosen_lengths,
-                              policy.rejected_lengths, self.loss_config, reward_shift=self.reward_shift.value)
+        res = preference_loss(
+            policy.chosen_logps, policy.rejected_logps, ref_c, ref_r, policy.chosen_lengths, policy.rejected_lengths,
+            self.loss_config, reward_shift=self.reward_shift.value,
+            policy_chosen_shared_logps=policy.chosen_shared_logps,
+            policy_rejected_shared_logps=policy.rejected_shared_logps,
+            reference_chosen_shared_logps=reference.chosen_shared_logps if reference is not None else None,
+            reference_rejected_shared_logps=reference.rejected_shared_logps if reference is not None else None,
+            chosen_aligned_logps=policy.chosen_aligned_logps, rejected_aligned_logps=policy.rejected_aligned_logps)
         if training and self.loss_config.uses_reward_shift:
             self._step_rewards += [res.chosen_rewards, res.rejected_rewards]
         total = res.losses.sum()

@@ -163,7 +163,7 @@ class Recipe:
                      *engine.notes, *self.objective.notes]:
             engine.print(line)
         with self.callbacks.phase(self.state, "reference"):
-            self._setup_reference(model, plan)
+            self._setup_reference(model, plan, checkpoint)
         if checkpoint is not None:
             with self.callbacks.phase(self.state, "resume"):
                 self.resume(checkpoint)
@@ -191,7 +191,7 @@ class Recipe:
             data_summary=self.train_split.summary, data_info=dict(self.train_split.info))
         return model
 
-    def _setup_reference(self, model: torch.nn.Module, plan: Any) -> None:
+    def _setup_reference(self, model: torch.nn.Module, plan: Any, checkpoint: Path | None = None) -> None:
         """After the engine's prepare, so a sharded policy can score the precomputed pass (split by process)."""
         cfg, engine = self.cfg, self.engine
         placement = Placement(rank=engine.process_index, world=engine.num_processes, sharded=engine.sharded,
@@ -207,7 +207,7 @@ class Recipe:
                 splits={"train": self.train_split.pairs, "eval": self.eval_split.pairs if self.eval_split else None},
                 cache_path=self.run_dir.reference_cache, pad_id=self.tokenizer.pad_token_id, device=engine.device,
                 plan_for=plan_for, autocast=engine.autocast, is_main_process=engine.is_main_process,
-                say=engine.print, placement=placement, used={"train": used})
+                say=engine.print, placement=placement, used={"train": used}, checkpoint=checkpoint)
 
     def _create_run_folder(self, clear: bool) -> None:
         self.run_dir.create(clear=clear, say=self.engine.print)
@@ -295,6 +295,7 @@ class Recipe:
         if bad is None:
             engine.step(self.optimizer)
         self.objective.end_step(engine.reduce_sum, skipped=bad is not None)
+        self.reference.end_step(step + 1)  # TR-DPO's reference moves after the update
         self.scheduler.step()
         if self.threads is not None:  # fewer threads while other processes keep cores busy (device.py)
             self.threads.update()
@@ -386,5 +387,5 @@ class Recipe:
         state = {**self.objective.state_dict(), "identity": self.identity,
                  "launch": self.engine.launch(cfg.batch_size, cfg.gradient_accumulation_steps)}
         return save_checkpoint(self.run_dir.path, self.state.step, model=self.policy, optimizer=self.optimizer,
-                               scheduler=self.scheduler, trainer_state=state, reference_cache=self.reference.cache_file,
+                               scheduler=self.scheduler, trainer_state=state, reference_cache=self.reference.checkpoint_file(),
                                keep=cfg.save_total_limit, copies=(self.metrics.path, self.run_dir.config))

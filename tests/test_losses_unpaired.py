@@ -1,6 +1,6 @@
-"""The formulas written for issue 24's second phase (KTO and APO-zero on unpaired examples, LD-DPO's log-probs,
-WPO's weights), not wired into training yet: values against tests/independent.py's numpy versions from the
-papers, gradients against central differences, and the hand-checkable identities."""
+"""The formulas of issue 24's second phase (KTO and APO-zero on unpaired examples, LD-DPO's log-probs, WPO's
+weights): values against tests/independent.py's numpy versions from the papers, gradients against central
+differences, and the hand-checkable identities."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ from independent import (
     numpy_wpo_weight,
 )
 
-from preftune.losses.transforms import ld_logps, wpo_aligned_token_logps, wpo_weights
+from preftune.logprobs import token_logps
+from preftune.losses.transforms import ld_logps, wpo_weights
 from preftune.losses.unpaired import (
     apo_zero_unpaired_loss,
     kto_loss,
@@ -101,7 +102,9 @@ def test_wpo_weights_equal_numpy_from_full_distributions():
     lc, lr = (torch.randn(n, 11, generator=gen, dtype=torch.float64) for n in (3, 2))
     yc, yr = torch.tensor([4, 0, 9]), torch.tensor([2, 2])
     lc.requires_grad_()
-    ac, ar = wpo_aligned_token_logps(lc, yc).sum(), wpo_aligned_token_logps(lr, yr).sum()
+    (pc, cc), (pr, cr) = (token_logps(None, lg, y, True, 0, collision=True) for lg, y in ((lc, yc), (lr, yr)))
+    ac, ar = (pc.detach() - cc).sum(), (pr - cr).sum()
+    assert not cc.requires_grad
     w = wpo_weights(ac[None], torch.tensor([3.0]), ar[None], torch.tensor([2.0]))
     want = numpy_wpo_weight(torch.softmax(lc, -1).detach().numpy(), yc.numpy(), torch.softmax(lr, -1).numpy(),
                             yr.numpy())

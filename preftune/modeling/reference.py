@@ -1,6 +1,7 @@
 """Reference strategies: where πref's log-probs come from.
 
-- `copy`: a frozen second copy of the starting model (full fine-tuning).
+- `copy`: a frozen second copy of the starting model (full fine-tuning); with `sync_ref_model` (TR-DPO) it moves
+  toward the policy every few steps (modeling/trust_region.py), and `auto` picks it.
 - `lora_disabled`: the policy itself with its LoRA adapters switched off: the base weights under the
   adapters *are* the reference, so no second copy is held in memory.
 - `precomputed`: the reference's log-probs for the pairs the run's steps use (all of them for a full epoch),
@@ -39,8 +40,21 @@ from safetensors.torch import load_file, save_file
 from preftune.data.store import pairs_digest
 from preftune.data.tokenize import TokenizedPair
 from preftune.errors import PreftuneError
-from preftune.logprobs import ForwardPlan, LogpsModel, SequenceLogps, handle_model, inference, unwrap_handle
+from preftune.logprobs import (
+    ForwardPlan,
+    LogpsModel,
+    SequenceLogps,
+    handle_model,
+    inference,
+    statistics_only,
+    unwrap_handle,
+)
 from preftune.modeling.load import load_model, resolve_model_path
+from preftune.modeling.trust_region import ReferenceSync
+
+# What a reference pass computes beyond the sums: LD-DPO's shared-length sums when the plan asks; never WPO's
+# statistic, which weighs pairs by the policy alone.
+REFERENCE_STATISTICS = frozenset({"shared"})
 
 
 class Reference:
@@ -64,7 +78,8 @@ class FrozenModel(Reference):
         self.handle = handle.requires_grad_(False)
 
     def logps(self, batch) -> SequenceLogps:
-        with inference(self.handle), without_adapters(handle_model(self.handle)):
+        with inference(self.handle), without_adapters(handle_model(self.handle)), \
+                statistics_only(self.handle, REFERENCE_STATISTICS):
             return self.handle(batch)
 
 
@@ -77,16 +92,18 @@ class DisabledAdapters(Reference):
         self.model = handle_model(handle)  # the PeftModel
 
     def logps(self, batch) -> SequenceLogps:
-        with inference(self.handle), self.model.disable_adapter():
+        with inference(self.handle), self.model.disable_adapter(), statistics_only(self.handle, REFERENCE_STATISTICS):
             return self.handle(batch)
 
 
 class Precomputed(Reference):
     """Reference log-probs looked up by the batch's dataset positions. `scored` marks the positions computed so
-    far (a run scores only the pairs its steps use); looking up any other is a bug, refused loudly."""
+    far (a run scores only the pairs its steps use); looking up any other is a bug, refused loudly. `shared`:
+    the (chosen, rejected) sums over each pair's first min(|c|, |r|) answer tokens (LD-DPO), when kept."""
 
-    def __init__(self, chosen: torch.Tensor, rejected: torch.Tensor, scored: torch.Tensor | None = None):
-        self.chosen, self.rejected = chosen, rejected
+    def __init__(self, chosen: torch.Tensor, rejected: torch.Tensor, scored: torch.Tensor | None = None,
+                 shared: tuple[torch.Tensor, torch.Tensor] | None = None):
+        self.chosen, self.rejected, self.shared = chosen, rejected, shared
         self.scored = torch.ones(len(chosen), dtype=torch.bool) if scored is None else scored.bool()
 
     def logps(self, batch) -> SequenceLogps:
@@ -96,8 +113,19 @@ class Precomputed(Reference):
             raise RuntimeError(f"reference log-probs of dataset positions {missing[:8]} were not precomputed; the "
                                "run's steps should only use positions precompute() was given")
         dev = batch.chosen_ids.device
+        shared = {}
+        if self.shared is not None:
+            shared = {"chosen_shared_logps": self.shared[0][idx].to(dev),
+                      "rejected_shared_logps": self.shared[1][idx].to(dev)}
         return SequenceLogps(self.chosen[idx].to(dev), batch.chosen_mask.sum(-1).float(),
-                             self.rejected[idx].to(dev), batch.rejected_mask.sum(-1).float())
+                             self.rejected[idx].to(dev), batch.rejected_mask.sum(-1).float(), **shared)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """What a cache file holds."""
+        out = {"chosen": self.chosen, "rejected": self.rejected, "scored": self.scored.to(torch.uint8)}
+        if self.shared is not None:
+            out["chosen_shared"], out["rejected_shared"] = self.shared
+        return out
 
 
 # Bumped when what a cache file holds changes meaning, so older files are never read as the new kind
@@ -160,17 +188,23 @@ def model_identity(path: str) -> str:
     return json.dumps(files, sort_keys=True)
 
 
+_SHARED = ("chosen_shared", "rejected_shared")
+
+
 def cache_problem(tensors: dict[str, torch.Tensor], n: int) -> str | None:
     """Why stored reference log-probs cannot be right for `n` pairs, or None. `scored` (1 = computed; absent in a
     complete file) marks the pairs a run has scored so far, the others are NaN. Scored summed log-probs are
-    finite and <= 0, and never all exactly 0 (that is what a pass that scored nothing leaves behind)."""
-    if not {"chosen", "rejected"} <= set(tensors) <= {"chosen", "rejected", "scored"}:
+    finite and <= 0, and never all exactly 0 (that is what a pass that scored nothing leaves behind).
+    `chosen_shared`, `rejected_shared` (LD-DPO's sums over each pair's shorter length) come both or neither."""
+    if not {"chosen", "rejected"} <= set(tensors) <= {"chosen", "rejected", "scored", *_SHARED}:
         return f"it holds {sorted(tensors)} instead of chosen, rejected (and scored)"
+    if len(set(_SHARED) & set(tensors)) == 1:
+        return "it holds one of chosen_shared, rejected_shared without the other"
     scored = tensors.get("scored")
     if scored is not None and tuple(scored.shape) != (n,):
         return f"it marks {tuple(scored.shape)} scored values for {n} pairs"
     done = torch.ones(n, dtype=torch.bool) if scored is None else scored.bool()
-    for name in ("chosen", "rejected"):
+    for name in ("chosen", "rejected", *(k for k in _SHARED if k in tensors)):
         t = tensors[name]
         if tuple(t.shape) != (n,):
             return f"it holds {tuple(t.shape)} {name} values for {n} pairs"
@@ -184,14 +218,17 @@ def cache_problem(tensors: dict[str, torch.Tensor], n: int) -> str | None:
     return None
 
 
-def _read_cache(cache_file: Path, n: int, say: Callable[[str], None]) -> Precomputed | None:
+def _read_cache(cache_file: Path, n: int, say: Callable[[str], None], shared: bool = False) -> Precomputed | None:
     try:
         tensors = load_file(str(cache_file))
         problem = cache_problem(tensors, n)
     except Exception as e:  # a truncated or foreign file: safetensors raises its own error type
         problem = f"it is unreadable: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+    if problem is None and shared and _SHARED[0] not in tensors:
+        problem = "it has no shared-length sums, which ld_alpha needs"
     if problem is None:
-        return Precomputed(tensors["chosen"], tensors["rejected"], tensors.get("scored"))
+        kept = (tensors[_SHARED[0]], tensors[_SHARED[1]]) if shared else None
+        return Precomputed(tensors["chosen"], tensors["rejected"], tensors.get("scored"), kept)
     say(f"reference cache {cache_file.name} is unusable ({problem}); computing it again")
     return None
 
@@ -206,19 +243,24 @@ def precompute(handle: torch.nn.Module, pairs: Sequence[TokenizedPair], *, cache
 
     The file holds full-length `chosen` and `rejected` vectors, with NaN where a pair is not scored yet, and
     `scored` (uint8, 1 = computed): a run scores only the pairs its steps use, a later run that needs more
-    extends the same file. Under several processes each scores its share of the missing pairs and the shares
-    are gathered (scoring.score), so every process ends with all of them; only the main process writes (`save`).
+    extends the same file. When the handle's plan asks for LD-DPO's shared-length sums, the file holds them too
+    (`chosen_shared`, `rejected_shared`; a file without them is computed again). Under several processes each
+    scores its share of the missing pairs and the shares are gathered (scoring.score), so every process ends
+    with all of them; only the main process writes (`save`).
     """
     placement = placement or Placement()
     n = len(pairs)
-    cached = _read_cache(cache_file, n, say) if cache_file.is_file() else None
+    plan = getattr(unwrap_handle(handle), "plan", None)
+    shared = plan is not None and "shared" in plan.statistics
+    cached = _read_cache(cache_file, n, say, shared) if cache_file.is_file() else None
     # Every process must take the same branch: scoring is collective (the gather, and under sharding
     # every forward), and a run folder on node-local disks may hold the cache for some processes only.
     if not _everywhere(cached is not None, placement):
         cached = None
     if cached is None:
-        cached = Precomputed(torch.full((n,), float("nan")), torch.full((n,), float("nan")),
-                             torch.zeros(n, dtype=torch.bool))
+        nan = torch.full((n,), float("nan"))
+        cached = Precomputed(nan, nan.clone(), torch.zeros(n, dtype=torch.bool),
+                             (nan.clone(), nan.clone()) if shared else None)
     want = torch.arange(n) if positions is None else torch.as_tensor(np.asarray(positions, dtype=np.int64))
     missing = want[~cached.scored[want]]
     if not len(missing):
@@ -227,7 +269,7 @@ def precompute(handle: torch.nn.Module, pairs: Sequence[TokenizedPair], *, cache
 
     todo = missing.tolist()
     subset = pairs.subset(todo) if hasattr(pairs, "subset") else [pairs[i] for i in todo]
-    with without_adapters(handle_model(handle)):
+    with without_adapters(handle_model(handle)), statistics_only(handle, REFERENCE_STATISTICS):
         out = score(handle, subset, pad_id=pad_id, batch_size=batch_size, autocast=autocast, progress=progress,
                     desc="reference log-probs", rank=placement.rank, world=placement.world, device=placement.device)
     bad = [subset[i].index for i in torch.nonzero(~(torch.isfinite(out.chosen_logps) &
@@ -235,10 +277,12 @@ def precompute(handle: torch.nn.Module, pairs: Sequence[TokenizedPair], *, cache
     if bad:
         raise PreftuneError(f"the reference model gave non-finite log-probs for {len(bad)} pairs (e.g. examples "
                             f"{bad[:5]}); load it in float32 or bfloat16 (float16 overflows), or check the model.")
-    chosen, rejected, scored = cached.chosen.clone(), cached.rejected.clone(), cached.scored.clone()
-    chosen[missing], rejected[missing] = out.chosen_logps, out.rejected_logps
-    scored[missing] = True
-    tensors = {"chosen": chosen, "rejected": rejected, "scored": scored.to(torch.uint8)}
+    tensors = {k: v.clone() for k, v in cached.tensors().items()}
+    tensors["chosen"][missing], tensors["rejected"][missing] = out.chosen_logps, out.rejected_logps
+    if shared:
+        tensors["chosen_shared"][missing] = out.chosen_shared_logps
+        tensors["rejected_shared"][missing] = out.rejected_shared_logps
+    tensors["scored"][missing] = 1
     problem = cache_problem(tensors, n)
     if problem is not None:  # a scoring pass that left values unset: a bug, never stored
         raise RuntimeError(f"reference log-probs for {n} pairs are impossible: {problem}")
@@ -247,7 +291,8 @@ def precompute(handle: torch.nn.Module, pairs: Sequence[TokenizedPair], *, cache
         tmp = cache_file.with_name(".tmp-" + cache_file.name)  # the run folder removes `.tmp-*` after a failed save
         save_file(tensors, str(tmp))
         tmp.replace(cache_file)
-    return Precomputed(chosen, rejected, scored)
+    return Precomputed(tensors["chosen"], tensors["rejected"], tensors["scored"],
+                       (tensors["chosen_shared"], tensors["rejected_shared"]) if shared else None)
 
 
 @dataclass
@@ -282,21 +327,34 @@ class ReferenceSetup:
     train: Reference | None = None
     eval: Reference | None = None
     cache_file: Path | None = None  # the train split's precomputed cache (checkpoints link it)
+    sync: ReferenceSync | None = None  # TR-DPO: the copy moves toward the policy
+
+    def end_step(self, step: int) -> None:
+        """After optimizer step `step` (1-based), for a reference that moves (TR-DPO); nothing otherwise."""
+        if self.sync is not None:
+            self.sync.end_step(step)
+
+    def checkpoint_file(self) -> Path | None:
+        """What a checkpoint links beside the weights: the precomputed cache, or TR-DPO's moved reference."""
+        return self.sync.checkpoint_file() if self.sync is not None else self.cache_file
 
 
-def choose_strategy(requested: str, *, needs_reference: bool) -> str:
-    """What `auto` means: precomputed (exact with dropout off, and no reference model stays in memory)."""
+def choose_strategy(requested: str, *, needs_reference: bool, moving: bool = False) -> str:
+    """What `auto` means: precomputed (exact with dropout off, and no reference model stays in memory), or copy
+    when the reference moves during training (`moving`: TR-DPO), which no precomputed pass can follow."""
     if not needs_reference:
         return "none"
-    return "precomputed" if requested == "auto" else requested
+    if requested == "auto":
+        return "copy" if moving else "precomputed"
+    return requested
 
 
 def build_reference(cfg: Any, *, policy: torch.nn.Module, model_path: str, needs_reference: bool,
                     splits: dict[str, Sequence[TokenizedPair] | None], cache_path: Callable[[str, str], Path],
                     pad_id: int, device: torch.device, plan_for: Callable[[torch.nn.Module], ForwardPlan],
                     autocast=None, is_main_process: bool = True, say: Callable[[str], None] = print,
-                    placement: Placement | None = None,
-                    used: dict[str, Callable[[], np.ndarray]] | None = None) -> ReferenceSetup:
+                    placement: Placement | None = None, used: dict[str, Callable[[], np.ndarray]] | None = None,
+                    checkpoint: Path | None = None) -> ReferenceSetup:
     """Build the reference `cfg.reference` asks for (a TrainConfig's reference, reference_model, dtype,
     mixed_precision, eval_batch_size, batch_size, progress, ... are read).
 
@@ -306,15 +364,20 @@ def build_reference(cfg: Any, *, policy: torch.nn.Module, model_path: str, needs
     `splits` maps "train"/"eval" to their tokenized pairs (eval may be None); `cache_path(split, key)` names the
     precomputed cache file of a split; `placement` says how the launch split the work (one process when None).
     `used[split]()` gives the positions the run will use (the sampler knows them up front); only those are
-    precomputed (all of a split without one).
+    precomputed (all of a split without one). With `cfg.sync_ref_model` (TR-DPO) the copy moves toward the
+    policy (`end_step`), and a resumed run (`checkpoint`) starts from the reference that checkpoint saved.
     """
     placement = placement or Placement(device=device)
-    strategy = choose_strategy(cfg.reference, needs_reference=needs_reference)
+    moving = bool(getattr(cfg, "sync_ref_model", False))
+    strategy = choose_strategy(cfg.reference, needs_reference=needs_reference, moving=moving)
     if strategy == "none":
         return ReferenceSetup(strategy)
     if strategy == "lora_disabled":
         ref = DisabledAdapters(policy)
         return ReferenceSetup(strategy, ref, ref)
+    if moving and placement.sharded:
+        raise PreftuneError("sync_ref_model (TR-DPO) is not supported under FSDP2 or ZeRO-3 yet (no process holds "
+                            "whole models to mix); train on one process or under DDP, or drop sync_ref_model.")
     handle = policy
     if cfg.reference_model or (placement.sharded and strategy == "copy"):
         # Under sharding no process holds the whole policy to copy, so the copy comes from disk.
@@ -323,7 +386,17 @@ def build_reference(cfg: Any, *, policy: torch.nn.Module, model_path: str, needs
         if handle is policy:
             handle = LogpsModel(copy.deepcopy(handle_model(policy)), _plan_of(policy))
         ref = FrozenModel(handle)
-        return ReferenceSetup(strategy, ref, ref)
+        setup = ReferenceSetup(strategy, ref, ref)
+        if moving:
+            say(f"reference: a copy of the {'reference_model' if cfg.reference_model else 'starting model'}, moved "
+                f"toward the policy every {cfg.ref_model_sync_steps} steps by α = {cfg.ref_model_mixup_alpha:g} "
+                "(TR-DPO)")
+            setup.sync = ReferenceSync(handle_model(handle), handle_model(policy), alpha=cfg.ref_model_mixup_alpha,
+                                       every=cfg.ref_model_sync_steps, weights_file=cache_path("tr_dpo", "reference"),
+                                       is_main_process=is_main_process)
+            if checkpoint is not None:
+                setup.sync.load(checkpoint)
+        return setup
 
     ident = model_identity(cfg.reference_model or model_path)
     extra = cache_settings(cfg, _plan_of(handle))
