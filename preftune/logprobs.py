@@ -66,7 +66,8 @@ STATISTICS = ("shared", "aligned")
 class SequenceLogps:
     """Summed answer log-probs and answer token counts, shape [B] each (rejected_* None for SFT); log-probs in
     fp32, or float64 for a float64 model. The `*_shared_logps` and `*_aligned_logps` are [B] when the plan asks
-    for them (see STATISTICS), else None."""
+    for them (see STATISTICS), else None. `desirable`: unpaired examples' labels [B] bool, carried from the batch
+    (`Batch.desirable`) so that an objective sees them beside the log-probs; None for pairs and SFT."""
 
     chosen_logps: torch.Tensor
     chosen_lengths: torch.Tensor
@@ -76,6 +77,7 @@ class SequenceLogps:
     rejected_shared_logps: torch.Tensor | None = None
     chosen_aligned_logps: torch.Tensor | None = None
     rejected_aligned_logps: torch.Tensor | None = None
+    desirable: torch.Tensor | None = None
 
 
 def causal_lm(model: torch.nn.Module) -> torch.nn.Module:
@@ -357,7 +359,7 @@ def forward_logps(model: torch.nn.Module, batch: Batch, plan: ForwardPlan) -> Se
     fields = {f"{side}_{k}": v[s * b:(s + 1) * b] for k, v in sums.items()
               for s, side in enumerate(("chosen", "rejected")[:len(lengths)])}
     return SequenceLogps(chosen_lengths=lengths[0], rejected_lengths=lengths[1] if len(lengths) == 2 else None,
-                         **fields)
+                         desirable=batch.desirable, **fields)
 
 
 class LogpsModel(torch.nn.Module):

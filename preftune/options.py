@@ -329,4 +329,8 @@ LOSS_OPTIONS: dict[str, Option] = {
                                     "sync (1 = copy the policy).", range="(0, 1]", loss=True),
     "ref_model_sync_steps": Option(512, "TR-DPO: optimizer steps between two reference syncs.", range="[1, inf)",
                                    loss=True),
+    "desirable_weight": Option(1.0, "KTO / apo_zero_unpaired: weight of the desirable examples' losses (lambda_D).",
+                               range="[0, inf)", loss=True),
+    "undesirable_weight": Option(1.0, "KTO / apo_zero_unpaired: weight of the undesirable examples' losses "
+                                 "(lambda_U).", range="[0, inf)", loss=True),
 }

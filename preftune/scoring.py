@@ -64,7 +64,7 @@ def score(handle: torch.nn.Module, pairs: Sequence[TokenizedPair], *, pad_id: in
                 out = handle(batch)
             if not cols:  # the log-probs' own precision (float64 stays float64); the plan's statistics too
                 cols = {k: torch.zeros(n, dtype=None if k.endswith("lengths") else out.chosen_logps.dtype)
-                        for k, v in vars(out).items() if v is not None}
+                        for k, v in vars(out).items() if v is not None and k != "desirable"}
             if filler:
                 continue
             for k, col in cols.items():

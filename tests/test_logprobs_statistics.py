@@ -11,7 +11,7 @@ import torch
 from helpers import make_pairs
 
 from preftune.data.collate import collate
-from preftune.data.tokenize import tokenize_records
+from preftune.data.encode import tokenize_records
 from preftune.logprobs import ForwardPlan, LogpsModel, forward_logps, statistics_only
 from preftune.modeling.load import load_model_and_tokenizer
 

@@ -17,12 +17,21 @@ import numpy as np
 import pytest
 import torch
 
-from preftune.losses import LossConfig, cpo_loss, odds_ratio_loss, preference_loss, sft_loss
+from preftune.losses import (
+    LossConfig,
+    cpo_loss,
+    kto_reference_point,
+    odds_ratio_loss,
+    preference_loss,
+    sft_loss,
+    unpaired_loss,
+)
 
 pytest.importorskip("trl", minversion="1.16", reason="trl >= 1.16 is not installed (pip install '.[bench]')")
 dpo_trainer = pytest.importorskip("trl.trainer.dpo_trainer")
 orpo_trainer = pytest.importorskip("trl.experimental.orpo.orpo_trainer")
 cpo_trainer = pytest.importorskip("trl.experimental.cpo.cpo_trainer")
+kto_trainer = pytest.importorskip("trl.trainer.kto_trainer")
 
 SHARED = ["sigmoid", "hinge", "ipo", "robust", "sigmoid_norm", "apo_zero", "apo_down", "nca_pair", "bco_pair",
           "exo_pair", "sppo_hard", "aot", "aot_unpaired", "discopop"]
@@ -217,3 +226,78 @@ def test_ld_alpha_and_wpo_match_trl(seed):
             # Padding columns are no tokens (TRL's LD masks count some as "shared": their log-probs are 0 there).
             torch.testing.assert_close(grad * mask[:, 1:], want_grad * mask[:, 1:], rtol=1e-4, atol=1e-6,
                                        msg=f"{name} {ld} {weighting}")
+
+
+def _kto_draw(seed: int, n: int = 6):
+    """Per-token float32 log-probs of n answers (lengths 1..9) and of their n mismatched pairs (prompt i with
+    answer i-1), for the policy and the reference, and labels with both kinds."""
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(1, 10, n)
+    kl_lengths = np.roll(lengths, 1)
+    width = int(lengths.max())
+
+    def tokens(lens):
+        t = torch.zeros(n, width)
+        for row, length in enumerate(lens):
+            t[row, :length] = torch.tensor(rng.uniform(-4.0, -0.05, length))
+        return t
+
+    pol, kl_pol = tokens(lengths), tokens(kl_lengths)
+    ref, kl_ref = pol + torch.tensor(rng.normal(0, 0.5, pol.shape)).float(), kl_pol - 0.4
+    ref, kl_ref = ref * (pol != 0), kl_ref * (kl_pol != 0)
+    labels = rng.random(n) < 0.5
+    labels[:2] = [True, False]
+    return pol, ref, kl_pol, kl_ref, torch.tensor(labels), lengths, kl_lengths
+
+
+def trl_kto(pol, ref, kl_pol, kl_ref, labels, lengths, kl_lengths, *, loss_type: str, beta: float, w_d: float,
+            w_u: float):
+    """TRL's KTOTrainer._compute_loss on one micro-batch (one process, reference precomputed), its loss and the
+    gradient of each policy token's log-prob."""
+    n, width = pol.shape
+    masks = []
+    for lens in (lengths, kl_lengths):
+        mask = torch.zeros(n, width + 1, dtype=torch.long)  # one prompt token, then the answer
+        for row, length in enumerate(lens):
+            mask[row, 1:1 + length] = 1
+        masks.append(mask)
+    pol = pol.clone().requires_grad_()
+    batch = {"input_ids": torch.zeros_like(masks[0]), "attention_mask": torch.ones_like(masks[0]),
+             "completion_mask": masks[0], "KL_input_ids": torch.ones_like(masks[1]),
+             "KL_attention_mask": torch.ones_like(masks[1]), "KL_completion_mask": masks[1], "label": labels,
+             "ref_logps": ref.sum(1), "ref_KL_logps": kl_ref.sum(1)}
+
+    def model(input_ids, **kw):  # the KL sequences are the rows of ones
+        out = kl_pol if bool(input_ids.all()) else pol
+        return SimpleNamespace(log_probs=out, entropy=torch.zeros_like(out), mean_logits=torch.zeros_like(out))
+
+    trainer = SimpleNamespace(
+        model=SimpleNamespace(training=True), accelerator=_OneProcess(), loss_type=loss_type, beta=beta,
+        desirable_weight=w_d, undesirable_weight=w_u, calculate_KL=loss_type == "kto", precompute_ref_logps=True,
+        aux_loss_enabled=False, _metrics={"train": defaultdict(list), "eval": defaultdict(list)},
+        _total_train_tokens=0, _tp_size=1, args=SimpleNamespace(gradient_checkpointing_kwargs=None))
+    trainer._compute_kl_logps = lambda m, b: kto_trainer.KTOTrainer._compute_kl_logps(trainer, m, b)
+    loss = kto_trainer.KTOTrainer._compute_loss(trainer, model, batch, False)
+    (grad,) = torch.autograd.grad(loss, pol)
+    return float(loss.detach()), grad, trainer._metrics["train"]["kl"][-1]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_kto_and_apo_zero_unpaired_match_trl(seed):
+    """KTO and apo_zero_unpaired on one micro-batch of 6 examples (β 0.3, λ_D 1.4, λ_U 0.8): our reference point
+    (the mismatched pairs' mean log-ratio, clamped at 0) is TRL's logged `kl`; the batch-mean loss and the gradient
+    of every policy token's log-prob agree to 1e-5 / 1e-4 (float32). The noise drawn for the reference makes the
+    estimate positive here (KL pairs' reference 0.4 nats lower per token), so the clamp is not what agrees."""
+    pol, ref, kl_pol, kl_ref, labels, lengths, kl_lengths = _kto_draw(seed)
+    for name in ("kto", "apo_zero_unpaired"):
+        want, want_grad, trl_kl = trl_kto(pol, ref, kl_pol, kl_ref, labels, lengths, kl_lengths, loss_type=name,
+                                          beta=0.3, w_d=1.4, w_u=0.8)
+        z0 = kto_reference_point(float((kl_pol.sum(1) - kl_ref.sum(1)).double().sum()), len(labels))
+        if name == "kto":
+            assert float(z0) == pytest.approx(trl_kl, rel=1e-5) and float(z0) > 0
+        x = pol.clone().requires_grad_()
+        cfg = LossConfig(loss_types=(name,), beta=0.3, desirable_weight=1.4, undesirable_weight=0.8)
+        losses, _ = unpaired_loss(x.sum(1), ref.sum(1), labels, cfg, z0)
+        got = losses.mean()
+        assert float(got.detach()) == pytest.approx(want, rel=1e-5, abs=1e-6), name
+        torch.testing.assert_close(torch.autograd.grad(got, x)[0], want_grad, rtol=1e-4, atol=1e-6, msg=name)

@@ -72,6 +72,7 @@ from preftune.losses.formulas import (
 from preftune.losses.registry import LOSSES, LossSpec, PairStats, register
 from preftune.losses.shift import RewardShift
 from preftune.losses.transforms import F_DIVERGENCES, f_divergence_scores, ld_logps, wpo_weights
+from preftune.losses.unpaired import ExampleStats, apo_zero_unpaired_loss, kto_loss, kto_reference_point
 from preftune.options import LOSS_OPTIONS, include_options, need, validate
 
 __all__ = [
@@ -80,7 +81,8 @@ __all__ = [
     "sigmoid_loss", "robust_loss", "ipo_loss", "hinge_loss", "sigmoid_norm_loss", "simpo_loss", "apo_zero_loss",
     "apo_down_loss", "nca_pair_loss", "bco_pair_loss", "dpop_loss", "exo_pair_loss", "sppo_hard_loss", "aot_loss",
     "aot_unpaired_loss", "discopop_loss", "odds_ratio_loss", "orpo_loss", "cpo_loss", "f_divergence_scores",
-    "sft_loss", "nll_loss",
+    "sft_loss", "nll_loss", "ExampleStats", "kto_loss", "apo_zero_unpaired_loss", "kto_reference_point",
+    "unpaired_loss",
 ]
 
 LOSS_TYPES: tuple[str, ...] = tuple(LOSSES)
@@ -194,11 +196,32 @@ class LossConfig:
         if self.use_weighting and sorting:
             raise PreftuneError(f"use_weighting (WPO) weighs each pair, but {', '.join(sorting)} sorts the batch (its "
                                 "i-th term is a quantile, not pair i); use another loss or drop use_weighting.")
+        self._check_unpaired(types)
         with_nll = [t for t in types if LOSSES[t].nll]
         if self.ld_alpha is not None and with_nll:
             raise PreftuneError(f"ld_alpha (LD-DPO) shortens the log-probs a preference loss reads, but "
                                 f"{', '.join(with_nll)} also trains its NLL on the whole answer; use ld_alpha with the "
                                 "DPO-family losses.")
+
+    def _check_unpaired(self, types: tuple[str, ...]) -> None:
+        """Unpaired losses read other data (one answer and a label) than the pairwise ones: never mixed."""
+        unpaired = [t for t in types if LOSSES[t].unpaired]
+        if not unpaired:
+            return
+        paired = [t for t in types if not LOSSES[t].unpaired]
+        if paired:
+            raise PreftuneError(f"{'+'.join(unpaired)} trains on unpaired examples (one answer with a desirable/"
+                                f"undesirable label) and {'+'.join(paired)} on pairs; use them in separate runs.")
+        pair_only = [name for name, on in (("sft_weight", self.sft_weight > 0), ("use_weighting", self.use_weighting),
+                                           ("ld_alpha", self.ld_alpha is not None)) if on]
+        if pair_only:
+            raise PreftuneError(f"{pair_only[0]} applies to pairs (a chosen and a rejected answer); "
+                                f"{'+'.join(unpaired)} trains on unpaired examples: drop it.")
+
+    @property
+    def unpaired(self) -> bool:
+        """Whether the losses read unpaired examples (KTO, apo_zero_unpaired): then every one of them does."""
+        return LOSSES[self.loss_types[0]].unpaired
 
     @property
     def needs_reference(self) -> bool:
@@ -304,6 +327,8 @@ def preference_loss(
     β·pc/|c| and β·pr/|r| (SimPO's implicit reward; ORPO's β·log P in TRL).
     Returns `LossOutput` with three [B] tensors (the caller takes the mean of `losses`).
     """
+    if config.unpaired:
+        raise ValueError(f"loss types {config.loss_types} read unpaired examples: call unpaired_loss")
     if config.needs_reference and (reference_chosen_logps is None or reference_rejected_logps is None):
         raise ValueError(
             f"loss types {config.loss_types} need reference_chosen_logps and reference_rejected_logps, got None"
@@ -368,3 +393,25 @@ def _rewards(stats: PairStats, beta: float) -> tuple[Tensor, Tensor]:
             return beta * stats.chosen_logratios.detach(), beta * stats.rejected_logratios.detach()
         return (beta * per_token(stats.policy_chosen_logps.detach(), stats.chosen_lengths),
                 beta * per_token(stats.policy_rejected_logps.detach(), stats.rejected_lengths))
+
+
+def unpaired_loss(policy_logps: Tensor, reference_logps: Tensor, desirable: Tensor, config: LossConfig,
+                  reference_point: float | Tensor = 0.0) -> tuple[Tensor, Tensor]:
+    """Per-example loss Σ_k w_k·loss_k over unpaired examples, and the detached implicit rewards β·log π/π_ref.
+
+    `policy_logps`, `reference_logps` [N]: each answer's summed log-probs; `desirable` [N] bool (its label);
+    `reference_point`: KTO's z0 (`unpaired.kto_reference_point`, one per global batch), read only by ``kto``.
+    Returns ([N] losses, [N] rewards); the caller sums and normalises by the global batch's examples.
+    """
+    if not config.unpaired:
+        raise ValueError(f"loss types {config.loss_types} read pairs: call preference_loss")
+    logratios = _as_float(policy_logps) - _as_float(reference_logps)
+    z0 = torch.as_tensor(reference_point, dtype=logratios.dtype, device=logratios.device).detach()
+    stats = ExampleStats(logratios, desirable.to(device=logratios.device, dtype=torch.bool), z0)
+    total: Tensor | None = None
+    for loss_type, weight in zip(config.loss_types, config.weights):
+        term = LOSSES[loss_type].compute(stats, config)  # type: ignore[arg-type]
+        term = term if weight == 1.0 else weight * term
+        total = term if total is None else total + term
+    assert total is not None
+    return total, config.beta * logratios.detach()

@@ -33,6 +33,7 @@ from preftune.losses.formulas import (
     simpo_loss,
     sppo_hard_loss,
 )
+from preftune.losses.unpaired import apo_zero_unpaired_loss, kto_loss
 
 if TYPE_CHECKING:
     from preftune.losses import LossConfig
@@ -74,6 +75,7 @@ class LossSpec:
     f_divergence: bool = False  # a function of the chosen-minus-rejected reward gap: f-DPO may replace log π/π_ref
     sorts_batch: bool = False  # entry i is the batch's i-th quantile, not pair i (no per-pair weight applies)
     nll: bool = False  # holds an NLL term on the whole chosen answer (LD-DPO's shortened log-probs do not apply)
+    unpaired: bool = False  # reads unpaired examples (`unpaired.ExampleStats`: one answer and its label), not pairs
 
 
 LOSSES: dict[str, LossSpec] = {}
@@ -125,3 +127,9 @@ register("orpo", lambda s, c: orpo_loss(s.policy_chosen_logps, s.policy_rejected
 register("cpo", lambda s, c: cpo_loss(s.policy_chosen_logps, s.policy_rejected_logps, s.chosen_lengths, c.beta,
                                       c.cpo_alpha, c.label_smoothing),
          reference_free=True, label_smoothing=True, uses_lengths=True, nll=True)
+# Unpaired examples (preftune.data.unpaired): `s` is an unpaired.ExampleStats.
+register("kto", lambda s, c: kto_loss(s.logratios, s.desirable, s.reference_point, c.beta, c.desirable_weight,
+                                      c.undesirable_weight), unpaired=True)
+register("apo_zero_unpaired", lambda s, c: apo_zero_unpaired_loss(s.logratios, s.desirable, c.beta,
+                                                                  c.desirable_weight, c.undesirable_weight),
+         unpaired=True)
