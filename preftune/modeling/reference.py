@@ -202,7 +202,8 @@ def _precomputed(cfg: Any, handle: torch.nn.Module, model_path: str, splits: dic
         cache_file = cache_path(name, cache_key(ident, pairs, extra))
         positions = used if name == "train" else None
         count = f"{len(pairs):,}" if positions is None else f"{len(positions):,} of {len(pairs):,}"
-        say(f"reference log-probs for {count} {name} pairs → {cache_file.parent.name}/{cache_file.name}")
+        noun = "pairs" if pairs[0].rejected_ids is not None else "examples"
+        say(f"reference log-probs for {count} {name} {noun} → {cache_file.parent.name}/{cache_file.name}")
         ref = precompute(handle, pairs, cache_file=cache_file, pad_id=pad_id,
                          batch_size=cfg.eval_batch_size or 2 * cfg.batch_size, autocast=autocast,
                          progress=cfg.progress, save=is_main_process, say=say, placement=placement,
