@@ -18,8 +18,8 @@ from independent import numpy_ld_logps, numpy_losses, numpy_wpo_weight
 from preftune.errors import PreftuneError
 from preftune.losses import LABEL_SMOOTHING_LOSSES, LOSSES, LossConfig, preference_loss
 
-LD_LOSSES = [n for n, spec in LOSSES.items() if not spec.nll]
-WPO_LOSSES = [n for n, spec in LOSSES.items() if not spec.sorts_batch]
+LD_LOSSES = [n for n, spec in LOSSES.items() if not spec.nll and not spec.unpaired]
+WPO_LOSSES = [n for n, spec in LOSSES.items() if not spec.sorts_batch and not spec.unpaired]
 OPTIONS = dict(beta=0.3, gamma=0.4, lam=3.0, shift=0.7, tau=0.3, cpo_alpha=0.6)
 
 
