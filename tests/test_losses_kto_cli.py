@@ -75,11 +75,11 @@ def test_reference_point_is_one_per_global_batch(tmp_path, tiny_model_dir):
 
 def test_reference_point_against_a_plain_implementation(tmp_path, tiny_model_dir):
     """A policy moved away from its reference (seeded noise on every weight). For step 1's global batch of 4
-    (from the sampler, the same for 4 × 1 and 2 × 2), the sum of log π/π_ref over its mismatched pairs (each prompt
+    (from the run's order, the same for 4 × 1 and 2 × 2), the sum of log π/π_ref over its mismatched pairs (each prompt
     with the previous example's answer, the first with the last's) equals the sum over unpadded rows, 1e-4."""
     from preftune.config import TrainConfig
-    from preftune.data.sampler import StepOrder
-    from preftune.data.splits import load_splits
+    from preftune.data.batching import TrainOrder
+    from preftune.data.splits import DataSettings, load_splits
     from preftune.device import forward_handle
     from preftune.modeling.load import load_model_and_tokenizer
     from preftune.modeling.mismatched import MismatchedPairs, score_answers
@@ -93,9 +93,8 @@ def test_reference_point_against_a_plain_implementation(tmp_path, tiny_model_dir
             p.add_(0.05 * torch.randn(p.shape, generator=gen))
     cfg = TrainConfig(model=str(tiny_model_dir), data=str(write_jsonl(tmp_path / "d.jsonl", _examples(6, seed=6))),
                       output_dir=str(tmp_path / "o"), loss="kto", max_length=64, max_prompt_length=32)
-    pairs = load_splits(cfg, tok, "unpaired")[0].pairs
-    orders = [StepOrder(pairs, 2, dict(batch_size=b, accumulation=a, seed=1, group_by_length=True))
-              for b, a in ((4, 1), (2, 2))]
+    pairs = load_splits(DataSettings.of(cfg), tok, "unpaired")[0].pairs
+    orders = [TrainOrder(pairs, b, a, seed=1) for b, a in ((4, 1), (2, 2))]
     assert orders[0].global_batch(0) == orders[1].global_batch(0)
     kw = dict(pad_id=tok.pad_token_id, batch_size=3, autocast=None, placement=Placement())
     mism = MismatchedPairs({"train": pairs}, orders[1], max_length=64,

@@ -8,7 +8,7 @@ import pytest
 from preftune.config import TrainConfig
 from preftune.data.collate import collate
 from preftune.data.load import load_records
-from preftune.data.splits import load_splits
+from preftune.data.splits import DataSettings, load_splits
 from preftune.data.unpaired import balance_line, weight_suggestion
 from preftune.errors import PreftuneError
 
@@ -63,7 +63,7 @@ def test_tokenized_examples_keep_their_labels_to_the_batch(tmp_path):
             ((" blue", True), (" green", False), (" the sky", True), (" sky", True))]
     cfg = TrainConfig(model="m", data=str(write_jsonl(tmp_path / "d.jsonl", rows)), output_dir=str(tmp_path / "o"),
                       loss="kto")
-    train, _ = load_splits(cfg, tiny_tokenizer(None), "unpaired")
+    train, _ = load_splits(DataSettings.of(cfg), tiny_tokenizer(None), "unpaired")
     assert train.pairs.labels.tolist() == [True, False, True, True]
     assert [p.label for p in train.pairs] == [True, False, True, True]
     assert collate([train.pairs[1], train.pairs[0]], [1, 0], 0).desirable.tolist() == [False, True]
@@ -82,7 +82,7 @@ def test_one_label_only_is_refused(tmp_path):
     with pytest.raises(PreftuneError, match=r"^the training data holds only desirable examples; KTO weighs desirable "
                                             r"against undesirable answers, so add undesirable \(label false\) examples, "
                                             r"or train the desirable ones with `preftune sft`$"):
-        load_splits(cfg, tiny_tokenizer(None), "unpaired")
+        load_splits(DataSettings.of(cfg), tiny_tokenizer(None), "unpaired")
 
 
 def test_weight_suggestion_is_the_papers_range():
