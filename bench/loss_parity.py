@@ -8,7 +8,8 @@ learning rate: does a user switching over see the same training?
 Set-up (both tools): the fixture's tiny Llama (bench/fixture.py, preset "tiny": 2 layers, hidden 64, vocab 4,096,
 random init, fp32) and its BPE tokenizer; 8 pairs trained as one full batch of 8 for 10 steps (so the data
 order cannot differ), AdamW lr 5e-4 constant without warmup, weight decay 0, gradient clipping 1.0, β 0.1,
-dropout off, reference log-probs precomputed (DPO family), no gradient checkpointing, no bf16, CPU.
+dropout off, reference log-probs precomputed (DPO family; TR-DPO: a live copy in both), no gradient checkpointing,
+no bf16, CPU.
 TRL: DPOTrainer, and the experimental ORPOTrainer and CPOTrainer. Every prompt starts with the BOS text "<s>",
 so both tools see the same ids (TRL's ORPO and CPO prepend BOS where it is missing, preftune and TRL's DPO do not).
 
@@ -16,6 +17,9 @@ Data sets (answers are built to an exact token count; EOS is appended by both to
     varied   prompts of 10-14 tokens after BOS, chosen and rejected answers of 5-11 tokens
     equal    the same prompts, every chosen answer 8 tokens (rejected still 5-11)
     aligned  the prompt is BOS alone, every chosen answer 8 tokens
+    unpaired   varied's 8 pairs as 16 examples (chosen: label true, rejected: false), each pair's two adjacent
+    shuffled   the same 16 examples in a shuffled order
+    one-prompt the same answers, every example with the first prompt
 
 The table: loss at steps 1 and 10 in each tool, the largest |difference| over the 10 steps, and the difference of
 the step-1 mean chosen log-prob (0 when both tools tokenized alike; ORPO logs it length-averaged, preftune summed,
@@ -66,6 +70,25 @@ ROWS = [
     ("orpo λ 0.1", "aligned", {"loss": "orpo"}, "orpo", {}),
     ("cpo", "varied", {"loss": "cpo"}, "cpo", {}),
     ("cpo", "equal", {"loss": "cpo"}, "cpo", {}),
+    ("sigmoid, WPO", "varied", {"use_weighting": True}, "dpo", {"use_weighting": True}),
+    ("ipo, WPO", "varied", {"loss": "ipo", "use_weighting": True}, "dpo", {"loss_type": ["ipo"], "use_weighting": True}),
+    ("sigmoid, LD-DPO α 0.5", "varied", {"ld_alpha": 0.5}, "dpo", {"ld_alpha": 0.5}),
+    ("sigmoid, LD-DPO α 0.5 + WPO", "varied", {"ld_alpha": 0.5, "use_weighting": True}, "dpo",
+     {"ld_alpha": 0.5, "use_weighting": True}),
+    ("sigmoid, TR-DPO α 0.6 τ 3", "varied", {"sync_ref_model": True, "ref_model_sync_steps": 3}, "dpo",
+     {"sync_ref_model": True, "ref_model_sync_steps": 3}),
+    ("sigmoid, TR-DPO α 1 τ 2 (hard)", "varied",
+     {"sync_ref_model": True, "ref_model_mixup_alpha": 1.0, "ref_model_sync_steps": 2}, "dpo",
+     {"sync_ref_model": True, "ref_model_mixup_alpha": 1.0, "ref_model_sync_steps": 2}),
+    # Unpaired: the 16 examples of 8 pairs in one global batch of 16 (TRL: sequential sampling, as its KTO needs).
+    ("kto", "one-prompt", {"loss": "kto", "batch_size": 16}, "kto", {"per_device_train_batch_size": 16}),
+    ("kto", "unpaired", {"loss": "kto", "batch_size": 16}, "kto", {"per_device_train_batch_size": 16}),
+    ("kto", "shuffled", {"loss": "kto", "batch_size": 16}, "kto", {"per_device_train_batch_size": 16}),
+    ("kto, λ_D 1.5 λ_U 0.7", "unpaired", {"loss": "kto", "batch_size": 16, "desirable_weight": 1.5,
+                                          "undesirable_weight": 0.7}, "kto",
+     {"per_device_train_batch_size": 16, "desirable_weight": 1.5, "undesirable_weight": 0.7}),
+    ("apo_zero_unpaired", "unpaired", {"loss": "apo_zero_unpaired", "batch_size": 16}, "kto",
+     {"per_device_train_batch_size": 16, "loss_type": "apo_zero_unpaired"}),
 ]
 
 
@@ -89,22 +112,29 @@ def make_sets(tokenizer, seed: int = 7) -> dict[str, list[dict]]:
     rejected = [_answer(tokenizer, source, rng, rng.randint(5, 11)) for _ in range(BATCH)]
     varied = [_answer(tokenizer, source, rng, rng.randint(5, 11)) for _ in range(BATCH)]
     equal = [_answer(tokenizer, source, rng, 8) for _ in range(BATCH)]
+    def unpaired(ps: list[str]) -> list[dict]:
+        return [dict(prompt=p, completion=a, label=lab) for p, c, r in zip(ps, varied, rejected)
+                for a, lab in ((c, True), (r, False))]
+
     return {"varied": [dict(prompt=p, chosen=c, rejected=r) for p, c, r in zip(prompts, varied, rejected)],
             "equal": [dict(prompt=p, chosen=c, rejected=r) for p, c, r in zip(prompts, equal, rejected)],
-            "aligned": [dict(prompt="<s>", chosen=c, rejected=r) for c, r in zip(equal, rejected)]}
+            "aligned": [dict(prompt="<s>", chosen=c, rejected=r) for c, r in zip(equal, rejected)],
+            "unpaired": unpaired(prompts), "one-prompt": unpaired([prompts[0]] * BATCH),
+            "shuffled": random.Random(1).sample(unpaired(prompts), 2 * BATCH)}
 
 
 def run_preftune(model_dir: Path, data: Path, out: Path, options: dict) -> dict:
     from preftune import TrainConfig, train
     from preftune.outputs.metrics import read_metrics
 
-    cfg = TrainConfig(model=str(model_dir), data=str(data), output_dir=str(out), max_steps=STEPS, batch_size=BATCH,
-                      learning_rate=LR, beta=BETA, lr_scheduler="constant", warmup_ratio=0.0, max_length=256,
-                      max_prompt_length=128, progress=False, logging_steps=1, dtype="float32", seed=0,
-                      **options)
+    cfg = TrainConfig(**{**dict(model=str(model_dir), data=str(data), output_dir=str(out), max_steps=STEPS,
+                                 batch_size=BATCH, learning_rate=LR, beta=BETA, lr_scheduler="constant",
+                                 warmup_ratio=0.0, max_length=256, max_prompt_length=128, progress=False,
+                                 logging_steps=1, dtype="float32", seed=0), **options})
     train(cfg)
     rows = [r for r in read_metrics(out) if r["split"] == "train"]
-    return {"losses": [r["loss"] for r in rows], "logps_chosen_1": rows[0]["logps/chosen"]}
+    return {"losses": [r["loss"] for r in rows], "logps_chosen_1": rows[0]["logps/chosen"],
+            "kl": [r.get("kl") for r in rows]}
 
 
 def run_trl(model_dir: Path, data: Path, out: Path, trainer: str, options: dict) -> dict:
@@ -127,7 +157,13 @@ def run_trl(model_dir: Path, data: Path, out: Path, trainer: str, options: dict)
     if trainer == "dpo":
         from trl import DPOConfig as Config
         from trl import DPOTrainer as Trainer
-        common.update(precompute_ref_log_probs=True, padding_free=False)
+        # TR-DPO's reference moves, so TRL (like preftune) refuses to precompute it: a live copy then.
+        common.update(precompute_ref_log_probs=not options.get("sync_ref_model", False), padding_free=False)
+    elif trainer == "kto":
+        from trl import KTOConfig as Config
+        from trl import KTOTrainer as Trainer
+        # its KL completions are rotated within each batch of the data set's order: sequential sampling
+        common.update(precompute_ref_log_probs=True, train_sampling_strategy="sequential")
     elif trainer == "orpo":
         from trl.experimental.orpo import ORPOConfig as Config
         from trl.experimental.orpo import ORPOTrainer as Trainer
@@ -138,10 +174,11 @@ def run_trl(model_dir: Path, data: Path, out: Path, trainer: str, options: dict)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(model_dir)
     rows = [json.loads(ln) for ln in data.read_text(encoding="utf-8").splitlines() if ln.strip()]
-    t = Trainer(model=model, args=Config(**common, **options), train_dataset=Dataset.from_list(rows),
+    t = Trainer(model=model, args=Config(**{**common, **options}), train_dataset=Dataset.from_list(rows),
                 processing_class=tok, callbacks=[Keep()])
     t.train()
-    return {"losses": [row["loss"] for row in kept], "logps_chosen_1": kept[0].get("logps/chosen")}
+    return {"losses": [row["loss"] for row in kept], "logps_chosen_1": kept[0].get("logps/chosen"),
+            "kl": [row.get("kl") for row in kept]}
 
 
 def main() -> None:

@@ -156,7 +156,7 @@ def _run(argv: Sequence[str] | None, callbacks: Sequence[Any]) -> int:
         print(f"done: {result.steps} steps; model in {result.final_dir}; metrics in {result.output_dir / 'metrics.jsonl'}")
         return 0
     if args.command == "inspect":
-        from preftune.audit import run_inspect
+        from preftune.audit_unpaired import run_inspect  # pairs go on to preftune.audit
 
         return run_inspect(opts)
     if args.command == "plan":

@@ -194,6 +194,9 @@ class PlanOptions(_Checked):
     lora_r: int = LORA_R.field()
     seq_len: int = option(1024, "max_length of the run.", range="[2, inf)")
     batch_size: int = BATCH_SIZE.field(default=4, help="Pairs per micro-batch per GPU.")
+    reference: str = option("precomputed", "What the run holds as its reference: precomputed (auto, or no reference: "
+                            "nothing held) or copy (a frozen copy of the model; what --sync-ref-model needs).",
+                            choices=("precomputed", "copy"))
 
 
 @dataclass

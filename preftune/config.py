@@ -235,7 +235,7 @@ class TrainConfig:
         need(not (self.reference == "lora_disabled" and not self.lora),
              "reference 'lora_disabled' needs lora: true (it reuses the base weights under the adapters).")
         # Building the loss config checks the loss names, their weights and which settings they use.
-        self.loss_config().check_reference(self.reference, self.reference_model)
+        self.loss_config().check_reference(self.reference, self.reference_model, lora=self.lora)
 
     def loss_types(self) -> tuple[str, ...]:
         if isinstance(self.loss, str):

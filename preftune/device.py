@@ -62,12 +62,13 @@ class ForwardOptions:
     """What the user asked for (the TrainConfig keys of the same names): prefix_sharing auto|packed|cache|off,
     logits_chunk_size auto|N|0, attn_implementation (named by the user: never switched), keep_dropout (False: the
     handle turns dropout off; scoring runs in eval mode either way, so scoring handles leave the model's rates
-    alone)."""
+    alone), statistics (logprobs.STATISTICS the forwards compute beyond the sums)."""
 
     prefix_sharing: str | bool = "auto"
     logits_chunk_size: int | str = "auto"
     attn_implementation: str | None = None
     keep_dropout: bool = True
+    statistics: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
         mode = {True: "auto", False: "off"}.get(self.prefix_sharing, self.prefix_sharing)  # type: ignore[call-overload]
@@ -79,7 +80,8 @@ class ForwardOptions:
     def of(cls, cfg) -> ForwardOptions:
         """From a TrainConfig."""
         return cls(cfg.prefix_sharing, cfg.logits_chunk_size, cfg.attn_implementation,
-                   keep_dropout=not cfg.disable_dropout)
+                   keep_dropout=not cfg.disable_dropout,
+                   statistics=logprobs.statistics_for(cfg.ld_alpha, cfg.use_weighting))
 
 
 def chunk_size_for(vocab_size: int) -> int:
@@ -303,7 +305,7 @@ def plan_forward(model: torch.nn.Module, device: torch.device | str = "cpu", *,
     # allocates several parameter-sized buffers: GiBs at the peak for a 0.5B model).
     opt = {"fused": True} if device.type == "cuda" else {}
     plan = ForwardPlan(path, chunk, CPU_KEEP_LOGITS_MIB if device.type == "cpu" else 0, rows, impl,
-                       options.keep_dropout, opt)
+                       options.keep_dropout, opt, statistics=options.statistics)
     return dataclasses.replace(plan, description=describe(plan, checkpointing, device, sft=sft))
 
 

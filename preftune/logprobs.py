@@ -26,6 +26,7 @@ The exactness of each against the plain path is tested in tests/test_logprobs.py
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 import logging
 from collections.abc import Iterator
@@ -55,15 +56,28 @@ def say_once(message: str) -> None:
         log.warning(message)
 
 
+STATISTICS = ("shared", "aligned")
+"""Per-sequence statistics a plan computes beyond the summed log-probs, only when it asks (ForwardPlan.statistics):
+"shared" (LD-DPO): the log-prob of each answer's first ℓ = min(|c|, |r|) tokens, ℓ its pair's shorter answer;
+"aligned" (WPO): Σ_t log p(y_t) − log Σ_v p(v)² over the answer, without gradient."""
+
+
 @dataclass
 class SequenceLogps:
     """Summed answer log-probs and answer token counts, shape [B] each (rejected_* None for SFT); log-probs in
-    fp32, or float64 for a float64 model."""
+    fp32, or float64 for a float64 model. The `*_shared_logps` and `*_aligned_logps` are [B] when the plan asks
+    for them (see STATISTICS), else None. `desirable`: unpaired examples' labels [B] bool, carried from the batch
+    (`Batch.desirable`) so that an objective sees them beside the log-probs; None for pairs and SFT."""
 
     chosen_logps: torch.Tensor
     chosen_lengths: torch.Tensor
     rejected_logps: torch.Tensor | None = None
     rejected_lengths: torch.Tensor | None = None
+    chosen_shared_logps: torch.Tensor | None = None
+    rejected_shared_logps: torch.Tensor | None = None
+    chosen_aligned_logps: torch.Tensor | None = None
+    rejected_aligned_logps: torch.Tensor | None = None
+    desirable: torch.Tensor | None = None
 
 
 def causal_lm(model: torch.nn.Module) -> torch.nn.Module:
@@ -108,21 +122,32 @@ def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
-def _head_logps(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    logits = _at_least_fp32(head(hidden))
-    return logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+def _head_logps(head: torch.nn.Module | None, states: torch.Tensor, targets: torch.Tensor,
+                collision: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """log p(target) from hidden states through `head` (None: `states` are logits already); with `collision`
+    also log Σ_v p(v)² per token (WPO's statistic) = logsumexp(2·logits) − 2·logsumexp(logits), without
+    gradient: one more logsumexp over the vocabulary, no probabilities materialised."""
+    logits = _at_least_fp32(head(states) if head is not None else states)
+    if head is None and not collision:
+        return torch.log_softmax(logits, dim=-1).gather(-1, targets[:, None]).squeeze(-1)
+    lse = torch.logsumexp(logits, dim=-1)
+    logps = logits.gather(-1, targets[:, None]).squeeze(-1) - lse
+    if not collision:
+        return logps
+    with torch.no_grad():
+        return logps, torch.logsumexp(2.0 * logits, dim=-1) - 2.0 * lse
 
 
 def token_logps(lm, states: torch.Tensor, targets: torch.Tensor, full_logits: bool, chunk_size: int,
-                keep_logits_mib: float = 0) -> torch.Tensor:
+                keep_logits_mib: float = 0, collision: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """log p(target) for N predicting states [N, H] (or logits [N, V]) and targets [N] → [N], fp32 (float64
-    for float64 states).
+    for float64 states); with `collision`, (that, log Σ_v p(v)² [N] without gradient).
 
     In training each chunk's logits are recomputed in backward unless all N tokens' fp32 logits fit in
     `keep_logits_mib` (CPU: RAM is cheap and the recompute is 1/4 of the head's work; GPU: 0, always recompute).
     """
     if full_logits:
-        return torch.log_softmax(_at_least_fp32(states), dim=-1).gather(-1, targets[:, None]).squeeze(-1)
+        return _head_logps(None, states, targets, collision)
     head = lm.get_output_embeddings()
     recompute = states.shape[0] * head.weight.shape[0] * 4 > keep_logits_mib * 2**20
     out = []
@@ -130,10 +155,15 @@ def token_logps(lm, states: torch.Tensor, targets: torch.Tensor, full_logits: bo
         h, t = states[s:s + chunk_size], targets[s:s + chunk_size]
         if torch.is_grad_enabled() and recompute:
             # Recompute this chunk's logits in backward instead of keeping [chunk, vocab] alive.
-            out.append(checkpoint(_head_logps, head, h, t, use_reentrant=False))
+            out.append(checkpoint(_head_logps, head, h, t, collision, use_reentrant=False))
         else:
-            out.append(_head_logps(head, h, t))
-    return torch.cat(out) if out else _at_least_fp32(states.new_zeros(0))
+            out.append(_head_logps(head, h, t, collision))
+    if not out:
+        empty = _at_least_fp32(states.new_zeros(0))
+        return (empty, empty) if collision else empty
+    if collision:
+        return torch.cat([o[0] for o in out]), torch.cat([o[1] for o in out])
+    return torch.cat(out)
 
 
 def _answers(batch: Batch) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -143,8 +173,19 @@ def _answers(batch: Batch) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return sides
 
 
-def _plain(lm, batch: Batch, full_logits: bool, chunk_size: int, keep_mib: float = 0) -> torch.Tensor:
-    """Each prompt+answer its own right-padded row. Returns sums [S*B] ordered side-major (c0..cB, r0..rB)."""
+# What a path returns, per answer token: (log p, its sequence side-major: chosen of pairs 0..B-1 then rejected,
+# log Σ_v p(v)² when the plan asks for WPO's statistic, else None). Every path lists a sequence's tokens together
+# and in order, which `_in_sequence` relies on for the positions.
+Tokens = tuple[torch.Tensor, torch.Tensor, "torch.Tensor | None"]
+
+
+def _split(out: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    return out if isinstance(out, tuple) else (out, None)
+
+
+def _plain(lm, batch: Batch, full_logits: bool, chunk_size: int, keep_mib: float = 0,
+           collision: bool = False) -> Tokens:
+    """Each prompt+answer its own right-padded row (row r = sequence r, side-major)."""
     prompt_lens = batch.prompt_mask.sum(-1).tolist()
     rows, predict_at, targets, seg = [], [], [], []
     tp = batch.prompt_ids.shape[1]
@@ -165,12 +206,14 @@ def _plain(lm, batch: Batch, full_logits: bool, chunk_size: int, keep_mib: float
         attn[r, :len(row)] = 1
     states, _ = _states(lm, full_logits, input_ids=input_ids, attention_mask=attn, use_cache=False)
     at = torch.cat(predict_at).to(device)
-    logps = token_logps(lm, states[at[:, 0], at[:, 1]], torch.cat(targets), full_logits, chunk_size, keep_mib)
-    return logps.new_zeros(len(rows)).index_add_(0, torch.cat(seg).to(device), logps)
+    logps, lss = _split(token_logps(lm, states[at[:, 0], at[:, 1]], torch.cat(targets), full_logits, chunk_size,
+                                    keep_mib, collision))
+    return logps, torch.cat(seg).to(device), lss
 
 
-def _prefix_shared(lm, batch: Batch, full_logits: bool, chunk_size: int, keep_mib: float = 0) -> torch.Tensor:
-    """Prompt once with a KV cache, then every answer against it. Returns sums [S*B] side-major."""
+def _prefix_shared(lm, batch: Batch, full_logits: bool, chunk_size: int, keep_mib: float = 0,
+                   collision: bool = False) -> Tokens:
+    """Prompt once with a KV cache, then every answer against it."""
     sides = _answers(batch)
     n_sides, b = len(sides), len(batch)
     pmask = batch.prompt_mask
@@ -191,14 +234,13 @@ def _prefix_shared(lm, batch: Batch, full_logits: bool, chunk_size: int, keep_mi
     # The state predicting answer token j is the prompt's last state for j = 0, else answer state j-1.
     predictors = torch.cat([last.repeat_interleave(n_sides, 0)[:, None], astates[:, :-1]], 1)
     sel = amask.bool()
-    logps = token_logps(lm, predictors[sel], ids[sel], full_logits, chunk_size, keep_mib)
-    seg = torch.arange(n_sides * b, device=ids.device)[:, None].expand_as(sel)[sel]
-    sums = logps.new_zeros(n_sides * b).index_add_(0, seg, logps)
-    return sums.view(b, n_sides).t().reshape(-1)  # back to side-major
+    logps, lss = _split(token_logps(lm, predictors[sel], ids[sel], full_logits, chunk_size, keep_mib, collision))
+    row = torch.arange(n_sides * b, device=ids.device)[:, None].expand_as(sel)[sel]
+    return logps, (row % n_sides) * b + row // n_sides, lss  # interleaved row → side-major sequence
 
 
-def _packed(lm, batch: Batch, full_logits: bool, plan: ForwardPlan) -> torch.Tensor:
-    """prompt·chosen·rejected as one sequence per pair. Returns sums [S*B] side-major."""
+def _packed(lm, batch: Batch, full_logits: bool, plan: ForwardPlan, collision: bool = False) -> Tokens:
+    """prompt·chosen·rejected as one sequence per pair."""
     flex = plan.attention == FLEX_ATTENTION
     # 128 = FlexAttention's block size: the compiled kernel then sees few distinct row lengths.
     p = packing.pack(batch, rows=plan.rows, pad_to=128 if plan.rows == "packed" and flex else 1)
@@ -210,8 +252,18 @@ def _packed(lm, batch: Batch, full_logits: bool, plan: ForwardPlan) -> torch.Ten
     states, _ = _states(lm, full_logits, input_ids=p.input_ids, attention_mask=mask, position_ids=p.position_ids,
                         use_cache=False)
     flat = states.reshape(-1, states.shape[-1])
-    logps = token_logps(lm, flat[p.predict], p.targets, full_logits, plan.chunk_size, plan.keep_logits_mib)
-    return logps.new_zeros(p.num_sequences).index_add_(0, p.seq, logps)
+    logps, lss = _split(token_logps(lm, flat[p.predict], p.targets, full_logits, plan.chunk_size,
+                                    plan.keep_logits_mib, collision))
+    return logps, p.seq, lss
+
+
+def _in_sequence(seq: torch.Tensor) -> torch.Tensor:
+    """Each token's position within its answer (0, 1, ...), given that a sequence's tokens come together, in order
+    (in any order of the sequences)."""
+    index = torch.arange(len(seq), device=seq.device)
+    starts = torch.ones_like(seq, dtype=torch.bool)
+    starts[1:] = seq[1:] != seq[:-1]
+    return index - index[starts][starts.cumsum(0) - 1]
 
 
 def attention_implementation(lm: torch.nn.Module) -> str | None:
@@ -244,7 +296,8 @@ class ForwardPlan:
     one row). attention: the attention implementation the packed mask is made for (sdpa: bool, eager: additive,
     flex_attention: BlockMask). keep_dropout: leave the model's dropout rates as they are; otherwise the handle
     turns every one off (scoring runs in eval mode either way). optimizer_kwargs and description: the device's
-    AdamW switches and the run's "speed:" line.
+    AdamW switches and the run's "speed:" line. statistics: what the forward computes beyond the summed
+    log-probs (see STATISTICS; none by default, each costs only when asked).
     """
 
     path: str = "off"
@@ -255,8 +308,13 @@ class ForwardPlan:
     keep_dropout: bool = True
     optimizer_kwargs: dict[str, Any] = field(default_factory=dict)
     description: str = ""
+    statistics: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "statistics", frozenset(self.statistics))
+        unknown = self.statistics - set(STATISTICS)
+        if unknown:
+            raise ValueError(f"statistics are among {', '.join(STATISTICS)}, got {sorted(unknown)}")
         if self.path not in PATHS:
             raise ValueError(f"a forward path is one of {', '.join(PATHS)}, got {self.path!r}")
         if self.rows not in ("pair", "packed"):
@@ -274,22 +332,34 @@ def forward_logps(model: torch.nn.Module, batch: Batch, plan: ForwardPlan) -> Se
     Args:
         model: a causal LM, possibly wrapped (PEFT, DDP, accelerate).
         batch: from `collate`; B pairs (or SFT examples when `rejected_ids` is None).
-        plan: the forward path, LM-head chunking and packed layout (see ForwardPlan).
+        plan: the forward path, LM-head chunking, packed layout and the statistics asked for (see ForwardPlan).
     Returns:
         SequenceLogps with [B] tensors (fp32; float64 for a float64 model).
     """
     lm = causal_lm(model)
     full_logits = plan.chunk_size <= 0
+    collision = "aligned" in plan.statistics
     if plan.path == "packed":
-        sums = _packed(lm, batch, full_logits, plan)
+        logps, seq, lss = _packed(lm, batch, full_logits, plan, collision)
     else:
         run = _prefix_shared if plan.path == "cache" else _plain
-        sums = run(lm, batch, full_logits, plan.chunk_size, plan.keep_logits_mib)
+        logps, seq, lss = run(lm, batch, full_logits, plan.chunk_size, plan.keep_logits_mib, collision)
     b = len(batch)
-    chosen_lengths = batch.chosen_mask.sum(-1).float()
-    if batch.rejected_ids is None:
-        return SequenceLogps(sums[:b], chosen_lengths)
-    return SequenceLogps(sums[:b], chosen_lengths, sums[b:], batch.rejected_mask.sum(-1).float())
+    lengths = [batch.chosen_mask.sum(-1).float()]
+    if batch.rejected_mask is not None:
+        lengths.append(batch.rejected_mask.sum(-1).float())
+    n = b * len(lengths)
+    zeros = logps.new_zeros(n)
+    sums = {"logps": zeros.index_add(0, seq, logps)}
+    if "shared" in plan.statistics and len(lengths) == 2:
+        shared = torch.minimum(*lengths).repeat(2).to(seq.device)  # ℓ of each pair, for both its answers
+        sums["shared_logps"] = zeros.index_add(0, seq, torch.where(_in_sequence(seq) < shared[seq], logps, 0.0))
+    if lss is not None:
+        sums["aligned_logps"] = zeros.index_add(0, seq, logps.detach() - lss)
+    fields = {f"{side}_{k}": v[s * b:(s + 1) * b] for k, v in sums.items()
+              for s, side in enumerate(("chosen", "rejected")[:len(lengths)])}
+    return SequenceLogps(chosen_lengths=lengths[0], rejected_lengths=lengths[1] if len(lengths) == 2 else None,
+                         desirable=batch.desirable, **fields)
 
 
 class LogpsModel(torch.nn.Module):
@@ -320,6 +390,29 @@ def handle_model(handle: torch.nn.Module) -> torch.nn.Module:
     """The model a handle runs (a PeftModel when LoRA is on); a module that is no handle, itself."""
     inner = unwrap_handle(handle)
     return inner.model if isinstance(inner, LogpsModel) else inner
+
+
+def statistics_for(ld_alpha: float | None = None, use_weighting: bool = False) -> frozenset[str]:
+    """The statistics a DPO-family run needs from its forwards (see STATISTICS): LD-DPO's shared-length sums when
+    `ld_alpha` is set, WPO's aligned sums with `use_weighting`."""
+    return frozenset({"shared"} if ld_alpha is not None else set()) | frozenset(
+        {"aligned"} if use_weighting else set())
+
+
+@contextlib.contextmanager
+def statistics_only(handle: torch.nn.Module, keep: frozenset[str]) -> Iterator[None]:
+    """Run `handle` computing only the statistics of its plan that are in `keep` (a reference pass on the
+    policy's own handle needs no WPO statistic); the plan is put back afterwards."""
+    inner = unwrap_handle(handle)
+    if not isinstance(inner, LogpsModel) or inner.plan.statistics <= keep:
+        yield
+        return
+    plan = inner.plan
+    inner.plan = dataclasses.replace(plan, statistics=plan.statistics & keep)
+    try:
+        yield
+    finally:
+        inner.plan = plan
 
 
 @contextlib.contextmanager

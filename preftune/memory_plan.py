@@ -142,9 +142,12 @@ def activation_bytes(shape: Shape, *, batch_size: int, seq_len: int, checkpointi
 
 
 def estimate(shape: Shape, setup: Setup, *, batch_size: int, seq_len: int, gpus_per_node: int = 8,
-             bf16: bool = True, gpu: bool = True) -> Estimate:
+             bf16: bool = True, gpu: bool = True, reference_copy: bool = False) -> Estimate:
     """Bytes per GPU of one setup (see the module docstring). `bf16=False`: fp32 throughout (no autocast);
-    `gpu=False`: a CPU process (no CUDA overhead; AdamW steps parameter by parameter, no foreach copies)."""
+    `gpu=False`: a CPU process (no CUDA overhead; AdamW steps parameter by parameter, no foreach copies).
+    `reference_copy`: the run holds a frozen copy of the policy's weights as its reference (`--reference copy`,
+    what TR-DPO's `sync_ref_model` needs), placed and sharded like them; counted in `weights`. The default
+    (precomputed reference log-probs, or a reference-free loss) holds none."""
     w, e = setup.gpus, setup.engine
     p = shape.params
     pt = shape.lora_params if setup.lora else p
@@ -167,6 +170,8 @@ def estimate(shape: Shape, setup: Setup, *, batch_size: int, seq_len: int, gpus_
         gathered = 2 if bf16 else 4
         working = 2 * gathered * shape.layer_params + (shape.edge_params * (gathered + (0 if setup.lora else 4))
                                                         if e == "fsdp2" else 0)
+    if reference_copy:
+        weights *= 2
     host = 0.0
     if setup.offload:
         host = (weights + grads + opt) * min(w, gpus_per_node)
@@ -190,7 +195,7 @@ def candidates(gpus: int, lora: bool) -> list[Setup]:
 
 
 def smallest_fit(shape: Shape, *, lora: bool, gpu_memory: float, max_gpus: int, batch_size: int, seq_len: int,
-                 offload: bool = False) -> Estimate | None:
+                 offload: bool = False, reference_copy: bool = False) -> Estimate | None:
     """Fewest GPUs first (1, 2, 4, 8, then whole 8-GPU nodes), then the first setup that fits; with or without
     CPU offload (slow: every step moves the weights over PCIe, so it is only worth it for fewer GPUs)."""
     counts = [n for n in (1, 2, 4, 8, 16, 32, 64, 128) if n <= max_gpus]
@@ -198,7 +203,7 @@ def smallest_fit(shape: Shape, *, lora: bool, gpu_memory: float, max_gpus: int, 
         for setup in candidates(n, lora):
             if setup.offload != offload:
                 continue
-            est = estimate(shape, setup, batch_size=batch_size, seq_len=seq_len)
+            est = estimate(shape, setup, batch_size=batch_size, seq_len=seq_len, reference_copy=reference_copy)
             if est.total <= gpu_memory * HEADROOM:
                 return est
     return None
@@ -225,7 +230,7 @@ def _gb(x: float) -> str:
 
 
 def report(shape: Shape, *, gpus: int, gpu_memory: float, lora: bool, batch_size: int, seq_len: int,
-           lora_r: int) -> str:
+           lora_r: int, reference_copy: bool = False) -> str:
     """The printed plan: both full fine-tuning and LoRA at `gpus` GPUs, then the smallest setup that fits."""
     size = f"{shape.params / 1e9:.2f}B" if shape.params >= 1e8 else f"{shape.params / 1e6:.1f}M"
     lines = [f"{shape.name}: {size} parameters ({shape.layers} layers, hidden {shape.hidden}, "
@@ -233,18 +238,21 @@ def report(shape: Shape, *, gpus: int, gpu_memory: float, lora: bool, batch_size
              f"per GPU, GB; micro-batch {batch_size} pairs × seq_len {seq_len}; bf16 mixed precision; "
              f"+{OVERHEAD / GB:.0f} GB CUDA overhead; a GPU of {gpu_memory / GB:.0f} GB fits up to "
              f"{gpu_memory * HEADROOM / GB:.0f}"]
+    if reference_copy:
+        lines.append("weights include a frozen reference copy (--reference copy, what --sync-ref-model needs)")
     header = f"  {'setup':36} {'weights':>7} {'grads':>7} {'optim':>7} {'working':>7} {'activ.':>7} {'total':>7}  fits"
     for mode in (False, True):
         lines += ["", ("LoRA" if mode else "full fine-tuning") + f" on {gpus} GPU{'s' if gpus > 1 else ''}:", header]
         for setup in candidates(gpus, mode):
-            est = estimate(shape, setup, batch_size=batch_size, seq_len=seq_len)
+            est = estimate(shape, setup, batch_size=batch_size, seq_len=seq_len, reference_copy=reference_copy)
             fits = "yes" if est.total <= gpu_memory * HEADROOM else "no"
             host = f"  (+{est.host / GB:.0f} GB host RAM per node)" if est.host else ""
             lines.append(f"  {setup.label:36} {_gb(est.weights)} {_gb(est.grads)} {_gb(est.optimizer)} "
                          f"{_gb(est.working)} {_gb(est.activations)} {_gb(est.total)}  {fits}{host}")
     what = "LoRA" if lora else "full fine-tuning"
     lines.append("")
-    kw = dict(lora=lora, gpu_memory=gpu_memory, max_gpus=128, batch_size=batch_size, seq_len=seq_len)
+    kw = dict(lora=lora, gpu_memory=gpu_memory, max_gpus=128, batch_size=batch_size, seq_len=seq_len,
+              reference_copy=reference_copy)
     best, offloaded = smallest_fit(shape, **kw), smallest_fit(shape, offload=True, **kw)
     if best is None and offloaded is None:
         lines.append(f"no setup of up to 128 GPUs fits {what}: lower --batch-size or --seq-len, or use --lora.")
@@ -265,5 +273,6 @@ def run_plan(options: PlanOptions) -> int:
     """`preftune plan`: print the report for checked options (command_options.PlanOptions)."""
     shape = load_shape(options.model, lora_r=options.lora_r)
     print(report(shape, gpus=options.gpus, gpu_memory=parse_memory(options.gpu_memory), lora=options.lora,
-                 batch_size=options.batch_size, seq_len=options.seq_len, lora_r=options.lora_r))
+                 batch_size=options.batch_size, seq_len=options.seq_len, lora_r=options.lora_r,
+                 reference_copy=options.reference == "copy"))
     return 0

@@ -318,4 +318,19 @@ LOSS_OPTIONS: dict[str, Option] = {
     "f_alpha_divergence_coef": Option(0.5, "alpha of f_divergence_type alpha_divergence, in (0, 1).", range="(0, 1)",
                                       loss=True, why="alpha -> 0 is reverse_kl and alpha = 1 forward_kl; use those "
                                       "f_divergence_type values"),
+    "use_weighting": Option(False, "WPO: weight each pair's loss by how likely the policy is to write both answers "
+                            "(exp of their per-token log-probs, aligned), no gradient.", loss=True),
+    "ld_alpha": Option(None, "LD-DPO: weight of the tokens past the shorter answer's length in every log-prob the "
+                       "loss reads (1 = plain, 0 = cut them); unset = off.", range="[0, 1]", kind="float | None",
+                       loss=True),
+    "sync_ref_model": Option(False, "TR-DPO: move the reference toward the policy every ref_model_sync_steps "
+                             "steps (needs reference copy; auto picks it).", loss=True),
+    "ref_model_mixup_alpha": Option(0.6, "TR-DPO: reference <- alpha * policy + (1 - alpha) * reference at each "
+                                    "sync (1 = copy the policy).", range="(0, 1]", loss=True),
+    "ref_model_sync_steps": Option(512, "TR-DPO: optimizer steps between two reference syncs.", range="[1, inf)",
+                                   loss=True),
+    "desirable_weight": Option(1.0, "KTO / apo_zero_unpaired: weight of the desirable examples' losses (lambda_D).",
+                               range="[0, inf)", loss=True),
+    "undesirable_weight": Option(1.0, "KTO / apo_zero_unpaired: weight of the undesirable examples' losses "
+                                 "(lambda_U).", range="[0, inf)", loss=True),
 }

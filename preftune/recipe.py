@@ -144,7 +144,7 @@ class Recipe:
         seed_everything(cfg.seed)
         with self.callbacks.phase(self.state, "data"):  # validated and tokenized before the (expensive) model load
             self.cfg, self.tokenizer, self.train_split, self.eval_split = load_data(
-                cfg, self.task, self.model_path, engine, self.run_dir.data_cache)
+                cfg, self.objective.name, self.model_path, engine, self.run_dir.data_cache)  # unpaired data for KTO
         # what every checkpoint records, and a resume must match: before the model loads, so a refusal is quick
         self.identity = run_identity(self.cfg, self.task, self.model_path, self.train_split.pairs)
         if checkpoint is not None:
@@ -163,7 +163,7 @@ class Recipe:
                      *engine.notes, *self.objective.notes]:
             engine.print(line)
         with self.callbacks.phase(self.state, "reference"):
-            self._setup_reference(model, plan)
+            self._setup_reference(model, plan, checkpoint)
         if checkpoint is not None:
             with self.callbacks.phase(self.state, "resume"):
                 self.resume(checkpoint)
@@ -191,7 +191,7 @@ class Recipe:
             data_summary=self.train_split.summary, data_info=dict(self.train_split.info))
         return model
 
-    def _setup_reference(self, model: torch.nn.Module, plan: Any) -> None:
+    def _setup_reference(self, model: torch.nn.Module, plan: Any, checkpoint: Path | None = None) -> None:
         """After the engine's prepare, so a sharded policy can score the precomputed pass (split by process)."""
         cfg, engine = self.cfg, self.engine
         placement = Placement(rank=engine.process_index, world=engine.num_processes, sharded=engine.sharded,
@@ -199,15 +199,16 @@ class Recipe:
         handle = self.policy if engine.sharded else unwrap_handle(self.policy)  # sharded: the wrapper gathers
         plan_for = functools.partial(plan_forward, device=engine.device, options=ForwardOptions.of(cfg),
                                      sharded=engine.sharded, training=False)  # a separate reference_model's plan
-        # the order is known up front: only the pairs the steps use are scored
-        used = functools.partial(self.order.used, self.state.total_steps)
         with self.run_dir.saving("the reference log-probs cache", "nothing else was changed"):
             self.reference = build_reference(
                 cfg, policy=handle, model_path=self.model_path, needs_reference=self.objective.needs_reference,
                 splits={"train": self.train_split.pairs, "eval": self.eval_split.pairs if self.eval_split else None},
                 cache_path=self.run_dir.reference_cache, pad_id=self.tokenizer.pad_token_id, device=engine.device,
                 plan_for=plan_for, autocast=engine.autocast, is_main_process=engine.is_main_process,
-                say=engine.print, placement=placement, used={"train": used})
+                say=engine.print, placement=placement, checkpoint=checkpoint,
+                # the order is known up front: only the pairs the steps use are scored (and KTO's mismatched pairs)
+                order=self.order, steps=self.state.total_steps, mismatched=self.objective.needs_mismatched)
+        self.objective.bind(self.reference)  # KTO's reference point and TR-DPO's moving reference use it
 
     def _create_run_folder(self, clear: bool) -> None:
         self.run_dir.create(clear=clear, say=self.engine.print)
@@ -254,6 +255,7 @@ class Recipe:
         """One optimizer step over this process's micro-batches of one global batch."""
         engine, pairs, n_proc = self.engine, self.train_split.pairs, self.engine.num_processes
         micro = share.batches
+        self.objective.begin_step(step)  # KTO: its reference point, from the whole global batch
         # Normalise by the whole global batch (all micro-batches, all processes): accumulation then gives the
         # same gradient as one big batch, whatever the micro-batch sizes. DDP, FSDP2 and ZeRO average
         # gradients over processes, hence the division by n_proc.
@@ -294,7 +296,7 @@ class Recipe:
         window.lr = self.scheduler.get_last_lr()[0]
         if bad is None:
             engine.step(self.optimizer)
-        self.objective.end_step(engine.reduce_sum, skipped=bad is not None)
+        self.objective.end_step(engine.reduce_sum, skipped=bad is not None)  # BCO's shift; TR-DPO's reference moves
         self.scheduler.step()
         if self.threads is not None:  # fewer threads while other processes keep cores busy (device.py)
             self.threads.update()
@@ -386,5 +388,5 @@ class Recipe:
         state = {**self.objective.state_dict(), "identity": self.identity,
                  "launch": self.engine.launch(cfg.batch_size, cfg.gradient_accumulation_steps)}
         return save_checkpoint(self.run_dir.path, self.state.step, model=self.policy, optimizer=self.optimizer,
-                               scheduler=self.scheduler, trainer_state=state, reference_cache=self.reference.cache_file,
+                               scheduler=self.scheduler, trainer_state=state, reference_cache=self.reference.checkpoint_file(),
                                keep=cfg.save_total_limit, copies=(self.metrics.path, self.run_dir.config))

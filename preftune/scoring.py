@@ -47,7 +47,7 @@ def score(handle: torch.nn.Module, pairs: Sequence[TokenizedPair], *, pad_id: in
     `handle`: a LogpsModel (`device.forward_handle(model)`), or the one the launch wrapped (under FSDP2/DeepSpeed
     its forward gathers the shards). It runs in eval mode (dropout off) without gradients, whatever mode it was
     in, and every submodule's mode is restored afterwards. Returns SequenceLogps of [N] CPU tensors (fp32, float64
-    for a float64 model; rejected_* None for SFT examples).
+    for a float64 model; rejected_* None for SFT examples; the statistics its plan asks for filled in too).
 
     Several processes (`rank` of `world`, torch.distributed initialised) split the pairs, each scoring its
     share once, and the shares are summed across processes: every pair is scored by exactly one process and
@@ -62,9 +62,9 @@ def score(handle: torch.nn.Module, pairs: Sequence[TokenizedPair], *, pad_id: in
         for idx, filler, batch in batches:
             with autocast() if autocast else contextlib.nullcontext():
                 out = handle(batch)
-            if not cols:  # the log-probs' own precision (float64 stays float64)
-                cols = {f"{side}_{what}": torch.zeros(n, dtype=out.chosen_logps.dtype if what == "logps" else None)
-                        for side in sides for what in ("logps", "lengths")}
+            if not cols:  # the log-probs' own precision (float64 stays float64); the plan's statistics too
+                cols = {k: torch.zeros(n, dtype=None if k.endswith("lengths") else out.chosen_logps.dtype)
+                        for k, v in vars(out).items() if v is not None and k != "desirable"}
             if filler:
                 continue
             for k, col in cols.items():

@@ -26,6 +26,11 @@ def _cli(model, data, out, *extra):
     (["--loss", "sigmoid", "--reference", "none"], "reference 'none' leaves no reference model, but sigmoid"),
     (["--loss", "exo_pair"], "exo_pair needs label_smoothing > 0"),
     (["--loss", "apo_zero", "--f-divergence-type", "forward_kl"], "forward_kl does not apply to apo_zero"),
+    (["--sync-ref-model", "true", "--reference", "precomputed"], "TR-DPO (sync_ref_model) moves the reference during "
+     "training, so its log-probs cannot be precomputed; use reference copy."),
+    (["--sync-ref-model", "true", "--lora", "true"], "TR-DPO (sync_ref_model) needs a reference model of its own"),
+    (["--use-weighting", "true", "--loss", "sigmoid+aot"], "use_weighting (WPO) weighs each pair, but aot sorts"),
+    (["--ld-alpha", "2"], "ld_alpha must be in [0, 1] (got 2"),
 ])
 def test_impossible_settings_exit_2_one_sentence(tmp_path, tiny_model_dir, pairs_file, capsys, flags, needle):
     out = tmp_path / "out"

@@ -83,3 +83,18 @@ def test_cli_prints_a_plan_and_refuses_a_missing_model(config_dir, capsys):
     assert "smallest setup for full fine-tuning: 1 GPU" in out
     assert main(["plan", "--model", str(config_dir / "nope")]) == 2
     assert "could not read a model config" in capsys.readouterr().err
+
+
+def test_reference_copy_doubles_the_weights(config_dir, capsys):
+    """A frozen reference copy (what TR-DPO's sync_ref_model needs) is placed like the policy's weights: 1 GPU
+    4P + 4P; FSDP2 ×2 2P + 2P (sharded); LoRA DDP the bf16 base and adapters twice. Precomputed holds none."""
+    from preftune.cli import main
+
+    s = load_shape(str(config_dir))
+    for setup, weights in ((Setup("single", 1, False), 8 * P), (Setup("fsdp2", 2, False), 4 * P),
+                           (Setup("ddp", 2, True), 2 * (2 * P + 4 * 34_816))):
+        plain = estimate(s, setup, batch_size=2, seq_len=10)
+        held = estimate(s, setup, batch_size=2, seq_len=10, reference_copy=True)
+        assert held.weights == weights and held.total - plain.total == weights / 2
+    assert main(["plan", "--model", str(config_dir), "--gpus", "1", "--reference", "copy"]) == 0
+    assert "weights include a frozen reference copy" in capsys.readouterr().out

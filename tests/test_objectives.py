@@ -145,3 +145,69 @@ def test_bco_shift_moves_once_per_step_and_not_after_a_skipped_step():
     obj.loss(SequenceLogps(t(50), t(1), t(50), t(1)), SequenceLogps(t(0), t(1), t(0), t(1)), training=False)
     obj.end_step(lambda values: values)  # evaluation rewards never feed the shift
     assert obj.reward_shift.value == pytest.approx(1.5) and obj.reward_shift.count == 8
+
+
+class _Mismatched:
+    """Stands in for the reference's mismatched pairs: fixed (sum, count) for a step and for the eval split."""
+
+    def __init__(self, step_sum, eval_sum):
+        self.step_sum, self.eval_sum, self.calls = step_sum, eval_sum, []
+
+    def step(self, step):
+        self.calls.append(("step", step))
+        return self.step_sum
+
+    def evaluation(self):
+        self.calls.append(("eval",))
+        return self.eval_sum
+
+
+def _unpaired(loss_types, mismatched):
+    from types import SimpleNamespace
+
+    obj = make_objective("dpo", LossConfig(loss_types=loss_types, beta=0.5))
+    moved = []
+    obj.bind(SimpleNamespace(mismatched=mismatched, end_step=moved.append))
+    return obj, moved
+
+
+def test_kto_loss_sums_and_reference_point_by_hand():
+    """β = 0.5; the step's mismatched pairs sum to 1.2 over 4 → z0 = 0.3. Examples: policy [-10, -20, -5],
+    reference [-11, -20, -5.6] → log-ratios [1, 0, 0.6], labels [desirable, undesirable, desirable]:
+    1-σ(0.5·(1-0.3)) = 0.413382, 1-σ(0.5·(0.3-0)) = 0.462570, 1-σ(0.5·(0.6-0.3)) = 0.462570 → 1.338523.
+    Rewards 0.5·[1, 0, 0.6]: desirable sum 0.8 (mean 0.4), undesirable 0; kl = z0 = 0.3. Evaluation uses its own
+    estimate, once per step: the eval pairs sum to -2 → z0 = max(0, -0.5) = 0 → 1-σ(0.5) + 1-σ(0) + 1-σ(0.3) =
+    1.303098. After the update the reference moves (TR-DPO) with the 1-based step."""
+    mism = _Mismatched((1.2, 4), (-2.0, 4))
+    obj, moved = _unpaired(("kto",), mism)
+    assert obj.name == "unpaired" and obj.needs_reference and obj.needs_mismatched
+    obj.begin_step(6)
+    policy = SequenceLogps(t(-10, -20, -5), t(4, 5, 1), desirable=torch.tensor([True, False, True]))
+    ref = SequenceLogps(t(-11, -20, -5.6), t(4, 5, 1))
+    total, sums = obj.loss(policy, ref)
+    assert float(total) == pytest.approx(1.338523, abs=1e-6)
+    assert _floats(sums) == pytest.approx({
+        "loss": 1.338523, "pairs": 3, "desirable": 2, "undesirable": 1, "chosen_tokens": 10, "rewards/chosen": 0.8,
+        "rewards/rejected": 0.0, "logps/chosen": -15, "logps/rejected": -20, "kl_sum": 0.9}, abs=1e-6)
+    m = obj.summarize(_floats(sums))
+    assert m == pytest.approx({"loss": 0.446174, "rewards/chosen": 0.4, "rewards/rejected": 0.0,
+                               "rewards/margins": 0.4, "logps/chosen": -7.5, "logps/rejected": -20.0, "kl": 0.3},
+                              abs=1e-6)
+    for _ in range(2):
+        assert float(obj.loss(policy, ref, training=False)[0]) == pytest.approx(1.303098, abs=1e-6)
+    assert mism.calls == [("step", 6), ("eval",)]
+    obj.end_step(lambda v: v)
+    assert moved == [7]
+
+
+def test_apo_zero_unpaired_needs_no_reference_point():
+    """APO-zero per example, β = 0.5, the same examples: desirable 1-σ(0.5) = 0.377541, undesirable σ(0) = 0.5,
+    desirable 1-σ(0.3) = 0.425557 → 1.303098; no mismatched pair is scored, no kl logged."""
+    mism = _Mismatched((1.2, 4), (-2.0, 4))
+    obj, _ = _unpaired(("apo_zero_unpaired",), mism)
+    obj.begin_step(0)
+    policy = SequenceLogps(t(-10, -20, -5), t(4, 5, 1), desirable=torch.tensor([True, False, True]))
+    total, sums = obj.loss(policy, SequenceLogps(t(-11, -20, -5.6), t(4, 5, 1)))
+    assert float(total) == pytest.approx(1.303098, abs=1e-6) and "kl_sum" not in sums and not mism.calls
+    with pytest.raises(PreftuneError, match="^reference 'none' leaves no reference model, but kto needs one"):
+        make_objective("dpo", LossConfig(loss_types=("kto",)), reference="none")

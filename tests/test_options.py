@@ -67,8 +67,9 @@ def test_loss_options_flow_into_train_config_and_loss_config():
     assert [f.name for f in dataclasses.fields(LossConfig)] == ["loss_types", "loss_weights", *LOSS_OPTIONS]
     assert LossConfig() == TrainConfig().loss_config()
     # another valid value of each: a second choice, else twice the default (halved where that leaves the range)
-    special = {"label_smoothing": 0.2, "f_alpha_divergence_coef": 0.25}
-    changed = {name: special.get(name, opt.choices[1] if opt.choices else opt.default * 2)
+    special = {"label_smoothing": 0.2, "f_alpha_divergence_coef": 0.25, "use_weighting": True, "ld_alpha": 0.5,
+               "sync_ref_model": True, "ref_model_mixup_alpha": 0.3}
+    changed = {name: special[name] if name in special else opt.choices[1] if opt.choices else opt.default * 2
                for name, opt in LOSS_OPTIONS.items()}
     lc = TrainConfig(**changed).loss_config()
     assert {name: getattr(lc, name) for name in LOSS_OPTIONS} == changed

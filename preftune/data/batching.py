@@ -140,6 +140,7 @@ class TrainOrder:
     world: int = 1
     steps_per_epoch: int = field(init=False)
     _epoch: tuple[int, list[Share]] = field(init=False, repr=False, default=(-1, []))
+    _global: tuple[int, list[list[list[int]]]] = field(init=False, repr=False, default=(-1, []))
 
     def __post_init__(self) -> None:
         self.steps_per_epoch = len(micro_batches(self.pairs, epoch=0, **self._settings()))
@@ -159,3 +160,15 @@ class TrainOrder:
     def used(self, steps: int) -> np.ndarray:
         """Sorted positions of every pair the first `steps` steps train on, all processes together."""
         return used_positions(self.pairs, steps, **self._settings())
+
+    def global_batch(self, step: int) -> list[int]:
+        """Every process's pairs of optimizer step `step`, in the order the micro-batches cut them (KTO pairs each
+        prompt with the previous example's answer across it)."""
+        epoch, position = divmod(step, self.steps_per_epoch)
+        if self._global[0] != epoch:  # like `share`: one epoch's order at a time
+            self._global = (epoch, micro_batches(self.pairs, epoch=epoch, **self._settings()))
+        return [i for micro in self._global[1][position] for i in micro]
+
+    def settings(self) -> dict[str, Any]:
+        """What the order is a pure function of, besides the pairs and the epoch (a cache key's part)."""
+        return self._settings()

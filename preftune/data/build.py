@@ -70,7 +70,8 @@ def build_source(source: Any, folder: Path, *, tokenizer: Any, encoder: BatchEnc
         if writer is None:
             writer = StoreWriter(folder, vocab_size=len(tokenizer), width=len(texts[0]))
         where = np.full(len(chunk.records), -1, dtype=np.int64)
-        where[enc.kept] = writer.add(enc, chunk.start)
+        labels = [r["label"] for r in chunk.records] if "label" in chunk.records[0] else None  # unpaired examples
+        where[enc.kept] = writer.add(enc, chunk.start, labels)
         position.append(where)
         flags.append(enc.flags)
         eos.append(enc.eos)
@@ -88,7 +89,8 @@ def build_source(source: Any, folder: Path, *, tokenizer: Any, encoder: BatchEnc
             if stream.failed:  # the load will raise at the end: only validate the rest
                 bar.update(n)
                 continue
-            parts = ("prompt", "chosen", "rejected") if "chosen" in chunk.records[0] else ("prompt", "completion")
+            parts = (("prompt", "chosen", "rejected") if "chosen" in chunk.records[0] else
+                     ("prompt", "completion", "label") if "label" in chunk.records[0] else ("prompt", "completion"))
             dup += b"".join(_digest(r, parts) for r in chunk.records)
             if rank_seed is not None:
                 ranks += prompt_ranks(chunk.records, rank_seed)

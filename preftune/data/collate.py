@@ -26,6 +26,7 @@ class Batch:
     rejected_ids: torch.Tensor | None
     rejected_mask: torch.Tensor | None
     indices: torch.Tensor  # [B] positions of these pairs in the tokenized dataset (for cached reference log-probs)
+    desirable: torch.Tensor | None = None  # [B] bool: unpaired examples' labels (None for pairs and SFT)
 
     def __len__(self) -> int:
         return self.prompt_ids.shape[0]
@@ -64,5 +65,6 @@ def collate(pairs: Sequence[TokenizedPair], positions: Sequence[int], pad_id: in
     rejected_ids = rejected_mask = None
     if pairs[0].rejected_ids is not None:
         rejected_ids, rejected_mask = _pad([p.rejected_ids for p in pairs], pad_id, left=False)
+    desirable = torch.tensor([bool(p.label) for p in pairs]) if pairs[0].label is not None else None
     return Batch(prompt_ids, prompt_mask, chosen_ids, chosen_mask, rejected_ids, rejected_mask,
-                 torch.tensor(list(positions), dtype=torch.long))
+                 torch.tensor(list(positions), dtype=torch.long), desirable)

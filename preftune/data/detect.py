@@ -39,8 +39,8 @@ _HINTS = {
             "naming the columns with --chosen-field/--rejected-field would train every row whose better answer is "
             "response_1 backwards"),
     "kto": ("unpaired KTO-style data (prompt, completion, label)",
-            "preference training needs a chosen and a rejected answer per prompt: pair them up first, or train "
-            "on the good completions with `preftune sft`"),
+            "train it with --loss kto (or apo_zero_unpaired), which reads the labels; the other losses need a "
+            "chosen and a rejected answer per prompt"),
     "sft": ("SFT data (prompt, completion)",
             "train it with `preftune sft`, or give each prompt a chosen and a rejected answer"),
     "chat-sft": ("chat SFT data (messages without chosen/rejected)",

@@ -25,6 +25,7 @@ from preftune.data.layouts import LAYOUT_LABELS
 from preftune.data.ranked import check_rule
 from preftune.data.rows import CHUNK_ROWS, Bad, Input, Rows
 from preftune.data.sources import iter_rows, resolve
+from preftune.data.unpaired import summary_text, unpaired_checker
 from preftune.data.validate import PREFERENCE_FORMATS, SFT_FORMATS, RowChecker, detect_format, glued
 from preftune.errors import PreftuneError
 
@@ -95,6 +96,8 @@ class LoadedData:
         label = LAYOUT_LABELS.get(self.layout)
         shape = self.format + (f", {label} layout" if label else "")
         text = f"loaded {n:,} {noun} ({shape}) from {where}"
+        if self.kind == "unpaired":
+            text += summary_text(self.notes)
         if self.invalid:
             text += f"; dropped {len(self.invalid):,} invalid row{'s' if len(self.invalid) != 1 else ''}: "
             text += _count_text(self.invalid)
@@ -194,9 +197,10 @@ class RecordStream:
                  completion_field: str = "completion", prompt_template: str | None = None,
                  skip_invalid: bool = False, split: str | None = None, chunk_rows: int | None = None,
                  ranked: str = "best-vs-next"):
-        if kind not in ("preference", "sft"):
-            raise PreftuneError(f"unknown data kind {kind!r}; use 'preference' or 'sft'")
-        allowed = PREFERENCE_FORMATS if kind == "preference" else SFT_FORMATS
+        if kind not in ("preference", "sft", "unpaired"):
+            raise PreftuneError(f"unknown data kind {kind!r}; use 'preference', 'sft' or 'unpaired'")
+        # unpaired examples: labelled rows, or pairs split in two (preftune.data.unpaired), whatever their format
+        allowed = {"preference": PREFERENCE_FORMATS, "sft": SFT_FORMATS, "unpaired": PREFERENCE_FORMATS}[kind]
         if kind == "sft" and format in PREFERENCE_FORMATS:
             # one `format` setting serves train and sft: for SFT the string/message shape is read from each row
             format = "preference-chosen" if format == "implicit" else "auto"
@@ -241,10 +245,14 @@ class RecordStream:
             return itertools.chain(list(head.rows), itertools.islice(fresh, len(head.rows), None))
 
         # detection reads only as far as its votes need; those rows are validated first, then the rest
-        layout = detect_layout(head, self.kind, self.names, self.template, inp.name, every_row, self.ranked)
-        fmt = self.format if self.format != "auto" else detect_format(head, self.kind, layout)
+        if self.kind == "unpaired":
+            layout, fmt, check = unpaired_checker(head, self.names, self.template, inp.name, every_row, self.ranked,
+                                                  self.format, self.notes)
+        else:
+            layout = detect_layout(head, self.kind, self.names, self.template, inp.name, every_row, self.ranked)
+            fmt = self.format if self.format != "auto" else detect_format(head, self.kind, layout)
+            check = RowChecker(self.kind, fmt, layout, self.notes)
         self.formats[inp.name], self.layouts[inp.name] = fmt, layout.name
-        check = RowChecker(self.kind, fmt, layout, self.notes)
         first_dict = None
         n_rows = n_valid = 0
         skipped_before = len(self.skipped)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +49,7 @@ from preftune.data.tokenize import (
     UNKNOWN,
     TokenizeStats,
 )
+from preftune.data.unpaired import balance_line, check_both_labels
 from preftune.errors import PreftuneError
 
 
@@ -75,19 +76,24 @@ class DataSettings:
     max_prompt_length: int
     data_cache_dir: str | None
     progress: bool
+    # unpaired data (KTO): the label balance line weighs the counts as the loss will (preftune.data.unpaired)
+    desirable_weight: float = 1.0
+    undesirable_weight: float = 1.0
 
     @classmethod
     def of(cls, cfg: Any) -> DataSettings:
-        """The data settings of a TrainConfig (or of anything with these attributes)."""
-        return cls(**{f.name: getattr(cfg, f.name) for f in fields(cls)})
+        """The data settings of a TrainConfig (or of anything with these attributes; the KTO weights may be
+        missing)."""
+        return cls(**{f.name: getattr(cfg, f.name) if f.default is MISSING else getattr(cfg, f.name, f.default)
+                      for f in fields(cls)})
 
     @property
     def holdout(self) -> HoldOut:
         return HoldOut(self.data, self.eval_data, self.eval_split, self.eval_fraction, self.seed)
 
     def read_kwargs(self, task: str) -> dict[str, Any]:
-        """`RecordStream`'s keywords for `task`'s data (train or sft)."""
-        return dict(kind="sft" if task == "sft" else "preference", format=self.format, prompt_field=self.prompt_field,
+        """`RecordStream`'s keywords for `task`'s data (train, sft or unpaired)."""
+        return dict(kind=_kind(task), format=self.format, prompt_field=self.prompt_field,
                     chosen_field=self.chosen_field, rejected_field=self.rejected_field,
                     completion_field=self.completion_field, prompt_template=self.prompt_template,
                     skip_invalid=self.skip_invalid, split=self.split, ranked=self.ranked)
@@ -144,10 +150,15 @@ def keep_data_in(split: Split, cache_dir: Path) -> None:
 
 def data_ingredients(settings: DataSettings, tokenizer, task: str) -> dict:
     """Everything the tokenized splits depend on (the cache key is its hash)."""
-    return {"task": "sft" if task == "sft" else "preference", "data": source_fingerprint(settings.data),
+    return {"task": _kind(task), "data": source_fingerprint(settings.data),
             **settings.holdout.ingredients(source_fingerprint), **settings.read_kwargs(task),
             "max_length": settings.max_length, "max_prompt_length": settings.max_prompt_length,
             "tokenizer": tokenizer_fingerprint(tokenizer), **library_versions()}
+
+
+def _kind(task: str) -> str:
+    """The data a task reads: "sft" examples, "unpaired" ones (KTO; `preftune.data.unpaired`), else pairs."""
+    return task if task in ("sft", "unpaired") else "preference"
 
 
 def build_entry(settings: DataSettings, tokenizer, task: str, folder: Path, ingredients: dict,
@@ -165,6 +176,11 @@ def build_entry(settings: DataSettings, tokenizer, task: str, folder: Path, ingr
                             load_kwargs={**kw, "split": holdout.eval_split}, progress=progress, desc="tokenizing eval")
     n = len(data.position)
     lines = [data.loaded.summary(), *data.loaded.warnings()]
+    if task == "unpaired":
+        check_both_labels(data.loaded.notes, "the training data")
+        balance = balance_line(data.loaded.notes["desirable"], data.loaded.notes["undesirable"],
+                               settings.desirable_weight, settings.undesirable_weight)
+        lines += [balance] if balance else []
     in_eval = np.zeros(n, dtype=bool)
     if held is not None:
         lines.append("eval: " + held.loaded.summary())

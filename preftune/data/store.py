@@ -6,6 +6,7 @@ One folder holds, for n kept pairs with k answers (2 for preference pairs, 1 for
                  vocabulary fits, else int32)
     lengths.bin  int32 [n, 1 + k]: prompt and answer lengths (the layout's offsets are their running sum)
     index.bin    int64 [n]: each pair's position among the data's valid records
+    labels.bin   uint8 [n]: unpaired examples' labels (1 = desirable), only for them
 
 Why plain numpy files rather than Arrow (`datasets`): measured on 200k pairs (BENCHMARKS.md, data at scale),
 writing, opening and gathering a batch are all cheaper, and nothing but the ids of one batch is ever turned
@@ -39,12 +40,18 @@ class StoreWriter:
         self.hash = hashlib.sha256()
         self.n = self.tokens = self.largest_id = 0
 
-    def add(self, chunk: Any, start: int) -> np.ndarray:
-        """Write the kept pairs of `chunk`, whose first text is record `start`; returns their store positions."""
+    def add(self, chunk: Any, start: int, labels: np.ndarray | None = None) -> np.ndarray:
+        """Write the kept pairs of `chunk`, whose first text is record `start` (and, for unpaired examples, the
+        labels of the chunk's records); returns their store positions."""
         ids = chunk.ids.astype(self.dtype)
         lengths = np.ascontiguousarray(chunk.lengths, dtype=np.int32).reshape(-1, self.width)
         index = (chunk.kept + start).astype(np.int64)
-        for name, arr in (("ids", ids), ("lengths", lengths), ("index", index)):
+        arrays = [("ids", ids), ("lengths", lengths), ("index", index)]
+        if labels is not None:
+            if "labels" not in self.files:
+                self.files["labels"] = (self.folder / "labels.bin").open("wb")
+            arrays.append(("labels", np.asarray(labels, dtype=np.uint8)[chunk.kept]))
+        for name, arr in arrays:
             data = arr.tobytes()
             self.files[name].write(data)
             self.hash.update(data)
@@ -58,7 +65,7 @@ class StoreWriter:
         for f in self.files.values():
             f.close()
         return {"pairs": self.n, "tokens": self.tokens, "width": self.width, "dtype": self.dtype.name,
-                "digest": self.hash.hexdigest(), "largest_id": self.largest_id}
+                "digest": self.hash.hexdigest(), "largest_id": self.largest_id, "labels": "labels" in self.files}
 
 
 class PairStore:
@@ -72,6 +79,7 @@ class PairStore:
                     if meta["tokens"] else np.zeros(0, dtype=dtype))
         self.lengths = np.fromfile(folder / "lengths.bin", dtype=np.int32).reshape(n, width)
         self.index = np.fromfile(folder / "index.bin", dtype=np.int64)
+        self.labels = np.fromfile(folder / "labels.bin", dtype=np.uint8).astype(bool) if meta.get("labels") else None
         totals = self.lengths.sum(axis=1, dtype=np.int64)
         self.starts = np.cumsum(totals) - totals
         self.digest = meta["digest"]
@@ -109,7 +117,9 @@ class Pairs(Sequence[TokenizedPair]):
         for n in lengths:
             parts.append(self.store.ids[start:start + n].tolist())
             start += n
-        return TokenizedPair(parts[0], parts[1], parts[2] if len(parts) > 2 else None, int(self.store.index[pos]))
+        label = bool(self.store.labels[pos]) if self.store.labels is not None else None
+        return TokenizedPair(parts[0], parts[1], parts[2] if len(parts) > 2 else None, int(self.store.index[pos]),
+                             label)
 
     def __iter__(self) -> Iterator[TokenizedPair]:
         return (self[i] for i in range(len(self)))
@@ -120,6 +130,11 @@ class Pairs(Sequence[TokenizedPair]):
         if self._padded is None:
             self._padded = (self.lengths[:, 0] + self.lengths[:, 1:].max(axis=1)).astype(np.int64)
         return self._padded
+
+    @property
+    def labels(self) -> np.ndarray | None:
+        """Unpaired examples' labels (True: desirable), None for pairs and SFT examples."""
+        return None if self.store.labels is None else self.store.labels[self.positions]
 
     @property
     def index(self) -> np.ndarray:

@@ -34,12 +34,14 @@ UNKNOWN = 32  # ... and they hold its unknown token (the characters where the te
 
 @dataclass
 class TokenizedPair:
-    """One pair's token ids. `rejected_ids` is None for SFT examples. `index` points into the records."""
+    """One pair's token ids. `rejected_ids` is None for SFT and unpaired examples. `index` points into the records.
+    `label`: an unpaired example's (True: desirable), else None."""
 
     prompt_ids: list[int]
     chosen_ids: list[int]
     rejected_ids: list[int] | None
     index: int
+    label: bool | None = None
 
     @property
     def num_tokens(self) -> int:

@@ -37,7 +37,6 @@ token-weighted reduction of its choosing). Implicit rewards for logging are retu
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import math
 from dataclasses import dataclass
@@ -72,8 +71,9 @@ from preftune.losses.formulas import (
 )
 from preftune.losses.registry import LOSSES, LossSpec, PairStats, register
 from preftune.losses.shift import RewardShift
-from preftune.losses.transforms import F_DIVERGENCES, f_divergence_scores
-from preftune.options import LOSS_OPTIONS, include_options, validate
+from preftune.losses.transforms import F_DIVERGENCES, f_divergence_scores, ld_logps, wpo_weights
+from preftune.losses.unpaired import ExampleStats, apo_zero_unpaired_loss, kto_loss, kto_reference_point
+from preftune.options import LOSS_OPTIONS, include_options, need, validate
 
 __all__ = [
     "LOSSES", "LOSS_TYPES", "LossSpec", "PairStats", "register", "REFERENCE_FREE", "LABEL_SMOOTHING_LOSSES",
@@ -81,7 +81,8 @@ __all__ = [
     "sigmoid_loss", "robust_loss", "ipo_loss", "hinge_loss", "sigmoid_norm_loss", "simpo_loss", "apo_zero_loss",
     "apo_down_loss", "nca_pair_loss", "bco_pair_loss", "dpop_loss", "exo_pair_loss", "sppo_hard_loss", "aot_loss",
     "aot_unpaired_loss", "discopop_loss", "odds_ratio_loss", "orpo_loss", "cpo_loss", "f_divergence_scores",
-    "sft_loss", "nll_loss",
+    "sft_loss", "nll_loss", "ExampleStats", "kto_loss", "apo_zero_unpaired_loss", "kto_reference_point",
+    "unpaired_loss",
 ]
 
 LOSS_TYPES: tuple[str, ...] = tuple(LOSSES)
@@ -191,6 +192,36 @@ class LossConfig:
                 f"f_divergence_type={kind} does not apply to {', '.join(unsupported)} (only losses of the "
                 f"chosen-minus-rejected reward gap have an f-DPO form: "
                 f"{', '.join(n for n, spec in LOSSES.items() if spec.f_divergence)}); use reverse_kl with them.")
+        sorting = [t for t in types if LOSSES[t].sorts_batch]
+        if self.use_weighting and sorting:
+            raise PreftuneError(f"use_weighting (WPO) weighs each pair, but {', '.join(sorting)} sorts the batch (its "
+                                "i-th term is a quantile, not pair i); use another loss or drop use_weighting.")
+        self._check_unpaired(types)
+        with_nll = [t for t in types if LOSSES[t].nll]
+        if self.ld_alpha is not None and with_nll:
+            raise PreftuneError(f"ld_alpha (LD-DPO) shortens the log-probs a preference loss reads, but "
+                                f"{', '.join(with_nll)} also trains its NLL on the whole answer; use ld_alpha with the "
+                                "DPO-family losses.")
+
+    def _check_unpaired(self, types: tuple[str, ...]) -> None:
+        """Unpaired losses read other data (one answer and a label) than the pairwise ones: never mixed."""
+        unpaired = [t for t in types if LOSSES[t].unpaired]
+        if not unpaired:
+            return
+        paired = [t for t in types if not LOSSES[t].unpaired]
+        if paired:
+            raise PreftuneError(f"{'+'.join(unpaired)} trains on unpaired examples (one answer with a desirable/"
+                                f"undesirable label) and {'+'.join(paired)} on pairs; use them in separate runs.")
+        pair_only = [name for name, on in (("sft_weight", self.sft_weight > 0), ("use_weighting", self.use_weighting),
+                                           ("ld_alpha", self.ld_alpha is not None)) if on]
+        if pair_only:
+            raise PreftuneError(f"{pair_only[0]} applies to pairs (a chosen and a rejected answer); "
+                                f"{'+'.join(unpaired)} trains on unpaired examples: drop it.")
+
+    @property
+    def unpaired(self) -> bool:
+        """Whether the losses read unpaired examples (KTO, apo_zero_unpaired): then every one of them does."""
+        return LOSSES[self.loss_types[0]].unpaired
 
     @property
     def needs_reference(self) -> bool:
@@ -202,17 +233,27 @@ class LossConfig:
         """Whether a loss reads BCO's running reward mean (the objective then updates it every step)."""
         return any(LOSSES[t].uses_reward_shift for t in self.loss_types)
 
-    def check_reference(self, reference: str, reference_model: str | None = None) -> None:
+    def check_reference(self, reference: str, reference_model: str | None = None, lora: bool = False) -> None:
         """A reference setting these losses cannot use is one sentence (`PreftuneError`), before any work.
 
         `reference` is TrainConfig's strategy (auto, copy, lora_disabled, precomputed, none). A reference-free
         configuration (every loss reference-free: simpo, orpo, cpo) loads and scores no reference model, so a
         named strategy or `reference_model` would be silently ignored. (`none` with a loss that needs a reference
-        is the objective's check: SFT runs take the same settings and need none.)
+        is the objective's check: SFT runs take the same settings and need none.) TR-DPO (`sync_ref_model`) needs
+        a reference model of its own that it can move: `copy` (what auto picks), never precomputed log-probs or
+        the base weights under LoRA adapters (TRL refuses both as well).
         """
+        names = "+".join(self.loss_types)
+        if self.sync_ref_model:
+            need(self.needs_reference, f"sync_ref_model (TR-DPO) moves the reference, but loss {names} has none; "
+                                       "drop sync_ref_model or use a loss with a reference.")
+            need(reference != "precomputed", "TR-DPO (sync_ref_model) moves the reference during training, so its "
+                                             "log-probs cannot be precomputed; use reference copy.")
+            need(not lora and reference != "lora_disabled", "TR-DPO (sync_ref_model) needs a reference model of its "
+                 "own to move, and with LoRA the reference is the base weights under the adapters; train without "
+                 "lora (reference copy), or drop sync_ref_model.")
         if self.needs_reference:
             return
-        names = "+".join(self.loss_types)
         if reference not in ("auto", "none"):
             raise PreftuneError(f"reference '{reference}' has no use with loss {names}: it needs no reference "
                                 "model (none is loaded or scored); leave reference at auto or set it to none.")
@@ -240,6 +281,21 @@ def _as_float(x: Tensor) -> Tensor:
     return x if x.dtype in (torch.float32, torch.float64) else x.to(torch.float32)
 
 
+def _named_inputs(shape: torch.Size, **named: Tensor | None) -> None:
+    for name, t in named.items():
+        if t is not None and (t.dim() != 1 or t.shape != shape):
+            raise ValueError(
+                f"{name} must have shape [B] = {list(shape)} like policy_chosen_logps, got {list(t.shape)}"
+            )
+
+
+def _required(what: str, **named: Tensor | None) -> list[Tensor]:
+    missing = [name for name, t in named.items() if t is None]
+    if missing:
+        raise ValueError(f"{what} needs {', '.join(missing)}, got None")
+    return [_as_float(t) for t in named.values()]  # type: ignore[arg-type]
+
+
 def preference_loss(
     policy_chosen_logps: Tensor,
     policy_rejected_logps: Tensor,
@@ -249,50 +305,59 @@ def preference_loss(
     rejected_lengths: Tensor,
     config: LossConfig,
     reward_shift: float = 0.0,
+    *,
+    policy_chosen_shared_logps: Tensor | None = None,
+    policy_rejected_shared_logps: Tensor | None = None,
+    reference_chosen_shared_logps: Tensor | None = None,
+    reference_rejected_shared_logps: Tensor | None = None,
+    chosen_aligned_logps: Tensor | None = None,
+    rejected_aligned_logps: Tensor | None = None,
 ) -> LossOutput:
-    """Total per-pair loss: Σ_k w_k·loss_k + sft_weight·(-pc/|c|), plus detached implicit rewards.
+    """Total per-pair loss: w·(Σ_k w_k·loss_k + sft_weight·(-pc/|c|)), plus detached implicit rewards.
 
     All inputs are [B]; `reference_*` may be None only when `config.needs_reference` is False.
     `reward_shift` is the BCO δ (`RewardShift.value`), used only by ``bco_pair``.
+    With `config.ld_alpha` (LD-DPO) every summed log-prob the losses read is first desensitised from the
+    `*_shared_logps` (its answer's first min(|c|, |r|) tokens; `transforms.ld_logps`); the sft term keeps the
+    whole answer. With `config.use_weighting` (WPO) the pair's loss is multiplied by its weight w from
+    `chosen_aligned_logps`, `rejected_aligned_logps` (`transforms.wpo_weights`); else w = 1.
     Losses marked `f_divergence` read f'(π/π_ref) of `config.f_divergence_type` where the others read
     log π/π_ref (the same tensors under the default reverse KL).
     Rewards: β·chosen_logratios and β·rejected_logratios; for a reference-free config (simpo, orpo, cpo)
     β·pc/|c| and β·pr/|r| (SimPO's implicit reward; ORPO's β·log P in TRL).
     Returns `LossOutput` with three [B] tensors (the caller takes the mean of `losses`).
     """
+    if config.unpaired:
+        raise ValueError(f"loss types {config.loss_types} read unpaired examples: call unpaired_loss")
     if config.needs_reference and (reference_chosen_logps is None or reference_rejected_logps is None):
         raise ValueError(
             f"loss types {config.loss_types} need reference_chosen_logps and reference_rejected_logps, got None"
         )
-    named = {
-        "policy_chosen_logps": policy_chosen_logps,
-        "policy_rejected_logps": policy_rejected_logps,
-        "reference_chosen_logps": reference_chosen_logps,
-        "reference_rejected_logps": reference_rejected_logps,
-        "chosen_lengths": chosen_lengths,
-        "rejected_lengths": rejected_lengths,
-    }
-    shape = policy_chosen_logps.shape
-    for name, t in named.items():
-        if t is not None and (t.dim() != 1 or t.shape != shape):
-            raise ValueError(
-                f"{name} must have shape [B] = {list(shape)} like policy_chosen_logps, got {list(t.shape)}"
-            )
-
-    pc, pr = _as_float(policy_chosen_logps), _as_float(policy_rejected_logps)
+    _named_inputs(policy_chosen_logps.shape, policy_chosen_logps=policy_chosen_logps,
+                  policy_rejected_logps=policy_rejected_logps,
+                  reference_chosen_logps=reference_chosen_logps, reference_rejected_logps=reference_rejected_logps,
+                  chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths,
+                  policy_chosen_shared_logps=policy_chosen_shared_logps,
+                  policy_rejected_shared_logps=policy_rejected_shared_logps,
+                  reference_chosen_shared_logps=reference_chosen_shared_logps,
+                  reference_rejected_shared_logps=reference_rejected_shared_logps,
+                  chosen_aligned_logps=chosen_aligned_logps, rejected_aligned_logps=rejected_aligned_logps)
+    whole_pc = pc = _as_float(policy_chosen_logps)
+    pr = _as_float(policy_rejected_logps)
     lc, lr = _as_float(chosen_lengths), _as_float(rejected_lengths)
-    beta = config.beta
-
-    stats = PairStats(pc, pr, lc, lr, reward_shift=reward_shift)
+    rc = rr = None
     if config.needs_reference:
         assert reference_chosen_logps is not None and reference_rejected_logps is not None
         rc, rr = _as_float(reference_chosen_logps), _as_float(reference_rejected_logps)
-        chosen_logratios, rejected_logratios = pc - rc, pr - rr
-        kind, alpha = config.f_divergence_type, config.f_alpha_divergence_coef
-        stats = dataclasses.replace(
-            stats, reference_chosen_logps=rc, reference_rejected_logps=rr, chosen_logratios=chosen_logratios,
-            rejected_logratios=rejected_logratios, chosen_scores=f_divergence_scores(chosen_logratios, kind, alpha),
-            rejected_scores=f_divergence_scores(rejected_logratios, kind, alpha))
+    if config.ld_alpha is not None:
+        pcs, prs = _required("ld_alpha", policy_chosen_shared_logps=policy_chosen_shared_logps,
+                             policy_rejected_shared_logps=policy_rejected_shared_logps)
+        pc, pr = ld_logps(pcs, pc, config.ld_alpha), ld_logps(prs, pr, config.ld_alpha)
+        if rc is not None:
+            rcs, rrs = _required("ld_alpha", reference_chosen_shared_logps=reference_chosen_shared_logps,
+                                 reference_rejected_shared_logps=reference_rejected_shared_logps)
+            rc, rr = ld_logps(rcs, rc, config.ld_alpha), ld_logps(rrs, rr, config.ld_alpha)
+    stats = _pair_stats(pc, pr, rc, rr, lc, lr, config, reward_shift)
     total: Tensor | None = None
     for loss_type, weight in zip(config.loss_types, config.weights):
         term = LOSSES[loss_type].compute(stats, config)
@@ -300,15 +365,53 @@ def preference_loss(
         term = term if weight == 1.0 else weight * term
         total = term if total is None else total + term
     assert total is not None
-
     if config.sft_weight > 0:
-        total = total + config.sft_weight * sft_loss(pc, lc)
+        total = total + config.sft_weight * sft_loss(whole_pc, lc)
+    if config.use_weighting:
+        ac, ar = _required("use_weighting", chosen_aligned_logps=chosen_aligned_logps,
+                           rejected_aligned_logps=rejected_aligned_logps)
+        total = total * wpo_weights(ac, lc, ar, lr)
+    return LossOutput(total, *_rewards(stats, config.beta))
 
+
+def _pair_stats(pc: Tensor, pr: Tensor, rc: Tensor | None, rr: Tensor | None, lc: Tensor, lr: Tensor,
+                config: LossConfig, reward_shift: float) -> PairStats:
+    """The statistics every registered loss reads (log-ratios and f-DPO scores only with a reference)."""
+    if rc is None or rr is None:
+        return PairStats(pc, pr, lc, lr, reward_shift=reward_shift)
+    chosen_logratios, rejected_logratios = pc - rc, pr - rr
+    kind, alpha = config.f_divergence_type, config.f_alpha_divergence_coef
+    return PairStats(pc, pr, lc, lr, rc, rr, chosen_logratios, rejected_logratios,
+                     f_divergence_scores(chosen_logratios, kind, alpha),
+                     f_divergence_scores(rejected_logratios, kind, alpha), reward_shift)
+
+
+def _rewards(stats: PairStats, beta: float) -> tuple[Tensor, Tensor]:
+    """Detached implicit rewards: β·log π/π_ref, or β·log π/|y| without a reference."""
     with torch.no_grad():
         if stats.chosen_logratios is not None and stats.rejected_logratios is not None:
-            chosen_rewards = beta * stats.chosen_logratios.detach()
-            rejected_rewards = beta * stats.rejected_logratios.detach()
-        else:
-            chosen_rewards = beta * per_token(pc.detach(), lc)
-            rejected_rewards = beta * per_token(pr.detach(), lr)
-    return LossOutput(losses=total, chosen_rewards=chosen_rewards, rejected_rewards=rejected_rewards)
+            return beta * stats.chosen_logratios.detach(), beta * stats.rejected_logratios.detach()
+        return (beta * per_token(stats.policy_chosen_logps.detach(), stats.chosen_lengths),
+                beta * per_token(stats.policy_rejected_logps.detach(), stats.rejected_lengths))
+
+
+def unpaired_loss(policy_logps: Tensor, reference_logps: Tensor, desirable: Tensor, config: LossConfig,
+                  reference_point: float | Tensor = 0.0) -> tuple[Tensor, Tensor]:
+    """Per-example loss Σ_k w_k·loss_k over unpaired examples, and the detached implicit rewards β·log π/π_ref.
+
+    `policy_logps`, `reference_logps` [N]: each answer's summed log-probs; `desirable` [N] bool (its label);
+    `reference_point`: KTO's z0 (`unpaired.kto_reference_point`, one per global batch), read only by ``kto``.
+    Returns ([N] losses, [N] rewards); the caller sums and normalises by the global batch's examples.
+    """
+    if not config.unpaired:
+        raise ValueError(f"loss types {config.loss_types} read pairs: call preference_loss")
+    logratios = _as_float(policy_logps) - _as_float(reference_logps)
+    z0 = torch.as_tensor(reference_point, dtype=logratios.dtype, device=logratios.device).detach()
+    stats = ExampleStats(logratios, desirable.to(device=logratios.device, dtype=torch.bool), z0)
+    total: Tensor | None = None
+    for loss_type, weight in zip(config.loss_types, config.weights):
+        term = LOSSES[loss_type].compute(stats, config)  # type: ignore[arg-type]
+        term = term if weight == 1.0 else weight * term
+        total = term if total is None else total + term
+    assert total is not None
+    return total, config.beta * logratios.detach()

@@ -33,6 +33,7 @@ from preftune.losses.formulas import (
     simpo_loss,
     sppo_hard_loss,
 )
+from preftune.losses.unpaired import apo_zero_unpaired_loss, kto_loss
 
 if TYPE_CHECKING:
     from preftune.losses import LossConfig
@@ -72,6 +73,9 @@ class LossSpec:
     uses_lengths: bool = False  # reads the answers' token counts
     uses_reward_shift: bool = False  # reads BCO's running reward mean, which the objective updates per step
     f_divergence: bool = False  # a function of the chosen-minus-rejected reward gap: f-DPO may replace log π/π_ref
+    sorts_batch: bool = False  # entry i is the batch's i-th quantile, not pair i (no per-pair weight applies)
+    nll: bool = False  # holds an NLL term on the whole chosen answer (LD-DPO's shortened log-probs do not apply)
+    unpaired: bool = False  # reads unpaired examples (`unpaired.ExampleStats`: one answer and its label), not pairs
 
 
 LOSSES: dict[str, LossSpec] = {}
@@ -111,14 +115,21 @@ register("exo_pair", lambda s, c: exo_pair_loss(s.chosen_scores, s.rejected_scor
          label_smoothing=True, f_divergence=True)
 register("sppo_hard", lambda s, c: sppo_hard_loss(s.chosen_logratios, s.rejected_logratios, c.beta))
 register("aot", lambda s, c: aot_loss(s.policy_chosen_logps, s.policy_rejected_logps, s.reference_chosen_logps,
-                                      s.reference_rejected_logps, c.beta, c.label_smoothing), label_smoothing=True)
+                                      s.reference_rejected_logps, c.beta, c.label_smoothing), label_smoothing=True,
+         sorts_batch=True)
 register("aot_unpaired", lambda s, c: aot_unpaired_loss(s.chosen_logratios, s.rejected_logratios, c.beta,
-                                                        c.label_smoothing), label_smoothing=True)
+                                                        c.label_smoothing), label_smoothing=True, sorts_batch=True)
 register("discopop", lambda s, c: discopop_loss(s.chosen_scores, s.rejected_scores, c.beta, c.discopop_tau),
          f_divergence=True)
 # ORPO's λ is `beta`, as in TRL's ORPOConfig (its docstring: "denoted by λ in the paper").
 register("orpo", lambda s, c: orpo_loss(s.policy_chosen_logps, s.policy_rejected_logps, s.chosen_lengths,
-                                        s.rejected_lengths, c.beta), reference_free=True, uses_lengths=True)
+                                        s.rejected_lengths, c.beta), reference_free=True, uses_lengths=True, nll=True)
 register("cpo", lambda s, c: cpo_loss(s.policy_chosen_logps, s.policy_rejected_logps, s.chosen_lengths, c.beta,
                                       c.cpo_alpha, c.label_smoothing),
-         reference_free=True, label_smoothing=True, uses_lengths=True)
+         reference_free=True, label_smoothing=True, uses_lengths=True, nll=True)
+# Unpaired examples (preftune.data.unpaired): `s` is an unpaired.ExampleStats.
+register("kto", lambda s, c: kto_loss(s.logratios, s.desirable, s.reference_point, c.beta, c.desirable_weight,
+                                      c.undesirable_weight), unpaired=True)
+register("apo_zero_unpaired", lambda s, c: apo_zero_unpaired_loss(s.logratios, s.desirable, c.beta,
+                                                                  c.desirable_weight, c.undesirable_weight),
+         unpaired=True)

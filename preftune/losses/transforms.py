@@ -1,6 +1,7 @@
-"""Transforms of the per-pair statistics before a loss reads them: f-divergence scores (f-DPO), and — written
-and tested, not yet wired into training (they need statistics the forward paths do not return yet) — the
-length-desensitised log-probs of LD-DPO and the pair weights of WPO.
+"""Transforms of the per-pair statistics before or after a loss reads them: f-divergence scores (f-DPO), the
+length-desensitised log-probs of LD-DPO (`ld_alpha`) and the pair weights of WPO (`use_weighting`);
+`preference_loss` applies them. The last two read statistics the forward computes when its plan asks
+(logprobs.STATISTICS: each answer's first-ℓ sum, and its aligned sum).
 
 Each is a small pure function with formula, paper and shapes in its docstring, like `formulas.py`.
 """
@@ -54,7 +55,7 @@ def f_divergence_scores(logratios: Tensor, divergence: str, alpha: float = 0.5) 
 
 
 def ld_logps(shared_logps: Tensor, total_logps: Tensor, alpha: float) -> Tensor:
-    """LD-DPO's length-desensitised log-prob of an answer (not wired into training yet).
+    """LD-DPO's length-desensitised log-prob of an answer.
 
     With ℓ = min(|c|, |r|) the pair's shared length, an answer's log-prob is split into its first ℓ tokens
     (`shared_logps`) and the rest, the "verbose" tail (`total_logps - shared_logps`), which is damped:
@@ -67,27 +68,14 @@ def ld_logps(shared_logps: Tensor, total_logps: Tensor, alpha: float) -> Tensor:
     return shared_logps + alpha * (total_logps - shared_logps)
 
 
-def wpo_aligned_token_logps(logits: Tensor, labels: Tensor) -> Tensor:
-    """WPO's per-token statistic: log π(y_t) - log Σ_v π(v)², from one chunk of the LM head's logits.
-
-    log Σ_v p_v² = logsumexp(2·logits) - 2·logsumexp(logits), so it costs one more logsumexp over the
-    vocabulary per token in the chunked head and never materialises the probabilities. Summed over an
-    answer's tokens it is `wpo_weights`' input; no gradient. Shapes: logits [T, V], labels [T] -> [T].
-    """
-    with torch.no_grad():
-        logits = logits.float()
-        lse = torch.logsumexp(logits, dim=-1)
-        token_logps = logits.gather(-1, labels[:, None]).squeeze(-1) - lse
-        return token_logps - (torch.logsumexp(2.0 * logits, dim=-1) - 2.0 * lse)
-
-
 def wpo_weights(
     chosen_aligned_logps: Tensor, chosen_lengths: Tensor, rejected_aligned_logps: Tensor, rejected_lengths: Tensor
 ) -> Tensor:
-    """WPO's per-pair weight: how likely the policy is to produce the pair itself (not wired into training yet).
+    """WPO's per-pair weight: how likely the policy is to produce the pair itself.
 
     For an answer y, a = Σ_t [log π(y_t | x, y_<t) - log Σ_v π(v | x, y_<t)²] (its log-probs "aligned" by the
-    log of each step's collision probability, so a model that is certain everywhere weighs 1); the weight is
+    log of each step's collision probability Σ_v π(v)², so a model that is certain everywhere weighs 1; the
+    forward computes a with one more logsumexp per token, `logprobs.token_logps(collision=True)`); the weight is
     w(y) = exp(a/|y|) and the pair's weight w(c)·w(r), with no gradient. Every loss term of the pair is
     multiplied by it.
 

@@ -1,15 +1,28 @@
 """Losses over unpaired examples (one answer with a desirable/undesirable label): KTO and APO-zero's unpaired form.
 
-Written and tested as pure functions of per-example statistics; not registered for training yet (the data path
-for unpaired rows and KTO's mismatched-completion forward are another piece of work). Inputs are [N] tensors,
-N = examples in the batch: ``logratios`` = log π(y|x) - log π_ref(y|x) summed over the answer's tokens,
-``desirable`` a bool mask (True = thumbs-up).
+Pure functions of per-example statistics, registered in registry.py with ``unpaired=True`` (they read
+`ExampleStats`, not `PairStats`); the data comes from `preftune.data.unpaired`, KTO's reference point from a
+no-grad pass over mismatched (prompt, completion) pairs of the global batch (`preftune.objectives`). Inputs are
+[N] tensors, N = examples in the batch: ``logratios`` = log π(y|x) - log π_ref(y|x) summed over the answer's
+tokens, ``desirable`` a bool mask (True = thumbs-up).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
+
+
+@dataclass(frozen=True)
+class ExampleStats:
+    """The per-example statistics every unpaired loss is a function of: ``logratios`` [N] float, ``desirable`` [N]
+    bool, ``reference_point`` KTO's z0 (a detached 0-d tensor; 0 where no KTO term is configured)."""
+
+    logratios: Tensor
+    desirable: Tensor
+    reference_point: Tensor
 
 
 def kto_reference_point(mismatched_logratio_sum: float | Tensor, count: float | Tensor) -> Tensor:
@@ -45,7 +58,7 @@ def kto_loss(
     loss is λ/2.
 
     Paper: Ethayarajh et al. 2024, arXiv:2402.01306 (Eq. 7 with TRL's λ_D, λ_U). The paper's rule for
-    imbalanced data is λ_D·n_D / (λ_U·n_U) in [1, 4/3] (`kto_weight_suggestion`).
+    imbalanced data is λ_D·n_D / (λ_U·n_U) in [1, 4/3] (`preftune.data.unpaired.weight_suggestion`).
     Shapes: logratios [N], desirable [N] bool -> [N].
     """
     z0 = torch.as_tensor(reference_point, dtype=logratios.dtype, device=logratios.device).detach()
@@ -67,21 +80,3 @@ def apo_zero_unpaired_loss(
     """
     r = beta * logratios
     return torch.where(desirable, desirable_weight * (1.0 - torch.sigmoid(r)), undesirable_weight * torch.sigmoid(r))
-
-
-def kto_weight_suggestion(n_desirable: int, n_undesirable: int, desirable_weight: float = 1.0,
-                          undesirable_weight: float = 1.0) -> tuple[tuple[float, float], tuple[float, float]] | None:
-    """The ranges the KTO paper suggests for the weights of imbalanced data, or None when the given ones fit.
-
-    The paper asks λ_D·n_D / (λ_U·n_U) ∈ [1, 4/3]. Returns ((low, high) for desirable_weight with
-    undesirable_weight kept, (low, high) for undesirable_weight with desirable_weight kept): change one of
-    them, not both. Paper: Ethayarajh et al. 2024, arXiv:2402.01306, Section 4 ("data imbalance").
-    """
-    if n_desirable <= 0 or n_undesirable <= 0:
-        raise ValueError("kto_weight_suggestion needs at least one desirable and one undesirable example")
-    ratio = desirable_weight * n_desirable / (undesirable_weight * n_undesirable)
-    if 1.0 <= ratio <= 4.0 / 3.0:
-        return None
-    d = undesirable_weight * n_undesirable / n_desirable
-    u = desirable_weight * n_desirable / n_undesirable
-    return (d, d * 4.0 / 3.0), (u * 3.0 / 4.0, u)

@@ -1,6 +1,7 @@
 """Reference strategies: where πref's log-probs come from.
 
-- `copy`: a frozen second copy of the starting model (full fine-tuning).
+- `copy`: a frozen second copy of the starting model (full fine-tuning); with `sync_ref_model` (TR-DPO) it moves
+  toward the policy every few steps (modeling/trust_region.py), and `auto` picks it.
 - `lora_disabled`: the policy itself with its LoRA adapters switched off: the base weights under the
   adapters *are* the reference, so no second copy is held in memory.
 - `precomputed`: the reference's log-probs for the pairs the run's steps use (all of them for a full epoch),
@@ -23,10 +24,7 @@ it), because no process holds the whole model.
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import hashlib
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,25 +32,35 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 
-from preftune.data.store import pairs_digest
+from preftune.data.batching import TrainOrder
 from preftune.data.tokenize import TokenizedPair
 from preftune.errors import PreftuneError
-from preftune.logprobs import ForwardPlan, LogpsModel, SequenceLogps, handle_model, inference, unwrap_handle
+from preftune.logprobs import (
+    ForwardPlan,
+    LogpsModel,
+    SequenceLogps,
+    handle_model,
+    inference,
+    statistics_only,
+    unwrap_handle,
+)
 from preftune.modeling.load import load_model, resolve_model_path
-
-
-class Reference:
-    """Gives reference log-probs for a batch (always without gradients)."""
-
-    def logps(self, batch) -> SequenceLogps:
-        raise NotImplementedError
-
-
-def without_adapters(model: torch.nn.Module) -> contextlib.AbstractContextManager:
-    """The base model's forward: LoRA adapters switched off for a PeftModel, nothing to do otherwise."""
-    return model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
+from preftune.modeling.mismatched import MismatchedPairs, PrecomputedPairs, precompute_pairs, score_answers
+from preftune.modeling.precomputed import (  # noqa: F401  (re-exported: the reference's public names)
+    CACHE_FORMAT,
+    REFERENCE_STATISTICS,
+    Placement,
+    Precomputed,
+    Reference,
+    cache_key,
+    cache_problem,
+    cache_settings,
+    model_identity,
+    precompute,
+    without_adapters,
+)
+from preftune.modeling.trust_region import ReferenceSync
 
 
 class FrozenModel(Reference):
@@ -64,7 +72,8 @@ class FrozenModel(Reference):
         self.handle = handle.requires_grad_(False)
 
     def logps(self, batch) -> SequenceLogps:
-        with inference(self.handle), without_adapters(handle_model(self.handle)):
+        with inference(self.handle), without_adapters(handle_model(self.handle)), \
+                statistics_only(self.handle, REFERENCE_STATISTICS):
             return self.handle(batch)
 
 
@@ -77,201 +86,8 @@ class DisabledAdapters(Reference):
         self.model = handle_model(handle)  # the PeftModel
 
     def logps(self, batch) -> SequenceLogps:
-        with inference(self.handle), self.model.disable_adapter():
+        with inference(self.handle), self.model.disable_adapter(), statistics_only(self.handle, REFERENCE_STATISTICS):
             return self.handle(batch)
-
-
-class Precomputed(Reference):
-    """Reference log-probs looked up by the batch's dataset positions. `scored` marks the positions computed so
-    far (a run scores only the pairs its steps use); looking up any other is a bug, refused loudly."""
-
-    def __init__(self, chosen: torch.Tensor, rejected: torch.Tensor, scored: torch.Tensor | None = None):
-        self.chosen, self.rejected = chosen, rejected
-        self.scored = torch.ones(len(chosen), dtype=torch.bool) if scored is None else scored.bool()
-
-    def logps(self, batch) -> SequenceLogps:
-        idx = batch.indices.cpu()
-        if not bool(self.scored[idx].all()):
-            missing = idx[~self.scored[idx]].tolist()
-            raise RuntimeError(f"reference log-probs of dataset positions {missing[:8]} were not precomputed; the "
-                               "run's steps should only use positions precompute() was given")
-        dev = batch.chosen_ids.device
-        return SequenceLogps(self.chosen[idx].to(dev), batch.chosen_mask.sum(-1).float(),
-                             self.rejected[idx].to(dev), batch.rejected_mask.sum(-1).float())
-
-
-# Bumped when what a cache file holds changes meaning, so older files are never read as the new kind
-# (3: partial files, with `scored`).
-CACHE_FORMAT = 3
-
-
-def cache_key(model_id: str, pairs: Sequence[TokenizedPair], extra: dict) -> str:
-    """Hash of everything that changes the reference log-probs beyond float rounding: the model, the exact token
-    ids (and so their count), and what `extra` holds (`cache_settings`: the precision, remote model code, and in
-    half precision the forward path). Batch size and logits chunks only change the last bits, and are left out so
-    that a resume which changes them reuses the very values the run started with."""
-    h = hashlib.sha256()
-    h.update(json.dumps({"model": model_id, "format": CACHE_FORMAT, "pairs": len(pairs), **extra},
-                        sort_keys=True).encode())
-    h.update(pairs_digest(pairs).encode())  # the exact token ids of every pair, in order
-    return h.hexdigest()[:20]
-
-
-def cache_settings(cfg: Any, plan: ForwardPlan) -> dict[str, Any]:
-    """The settings of a reference pass that change its values: dtype, mixed precision, remote model code, and
-    in half precision (bf16/fp16 weights or autocast) the forward path, whose different summation orders then
-    differ by up to 2.3e-2 per sequence (KV cache vs packed, bf16): a cache from another path would make the
-    step-1 rewards non-zero. In fp32 the paths agree to ~1e-6, and a resume that changes the path reuses the
-    cache."""
-    extra = {"dtype": cfg.dtype, "mixed_precision": cfg.mixed_precision, "trust_remote_code": cfg.trust_remote_code}
-    if cfg.dtype in ("bfloat16", "float16") or cfg.mixed_precision in ("bf16", "fp16"):
-        extra["forward"] = plan.values_key()
-    return extra
-
-
-_WEIGHTS = (".safetensors", ".bin", ".pt", ".pth")
-
-
-def _sampled_digest(path: Path, blocks: int = 64, block: int = 16384) -> str:
-    """SHA-256 of `blocks` evenly spaced blocks of a file (1 MiB read, whatever its size)."""
-    h = hashlib.sha256()
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        for k in range(blocks):
-            f.seek(size * k // blocks)
-            h.update(f.read(block))
-    return h.hexdigest()[:16]
-
-
-def model_identity(path: str) -> str:
-    """A local folder: the content hash of its .json files (config, index) and, for each weight file, its size,
-    mtime in nanoseconds and a hash of 1 MiB sampled across it (hashing many GB whole would take minutes; a
-    rewritten file has a new mtime, and two saves in the same second differ in their samples). No path, so a
-    folder moved or copied with its times (mv, cp -p) stays the same model. A hub name: itself. (JSON text.)"""
-    p = Path(path)
-    if not p.is_dir():
-        return path
-    files: dict[str, Any] = {}
-    for f in sorted(p.iterdir()):
-        if f.suffix == ".json" and f.is_file():
-            files[f.name] = hashlib.sha256(f.read_bytes()).hexdigest()[:16]
-        elif f.suffix in _WEIGHTS and f.is_file():
-            files[f.name] = [f.stat().st_size, f.stat().st_mtime_ns, _sampled_digest(f)]
-    return json.dumps(files, sort_keys=True)
-
-
-def cache_problem(tensors: dict[str, torch.Tensor], n: int) -> str | None:
-    """Why stored reference log-probs cannot be right for `n` pairs, or None. `scored` (1 = computed; absent in a
-    complete file) marks the pairs a run has scored so far, the others are NaN. Scored summed log-probs are
-    finite and <= 0, and never all exactly 0 (that is what a pass that scored nothing leaves behind)."""
-    if not {"chosen", "rejected"} <= set(tensors) <= {"chosen", "rejected", "scored"}:
-        return f"it holds {sorted(tensors)} instead of chosen, rejected (and scored)"
-    scored = tensors.get("scored")
-    if scored is not None and tuple(scored.shape) != (n,):
-        return f"it marks {tuple(scored.shape)} scored values for {n} pairs"
-    done = torch.ones(n, dtype=torch.bool) if scored is None else scored.bool()
-    for name in ("chosen", "rejected"):
-        t = tensors[name]
-        if tuple(t.shape) != (n,):
-            return f"it holds {tuple(t.shape)} {name} values for {n} pairs"
-        t = t[done]
-        if not t.is_floating_point() or not torch.isfinite(t).all():
-            return f"its {name} values are not all finite numbers"
-        if (t > 1e-3).any():  # log-probs are <= 0; 1e-3 leaves room for rounding
-            return f"it holds positive {name} log-probabilities"
-    if bool(done.any()) and all(bool((tensors[k][done] == 0).all()) for k in ("chosen", "rejected")):
-        return "it holds only zeros"
-    return None
-
-
-def _read_cache(cache_file: Path, n: int, say: Callable[[str], None]) -> Precomputed | None:
-    try:
-        tensors = load_file(str(cache_file))
-        problem = cache_problem(tensors, n)
-    except Exception as e:  # a truncated or foreign file: safetensors raises its own error type
-        problem = f"it is unreadable: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
-    if problem is None:
-        return Precomputed(tensors["chosen"], tensors["rejected"], tensors.get("scored"))
-    say(f"reference cache {cache_file.name} is unusable ({problem}); computing it again")
-    return None
-
-
-def precompute(handle: torch.nn.Module, pairs: Sequence[TokenizedPair], *, cache_file: Path, pad_id: int,
-               batch_size: int, autocast=None, progress: bool = False, save: bool = True,
-               say: Callable[[str], None] = print, placement: Placement | None = None,
-               positions: np.ndarray | None = None) -> Precomputed:
-    """Reference log-probs of the pairs at `positions` (all pairs when None) under `handle` (a LogpsModel, with
-    its adapters switched off when it runs a PeftModel): as many as `cache_file` holds loaded from it (when it
-    is plausible), the rest computed, checked and added to it.
-
-    The file holds full-length `chosen` and `rejected` vectors, with NaN where a pair is not scored yet, and
-    `scored` (uint8, 1 = computed): a run scores only the pairs its steps use, a later run that needs more
-    extends the same file. Under several processes each scores its share of the missing pairs and the shares
-    are gathered (scoring.score), so every process ends with all of them; only the main process writes (`save`).
-    """
-    placement = placement or Placement()
-    n = len(pairs)
-    cached = _read_cache(cache_file, n, say) if cache_file.is_file() else None
-    # Every process must take the same branch: scoring is collective (the gather, and under sharding
-    # every forward), and a run folder on node-local disks may hold the cache for some processes only.
-    if not _everywhere(cached is not None, placement):
-        cached = None
-    if cached is None:
-        cached = Precomputed(torch.full((n,), float("nan")), torch.full((n,), float("nan")),
-                             torch.zeros(n, dtype=torch.bool))
-    want = torch.arange(n) if positions is None else torch.as_tensor(np.asarray(positions, dtype=np.int64))
-    missing = want[~cached.scored[want]]
-    if not len(missing):
-        return cached
-    from preftune.scoring import score
-
-    todo = missing.tolist()
-    subset = pairs.subset(todo) if hasattr(pairs, "subset") else [pairs[i] for i in todo]
-    with without_adapters(handle_model(handle)):
-        out = score(handle, subset, pad_id=pad_id, batch_size=batch_size, autocast=autocast, progress=progress,
-                    desc="reference log-probs", rank=placement.rank, world=placement.world, device=placement.device)
-    bad = [subset[i].index for i in torch.nonzero(~(torch.isfinite(out.chosen_logps) &
-                                                    torch.isfinite(out.rejected_logps))).flatten().tolist()]
-    if bad:
-        raise PreftuneError(f"the reference model gave non-finite log-probs for {len(bad)} pairs (e.g. examples "
-                            f"{bad[:5]}); load it in float32 or bfloat16 (float16 overflows), or check the model.")
-    chosen, rejected, scored = cached.chosen.clone(), cached.rejected.clone(), cached.scored.clone()
-    chosen[missing], rejected[missing] = out.chosen_logps, out.rejected_logps
-    scored[missing] = True
-    tensors = {"chosen": chosen, "rejected": rejected, "scored": scored.to(torch.uint8)}
-    problem = cache_problem(tensors, n)
-    if problem is not None:  # a scoring pass that left values unset: a bug, never stored
-        raise RuntimeError(f"reference log-probs for {n} pairs are impossible: {problem}")
-    if save:  # else another process of the same job writes it
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_name(".tmp-" + cache_file.name)  # the run folder removes `.tmp-*` after a failed save
-        save_file(tensors, str(tmp))
-        tmp.replace(cache_file)
-    return Precomputed(chosen, rejected, scored)
-
-
-@dataclass
-class Placement:
-    """Where the reference's forward passes run: this process's `rank` of `world`, and under FSDP2/ZeRO-3
-    (`sharded`) `wrap_frozen`, which shards a frozen LogpsModel like the policy and returns it
-    (distributed.Engine.prepare_frozen)."""
-
-    rank: int = 0
-    world: int = 1
-    sharded: bool = False
-    device: torch.device | None = None
-    wrap_frozen: Callable[[torch.nn.Module], torch.nn.Module] | None = None
-
-
-def _everywhere(flag: bool, placement: Placement) -> bool:
-    """True when `flag` holds on every process."""
-    if placement.world == 1:
-        return flag
-    import torch.distributed as dist
-
-    t = torch.tensor([int(flag)], device=placement.device)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return bool(t.item())
 
 
 @dataclass
@@ -282,21 +98,35 @@ class ReferenceSetup:
     train: Reference | None = None
     eval: Reference | None = None
     cache_file: Path | None = None  # the train split's precomputed cache (checkpoints link it)
+    sync: ReferenceSync | None = None  # TR-DPO: the copy moves toward the policy
+    mismatched: MismatchedPairs | None = None  # KTO: policy and reference log-probs of mismatched pairs
+
+    def end_step(self, step: int) -> None:
+        """After optimizer step `step` (1-based), for a reference that moves (TR-DPO); nothing otherwise."""
+        if self.sync is not None:
+            self.sync.end_step(step)
+
+    def checkpoint_file(self) -> Path | None:
+        """What a checkpoint links beside the weights: the precomputed cache, or TR-DPO's moved reference."""
+        return self.sync.checkpoint_file() if self.sync is not None else self.cache_file
 
 
-def choose_strategy(requested: str, *, needs_reference: bool) -> str:
-    """What `auto` means: precomputed (exact with dropout off, and no reference model stays in memory)."""
+def choose_strategy(requested: str, *, needs_reference: bool, moving: bool = False) -> str:
+    """What `auto` means: precomputed (exact with dropout off, and no reference model stays in memory), or copy
+    when the reference moves during training (`moving`: TR-DPO), which no precomputed pass can follow."""
     if not needs_reference:
         return "none"
-    return "precomputed" if requested == "auto" else requested
+    if requested == "auto":
+        return "copy" if moving else "precomputed"
+    return requested
 
 
 def build_reference(cfg: Any, *, policy: torch.nn.Module, model_path: str, needs_reference: bool,
                     splits: dict[str, Sequence[TokenizedPair] | None], cache_path: Callable[[str, str], Path],
                     pad_id: int, device: torch.device, plan_for: Callable[[torch.nn.Module], ForwardPlan],
                     autocast=None, is_main_process: bool = True, say: Callable[[str], None] = print,
-                    placement: Placement | None = None,
-                    used: dict[str, Callable[[], np.ndarray]] | None = None) -> ReferenceSetup:
+                    placement: Placement | None = None, order: TrainOrder | None = None, steps: int = 0,
+                    checkpoint: Path | None = None, mismatched: bool = False) -> ReferenceSetup:
     """Build the reference `cfg.reference` asks for (a TrainConfig's reference, reference_model, dtype,
     mixed_precision, eval_batch_size, batch_size, progress, ... are read).
 
@@ -305,37 +135,75 @@ def build_reference(cfg: Any, *, policy: torch.nn.Module, model_path: str, needs
     engine's prepare). `plan_for(model)` decides the forward plan of a separately loaded reference model.
     `splits` maps "train"/"eval" to their tokenized pairs (eval may be None); `cache_path(split, key)` names the
     precomputed cache file of a split; `placement` says how the launch split the work (one process when None).
-    `used[split]()` gives the positions the run will use (the sampler knows them up front); only those are
-    precomputed (all of a split without one).
+    `order` gives the run's `steps` (known up front): only the pairs they use are precomputed (all of a split
+    without it). With `cfg.sync_ref_model` (TR-DPO) the copy moves toward the policy
+    (`end_step`), and a resumed run (`checkpoint`) starts from the reference that checkpoint saved. With
+    `mismatched` (KTO) the setup also scores mismatched pairs (`ReferenceSetup.mismatched`).
     """
     placement = placement or Placement(device=device)
-    strategy = choose_strategy(cfg.reference, needs_reference=needs_reference)
+    moving = bool(getattr(cfg, "sync_ref_model", False))
+    strategy = choose_strategy(cfg.reference, needs_reference=needs_reference, moving=moving)
     if strategy == "none":
         return ReferenceSetup(strategy)
+    handle = policy
     if strategy == "lora_disabled":
         ref = DisabledAdapters(policy)
-        return ReferenceSetup(strategy, ref, ref)
-    handle = policy
-    if cfg.reference_model or (placement.sharded and strategy == "copy"):
-        # Under sharding no process holds the whole policy to copy, so the copy comes from disk.
-        handle = _load_reference(cfg, cfg.reference_model or model_path, plan_for, placement, device)
-    if strategy == "copy":
-        if handle is policy:
-            handle = LogpsModel(copy.deepcopy(handle_model(policy)), _plan_of(policy))
-        ref = FrozenModel(handle)
-        return ReferenceSetup(strategy, ref, ref)
+        setup = ReferenceSetup(strategy, ref, ref)
+    else:
+        if moving and placement.sharded:
+            raise PreftuneError("sync_ref_model (TR-DPO) is not supported under FSDP2 or ZeRO-3 yet (no process "
+                                "holds whole models to mix); train on one process or under DDP, or drop "
+                                "sync_ref_model.")
+        if cfg.reference_model or (placement.sharded and strategy == "copy"):
+            # Under sharding no process holds the whole policy to copy, so the copy comes from disk.
+            handle = _load_reference(cfg, cfg.reference_model or model_path, plan_for, placement, device)
+        kw = dict(cache_path=cache_path, is_main_process=is_main_process, say=say)
+        setup = (_copy(cfg, policy, handle, checkpoint, **kw) if strategy == "copy" else
+                 _precomputed(cfg, handle, model_path, splits, order.used(steps) if order else None, pad_id=pad_id,
+                              autocast=autocast, placement=placement, **kw))
+    if mismatched:
+        assert order is not None
+        setup.mismatched = _mismatched(cfg, setup, policy, handle, splits, order, steps, model_path, cache_path=cache_path,
+                                       pad_id=pad_id, autocast=autocast, placement=placement, say=say,
+                                       is_main_process=is_main_process)
+    return setup
 
+
+def _copy(cfg: Any, policy: torch.nn.Module, handle: torch.nn.Module, checkpoint: Path | None, *,
+          cache_path: Callable[[str, str], Path], is_main_process: bool, say: Callable[[str], None]) -> ReferenceSetup:
+    """A frozen copy of the starting model (or the loaded reference_model), moving under TR-DPO."""
+    if handle is policy:
+        handle = LogpsModel(copy.deepcopy(handle_model(policy)), _plan_of(policy))
+    ref = FrozenModel(handle)
+    setup = ReferenceSetup("copy", ref, ref)
+    if getattr(cfg, "sync_ref_model", False):
+        say(f"reference: a copy of the {'reference_model' if cfg.reference_model else 'starting model'}, moved "
+            f"toward the policy every {cfg.ref_model_sync_steps} steps by α = {cfg.ref_model_mixup_alpha:g} "
+            "(TR-DPO)")
+        setup.sync = ReferenceSync(handle_model(handle), handle_model(policy), alpha=cfg.ref_model_mixup_alpha,
+                                   every=cfg.ref_model_sync_steps, weights_file=cache_path("tr_dpo", "reference"),
+                                   is_main_process=is_main_process)
+        if checkpoint is not None:
+            setup.sync.load(checkpoint)
+    return setup
+
+
+def _precomputed(cfg: Any, handle: torch.nn.Module, model_path: str, splits: dict[str, Sequence[TokenizedPair] | None],
+                 used: np.ndarray | None, *, pad_id: int, autocast: Any, placement: Placement,
+                 cache_path: Callable[[str, str], Path], is_main_process: bool,
+                 say: Callable[[str], None]) -> ReferenceSetup:
+    """Each split's reference log-probs, scored once (of the train pairs, only those at `used` positions)."""
     ident = model_identity(cfg.reference_model or model_path)
     extra = cache_settings(cfg, _plan_of(handle))
-    setup = ReferenceSetup(strategy)
+    setup = ReferenceSetup("precomputed")
     for name, pairs in splits.items():
         if pairs is None:
             continue
         cache_file = cache_path(name, cache_key(ident, pairs, extra))
-        positions = (used or {}).get(name)
-        positions = positions() if positions is not None else None
+        positions = used if name == "train" else None
         count = f"{len(pairs):,}" if positions is None else f"{len(positions):,} of {len(pairs):,}"
-        say(f"reference log-probs for {count} {name} pairs → {cache_file.parent.name}/{cache_file.name}")
+        noun = "pairs" if pairs[0].rejected_ids is not None else "examples"
+        say(f"reference log-probs for {count} {name} {noun} → {cache_file.parent.name}/{cache_file.name}")
         ref = precompute(handle, pairs, cache_file=cache_file, pad_id=pad_id,
                          batch_size=cfg.eval_batch_size or 2 * cfg.batch_size, autocast=autocast,
                          progress=cfg.progress, save=is_main_process, say=say, placement=placement,
@@ -344,6 +212,41 @@ def build_reference(cfg: Any, *, policy: torch.nn.Module, model_path: str, needs
         if name == "train":
             setup.cache_file = cache_file
     return setup
+
+
+def _mismatched(cfg: Any, setup: ReferenceSetup, policy: torch.nn.Module, handle: torch.nn.Module,
+                splits: dict[str, Sequence[TokenizedPair] | None], order: TrainOrder, steps: int, model_path: str, *,
+                cache_path: Callable[[str, str], Path], pad_id: int, autocast: Any, placement: Placement,
+                say: Callable[[str], None], is_main_process: bool) -> MismatchedPairs:
+    """KTO's mismatched pairs scored under the policy and the reference: a precomputed reference scores every
+    pair the run's steps (and the eval split) will use now, a live one when asked."""
+    score_kw = dict(pad_id=pad_id, batch_size=cfg.eval_batch_size or 2 * cfg.batch_size, autocast=autocast)
+    tables: dict[str, PrecomputedPairs] = {}
+    if setup.strategy == "precomputed":
+        ident, extra = model_identity(cfg.reference_model or model_path), cache_settings(cfg, _plan_of(handle))
+        for name, pairs in splits.items():
+            if pairs is None:
+                continue
+            which = range(steps) if name == "train" else [None]
+            positions = np.concatenate([MismatchedPairs.positions_of(pairs, order, name, s) for s in which])
+            key = cache_key(ident, pairs, {**extra, "max_length": cfg.max_length,
+                                           "order": order.settings() if name == "train" else None})
+            cache_file = cache_path(f"{name}_mismatched", key)
+            say(f"reference log-probs of {len(np.unique(positions, axis=0)):,} mismatched {name} pairs (KTO's "
+                f"reference point) → {cache_file.parent.name}/{cache_file.name}")
+            tables[name] = precompute_pairs(handle, pairs, positions, cache_file=cache_file, max_length=cfg.max_length,
+                                            save=is_main_process, placement=placement, say=say, **score_kw)
+
+    def reference(split: str, positions: np.ndarray, examples: list[TokenizedPair]) -> torch.Tensor:
+        if split in tables:
+            return tables[split](positions)
+        live = setup.train if split == "train" else setup.eval
+        return score_answers(live.handle, examples, reference=True, placement=placement, **score_kw)  # type: ignore[union-attr]
+
+    def scored(examples: list[TokenizedPair]) -> torch.Tensor:
+        return score_answers(policy, examples, reference=False, placement=placement, **score_kw)
+
+    return MismatchedPairs(splits, order, max_length=cfg.max_length, policy=scored, reference=reference)
 
 
 def _plan_of(handle: torch.nn.Module) -> ForwardPlan:

@@ -159,8 +159,8 @@ def test_ultrafeedback_binarized_repeated_user_turn_is_used_once(tmp_path):
      "looks like StackExchange-paired data (question, response_j, response_k); pass --prompt-field question "
      "--chosen-field response_j --rejected-field response_k"),
     ({"prompt": "p", "completion": "c", "label": True}, "preference",
-     "looks like unpaired KTO-style data (prompt, completion, label); preference training needs a chosen and a "
-     "rejected answer per prompt: pair them up first, or train on the good completions with `preftune sft`"),
+     "looks like unpaired KTO-style data (prompt, completion, label); train it with --loss kto (or "
+     "apo_zero_unpaired), which reads the labels; the other losses need a chosen and a rejected answer per prompt"),
     ({"prompt": "p", "completion": "c"}, "preference",
      "looks like SFT data (prompt, completion); train it with `preftune sft`, or give each prompt a chosen and a "
      "rejected answer"),

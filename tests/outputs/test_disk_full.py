@@ -59,7 +59,7 @@ class Disk:
         from safetensors import SafetensorError
         from transformers import PreTrainedModel
 
-        import preftune.modeling.reference as reference
+        import preftune.modeling.precomputed as reference  # the reference cache is written there
         import preftune.outputs.checkpoint as checkpoint
         import preftune.outputs.run_dir as run_dir
 
@@ -246,7 +246,7 @@ def test_full_disk_at_metrics_keeps_whole_lines(disk, tiny_model_dir, pairs_file
 
 
 def test_full_disk_at_the_reference_cache(disk, tiny_model_dir, pairs_file, monkeypatch):
-    import preftune.modeling.reference as reference
+    import preftune.modeling.precomputed as reference  # the reference cache is written there
 
     out = disk.root / "run"
     real = _fill_before(monkeypatch, disk, reference, "save_file")
