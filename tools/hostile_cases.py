@@ -365,7 +365,8 @@ def proc(cls: str, case: str, args: list[str], *, python: str | None = None, cwd
     code = PEAK + (python or "import runpy; sys.argv[0] = 'preftune'; runpy.run_module('preftune', run_name='__main__')")
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         t0 = time.perf_counter()
-        p = subprocess.Popen([sys.executable, "-c", code, *args], stdout=out, stderr=err, cwd=cwd,
+        # (run outside the checkout: `-c` and `-m` put the working directory first on sys.path)
+        p = subprocess.Popen([sys.executable, "-c", code, *args], stdout=out, stderr=err, cwd=cwd or ROOT,
                              env={**os.environ, **(env or {}), "RFCASES_HWM": str(hwm)})
         timer = threading.Timer(LIMIT_S, p.kill)
         timer.start()
