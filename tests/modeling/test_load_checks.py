@@ -124,8 +124,8 @@ def test_implausible_configs_are_refused_before_anything_is_built(tiny_model_dir
     one sentence (a config of 1,000,000 layers would otherwise be built for minutes). Width 32000 for the tiny
     model's 2 layers, intermediate 64, vocabulary 361: at least 2·(2·32000² + 2·32000·64) + 361·32000 =
     4,104,192,000 + 11,552,000 = 4,115,744,000 parameters, against the 41 thousand its weights hold."""
+    from preftune.memory_plan import load_shape
     from preftune.modeling.load import resolve_model_path
-    from preftune.plan import load_shape
 
     folder = _variant(tiny_model_dir, tmp_path / "m", **values)
     for call in (lambda: resolve_model_path(str(folder)), lambda: load_shape(str(folder))):
