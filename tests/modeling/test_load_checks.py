@@ -4,6 +4,7 @@ missing attention package, broken weights and a too-small vocabulary are one sen
 from __future__ import annotations
 
 import json
+import pickle
 import shutil
 
 import pytest
@@ -153,7 +154,7 @@ def test_safetensors_load_whatever_else_is_there(tiny_model_dir, tmp_path):
     (folder / "modeling_x.py").write_text("X = 1\n")
     assert model_identity(str(folder)) != before and "modeling_x.py" in model_identity(str(folder))
     (folder / "model.safetensors").unlink()
-    (folder / "pytorch_model.bin").write_bytes(__import__("pickle").dumps({"not": ["weights"]}))
+    (folder / "pytorch_model.bin").write_bytes(pickle.dumps(folder, protocol=2))  # a PosixPath, not tensors
     with pytest.raises(PreftuneError, match="its pickle file holds something other than weights"):
         load_model(str(folder), allow_pickle=True, say=None)
 
