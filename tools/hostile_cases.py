@@ -8,7 +8,7 @@ tests/HOSTILE_CASES.md.
 
     PYTHONPATH=$PWD:$PWD/tests .venv/bin/python tools/hostile_cases.py > /tmp/cases.md
 
-Works in /tmp/rfcases (deleted first). The full-disk cases mount a 32 MiB tmpfs, so they need root; without it
+Works in /tmp/rfcases (deleted first; $RFCASES to use another folder). The full-disk cases mount a 32 MiB tmpfs, so they need root; without it
 they are skipped.
 """
 
@@ -29,8 +29,9 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ["HF_HUB_CACHE"] = "/tmp/rfcases/hub"  # a hub cache of our own (the hub-revision case), read at import
-os.environ["TMPDIR"] = "/tmp/rfcases/tmp"  # where a fresh run stages its tokenized data: watched for leftovers
+_ROOT = os.environ.get("RFCASES", "/tmp/rfcases")  # (RFCASES: another folder, to run two trees side by side)
+os.environ["HF_HUB_CACHE"] = f"{_ROOT}/hub"  # a hub cache of our own (the hub-revision case), read at import
+os.environ["TMPDIR"] = f"{_ROOT}/tmp"  # where a fresh run stages its tokenized data: watched for leftovers
 
 import torch  # noqa: E402
 
@@ -43,7 +44,7 @@ from preftune.callbacks import Callback  # noqa: E402
 from preftune.cli import main  # noqa: E402
 from preftune.errors import PreftuneError  # noqa: E402
 
-ROOT = Path("/tmp/rfcases")
+ROOT = Path(_ROOT)
 if ROOT.exists():
     subprocess.run(["umount", str(ROOT / "disk")], capture_output=True)
     shutil.rmtree(ROOT)
@@ -558,9 +559,10 @@ torch.save({k: torch.zeros_like(v) for k, v in _load(str(MODEL / "model.safetens
            both / "pytorch_model.bin")
 code = run("no stale reuse (26)", "--allow-pickle with pytorch_model.bin (zeros) beside model.safetensors",
            argv(ROOT / "o-both", "--allow-pickle", model=both), look_for="done")
-want = last_lines(FINISHED)[-1]["loss"]
-got = last_lines(ROOT / "o-both")[-1]["loss"] if code == 0 else None
-holds(code == 0 and got == want, f"step-2 loss {got} (model.safetensors alone: {want})")
+# the policy's log-probs at step 1 are the loaded weights' (all-zero weights would give every token 1/vocabulary)
+want = last_lines(FINISHED)[0]["logps/chosen"]
+got = last_lines(ROOT / "o-both")[0]["logps/chosen"] if code == 0 else None
+holds(code == 0 and got == want, f"step-1 logps/chosen {got} (model.safetensors alone: {want})")
 code_model = ROOT / "code-model"
 shutil.copytree(MODEL, code_model)
 (code_model / "modeling_extra.py").write_text("X = 1\n")
