@@ -298,7 +298,7 @@ if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(disk)]
         if case.startswith(("checkpoint", "final/ (save-steps 1)")):
             run("full disk (tmpfs, real ENOSPC)", "… after freeing space: the same command with --resume",
                 argv(out, *extra, "--resume"), look_for="done:")
-    import preftune.modeling.reference as reference
+    import preftune.modeling.precomputed as reference  # the reference cache is written there
 
     real_save = reference.save_file
 
