@@ -150,7 +150,8 @@ def _run(argv: Sequence[str] | None, callbacks: Sequence[Any]) -> int:
         if os.environ.get("RANK", "0") != "0":
             return EXIT_RESUMABLE if result.interrupted else 0
         if result.interrupted:
-            print(f"preftune: stopped after step {result.steps} before final/ was written; resumable: run the same "
+            kept = "final/ is written but not evaluated" if result.final_dir.is_dir() else "a checkpoint is saved"
+            print(f"preftune: stopped by a signal after step {result.steps} ({kept}); resumable: run the same "
                   f"command with --resume (exit status {EXIT_RESUMABLE})", file=sys.stderr)
             return EXIT_RESUMABLE
         print(f"done: {result.steps} steps; model in {result.final_dir}; metrics in {result.output_dir / 'metrics.jsonl'}")
@@ -245,9 +246,9 @@ def main(argv: Sequence[str] | None = None, callbacks: Sequence[Any] = ()) -> in
     except PreftuneError as e:
         print(f"preftune: error: {e}", file=sys.stderr)
         code = EXIT_USAGE
-    except KeyboardInterrupt:
-        print("preftune: interrupted", file=sys.stderr)
-        code = 130
+    except KeyboardInterrupt as e:  # runtime.Stopped: a signal during setup, nothing lost, resumable
+        print(f"preftune: {e or 'interrupted'}", file=sys.stderr)
+        code = EXIT_RESUMABLE if type(e).__name__ == "Stopped" else 130
     if "torch" in sys.modules:  # no process group without torch, and `--help` need not import it
         shutdown(code)
     return code

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,9 +33,12 @@ from typing import Any
 
 import torch
 
+from preftune.config import read_yaml
 from preftune.data.stats import histogram
 from preftune.errors import PreftuneError
 from preftune.options import BETA, check_value
+from preftune.outputs.files import write_output
+from preftune.outputs.run_dir import RunDir
 
 QUANTILES = (("p5", 0.05), ("p25", 0.25), ("median", 0.5), ("p75", 0.75), ("p95", 0.95))
 
@@ -186,17 +190,40 @@ def _qualname(func) -> str:
 
 def run_config(model: str) -> tuple[Path | None, dict[str, Any]]:
     """(run folder, its config.yaml) when `model` is a run's final/ folder, else (None, {})."""
-    import yaml
-
     folder = Path(model).expanduser()
     cfg_file = folder.parent / "config.yaml"
     if folder.name != "final" or not cfg_file.is_file():
         return None, {}
     try:
-        cfg = yaml.safe_load(cfg_file.read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError):
+        cfg = read_yaml(cfg_file)  # bounded like any config (a YAML alias bomb is refused)
+    except PreftuneError:
         return None, {}
-    return folder.parent, cfg if isinstance(cfg, dict) else {}
+    return folder.parent, cfg
+
+
+def check_run_model(run_dir: Path, key: str, path: str, flag: str) -> None:
+    """`path`, taken from the run's config (`key`: model or reference_model), must still hold the model the run
+    loaded under that name (its identity, recorded in the run folder's mark): else the implicit reward would
+    compare against another model. Runs that recorded nothing are not checked."""
+    from preftune.modeling.load import resolve_model_path
+    from preftune.modeling.reference import model_identity
+
+    recorded = RunDir(run_dir).recorded("models")
+    was = recorded.get(key) if isinstance(recorded, dict) else None
+    if not isinstance(was, dict) or not isinstance(was.get("identity"), str):
+        return
+    local = Path(path).expanduser()
+    now = model_identity(str(local) if local.exists() else resolve_model_path(path))
+    if now == was["identity"]:
+        return
+    try:
+        a, b = json.loads(was["identity"]), json.loads(now)
+        what = ", ".join(sorted(k for k in {*a, *b} if a.get(k) != b.get(k))[:4]) + " changed"
+    except (ValueError, AttributeError, TypeError):
+        what = "it is not the same model"
+    raise PreftuneError(f"the run in {run_dir} was trained with {path} as its {key.replace('_', ' ')}, but that "
+                        f"path now holds another model ({what}); pass {flag} with the model the run was trained "
+                        "with.")
 
 
 def run_eval(model: str, data: Any, *, reference: str | None = None, base_model: str | None = None,
@@ -212,7 +239,23 @@ def run_eval(model: str, data: Any, *, reference: str | None = None, base_model:
     from preftune.data.load import load_records
     from preftune.generate import load_model_for_generation
 
+    for name, value in (("model", model), ("reference", reference), ("base_model", base_model), ("output", output)):
+        if not isinstance(value, (str, os.PathLike)) and (value is not None or name == "model"):
+            raise PreftuneError(f"run_eval: {name} must be a path or a hub name, got {type(value).__name__}.")
+    model = str(model)
     run_dir, cfg = run_config(model)
+    # the run folder's eval.json is written like every run file: refused now, before anything loads
+    owner = (RunDir.existing(run_dir, "eval", "pass --output to write the result elsewhere")
+             if output is None and run_dir is not None else None)
+    adapter = (Path(model).expanduser() / "adapter_config.json").is_file()
+    if cfg and base_model is None and adapter and cfg.get("model"):  # the run's base, by its recorded path
+        base_model = cfg["model"]
+        check_run_model(run_dir, "model", base_model, "--base-model")
+    if reference is None and cfg:  # the run's reference: its reference_model, else what it started from
+        key = "reference_model" if cfg.get("reference_model") else None if adapter else "model"
+        reference = cfg.get(key) if key else None
+        if reference:
+            check_run_model(run_dir, key, reference, "--reference")
     beta = beta if beta is not None else cfg.get("beta", BETA.default)
     for key in ("max_length", "max_prompt_length"):
         if key in cfg and key not in options:
@@ -220,9 +263,6 @@ def run_eval(model: str, data: Any, *, reference: str | None = None, base_model:
     loaded = load_records(data, format=format, prompt_field=prompt_field, chosen_field=chosen_field,
                           rejected_field=rejected_field)
     m, tok = load_model_for_generation(model, base_model=base_model, dtype=dtype, device=device)
-    is_adapter = hasattr(m, "disable_adapter")
-    if reference is None and cfg:  # the run's reference: its reference_model, else what it started from
-        reference = cfg.get("reference_model") or (None if is_adapter else cfg.get("model"))
     ref_model = None
     if reference is not None:
         ref_model, ref_tok = load_model_for_generation(reference, dtype=dtype, device=device)
@@ -232,16 +272,12 @@ def run_eval(model: str, data: Any, *, reference: str | None = None, base_model:
     result = evaluate(m, tok, loaded.records, reference=ref_model, beta=beta, **options)
     result = {"model": str(model), "reference": str(reference) if reference else "base model (adapters off)",
               "data": loaded.sources, **result}
-    if output is None and run_dir is not None:
-        output = run_dir / "eval.json"
-    if output is not None:
-        out = Path(output)
-        try:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        except OSError as e:
-            raise PreftuneError(f"cannot write {out} ({e.strerror or e}).") from None
-        result["output"] = str(out)
+    text = json.dumps(result, indent=2, ensure_ascii=False) + "\n"
+    if owner is not None:
+        owner.write_text(owner.path / "eval.json", text)
+        result["output"] = str(owner.path / "eval.json")
+    elif output is not None:
+        result["output"] = str(write_output(output, text, "the eval result"))
     return result
 
 

@@ -36,6 +36,7 @@ import copy
 import hashlib
 import inspect
 import json
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -46,6 +47,7 @@ import torch
 
 from preftune.errors import PreftuneError
 from preftune.logprobs import _cache_kwarg, causal_lm
+from preftune.outputs.files import write_output
 
 # Logits processors a model's generation config may switch on; `pure` sampling sets each to its neutral value.
 _NEUTRAL = {"top_k": 0, "top_p": 1.0, "min_p": None, "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0,
@@ -177,6 +179,10 @@ def generate(model, tokenizer, prompts: Sequence[str | list[dict]], *, max_new_t
     temperature 0 = greedy; `top_k` 0 = off; `chat` wraps string prompts in the chat template; `pure`
     samples from the model's own distribution (see the module docstring).
     """
+    if not isinstance(model, torch.nn.Module) or tokenizer is None:
+        raise PreftuneError(f"generate takes a loaded model and its tokenizer (got {type(model).__name__}); load them "
+                            "with load_model_for_generation(PATH), or call run_generate(PATH, prompts=...).")
+    _check_prompts(prompts)
     ids = [encode_prompt(tokenizer, prompt_text(tokenizer, p, chat=chat)) for p in prompts]
     outs = generate_ids(model, tokenizer, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                         top_k=top_k, seed=seed, batch_size=batch_size, pure=pure)
@@ -361,14 +367,24 @@ def sample_completions(model, tokenizer, prompt_ids: Sequence[list[int]], *, sam
                      pad_id=tokenizer.pad_token_id, keys=keys, batch_size=batch_size, limit=max_positions(model))
     return [[Completion(tokenizer.decode(a, skip_special_tokens=True), a, stopped) for a, stopped in answers]
             for answers in raw]
+def _check_prompts(prompts: Any) -> None:
+    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or not all(
+            isinstance(p, (str, list)) for p in prompts):
+        raise PreftuneError("prompts must be a list of prompts, each a string or a list of chat messages (got "
+                            f"{type(prompts).__name__}).")
 
 
 def run_generate(model: str, *, prompts: Sequence[str | list[dict]], output: str | Path | None = None,
                  base_model: str | None = None, dtype: str = "float32", device: str | None = None,
                  batch_size: int = 16, **sampling: Any) -> list[dict]:
     """`preftune generate`: load `model`, complete `prompts`, write one JSON object a line to `output`
-    (stdout when None) and return the rows: prompt, completion, tokens, finish_reason ("stop" | "length")."""
-    loaded, tokenizer = load_model_for_generation(model, base_model=base_model, dtype=dtype, device=device)
+    (stdout when None; a file is written whole, never through a link) and return the rows: prompt,
+    completion, tokens, finish_reason ("stop" | "length")."""
+    for name, value in (("model", model), ("base_model", base_model), ("output", output)):
+        if not isinstance(value, (str, os.PathLike)) and (value is not None or name == "model"):
+            raise PreftuneError(f"run_generate: {name} must be a path (or a hub name), got {type(value).__name__}.")
+    _check_prompts(prompts)
+    loaded, tokenizer = load_model_for_generation(str(model), base_model=base_model, dtype=dtype, device=device)
     if sampling.get("chat") and getattr(tokenizer, "chat_template", None) is None:
         print("preftune: the tokenizer has no chat template; prompts are used as plain text", file=sys.stderr)
     outs = generate(loaded, tokenizer, prompts, batch_size=batch_size, **sampling)
@@ -378,10 +394,5 @@ def run_generate(model: str, *, prompts: Sequence[str | list[dict]], output: str
     if output is None:
         sys.stdout.write(lines)
     else:
-        out = Path(output)
-        try:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(lines, encoding="utf-8")
-        except OSError as e:
-            raise PreftuneError(f"cannot write {out} ({e.strerror or e}).") from None
+        write_output(output, lines, "the completions")
     return rows

@@ -11,11 +11,14 @@ training callback prints it and lets the finished run end normally, since the mo
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 from preftune.callbacks import Callback
 from preftune.errors import PreftuneError
+from preftune.outputs.model_card import write_model_card_for_run
+from preftune.outputs.run_dir import RunDir
 
 
 def _later(folder: Path, repo_id: str) -> str:
@@ -28,9 +31,17 @@ def push_to_hub(folder: str | Path, repo_id: str, *, private: bool = True, token
     does not exist) in one commit; returns the commit URL."""
     from huggingface_hub import HfApi, constants, errors, get_token
 
+    if not isinstance(folder, (str, os.PathLike)) or not isinstance(repo_id, str):
+        raise PreftuneError("push_to_hub takes a folder path and a repository name (user/name) as text, got "
+                            f"{type(folder).__name__} and {type(repo_id).__name__}.")
     folder = Path(folder).expanduser()
     if not folder.is_dir():
         raise PreftuneError(f"cannot push {folder}: it is not a folder.")
+    linked = next((Path(root) / n for root, dirs, files in os.walk(folder) for n in dirs + files
+                   if os.path.islink(os.path.join(root, n))), None)
+    if linked is not None:  # the upload would send whatever the link points to
+        raise PreftuneError(f"cannot push {folder}: {linked} is a symbolic link (to {os.readlink(linked)}); "
+                            "preftune uploads only the folder's own files: replace the link by the file or remove it.")
     if constants.HF_HUB_OFFLINE:
         raise PreftuneError(f"cannot push to the Hub: offline mode is on (HF_HUB_OFFLINE=1); {_later(folder, repo_id)}.")
     token = token or get_token()
@@ -66,6 +77,8 @@ def _first(e: BaseException) -> str:
 
 def model_folder(run_or_model: str | Path) -> Path:
     """The folder to upload: RUN/final for a run folder, else the model folder itself."""
+    if not isinstance(run_or_model, (str, os.PathLike)):
+        raise PreftuneError(f"pass a run folder or a model folder as a path, got {type(run_or_model).__name__}.")
     path = Path(run_or_model).expanduser()
     if (path / "final").is_dir():
         return path / "final"
@@ -78,9 +91,12 @@ def push_run(run_or_model: str | Path, repo_id: str, **kwargs: Any) -> str:
     """`preftune push`: upload a run's final/ (writing its model card first when it has none) or a model
     folder; keyword arguments as for `push_to_hub`."""
     folder = model_folder(run_or_model)
-    if folder.name == "final" and not (folder / "README.md").is_file() and (folder.parent / "config.yaml").is_file():
-        from preftune.outputs.model_card import write_model_card_for_run
-
+    if not isinstance(repo_id, str):
+        raise PreftuneError(f"the repository is named as text (user/name), got {type(repo_id).__name__}.")
+    card = folder / "README.md"
+    if folder.name == "final" and not card.exists() and (folder.parent / "config.yaml").is_file():
+        # written like any run file: only into a folder preftune made, never through a link (dangling or not)
+        RunDir.existing(folder.parent, "push", "put a README.md of your own into its final/ to upload it as it is")
         write_model_card_for_run(folder.parent)
     return push_to_hub(folder, repo_id, **kwargs)
 

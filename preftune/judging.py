@@ -169,7 +169,7 @@ def judge_pairs(judge: Judge, prompts: Sequence[Any], model_answers: Sequence[st
         try:
             raw = judge(prompt, a, b)
         except Exception as e:  # the user's code: name it, one sentence, no traceback
-            raise PreftuneError(f"the judge {_name(judge)} raised {type(e).__name__} on prompt {i + 1}: {e}.") from None
+            raise PreftuneError(f"the judge {_name(judge)} raised {type(e).__name__} on prompt {i + 1}: {str(e):.300}.") from None
         verdict = read_verdict(raw)
         if verdict is None:
             raise PreftuneError(f"the judge {_name(judge)} returned {short(raw)} for prompt {i + 1}; it must return "

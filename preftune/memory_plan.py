@@ -32,6 +32,7 @@ from pathlib import Path
 
 from preftune.command_options import GB, PlanOptions, parse_memory
 from preftune.errors import PreftuneError
+from preftune.modeling.load import check_model_config
 
 OVERHEAD = 2 * GB  # CUDA context, cuBLAS/NCCL workspaces
 HEADROOM = 0.9  # use at most 90% of a GPU: fragmentation
@@ -97,6 +98,7 @@ def load_shape(model: str, lora_r: int = 16) -> Shape:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path = Path(model).expanduser()
+    check_model_config(model, memory=False)  # plan is for machines other than this one
     try:
         if path.is_file():
             config = AutoConfig.for_model(**json.loads(path.read_text()))

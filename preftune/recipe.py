@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from preftune.callbacks import Callback, CallbackList, ConsoleEval, ProgressBar, TrainState, checked_callbacks
 from preftune.config import TrainConfig
@@ -58,7 +57,7 @@ class RunResult:
     eval_metrics: dict[str, Any] = field(default_factory=dict)   # the final evaluation (empty without eval data)
     data_summary: str = ""
     steps: int = 0
-    interrupted: bool = False  # stopped by SIGTERM/SIGINT: checkpointed, but final_dir was not written
+    interrupted: bool = False  # stopped by SIGTERM/SIGINT: checkpointed, or final_dir whole but not evaluated
 
 
 def train(config: TrainConfig | dict | str | Path, callbacks: list[Callback] | None = None) -> RunResult:
@@ -103,38 +102,46 @@ class Recipe:
         self.callbacks = CallbackList(default_callbacks(cfg) + checked_callbacks(callbacks))
 
     def run(self) -> RunResult:
-        try:
-            self.setup()
-            self.callbacks.on_train_begin(self.state)
-            with StopRequest() as stop, self.callbacks.phase(self.state, "steps"):
-                self.train_loop(stop)
-            if not self.state.interrupted:
-                with self.callbacks.phase(self.state, "evaluate"):
-                    self.evaluate()
-                with self.callbacks.phase(self.state, "save"):
-                    self.save()
-            self.callbacks.on_train_end(self.state)
-            self.engine.barrier()  # no process leaves (and tears down its process group) while another still writes
-        finally:  # however the run ends, the folder is free for the next one
-            if getattr(self, "run_dir", None) is not None:
-                self.run_dir.release()
+        with StopRequest(phase="setup") as stop:  # what a signal does in each phase: runtime.py
+            try:
+                if self.setup() is not False:  # False: the run in output_dir is finished, nothing to resume
+                    self.callbacks.on_train_begin(self.state)
+                    stop.phase = None
+                    with self.callbacks.phase(self.state, "steps"):
+                        self.train_loop(stop)
+                    if stop.signal is None:  # a signal from here on cuts the evaluation short, stops after final/
+                        with self.callbacks.phase(self.state, "evaluate"):
+                            self.evaluate(stop)
+                        with self.callbacks.phase(self.state, "save"):
+                            self.save()
+                    self.state.interrupted = stop.signal is not None
+                    self.callbacks.on_train_end(self.state)
+                    self.engine.barrier()  # no process leaves (tearing down its process group) while another writes
+            finally:  # however the run ends, the folder is free for the next one
+                if getattr(self, "run_dir", None) is not None:
+                    self.run_dir.release()
         st = self.state
         return RunResult(self.run_dir.path, self.run_dir.final, st.train_metrics, st.eval_metrics,
                          st.data_summary, st.step, st.interrupted)
 
     # ------------------------------------------------------------------------------------------ setup
-    def setup(self) -> None:
-        """config → launch → data → model → run folder → optimizer and engine → reference → resume."""
+    def setup(self) -> bool | None:
+        """config → launch → data → model → run folder → optimizer and engine → reference → resume; False when
+        the run in output_dir is finished and --resume has nothing to do."""
         import transformers
 
         transformers.utils.logging.set_verbosity_error()
         cfg = self.cfg
         self.objective = make_objective(self.task, cfg.loss_config(), cfg.reference)
-        self.run_dir = RunDir.plan(cfg.output_dir, resume=cfg.resume, overwrite=cfg.overwrite)  # checks only
+        self.run_dir = RunDir.plan(cfg.output_dir, resume=cfg.resume, overwrite=cfg.overwrite,  # checks only
+                                   cache=cfg.data_cache_dir)
         self.state = TrainState(config=cfg, task=self.task, output_dir=self.run_dir.path)
         self.model_path = resolve_model_path(cfg.model, cfg.allow_pickle)
         notes: list[str] = []
         self.engine = engine = Engine.create(cfg.mixed_precision, notes.append)  # the launch may set the precision
+        if self.run_dir.finished(cfg.resume, say=engine.print):
+            self.state.step = self.run_dir.recorded("finished_step") or 0
+            return False
         self.cfg = cfg = dataclasses.replace(cfg, mixed_precision=engine.mixed_precision)
         launch = engine.launch(cfg.batch_size, cfg.gradient_accumulation_steps)
         # checked against its manifest (the newest intact one for --resume) by the main process
@@ -212,8 +219,7 @@ class Recipe:
 
     def _create_run_folder(self, clear: bool) -> None:
         self.run_dir.create(clear=clear, say=self.engine.print)
-        self.run_dir.write_text(self.run_dir.config, yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
-        self.run_dir.write_text(self.run_dir.data_summary, self.train_split.summary + "\n")
+        self.run_dir.write_config(self.cfg.to_dict(), self.identity, self.train_split.summary)
         keep_data_in(self.train_split, self.run_dir.data_cache)  # a fresh run's data was staged in TMPDIR
 
     def resume(self, checkpoint: Path) -> None:
@@ -221,10 +227,7 @@ class Recipe:
         self.state.step = state["step"]
         self.objective.load_state_dict(state)
         if self.engine.is_main_process:
-            if (checkpoint / "metrics.jsonl").is_file():
-                self.run_dir.copy_in(checkpoint / "metrics.jsonl", self.metrics.path)
-            with self.run_dir.saving("metrics.jsonl"):
-                self.metrics.truncate_after(self.state.step)
+            self.run_dir.restore_metrics(checkpoint, self.state.step)
         self.engine.print(f"resumed from {checkpoint} at step {self.state.step}")
 
     # ------------------------------------------------------------------------------------------ the loop
@@ -242,7 +245,7 @@ class Recipe:
                 window = Window()
             with window.paused():  # evaluations and checkpoints are not training time (pairs_per_s)
                 if cfg.eval_steps and done % cfg.eval_steps == 0 and done < st.total_steps:
-                    self.evaluate()
+                    self.evaluate(stop)
                 if (cfg.save_steps and done % cfg.save_steps == 0) or stop.signal is not None:
                     self.save_checkpoint()
             if stop.signal is not None:
@@ -327,8 +330,9 @@ class Recipe:
             row["skipped_steps"] = self.skipped
         self.state.train_metrics = self._log("train", row)
 
-    def evaluate(self) -> dict[str, Any]:
-        """Loss and metrics on the held-out split, every process scoring its share; {} without eval data."""
+    def evaluate(self, stop: StopRequest) -> dict[str, Any]:
+        """Loss and metrics on the held-out split, every process scoring its share; {} without eval data, or when
+        a signal cut it short (one process: under several, each ends its share, as the others wait for it)."""
         if self.eval_split is None:
             return {}
         engine, cfg = self.engine, self.cfg
@@ -338,6 +342,8 @@ class Recipe:
                                         rank=engine.process_index, world=engine.num_processes)
         with inference(self.policy):  # eval mode and no gradients; the training modes come back afterwards
             for _, filler, batch in batches:
+                if stop.signal is not None and engine.num_processes == 1:
+                    return {}
                 with engine.autocast():
                     policy = self.policy(batch)
                 reference = self.reference.eval.logps(batch) if self.reference.eval is not None else None
@@ -381,6 +387,7 @@ class Recipe:
         st.final_dir = self.run_dir.final
         engine.print(f"saved {st.final_dir}")
         if engine.is_main_process:
+            self.run_dir.record(finished_step=st.step)  # --resume auto of this command now has nothing to do
             self.callbacks.on_save(st, st.final_dir)
 
     def _write_checkpoint(self) -> Path:

@@ -188,3 +188,45 @@ def test_corrupt_checkpoint_without_intact_one(tmp_path, tiny_model_dir, pairs_f
 def test_lone_surrogate_in_json_string(tmp_path, tiny_model_dir, capsys):
     data = _jsonl(tmp_path / "d.jsonl", [GOOD, b'{"prompt": "a \\ud800 b", "chosen": " yes", "rejected": " no"}'])
     _expect(capsys, _train_cli(tiny_model_dir, data, tmp_path / "o"), "line 2", "surrogate")
+
+
+def test_eval_of_a_run_checks_the_models_it_recorded(tiny_dpo_run, tiny_model_dir, eval_pairs_file, tmp_path,
+                                                     monkeypatch, capsys):
+    """`eval RUN/final` takes the run's reference from its config.yaml (absolute paths: the same from any
+    directory) and checks the path still holds the model the run loaded (its identity, in the run's mark): a
+    copy with its times scores; once that folder holds other weights, one sentence before anything loads. A
+    link planted at RUN/eval.json is refused; the Python API given wrong types is one sentence."""
+    import shutil
+
+    import yaml
+    from safetensors.torch import load_file, save_file
+
+    from preftune.evaluate import run_eval
+    from preftune.generate import generate, run_generate
+
+    run, base = tmp_path / "run", tmp_path / "base"
+    shutil.copytree(tiny_dpo_run, run)
+    shutil.copytree(tiny_model_dir, base)  # (copy2 keeps the times: the same model)
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    assert cfg["model"] == str(tiny_model_dir) and cfg["data"].startswith("/")
+    (run / "config.yaml").write_text(yaml.safe_dump({**cfg, "model": str(base)}))
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    args = ["eval", "--model", str(run / "final"), "--data", str(eval_pairs_file), "--generate", "0",
+            "--kl-samples", "0"]
+    assert main(args) == 0
+    assert f"against {base} (beta 0.1): 48 held-out pairs" in capsys.readouterr().out
+    assert json.loads((run / "eval.json").read_text())["reference"] == str(base)
+    weights = load_file(str(base / "model.safetensors"))
+    save_file({k: v + 1 for k, v in weights.items()}, str(base / "model.safetensors"))
+    _expect(capsys, main(args), f"the run in {run} was trained with {base} as its model, but that path now holds "
+            "another model (model.safetensors changed); pass --reference")
+    (run / "eval.json").unlink()
+    (run / "eval.json").symlink_to(tmp_path / "notes.txt")
+    _expect(capsys, main([*args, "--reference", str(tiny_model_dir)]), "eval.json is a symbolic link")
+    assert not (tmp_path / "notes.txt").exists()
+    for call, needle in ((lambda: run_eval(5, str(eval_pairs_file)), "model must be a path"),
+                         (lambda: generate(None, None, ["hi"]), "generate takes a loaded model"),
+                         (lambda: run_generate(str(base), prompts="hi"), "prompts must be a list")):
+        with pytest.raises(PreftuneError, match=needle):
+            call()

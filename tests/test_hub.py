@@ -151,3 +151,25 @@ def test_push_to_hub_setting_is_validated():
     for bad in ("me/m/x", "me/", "a--b/c", 3):
         with pytest.raises(PreftuneError, match="push_to_hub must be (a Hub repository name|text)"):
             TrainConfig(push_to_hub=bad)
+
+
+def test_push_never_writes_or_uploads_through_a_link(hub, tiny_dpo_run, tmp_path):
+    """A dangling link planted at final/README.md: the card is not written through it (its target is not
+    created); a link inside final/ to a file outside: not uploaded; push_run(None, ...): one sentence. Nothing
+    reaches the Hub in any of them."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny_dpo_run, run)
+    stub = hub(StubHub())
+    (run / "final" / "README.md").unlink(missing_ok=True)
+    (run / "final" / "README.md").symlink_to(tmp_path / "card.md")
+    with pytest.raises(PreftuneError, match="final/README.md is a symbolic link"):
+        push_run(run, "me/m")
+    assert not (tmp_path / "card.md").exists()
+    (run / "final" / "README.md").unlink()
+    (tmp_path / "secret.txt").write_text("not for the Hub")
+    (run / "final" / "secret.txt").symlink_to(tmp_path / "secret.txt")
+    with pytest.raises(PreftuneError, match="final/secret.txt is a symbolic link .*uploads only the folder's own"):
+        push_run(run, "me/m")
+    with pytest.raises(PreftuneError, match="pass a run folder or a model folder as a path, got NoneType"):
+        push_run(None, "me/m")
+    assert stub.requests == []

@@ -14,16 +14,28 @@ renamed into place, so readers see a whole entry or none; two processes building
 (the second rename loses, and its copy is dropped). A fresh run's folder does not exist until its model has
 loaded (nothing may be left behind by a run that fails earlier), so its entry is staged in the temporary
 folder and moved in by `DataEntry.keep_in` once the run folder exists.
+
+An entry is checked every time it is opened against `files.json`, written as it is committed: each file's
+size, modification time and a SHA-256 of 1 MiB sampled across it (the whole of a smaller file), so a
+truncated, missing or edited file (an ids.bin changed by hand) is found for the cost of reading a few MiB, and
+the entry is built again after one line saying why. A staging folder is named after its machine and process
+(`.tmp-<key>-<host>-<pid>`, `preftune-data-<key>-<host>-<pid>-*` in the temporary folder), so one left behind
+by a killed process is deleted by the next build on that machine.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
 import weakref
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -111,17 +123,145 @@ class DataEntry:
         return target
 
 
+FILES = "files.json"
+_HOST = re.sub(r"[^\w.]", "_", socket.gethostname())[:64]
+# staging and discarded entries of a process: `.tmp-[old-]<key>-<host>-<pid>` (before: `.tmp-<key>-<pid>`)
+_CACHE_TMP = re.compile(r"^\.tmp-(?:old-)?[0-9a-f]+-(?:(?P<host>[\w.]+)-)?(?P<pid>\d+)$")
+_TEMP_STAGING = re.compile(r"^preftune-data-[0-9a-f]+-(?P<host>[\w.]+)-(?P<pid>\d+)-\w+$")
+
+
+def _staging_name(key: str, kind: str = "") -> str:
+    return f".tmp-{kind}{key}-{_HOST}-{os.getpid()}"
+
+
+def prepare_dir(path: Path) -> Path:
+    """The shared cache folder (`data_cache_dir`), made when missing: a file in the way, or a folder that cannot
+    be made, is one sentence."""
+    path = Path(path).expanduser()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise PreftuneError(f"data_cache_dir {path} is a file (or inside one), not a folder; pass a folder for the "
+                            "tokenized data.") from None
+    except OSError as e:
+        raise PreftuneError(f"cannot create data_cache_dir {path} ({e.strerror or e}); pass a folder you can "
+                            "write to.") from None
+    return path
+
+
+def _dead(host: str | None, pid: str) -> bool:
+    """Whether the process that named a staging folder is gone: this machine's, and no longer running (a folder
+    of another machine sharing the cache is left to that machine)."""
+    if host not in (None, _HOST):
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except (OSError, OverflowError, ValueError):
+        return False
+    return False
+
+
+def sweep(folder: Path, pattern: re.Pattern = _CACHE_TMP) -> None:
+    """Delete the staging folders in `folder` whose process has died (killed while tokenizing)."""
+    with contextlib.suppress(OSError):
+        for p in folder.iterdir():
+            m = pattern.match(p.name)
+            if m and int(m["pid"]) != os.getpid() and _dead(m["host"], m["pid"]) and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+
+
+def _sample(path: Path, blocks: int = 64, block: int = 16384) -> str:
+    """SHA-256 of `blocks` evenly spaced blocks of a file (1 MiB read, the whole file when smaller)."""
+    h = hashlib.sha256()
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        if size <= blocks * block:
+            h.update(f.read())
+        else:
+            for k in range(blocks):
+                f.seek(size * k // blocks)
+                h.update(f.read(block))
+    return h.hexdigest()
+
+
+def _facts(path: Path) -> list:
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns, _sample(path)]
+
+
+def _record_files(folder: Path) -> None:
+    files = {str(p.relative_to(folder)): _facts(p) for p in sorted(folder.rglob("*")) if p.is_file()}
+    (folder / FILES).write_text(json.dumps(files), encoding="utf-8")
+
+
+def entry_problem(folder: Path) -> str | None:
+    """Why the entry in `folder` is not the one that was written (a file missing, cut, replaced or edited), or
+    None; see the module docstring."""
+    try:
+        recorded = json.loads((folder / FILES).read_text(encoding="utf-8")[:1 << 20])
+    except FileNotFoundError:
+        return f"it has no {FILES} (written by an older preftune), so its files cannot be checked"
+    except (OSError, ValueError):
+        return f"its {FILES} is unreadable"
+    if not isinstance(recorded, dict):
+        return f"its {FILES} is damaged"
+    for name, facts in recorded.items():
+        path = folder / name
+        if path.is_symlink() or not path.is_file():
+            return f"{name} is missing"
+        try:
+            now = _facts(path)
+        except OSError as e:
+            return f"{name} cannot be read ({e.strerror or e})"
+        if not isinstance(facts, list) or len(facts) != 3 or now[0] != facts[0]:
+            return f"{name} has {now[0]:,} bytes instead of {facts[0] if isinstance(facts, list) else '?'}"
+        if now != facts:
+            return f"{name} changed after it was written"
+    return None
+
+
+def _full(e: BaseException) -> bool:
+    return getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(e)
+
+
+@contextlib.contextmanager
+def building(staging: Path) -> Iterator[None]:
+    """Around building an entry in `staging`: whatever stops it, the folder goes; a full disk is one sentence."""
+    try:
+        yield
+    except BaseException as e:
+        shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(e, OSError) and _full(e):
+            raise PreftuneError(f"the disk filled while writing the tokenized data in {staging.parent}"
+                                f"{_free(staging.parent)}; nothing else was changed; no partial file was left "
+                                "behind: free space (or point TMPDIR or --data-cache-dir at a larger disk) and run "
+                                "the same command again.") from None
+        raise
+
+
+def _free(folder: Path) -> str:
+    with contextlib.suppress(OSError):
+        return f" ({shutil.disk_usage(folder).free / 2**20:.1f} MiB free)"
+    return ""
+
+
 def commit(staging: Path, cache_dir: Path, key: str) -> Path:
-    """Rename (or copy, across file systems) a finished `staging` folder to `cache_dir/key`, atomically."""
+    """Rename (or copy, across file systems) a finished `staging` folder to `cache_dir/key`, atomically, with the
+    record of its files that `find` checks."""
     target = cache_dir / key
     cache_dir.mkdir(parents=True, exist_ok=True)
+    if not (staging / FILES).is_file():
+        _record_files(staging)
     if staging.parent.resolve() != cache_dir.resolve():
-        local = cache_dir / f".tmp-{key}-{os.getpid()}"
+        local = cache_dir / _staging_name(key)
         shutil.rmtree(local, ignore_errors=True)
         try:
             os.rename(staging, local)
         except OSError:  # another file system: copy, then drop the original
-            shutil.copytree(staging, local)
+            with building(local):
+                shutil.copytree(staging, local)
             shutil.rmtree(staging, ignore_errors=True)
         staging = local
     if target.exists() and not (target / "meta.json").is_file():  # a broken entry (meta.json removed): replace it
@@ -135,23 +275,43 @@ def commit(staging: Path, cache_dir: Path, key: str) -> Path:
     return target
 
 
-def find(cache_dir: Path | None, key: str) -> Path | None:
-    """The complete entry for `key`, or None."""
+def find(cache_dir: Path | None, key: str, say: Callable[[str], None] = print) -> Path | None:
+    """The complete, intact entry for `key`, or None: a damaged one is said in one line and moved away (so the
+    rebuilt one takes its place)."""
     if cache_dir is None:
         return None
     path = cache_dir / key
-    return path if (path / "meta.json").is_file() else None
+    if not (path / "meta.json").is_file():
+        return None
+    problem = entry_problem(path)
+    if problem is None:
+        return path
+    say(f"data cache entry {path} is unusable ({problem}); tokenizing the data again")
+    aside = cache_dir / _staging_name(key, "old-")
+    shutil.rmtree(aside, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        os.rename(path, aside)  # (another process may have moved it already)
+    shutil.rmtree(aside, ignore_errors=True)
+    return None
 
 
 def staging_folder(cache_dir: Path | None, key: str) -> tuple[Path, bool]:
     """(a fresh folder to build an entry in, whether it is in the temporary folder): beside the entries when
-    the cache folder already exists, else in the temporary folder (TMPDIR)."""
+    the cache folder already exists, else in the temporary folder (TMPDIR). Staging folders of processes that
+    died are deleted first."""
+    temp = Path(tempfile.gettempdir())
+    sweep(temp, _TEMP_STAGING)
     if cache_dir is not None and cache_dir.is_dir():
-        path = cache_dir / f".tmp-{key}-{os.getpid()}"
+        sweep(cache_dir)
+        path = cache_dir / _staging_name(key)
         shutil.rmtree(path, ignore_errors=True)
-        path.mkdir()
+        try:
+            path.mkdir()
+        except OSError as e:
+            raise PreftuneError(f"cannot write the tokenized data into {cache_dir} ({e.strerror or e}); make it "
+                                "writable or pass another --data-cache-dir.") from None
         return path, False
-    path = Path(tempfile.mkdtemp(prefix=f"preftune-data-{key[:8]}-"))
+    path = Path(tempfile.mkdtemp(prefix=f"preftune-data-{key[:8]}-{_HOST}-{os.getpid()}-"))
     umask = os.umask(0)
     os.umask(umask)
     path.chmod(0o777 & ~umask)  # mkdtemp's 0700 would follow the entry into the run folder

@@ -17,7 +17,6 @@ rerun or a resume opens it in a moment. A cache entry holds:
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -27,10 +26,12 @@ import numpy as np
 from preftune.data.build import build_source, find_record
 from preftune.data.cache import (
     DataEntry,
+    building,
     commit,
     find,
     library_versions,
     make_key,
+    prepare_dir,
     source_fingerprint,
     staging_folder,
     tokenizer_fingerprint,
@@ -125,18 +126,15 @@ def load_splits(settings: DataSettings, tokenizer, task: str, *, cache_dir: Path
     shared = settings.data_cache_dir
     where = Path(shared).expanduser() if shared else cache_dir
     if shared:
-        where.mkdir(parents=True, exist_ok=True)
+        prepare_dir(where)
     ingredients = data_ingredients(settings, tokenizer, task)
     key = make_key(ingredients)
     found = find(where, key)
     if found is not None:
         return open_entry(DataEntry(found, key, staged=False))
     staging, staged = staging_folder(where, key)
-    try:
+    with building(staging):  # removed if anything stops it; a full disk is one sentence
         build_entry(settings, tokenizer, task, staging, ingredients, settings.progress if progress is None else progress)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     if staged:
         return open_entry(DataEntry(staging, key, staged=True))
     return open_entry(DataEntry(commit(staging, where, key), key, staged=False))

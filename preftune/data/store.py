@@ -27,6 +27,7 @@ from typing import Any, overload
 import numpy as np
 
 from preftune.data.tokenize import TokenizedPair
+from preftune.errors import PreftuneError
 
 
 class StoreWriter:
@@ -113,10 +114,16 @@ class Pairs(Sequence[TokenizedPair]):
         pos = int(self.positions[i])
         start = int(self.store.starts[pos])
         lengths = self.store.lengths[pos].tolist()
-        parts = []
+        ids = self.store.ids[start:start + sum(lengths)]
+        largest = self.store.largest_id
+        if largest is not None and len(ids) and int(ids.max()) > largest:  # a pair's max: no extra page read
+            raise PreftuneError(f"the tokenized data in {self.store.folder} holds token id {int(ids.max()):,}, above "
+                                f"the largest it was written with ({largest:,}): its ids.bin changed after it was "
+                                "written; delete that cache folder so the data is tokenized again.")
+        parts, at = [], 0
         for n in lengths:
-            parts.append(self.store.ids[start:start + n].tolist())
-            start += n
+            parts.append(ids[at:at + n].tolist())
+            at += n
         label = bool(self.store.labels[pos]) if self.store.labels is not None else None
         return TokenizedPair(parts[0], parts[1], parts[2] if len(parts) > 2 else None, int(self.store.index[pos]),
                              label)

@@ -7,6 +7,8 @@ and model code shipped in the folder never runs unless `trust_remote_code`.
 from __future__ import annotations
 
 import contextlib
+import math
+import pickle
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -29,6 +31,7 @@ def _check_local_folder(path: Path, allow_pickle: bool) -> None:
     if not has_safetensors and has_pickle and not allow_pickle:
         raise PreftuneError(f"model folder {path} only has pickle weights (.bin/.pt), which can run code when loaded; "
                             "convert them to safetensors or pass --allow-pickle if you trust the folder.")
+    check_model_config(str(path))  # before the tokenizer or anything else reads config.json
 
 
 def resolve_model_path(name: str, allow_pickle: bool = False) -> str:
@@ -42,6 +45,116 @@ def resolve_model_path(name: str, allow_pickle: bool = False) -> str:
     if name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name:
         raise PreftuneError(f"model folder {name} does not exist; check the path.")
     return name
+
+
+def prefer_safetensors(name: str, allow_pickle: bool) -> bool | None:
+    """transformers' `use_safetensors` for `name`: safetensors whenever a local folder has them (even with
+    --allow-pickle and a pickle beside them: the file loaded is the one the model's identity hashes,
+    modeling/reference.py), only safetensors without --allow-pickle, else its own choice (safetensors first)."""
+    path = Path(name).expanduser()
+    if path.is_dir() and any(path.glob("*.safetensors")):
+        return True
+    if not allow_pickle:
+        return True
+    return False if path.is_dir() else None
+
+
+# Bounds far above any real causal LM: a config beyond them would take hours or all memory to build before a
+# single weight is read (`num_hidden_layers: 1000000`), so it is refused first.
+MAX_LAYERS = 4096
+WEIGHTS_SLACK = 16  # the config may describe up to this many times the parameters the weights hold (packed 4-bit)
+_LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
+_WIDTH_KEYS = ("hidden_size", "n_embd", "d_model")
+_SHAPE_KEYS = (*_LAYER_KEYS, *_WIDTH_KEYS, "vocab_size", "intermediate_size", "n_inner", "num_attention_heads",
+               "n_head", "num_key_value_heads", "head_dim", "max_position_embeddings", "n_positions")
+
+
+def check_model_config(name: str, *, memory: bool = True) -> None:
+    """Refuse a model config that cannot describe a real model, before anything is built from it: a shape
+    value that is not a positive whole number (`"num_hidden_layers": "3"`, `vocab_size: -5`), more than
+    MAX_LAYERS layers, (a local folder) far more parameters than its weight files hold, or, with `memory`, a
+    model larger than this machine's memory. `name`: a model folder, its config.json, or a hub name (its
+    cached config; none cached: no check)."""
+    import json
+
+    path = Path(name).expanduser()
+    file = path / "config.json" if path.is_dir() else path if path.is_file() else _cached_config(name)
+    try:
+        values = json.loads(file.read_text(encoding="utf-8")[:1 << 24]) if file is not None else None
+    except (OSError, ValueError):
+        return  # loading reports an unreadable config with its own reason
+    if not isinstance(values, dict):
+        return
+    values = {**values, **(values.get("text_config") if isinstance(values.get("text_config"), dict) else {})}
+    for key in _SHAPE_KEYS:
+        v = values.get(key)
+        if v is not None and not isinstance(v, (list, dict)) and (isinstance(v, bool) or not isinstance(v, int)
+                                                                   or v < 1):
+            raise PreftuneError(f"{file} gives {key} = {json.dumps(v)}; it must be a whole number of at least 1 "
+                                f"(written as a number, e.g. \"{key}\": 32): fix config.json.")
+    shape = {k: next((values[n] for n in names if isinstance(values.get(n), int)), 0)
+             for k, names in (("layers", _LAYER_KEYS), ("width", _WIDTH_KEYS), ("vocab", ("vocab_size",)),
+                              ("inner", ("intermediate_size", "n_inner")))}
+    layers, width = shape["layers"], shape["width"]
+    if layers > MAX_LAYERS:
+        raise PreftuneError(f"{file} gives {layers:,} layers; no causal LM has more than a few hundred (at most "
+                            f"{MAX_LAYERS:,} are built): fix config.json.")
+    # At least two width² matrices of attention and two width×inner of the MLP per layer, one embedding.
+    least = layers * (2 * width**2 + 2 * width * (shape["inner"] or 4 * width)) + shape["vocab"] * width
+    held = _weight_count(path) if path.is_dir() else None
+    if held and least > WEIGHTS_SLACK * held + 10**6:
+        raise PreftuneError(f"{file} describes a model of at least {least:,} parameters ({layers} layers of width "
+                            f"{width}) but the weights in {path} hold {held:,}; config.json does not belong to "
+                            "these weights: fix it.")
+    memory = _memory_bytes() if memory else None
+    if memory and 2 * least > memory:
+        raise PreftuneError(f"{file} describes a model of at least {least:,} parameters, {2 * least / 2**30:,.0f} "
+                            f"GiB in 16-bit, more than this machine's {memory / 2**30:,.0f} GiB of memory (RAM, "
+                            "swap and GPUs): fix config.json or use a larger machine (`preftune plan`).")
+
+
+def _cached_config(name: str) -> Path | None:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(name, "config.json")
+    except Exception:  # not a valid repository name: loading says so
+        return None
+    return Path(found) if isinstance(found, str) else None
+
+
+def _weight_count(folder: Path) -> int | None:
+    """Parameters in the folder's safetensors files, from their headers alone (None without any)."""
+    import json
+    import struct
+
+    total, found = 0, False
+    for f in folder.glob("*.safetensors"):
+        try:
+            with f.open("rb") as fh:
+                (n,) = struct.unpack("<Q", fh.read(8))
+                header = json.loads(fh.read(min(n, 1 << 26)))
+        except (OSError, ValueError, struct.error):
+            return None  # a damaged file: loading says what is wrong with it
+        for k, v in header.items():
+            if k != "__metadata__" and isinstance(v, dict) and isinstance(v.get("shape"), list):
+                total += math.prod(int(d) for d in v["shape"])
+        found = True
+    return total if found else None
+
+
+def _memory_bytes() -> int | None:
+    """RAM and swap, plus every GPU's memory: where the weights could be held at all."""
+    total = 0
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            info = {ln.split(":")[0]: int(ln.split()[1]) * 1024 for ln in f if ln.split()[1:2] != []}
+        total = info.get("MemTotal", 0) + info.get("SwapTotal", 0)
+    except (OSError, ValueError, IndexError):
+        return None
+    if torch.cuda.is_available():
+        total += sum(torch.cuda.get_device_properties(i).total_memory for i in range(torch.cuda.device_count()))
+    return total
 
 
 def load_tokenizer(name: str, *, trust_remote_code: bool = False):
@@ -70,7 +183,9 @@ def load_model(name: str, *, dtype: str = "float32", attn_implementation: str | 
     # in the process) would only add noise.
     transformers.utils.logging.disable_progress_bar()
     path = resolve_model_path(name, allow_pickle)
-    kwargs = {"dtype": DTYPES[dtype], "trust_remote_code": trust_remote_code, "use_safetensors": not allow_pickle}
+    check_model_config(path)
+    kwargs = {"dtype": DTYPES[dtype], "trust_remote_code": trust_remote_code,
+              "use_safetensors": prefer_safetensors(path, allow_pickle)}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     try:
@@ -81,10 +196,13 @@ def load_model(name: str, *, dtype: str = "float32", attn_implementation: str | 
         raise PreftuneError(f"could not load model {name}: a package it needs is missing ({first}){hint}.") from None
     except Exception as e:
         # A broken folder: unreadable config, truncated or foreign weights (safetensors raises its own error
-        # type), shapes that do not fit the config.
-        if not isinstance(e, (OSError, ValueError, RuntimeError, KeyError)) and type(e).__name__ != "SafetensorError":
+        # type), shapes that do not fit the config, a pickle that is not weights (weights_only refuses it).
+        if not isinstance(e, (OSError, ValueError, RuntimeError, KeyError, pickle.UnpicklingError, EOFError)) \
+                and type(e).__name__ != "SafetensorError":
             raise
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if isinstance(e, pickle.UnpicklingError):
+            first = "its pickle file holds something other than weights, which torch's safe loader refuses"
         raise PreftuneError(f"could not load model {name} ({first}).") from None
     model, info = loaded if isinstance(loaded, tuple) else (loaded, {})
     check_loading_info(model, info, name, say)
@@ -217,6 +335,7 @@ def context_length(name: str, *, trust_remote_code: bool = False) -> int | None:
     its config alone, before the weights load; None when the config does not say."""
     from transformers import AutoConfig
 
+    check_model_config(name)  # before anything reads the config: one sentence for a value no model has
     try:
         cfg = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
     except (OSError, ValueError):

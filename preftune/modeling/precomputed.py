@@ -124,20 +124,37 @@ def _sampled_digest(path: Path, blocks: int = 64, block: int = 16384) -> str:
 
 
 def model_identity(path: str) -> str:
-    """A local folder: the content hash of its .json files (config, index) and, for each weight file, its size,
-    mtime in nanoseconds and a hash of 1 MiB sampled across it (hashing many GB whole would take minutes; a
-    rewritten file has a new mtime, and two saves in the same second differ in their samples). No path, so a
-    folder moved or copied with its times (mv, cp -p) stays the same model. A hub name: itself. (JSON text.)"""
+    """What the model at `path` is, as JSON text. A local folder: the content hash of its .json files (config,
+    index) and of its .py files (remote model code), and for each weight file that loads (its safetensors when it
+    has any, as modeling/load.py prefers them always; else its pickles) its size, mtime in nanoseconds and a hash
+    of 1 MiB sampled across it (hashing many GB whole would take minutes; a rewritten file has a new mtime, and
+    two saves in the same second differ in their samples). No path, so a folder moved or copied with its times
+    (mv, cp -p) stays the same model. A hub name: the name and the commit of the revision in the local cache
+    (the one that loads), or the name alone when none is cached."""
     p = Path(path)
     if not p.is_dir():
-        return path
+        commit = _hub_commit(path)
+        return json.dumps({"hub": path, "commit": commit}, sort_keys=True) if commit else path
+    weights = [f for f in p.iterdir() if f.suffix in _WEIGHTS and f.is_file()]
+    loaded = {f for f in weights if f.suffix == ".safetensors"} or set(weights)
     files: dict[str, Any] = {}
     for f in sorted(p.iterdir()):
-        if f.suffix == ".json" and f.is_file():
+        if f.suffix in (".json", ".py") and f.is_file():
             files[f.name] = hashlib.sha256(f.read_bytes()).hexdigest()[:16]
-        elif f.suffix in _WEIGHTS and f.is_file():
+        elif f in loaded:
             files[f.name] = [f.stat().st_size, f.stat().st_mtime_ns, _sampled_digest(f)]
     return json.dumps(files, sort_keys=True)
+
+
+def _hub_commit(name: str) -> str | None:
+    """The commit of the cached revision (refs/main) of hub model `name`, or None."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(name, "config.json")
+    except Exception:  # not a repository name
+        return None
+    return Path(found).parent.name if isinstance(found, str) else None
 
 
 _SHARED = ("chosen_shared", "rejected_shared")

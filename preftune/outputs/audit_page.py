@@ -15,6 +15,7 @@ from typing import Any
 
 from preftune.data.examples import format_example
 from preftune.errors import PreftuneError
+from preftune.outputs.files import write_output
 
 
 def share_text(n: int, total: int) -> str:
@@ -159,18 +160,14 @@ def write_audit_files(
     for extra in extras:
         if extra.suffix.lower() not in (".png", ".html", ".htm"):
             raise PreftuneError(f"cannot write the audit figure to {extra}: use a .png or .html file name")
-    try:
-        output_json.parent.mkdir(parents=True, exist_ok=True)
-        output_json.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        for extra in extras:
-            extra.parent.mkdir(parents=True, exist_ok=True)
-            if extra.suffix.lower() == ".png":
-                extra.write_bytes(_figure_png(_panels(report)))
-            else:
-                pngs = [(title, _figure_png([(title, hist)])) for title, hist in _panels(report)]
-                extra.write_text(audit_html(report, pngs, text), encoding="utf-8")
-    except OSError as e:
-        raise PreftuneError(f"cannot write the audit report: {e}") from None
+    # each file whole and never through a link (outputs/files.py); a full disk is one sentence
+    write_output(output_json, json.dumps(report, indent=2, ensure_ascii=False) + "\n", "the audit")
+    for extra in extras:
+        if extra.suffix.lower() == ".png":
+            write_output(extra, _figure_png(_panels(report)), "the audit figure")
+        else:
+            pngs = [(title, _figure_png([(title, hist)])) for title, hist in _panels(report)]
+            write_output(extra, audit_html(report, pngs, text), "the audit page")
 
 
 # ---------------------------------------------------------------------------------------------- the HTML page

@@ -182,6 +182,10 @@ class RunLock:
         if self.holder() == info:
             self.path.unlink(missing_ok=True)
 
+    def held(self) -> bool:
+        """Whether the lock file is still this process's (False once the folder is deleted or moved away)."""
+        return self.token is not None and (self.holder() or {}).get("token") == self.token
+
     def touch(self) -> None:
         """Refresh the lock's time, if it is still ours."""
         if self.token is not None and (self.holder() or {}).get("token") == self.token:

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from preftune.outputs.run_dir import append_text, replace_text
+from preftune.outputs.files import append_text, replace_text
 
 
 class Window:
@@ -103,3 +103,42 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     if p.is_dir():
         p = p / "metrics.jsonl"
     return [json.loads(ln) for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()]
+
+
+MAX_LINE = 1 << 20  # a metrics line is a few hundred bytes: a longer one is not a metrics row
+
+
+def _lines(path: Path) -> Iterator[str]:
+    """The file's lines as text (bytes that are not UTF-8 replaced), an overlong one as a junk line: memory stays
+    bounded whatever the file holds."""
+    with path.open("rb") as f:
+        while line := f.readline(MAX_LINE):
+            if not line.endswith(b"\n") and len(line) == MAX_LINE:  # skip the rest of an overlong line
+                while (more := f.readline(MAX_LINE)) and not more.endswith(b"\n"):
+                    pass
+                line = b"{overlong\n"
+            yield line.decode("utf-8", errors="replace")
+
+
+def is_row(row: Any) -> bool:
+    """A metrics row: an object with a finite number `step` and a text `split`."""
+    step = row.get("step") if isinstance(row, dict) else None
+    return isinstance(step, (int, float)) and not isinstance(step, bool) and math.isfinite(step) and \
+        isinstance(row.get("split"), str)
+
+
+def metric_rows(path: Path) -> tuple[list[dict[str, Any]], int]:
+    """A metrics.jsonl written by anyone, read for a report: (its rows, how many whole lines were not rows). A
+    last line still being written (no newline yet, or cut JSON) is skipped without counting."""
+    rows, bad = [], 0
+    for ln in _lines(path):
+        if ln.strip():
+            try:
+                row = json.loads(ln)
+            except (ValueError, RecursionError):  # the writer is mid-line (the next report will have it), or junk
+                row = None
+            if is_row(row):
+                rows.append(row)
+            elif ln.endswith("\n"):
+                bad += 1
+    return rows, bad

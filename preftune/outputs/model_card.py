@@ -23,7 +23,9 @@ from typing import Any
 import yaml
 
 from preftune.callbacks import Callback
+from preftune.config import read_yaml
 from preftune.errors import PreftuneError
+from preftune.outputs.files import replace_text, write_failure
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 HYPER_PARAMETERS = ("loss", "loss_weights", "beta", "label_smoothing", "sft_weight", "learning_rate", "lr_scheduler",
@@ -157,15 +159,18 @@ def card_text(config: dict[str, Any], *, task: str = "dpo", train_metrics: dict 
 
 
 def write_model_card(final_dir: str | Path, config: dict[str, Any], **kwargs: Any) -> Path:
-    """Write final_dir/README.md (see `card_text` for the keyword arguments); `adapter` defaults to whether
-    the folder holds LoRA adapters."""
+    """Write final_dir/README.md (see `card_text` for the keyword arguments) atomically and never through a link
+    (a link planted at README.md, dangling or not, is refused); `adapter` defaults to whether the folder holds
+    LoRA adapters."""
     folder = Path(final_dir)
     kwargs.setdefault("adapter", (folder / "adapter_config.json").is_file())
     path = folder / "README.md"
     try:
-        path.write_text(card_text(config, **kwargs), encoding="utf-8")
+        replace_text(path, card_text(config, **kwargs), fix="put a README.md of your own there")
     except OSError as e:
-        raise PreftuneError(f"cannot write the model card {path} ({e.strerror or e}).") from None
+        failure = write_failure(e, folder)
+        raise PreftuneError(f"cannot write the model card {path} ({failure[0] if failure else e.strerror or e})."
+                            ) from None
     return path
 
 
@@ -175,7 +180,7 @@ def write_model_card_for_run(run_dir: str | Path) -> Path:
     final = run / "final"
     if not (run / "config.yaml").is_file() or not final.is_dir():
         raise PreftuneError(f"{run} is not a finished preftune run (it needs config.yaml and final/).")
-    config = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8")) or {}
+    config = read_yaml(run / "config.yaml")  # bounded like any config (a YAML alias bomb is refused)
     rows = []
     if (run / "metrics.jsonl").is_file():
         from preftune.outputs.report import read_rows
@@ -183,7 +188,8 @@ def write_model_card_for_run(run_dir: str | Path) -> Path:
         rows = read_rows(run)
     last = {s: next((r for r in reversed(rows) if r.get("split") == s), None) for s in ("train", "eval")}
     task = "dpo" if any("rewards/margins" in r for r in rows) or not rows else "sft"
-    summary = (run / "data_summary.txt").read_text(encoding="utf-8") if (run / "data_summary.txt").is_file() else ""
+    summary = ((run / "data_summary.txt").read_bytes()[:200_000].decode("utf-8", errors="replace")
+               if (run / "data_summary.txt").is_file() else "")
     return write_model_card(final, config, task=task, train_metrics=last["train"], eval_metrics=last["eval"],
                             data_summary=summary)
 
@@ -193,7 +199,7 @@ class ModelCardCallback(Callback):
     Install it before HubCallback so the card is pushed."""
 
     def on_train_end(self, state) -> None:
-        if not state.is_main_process or state.interrupted or state.final_dir is None:
+        if not state.is_main_process or state.final_dir is None:  # (final/ is whole even when a signal came after)
             return
         cfg = state.config.to_dict() if hasattr(state.config, "to_dict") else dict(state.config)
         write_model_card(state.final_dir, cfg, task=state.task, train_metrics=state.train_metrics,

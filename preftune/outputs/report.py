@@ -29,7 +29,11 @@ from pathlib import Path
 from typing import Any
 
 from preftune.callbacks import Callback
+from preftune.config import read_yaml
 from preftune.errors import PreftuneError
+from preftune.outputs.files import write_output
+from preftune.outputs.metrics import metric_rows
+from preftune.outputs.run_dir import RunDir
 
 # (file stem, title, [(metric key, label)], y label): one figure each, drawn when the run logged any key.
 FIGURES = (
@@ -53,22 +57,22 @@ class Report:
 
 
 def read_rows(run_dir: str | Path) -> list[dict[str, Any]]:
-    """metrics.jsonl's rows; a last line still being written (no newline yet, or cut JSON) is skipped."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        raise PreftuneError(f"{run_dir} has no metrics.jsonl; pass a run folder (the output_dir of a training run).")
-    rows = []
-    for ln in path.read_text(encoding="utf-8").splitlines():
-        if ln.strip():
-            try:
-                rows.append(json.loads(ln))
-            except json.JSONDecodeError:  # the writer is mid-line: the next report will have it
-                continue
-    return rows
+    """metrics.jsonl's rows (outputs/metrics.py: read_rows)."""
+    return _read_rows(Path(run_dir))[0]
 
 
-def _series(rows: list[dict], split: str, key: str) -> tuple[list[int], list[float]]:
-    pts = [(r["step"], r[key]) for r in rows if r.get("split") == split and isinstance(r.get(key), (int, float))]
+def _read_rows(run: Path) -> tuple[list[dict[str, Any]], int]:
+    if not (run / "metrics.jsonl").is_file():
+        raise PreftuneError(f"{run} has no metrics.jsonl; pass a run folder (the output_dir of a training run).")
+    return metric_rows(run / "metrics.jsonl")
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _series(rows: list[dict], split: str, key: str) -> tuple[list[float], list[float]]:
+    pts = [(r["step"], r[key]) for r in rows if r.get("split") == split and _number(r.get(key))]
     return [s for s, _ in pts], [float(v) for _, v in pts]
 
 
@@ -95,7 +99,7 @@ def find_problems(rows: list[dict[str, Any]]) -> list[str]:
     if bad:
         problems.append(f"non-finite values were logged at step{'s' if len(bad) > 1 else ''} "
                         f"{', '.join(map(str, bad[:10]))}{' ...' if len(bad) > 10 else ''}.")
-    skipped = max((r.get("skipped_steps", 0) or 0 for r in rows), default=0)
+    skipped = max((r["skipped_steps"] for r in rows if _number(r.get("skipped_steps"))), default=0)
     if skipped:
         problems.append(f"{skipped} optimizer step(s) were skipped for a non-finite loss or gradient.")
     _, acc = _series(rows, "train", "rewards/accuracies")
@@ -124,6 +128,13 @@ def _figure():
     fig = Figure(figsize=(6.4, 3.4), dpi=100)
     FigureCanvasAgg(fig)
     return fig
+
+
+def _step_axis(ax) -> None:
+    from matplotlib.ticker import MaxNLocator  # (matplotlib loads only when a report is drawn)
+
+    ax.set_xlabel("step")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers: no tick at 2.5
 
 
 def _png(fig) -> bytes:
@@ -155,7 +166,7 @@ def _metric_figure(rows: list[dict], title: str, keys: list[tuple[str, str]], yl
     for ax, (key, label) in zip(axes, keys):
         if _draw(ax, rows, key, label):
             drawn = True
-            ax.set_xlabel("step")
+            _step_axis(ax)
             ax.set_ylabel(ylabel if len(keys) == 1 else label)
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
@@ -178,7 +189,7 @@ def _chosen_rejected_figure(rows: list[dict], flagged: bool) -> bytes | None:
         ax = fig.add_subplot(1, 2, i + 1)
         for side, color in (("chosen", "tab:green"), ("rejected", "tab:red")):
             _draw(ax, rows, f"{prefix}/{side}", side, color)
-        ax.set_xlabel("step")
+        _step_axis(ax)
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
         if ax.lines:
@@ -191,12 +202,14 @@ def _chosen_rejected_figure(rows: list[dict], flagged: bool) -> bytes | None:
 
 
 def _margin_histogram(eval_result: dict) -> bytes | None:
-    hist = (eval_result.get("preference") or {}).get("margin_histogram") or {}
-    if not hist.get("counts"):
-        return None
+    hist = _get(eval_result, "preference", "margin_histogram")
+    counts, edges = (hist.get("counts"), hist.get("edges")) if isinstance(hist, dict) else (None, None)
+    if not (isinstance(counts, list) and isinstance(edges, list) and counts and len(edges) == len(counts) + 1
+            and all(_number(x) and math.isfinite(x) for x in counts + edges)):
+        return None  # none, or not one eval.json's histogram: no figure
     fig = _figure()
     ax = fig.add_subplot(1, 1, 1)
-    ax.stairs(hist["counts"], hist["edges"], fill=True, alpha=0.7)
+    ax.stairs(counts, edges, fill=True, alpha=0.7)
     ax.axvline(0.0, color="black", linewidth=1)
     ax.set_xlabel("reward margin on held-out pairs (right of 0: ranked right)")
     ax.set_ylabel("pairs")
@@ -204,35 +217,63 @@ def _margin_histogram(eval_result: dict) -> bytes | None:
     return _png(fig)
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def _read_json(path: Path) -> dict | None:
     try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        with path.open("rb") as f:
+            value = json.loads(f.read(MAX_JSON).decode("utf-8", errors="replace"))
+    except (OSError, ValueError, RecursionError):
         return None
     return value if isinstance(value, dict) else None
 
 
-def write_report(run_dir: str | Path, output_dir: str | Path | None = None) -> Report:
-    """Write the PNGs and report.html of the run in `run_dir` into `output_dir` (default RUN_DIR/report)."""
-    import yaml
+MAX_JSON = 64 << 20  # eval.json with every side-by-side answer is a few MB
 
+
+def _read_config(run: Path) -> dict:
+    """config.yaml's values, read with the bounds of any config (a YAML alias bomb is refused); {} when
+    unreadable."""
+    try:
+        cfg = read_yaml(run / "config.yaml") if (run / "config.yaml").is_file() else {}
+    except PreftuneError:
+        return {}
+    return cfg if isinstance(cfg, dict) else {}
+
+
+def _read_text(path: Path, limit: int = 200_000) -> str:
+    try:
+        with path.open("rb") as f:
+            return f.read(limit).decode("utf-8", errors="replace")
+    except OSError:
+        return ""
+
+
+def write_report(run_dir: str | Path, output_dir: str | Path | None = None) -> Report:
+    """Write the PNGs and report.html of the run in `run_dir` into `output_dir` (default RUN_DIR/report, written
+    like every run file: only in a folder preftune made, atomically, never through a link)."""
+    for name, value in (("run_dir", run_dir), ("output_dir", output_dir)):
+        if not isinstance(value, (str, os.PathLike)) and not (name == "output_dir" and value is None):
+            raise PreftuneError(f"write_report: {name} must be a folder path, got {type(value).__name__}.")
     run = Path(run_dir).expanduser()
     if not run.is_dir():
         raise PreftuneError(f"run folder {run} does not exist; pass the output_dir of a training run.")
-    rows = read_rows(run)
-    out = Path(output_dir).expanduser() if output_dir else run / "report"
-    try:
-        cfg = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8")) if (run / "config.yaml").is_file() else {}
-    except (OSError, yaml.YAMLError):
-        cfg = {}
+    rows, bad = _read_rows(run)
+    if output_dir is None:  # the run's own report/: refused before anything is drawn
+        owner = RunDir.existing(run, "report", "pass --output-dir to write the report elsewhere")
+        out = run / "report"
+
+        def put(path: Path, data: bytes) -> None:
+            owner.write_text(path, data)
+    else:
+        out = Path(output_dir).expanduser()
+
+        def put(path: Path, data: bytes) -> None:
+            write_output(path, data, "the report", "--output-dir")
+    cfg = _read_config(run)
     eval_result = _read_json(run / "eval.json") if (run / "eval.json").is_file() else None
     problems = find_problems(rows)
+    if bad:
+        problems.append(f"{bad} line(s) of metrics.jsonl are not metrics rows (an object with a number `step` and "
+                        "a `split`) and were left out.")
     figures: list[tuple[str, str, bytes]] = []
     for stem, title, keys, ylabel in FIGURES[:4]:
         png = _metric_figure(rows, title, keys, ylabel)
@@ -247,16 +288,16 @@ def write_report(run_dir: str | Path, output_dir: str | Path | None = None) -> R
             figures.append((stem, title, png))
     if eval_result and (png := _margin_histogram(eval_result)):
         figures.append(("eval_margins", "Held-out reward margins (preftune eval)", png))
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        pngs = []
-        for stem, _, data in figures:
-            pngs.append(out / f"{stem}.png")
-            _atomic_write(pngs[-1], data)
-        page = render_html(run, rows, cfg if isinstance(cfg, dict) else {}, problems, figures, eval_result)
-        _atomic_write(out / "report.html", page.encode("utf-8"))
-    except OSError as e:
-        raise PreftuneError(f"cannot write the report into {out} ({e.strerror or e}).") from None
+    if output_dir is None:
+        with owner.saving("report/"):
+            if out.exists() and not out.is_dir():
+                raise PreftuneError(f"{out} is a file; move it away so that the report folder can be written.")
+            out.mkdir(exist_ok=True)
+    pngs = []
+    for stem, _, data in figures:
+        pngs.append(out / f"{stem}.png")
+        put(pngs[-1], data)
+    put(out / "report.html", render_html(run, rows, cfg, problems, figures, eval_result).encode("utf-8"))
     return Report(out / "report.html", pngs, problems)
 
 
@@ -275,26 +316,36 @@ CONFIG_KEYS = ("model", "data", "eval_data", "loss", "beta", "learning_rate", "l
                "gradient_accumulation_steps", "max_steps", "num_epochs", "lora", "reference", "seed")
 
 
+def _get(d: Any, *keys: str) -> Any:
+    """d[k1][k2]... when each level is a dict, else None (an eval.json may hold anything)."""
+    for k in keys:
+        d = d.get(k) if isinstance(d, dict) else None
+    return d
+
+
+def _numbers(v: Any) -> str:
+    return ", ".join(_fmt(x) for x in v) if isinstance(v, list) else _fmt(v)
+
+
 def _eval_section(ev: dict) -> str:
     esc = html.escape
-    p = ev.get("preference", {})
     items: list[tuple[str, Any]] = [("model", ev.get("model")), ("reference", ev.get("reference")),
-                                    ("held-out pairs", p.get("pairs")), ("beta", ev.get("beta")),
-                                    ("preference accuracy", p.get("accuracy")),
-                                    ("accuracy 95% CI (Wilson)", ", ".join(_fmt(x) for x in p.get("accuracy_ci95", []))),
-                                    ("mean reward margin", (p.get("margin") or {}).get("mean"))]
+                                    ("held-out pairs", _get(ev, "preference", "pairs")), ("beta", ev.get("beta")),
+                                    ("preference accuracy", _get(ev, "preference", "accuracy")),
+                                    ("accuracy 95% CI (Wilson)", _numbers(_get(ev, "preference", "accuracy_ci95"))),
+                                    ("mean reward margin", _get(ev, "preference", "margin", "mean"))]
     if "kl" in ev:
-        items.append(("KL(model ‖ reference) per token", ev["kl"].get("per_token")))
+        items.append(("KL(model ‖ reference) per token", _get(ev, "kl", "per_token")))
     if "lengths" in ev:
-        items += [("answer tokens, model (mean)", ev["lengths"]["model"].get("tokens_mean")),
-                  ("answer tokens, reference (mean)", ev["lengths"]["reference"].get("tokens_mean"))]
+        items += [("answer tokens, model (mean)", _get(ev, "lengths", "model", "tokens_mean")),
+                  ("answer tokens, reference (mean)", _get(ev, "lengths", "reference", "tokens_mean"))]
     if "judge" in ev:
-        j = ev["judge"]
-        items += [("judge", j.get("name")), ("win rate", j.get("win_rate")),
-                  ("win rate 95% CI", ", ".join(_fmt(x) for x in j.get("ci95", [])))]
-    rows = "".join(f"<tr><td>{esc(str(r.get('prompt'))[:200])}</td><td>{esc(r.get('model', ''))}</td>"
-                   f"<td>{esc(r.get('reference', ''))}</td><td>{esc(r.get('verdict', ''))}</td></tr>"
-                   for r in (ev.get("side_by_side") or [])[:10])
+        items += [("judge", _get(ev, "judge", "name")), ("win rate", _get(ev, "judge", "win_rate")),
+                  ("win rate 95% CI", _numbers(_get(ev, "judge", "ci95")))]
+    side = ev.get("side_by_side") if isinstance(ev.get("side_by_side"), list) else []
+    rows = "".join(f"<tr><td>{esc(_fmt(_get(r, 'prompt'))[:200])}</td><td>{esc(_fmt(_get(r, 'model')))}</td>"
+                   f"<td>{esc(_fmt(_get(r, 'reference')))}</td><td>{esc(_fmt(_get(r, 'verdict')))}</td></tr>"
+                   for r in side[:10])
     body = f"<h2>Held-out evaluation (eval.json)</h2>{_table(items)}"
     if rows:
         body += ("<h3>Side by side (first 10)</h3><table><tr><th>prompt</th><th>model</th><th>reference</th>"
@@ -307,11 +358,11 @@ def render_html(run: Path, rows: list[dict], cfg: dict, problems: list[str],
     esc = html.escape
     train = [r for r in rows if r.get("split") == "train"]
     evals = [r for r in rows if r.get("split") == "eval"]
-    last_step = max((r["step"] for r in rows), default=0)
+    last_step = max((r["step"] for r in rows), default=0)  # numbers only (read_rows)
     finished = (run / "final").is_dir()
     status = (f"finished: final model in {run / 'final'}" if finished else
               "in progress or stopped (no final/ yet): this page shows the metrics logged so far")
-    summary = (run / "data_summary.txt").read_text(encoding="utf-8") if (run / "data_summary.txt").is_file() else ""
+    summary = _read_text(run / "data_summary.txt") if (run / "data_summary.txt").is_file() else ""
     probs = "".join(f"<li class='bad'>{esc(p)}</li>" for p in problems) or "<li>none found</li>"
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'><title>preftune run report</title>",
@@ -321,7 +372,7 @@ def render_html(run: Path, rows: list[dict], cfg: dict, problems: list[str],
         ".figs{display:flex;flex-wrap:wrap;gap:1em}.figs figure{flex:0 1 calc(50% - 0.5em);margin:0}.figs figure.wide{flex-basis:100%}"
         "figcaption{font-size:0.85em;color:#555}</style></head><body>",
         f"<h1>Run report: {esc(str(run))}</h1>",
-        f"<p>{esc(status)}; {len(train)} training and {len(evals)} eval rows, last step {last_step}.</p>",
+        f"<p>{esc(status)}; {len(train)} training and {len(evals)} eval rows, last step {esc(_fmt(last_step))}.</p>",
         f"<h2>Problems</h2><ul>{probs}</ul>",
         "<h2>Curves</h2><p>Lines: training (averaged over each logging window); circles: evaluations.</p>"
         "<div class='figs'>",
@@ -332,13 +383,12 @@ def render_html(run: Path, rows: list[dict], cfg: dict, problems: list[str],
         parts.append(f"<figure{wide}><img alt='{esc(title)}' src='data:image/png;base64,{img}'>"
                      f"<figcaption>{esc(title)} ({esc(stem)}.png)</figcaption></figure>")
     parts.append("</div>")
-    last_train, last_eval = (train[-1] if train else {}), (evals[-1] if evals else {})
-    keys = [k for k in dict.fromkeys([*last_train, *last_eval]) if k not in ("split", "step")]
-    head = (f"<tr><th>metric</th><th>train (step {last_train.get('step', '-')})</th>"
-            f"<th>eval (step {last_eval.get('step', '-')})</th></tr>")
-    cells = "".join(f"<tr><th>{esc(k)}</th><td>{esc(_fmt(last_train.get(k, '')))}</td>"
-                    f"<td>{esc(_fmt(last_eval.get(k, '')))}</td></tr>" for k in keys)
-    parts.append(f"<h2>Latest metrics</h2><table>{head}{cells}</table>")
+    latest = [(name, rows[-1]) for name, rows in (("train", train), ("eval", evals)) if rows]  # a column each
+    keys = [k for k in dict.fromkeys(k for _, r in latest for k in r) if k not in ("split", "step")]
+    head = "".join(f"<th>{name} (step {esc(_fmt(r['step']))})</th>" for name, r in latest)
+    cells = "".join(f"<tr><th>{esc(str(k))}</th>" + "".join(f"<td>{esc(_fmt(r.get(k, '')))}</td>" for _, r in latest)
+                    + "</tr>" for k in keys)
+    parts.append(f"<h2>Latest metrics</h2><table><tr><th>metric</th>{head}</tr>{cells}</table>")
     if eval_result:
         parts.append(_eval_section(eval_result))
     parts.append("<h2>Setup</h2>" + _table([(k, cfg[k]) for k in CONFIG_KEYS if k in cfg]))

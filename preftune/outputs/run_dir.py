@@ -28,7 +28,6 @@ The folder is the user's data. The rules:
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import os
 import re
@@ -36,13 +35,16 @@ import shutil
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
+
+import yaml
 
 from preftune.errors import PreftuneError
+from preftune.outputs.files import TMP, link_error, replace_text, write_failure
 from preftune.outputs.lock import LOCK, RunLock
 from preftune.outputs.manifest import list_checkpoints  # the listing rule, without checkpoint.py's torch
 
 MARK = ".preftune-run.json"
-TMP = ".tmp-"
 CACHE_DIR = "reference_logps"
 DATA_CACHE = "data_cache"
 CHECKPOINTS = "checkpoints"
@@ -53,73 +55,9 @@ CHECKPOINTS = "checkpoints"
 RUN_FILES = ("config.yaml", "metrics.jsonl", "final", CHECKPOINTS, "data_summary.txt", "report", "eval.json",
              "tensorboard", "wandb", "mlruns")
 OWNED = RUN_FILES + (CACHE_DIR, DATA_CACHE)  # the names the mark lists
-_CHECKPOINT_NAME = re.compile(r"(\.tmp-)?step-\d+$")
-_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
-
-
-def link_error(path: Path) -> PreftuneError:
-    try:
-        target = f" (to {os.readlink(path)})"
-    except OSError:
-        target = ""
-    return PreftuneError(f"{path} is a symbolic link{target}; preftune never writes, renames or deletes through a "
-                         "link in a run folder: remove the link or choose another --output-dir.")
-
-
-def write_failure(exc: BaseException, folder: Path) -> tuple[str, str] | None:
-    """(what went wrong, what to do) when a write failed for a reason the user can fix, else None (a bug)."""
-    chain, e = [], exc
-    while e is not None and len(chain) < 8:
-        chain.append(e)
-        e = e.__cause__ or e.__context__
-    codes = {getattr(x, "errno", None) for x in chain}
-    text = " ".join(str(x) for x in chain)
-    if errno.ENOSPC in codes or "No space left on device" in text or "os error 28" in text:
-        return "the disk filled", "free space"
-    if errno.EDQUOT in codes or "Disk quota exceeded" in text or "os error 122" in text:
-        return "the disk quota was exceeded", "free space"
-    if errno.EROFS in codes:
-        return "the file system is read-only", "choose a writable --output-dir"
-    if codes & {errno.EACCES, errno.EPERM}:
-        return "permission was denied", "make the folder writable"
-    # torch.save's C++ writer reports a full disk as "unexpected pos N vs M", without an errno: look at the disk.
-    if isinstance(exc, RuntimeError) or type(exc).__name__ == "SafetensorError":
-        with contextlib.suppress(OSError):
-            if shutil.disk_usage(folder).free < 16 << 20:
-                return "the disk filled", "free space"
-    return None
-
-
-def replace_text(path: Path, text: str) -> None:
-    """Write a whole file atomically (readers see the old or the new content), never through a link."""
-    if path.is_symlink():
-        raise link_error(path)
-    tmp = path.with_name(TMP + path.name)
-    if tmp.is_symlink():
-        raise link_error(tmp)
-    tmp.unlink(missing_ok=True)  # a leftover of a crash
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o644)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def append_text(path: Path, text: str) -> None:
-    """Append to a file (never through a link); a failed append is cut back, so the file keeps whole lines."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | _NOFOLLOW, 0o644)
-    size = os.fstat(fd).st_size
-    try:
-        os.write(fd, text.encode("utf-8"))
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.ftruncate(fd, size)
-        raise
-    finally:
-        os.close(fd)
+_CHECKPOINT_NAME = re.compile(r"(\.tmp-)?step-(\d+)$")
+# config keys holding local paths, written absolute into config.yaml
+_PATH_KEYS = ("model", "reference_model", "data", "eval_data", "data_cache_dir", "output_dir")
 
 
 def _delete(path: Path) -> None:
@@ -157,12 +95,19 @@ class RunDir:
         self.rerun = "run the same command again"
 
     @classmethod
-    def plan(cls, output_dir: str, *, resume: object, overwrite: bool) -> RunDir:
-        """Refuse a folder this run must not write to; checks only, writes nothing."""
+    def plan(cls, output_dir: str, *, resume: object, overwrite: bool, cache: str | None = None) -> RunDir:
+        """Refuse a folder this run must not write to (`cache`: the data_cache_dir setting); checks only, writes
+        nothing."""
         if not output_dir:
             raise PreftuneError("no output_dir given; pass --output-dir PATH for the run's files.")
         out = Path(output_dir).expanduser()
         run = cls(out)
+        # A shared cache inside the run folder would be a file the run's mark does not list: the folder would be
+        # refused ever after as not made by preftune.
+        if cache and Path(cache).expanduser().absolute().is_relative_to(out.absolute()):
+            raise PreftuneError(f"data_cache_dir {cache} is inside output_dir {out}; leave data_cache_dir "
+                                f"unset (the run keeps its tokenized data in {out / DATA_CACHE}) or choose a folder "
+                                "outside the run folder.")
         if not (resume or overwrite):  # once this run has written its first files, a rerun needs --overwrite
             run.rerun = "run again with --overwrite"
         if out.is_symlink() and not out.exists():
@@ -182,6 +127,65 @@ class RunDir:
             run.check_owned()
         run.lock.check()
         return run
+
+    @classmethod
+    def existing(cls, path: str | Path, command: str, instead: str) -> RunDir:
+        """The run folder a later command writes into (report/, eval.json, final/README.md): only one preftune
+        made (its mark), and never through a link at a name a run writes. Such a command writes its own files
+        atomically and leaves the run's temporary files alone (a run may be going on)."""
+        run = cls(Path(path).expanduser())
+        if run.read_mark() is None:
+            raise PreftuneError(f"{run.path} was not made by preftune (it has no {MARK}), so `preftune {command}` "
+                                f"will not write into it; {instead}.")
+        run.check_links()
+        run.rerun = f"run `preftune {command}` again"
+        return run
+
+    def recorded(self, key: str) -> Any:
+        """What the run recorded in its mark under `key` (models: the paths and identities it loaded,
+        finished_step: the step final/ was written at), or None."""
+        try:
+            return (self.read_mark() or {}).get(key)
+        except PreftuneError:
+            return None
+
+    def record(self, **info: Any) -> None:
+        """Add `info` to the mark (the run holds the lock)."""
+        with self.saving(MARK):
+            replace_text(self.path / MARK, json.dumps({**(self.read_mark() or {}), **info}) + "\n")
+
+    def write_config(self, config: dict[str, Any], identity: dict[str, Any], summary: str) -> None:
+        """config.yaml with every local path absolute (a later `preftune eval RUN/final` from another directory
+        finds the same models and data), data_summary.txt, and the identities of the models loaded (outputs/
+        identity.py), kept in the mark."""
+        config = {k: (_absolute(v) if k in _PATH_KEYS else v) for k, v in config.items()}
+        self.write_text(self.config, yaml.safe_dump(config, sort_keys=False))
+        self.write_text(self.data_summary, summary + "\n")
+        models = {k: {"path": config[k], "identity": identity.get(k)} if config.get(k) else None
+                  for k in ("model", "reference_model")}
+        self.record(models=models)
+
+    def finished(self, resume: object, say: Callable[[str], None] = print) -> bool:
+        """Whether `resume` has nothing to do here (said in one sentence): the folder holds a finished run (a
+        whole final/, no checkpoint newer than it) and resume is "auto", or true with no checkpoint to continue
+        from. So a finished run's final/ is never deleted by a rerun of its command."""
+        if resume in (None, False, "", "false", "False") or not self.final.is_dir() or self.final.is_symlink():
+            return False
+        step = self.recorded("finished_step")
+        steps = [int(m.group(2)) for p in (self.checkpoints.iterdir() if self.checkpoints.is_dir() else ())
+                 if (m := _CHECKPOINT_NAME.match(p.name)) and not m.group(1)]
+        newest = max(steps, default=None)
+        if resume == "auto":
+            if newest is not None and (not isinstance(step, int) or newest > step):
+                return False  # stopped while training on after a finish: continue from the checkpoint
+        elif resume not in (True, "true", "True", "latest") or newest is not None:
+            return False
+        at = f" of step {step}" if isinstance(step, int) else ""
+        more = (f"; to train on, pass --resume with a larger --max-steps (from step-{newest:07d})"
+                if newest is not None else "")
+        say(f"output_dir {self.path} holds a finished run (final/{at}): nothing to resume{more}; pass --overwrite "
+            "to train again from the start, or another --output-dir.")
+        return True
 
     # --- the paths
     @property
@@ -283,7 +287,9 @@ class RunDir:
             self.remove_temporaries()  # a killed run's half-written files (we hold the lock: none is being written)
             with self.saving(MARK):
                 names = sorted(set(mark["names"] if mark else []) | set(OWNED))
-                replace_text(self.path / MARK, json.dumps({"made_by": "preftune", "names": names,
+                # what the previous run recorded (its models, its finish) stays for a resume, goes with --overwrite
+                kept = {} if clear else {k: v for k, v in (mark or {}).items() if k not in ("names", "made_by")}
+                replace_text(self.path / MARK, json.dumps({**kept, "made_by": "preftune", "names": names,
                                                            "created": (mark or {}).get("created") or _now()}) + "\n")
                 if clear:
                     for name in RUN_FILES:
@@ -295,6 +301,15 @@ class RunDir:
     def release(self) -> None:
         self.lock.release()
 
+    def check_present(self) -> None:
+        """While this run holds the folder: refuse to write on when the folder was deleted or moved away (its
+        lock is gone), rather than make a partial run folder without its mark at the old path."""
+        if self.lock.token is not None and not self.lock.held():
+            raise PreftuneError(f"output_dir {self.path} was deleted or moved away while the run was using it (its "
+                                f"{LOCK} is gone), so the run stops instead of writing a partial run folder there; "
+                                "what it wrote so far is wherever the folder went: continue there with --resume, "
+                                "or start again.")
+
     def write_text(self, path: Path, text: str) -> None:
         """Write a whole run file atomically: readers see the old or the new content, never a half-written one."""
         with self.saving(path.name):
@@ -303,6 +318,16 @@ class RunDir:
     def copy_in(self, src: Path, dest: Path) -> None:
         """Replace run file `dest` by a copy of `src` (a checkpoint's metrics, on resume)."""
         self.write_text(dest, src.read_text(encoding="utf-8"))
+
+    def restore_metrics(self, checkpoint: Path, step: int) -> None:
+        """On resume: metrics.jsonl as the checkpoint saved it, without the lines logged after its step (the
+        resumed run writes them again)."""
+        from preftune.outputs.metrics import MetricsWriter  # (it imports torch; this module need not)
+
+        if (checkpoint / "metrics.jsonl").is_file():
+            self.copy_in(checkpoint / "metrics.jsonl", self.metrics)
+        with self.saving("metrics.jsonl"):
+            MetricsWriter(self.metrics).truncate_after(step)
 
     def remove_temporaries(self) -> None:
         """Delete what a failed (or killed) save left behind: the temporary names of run files in the folder
@@ -343,6 +368,7 @@ class RunDir:
         """Around any write of the run: links are refused first; a full disk (quota, read-only or unwritable
         folder) becomes one sentence, after the temporary files are removed. `kept` says what is intact and
         `then` how to continue (or a callable, asked after the clean-up, e.g. to rescue the weights, gives both)."""
+        self.check_present()
         self.check_links()
         try:
             yield
@@ -351,8 +377,10 @@ class RunDir:
         except BaseException as e:  # torch.distributed.checkpoint wraps a write's OSError in a BaseException
             failure = write_failure(e, self.path)
             if failure is None:
+                self.check_present()  # a write into a folder deleted meanwhile fails as "no such file"
                 raise
-            self.remove_temporaries()
+            if self.lock.token is not None:  # only the run that holds the folder clears its temporaries
+                self.remove_temporaries()
             state, then = kept() if callable(kept) else (kept, then or self.rerun)
             what_went_wrong, fix = failure
             free = ""
@@ -360,6 +388,18 @@ class RunDir:
                 free = f" ({shutil.disk_usage(self.path).free / 2**20:.1f} MiB free)"
             raise PreftuneError(f"{what_went_wrong} while writing {what} in {self.path}{free}; {state}; no partial "
                                 f"file was left behind: {fix} and {then}.") from None
+
+
+def _absolute(value: Any) -> Any:
+    """A local path (or glob of local files) made absolute; hub names and anything else as given."""
+    if isinstance(value, (list, tuple)):
+        return [_absolute(v) for v in value]
+    if not isinstance(value, str) or not value:
+        return value
+    path = Path(value).expanduser()
+    if path.exists() or (any(c in value for c in "*?[") and path.parent.is_dir()):
+        return str(path.absolute())
+    return value
 
 
 def _now() -> str:

@@ -205,3 +205,87 @@ def test_a_tokenizing_failure_in_a_later_chunk_reaches_the_caller(tmp_path, smal
         load_splits(_cfg(write_jsonl(tmp_path / "d.jsonl", ROWS)), tiny_tokenizer(), "dpo", cache_dir=tmp_path / "c")
     # the third chunk was already handed to the worker when the second's result was collected
     assert calls == [3, 3, 3] and list((tmp_path / "c").iterdir()) == []
+
+
+def _entry(cache) -> object:
+    return next(p for p in cache.iterdir() if not p.name.startswith("."))
+
+
+def test_a_damaged_entry_is_built_again_and_dead_stagings_are_swept(tmp_path, builds, capsys, monkeypatch):
+    """An entry is checked against its files.json every time it is opened: an ids.bin with one token changed (the
+    size kept), cut in half, or a lengths.bin gone are each said in one line and tokenized again, giving the
+    intact entry's pairs; staging folders of a dead process (in the cache and the temporary folder) go first."""
+    import os
+    import subprocess
+
+    from preftune.data.cache import _HOST as host
+
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    path, cache = write_jsonl(tmp_path / "d.jsonl", ROWS), tmp_path / "cache"
+    cache.mkdir()
+    train, _ = load_splits(_cfg(path), tiny_tokenizer(), "dpo", cache_dir=cache)
+    want = list(train.pairs)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = [cache / f".tmp-{'0' * 24}-{host}-{dead.pid}", tmp_path / "tmp" / f"preftune-data-00-{host}-{dead.pid}-x"]
+    for damage in ("edit", "cut", "missing"):
+        ids = _entry(cache) / "data" / "ids.bin"
+        raw = bytearray(ids.read_bytes())
+        if damage == "edit":
+            raw[0] ^= 1
+            ids.write_bytes(raw)
+        elif damage == "cut":
+            ids.write_bytes(raw[: len(raw) // 2])
+        else:
+            (ids.parent / "lengths.bin").unlink()
+        for p in stale:
+            p.mkdir()
+        train, _ = load_splits(_cfg(path), tiny_tokenizer(), "dpo", cache_dir=cache)
+        said = capsys.readouterr().out
+        assert "is unusable (data/" in said and "tokenizing the data again" in said, said
+        assert list(train.pairs) == want and not any(p.exists() for p in stale)
+    assert builds["n"] == 4 and sorted(p.name for p in cache.iterdir()) == [_entry(cache).name]
+    assert os.listdir(tmp_path / "tmp") == []
+
+
+def test_an_id_beyond_the_stores_largest_is_refused_when_read(tmp_path):
+    """A pair's ids are checked against the largest id the store was written with (known from writing, so no page
+    of ids.bin is read up front): an ids.bin changed behind the cache's back fails in one sentence, not in the
+    embedding (an IndexError, or a device assert on a GPU)."""
+    from preftune.errors import PreftuneError
+
+    path = write_jsonl(tmp_path / "d.jsonl", ROWS)
+    (tmp_path / "cache").mkdir()
+    train, _ = load_splits(_cfg(path), tiny_tokenizer(), "dpo", cache_dir=tmp_path / "cache")
+    ids = train.pairs.store.ids
+    top = train.pairs.store.largest_id
+    np.memmap(ids.filename, dtype=ids.dtype, mode="r+")[3] = top + 1
+    reopened, _ = load_splits(_cfg(path), tiny_tokenizer(), "dpo", cache_dir=None)  # (a fresh store, same rows)
+    assert max(max(p.prompt_ids + p.chosen_ids + p.rejected_ids) for p in reopened.pairs) == top
+    with pytest.raises(PreftuneError, match=f"holds token id {top + 1:,}, above the largest it was written with"):
+        list(train.pairs)
+
+
+def test_cache_folder_and_full_disk_are_one_sentence(tmp_path, monkeypatch):
+    """A data_cache_dir that is a file, or inside one; a disk that fills while the entry is written: one
+    sentence each, and no staging folder left."""
+    import errno
+
+    from preftune.errors import PreftuneError
+
+    path = write_jsonl(tmp_path / "d.jsonl", ROWS)
+    (tmp_path / "afile").write_text("x")
+    for where in ("afile", "afile/sub"):
+        with pytest.raises(PreftuneError, match="is a file"):
+            load_splits(_cfg(path, data_cache_dir=str(tmp_path / where)), tiny_tokenizer(), "dpo")
+
+    def full(cfg, tokenizer, task, folder, *a):
+        (folder / "ids.bin").write_bytes(b"\0" * 10)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(splits, "build_entry", full)
+    with pytest.raises(PreftuneError, match=r"^the disk filled while writing the tokenized data in .*cache \("
+                                            r"[\d.]+ MiB free\); nothing else was changed"):
+        load_splits(_cfg(path, data_cache_dir=str(tmp_path / "cache")), tiny_tokenizer(), "dpo")
+    assert list((tmp_path / "cache").iterdir()) == []

@@ -38,7 +38,9 @@ def test_model_identity_follows_the_weight_files(tmp_path):
     st = (tmp_path / "model.safetensors").stat()
     os.utime(tmp_path / "model.safetensors", (st.st_atime, st.st_mtime + 10))
     assert model_identity(str(tmp_path)) != second
-    (tmp_path / "extra.bin").write_bytes(b"x")
+    (tmp_path / "extra.bin").write_bytes(b"x")  # a pickle beside safetensors is never loaded (modeling/load.py)
+    assert "extra.bin" not in model_identity(str(tmp_path))
+    (tmp_path / "model.safetensors").unlink()  # ... unless it is all there is
     assert "extra.bin" in model_identity(str(tmp_path))
 
 

@@ -102,7 +102,7 @@ def test_second_run_is_refused_and_sigterm_exits_resumable(tiny_model_dir, pairs
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == EXIT_RESUMABLE == 75, stderr
-    assert "continue with --resume" in stdout and "resumable: run the same command with --resume" in stderr
+    assert "(a checkpoint is saved); resumable: run the same command with --resume" in stderr
     assert "model in" not in stdout and not (out / "final").exists()  # no claim of a final model it never wrote
     (ckpt,) = list_checkpoints(out)
     steps = [r["step"] for r in _metrics(out)]
@@ -137,3 +137,48 @@ def test_full_disk_keeps_previous_checkpoint(tmp_path, monkeypatch):
     assert list_checkpoints(tmp_path) == [first]
     assert not any(p.name.startswith(".tmp") for p in (tmp_path / "checkpoints").iterdir())
     assert os.path.isfile(first / "state" / ".metadata") and os.path.isfile(first / "trainer_state.json")
+
+
+def test_a_signal_in_the_final_evaluation_or_in_setup_keeps_the_weights(tiny_model_dir, pairs_file, eval_pairs_file,
+                                                                         tmp_path, monkeypatch, capsys):
+    """SIGTERM during the final evaluation with --save-steps 0 (no checkpoint to fall back on): the evaluation
+    stops, final/ is written whole, exit 75, and no eval row claims an evaluation that did not finish; the same
+    command with --resume auto then has nothing to do (exit 0, the run folder unchanged, final/ kept). SIGINT
+    while the data is being tokenized: exit 75 at once, no run folder made, nothing left in the temporary folder."""
+    import tempfile
+
+    import preftune.data.splits as splits
+    from preftune import recipe
+    from preftune.cli import main
+
+    real_evaluate, real_build = recipe.Recipe.evaluate, splits.build_entry
+
+    def evaluate(self, stop):
+        if self.state.step == self.state.total_steps:
+            signal.raise_signal(signal.SIGTERM)
+        return real_evaluate(self, stop)
+
+    monkeypatch.setattr(recipe.Recipe, "evaluate", evaluate)
+    out = tmp_path / "run"
+    args = _argv(tiny_model_dir, pairs_file, out, "--eval-data", str(eval_pairs_file))[3:]
+    args[args.index("--save-steps") + 1], args[args.index("--max-steps") + 1] = "0", "2"
+    assert main(args) == 75
+    assert "after step 2 (final/ is written but not evaluated); resumable" in capsys.readouterr().err
+    assert (out / "final" / "model.safetensors").is_file() and not list_checkpoints(out)
+    assert [(r["step"], r["split"]) for r in _metrics(out)] == [(1, "train"), (2, "train")]
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".preftune.lock"}
+    assert main(args + ["--resume", "auto"]) == 0
+    assert f"output_dir {out} holds a finished run (final/ of step 2): nothing to resume" in capsys.readouterr().out
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".preftune.lock"} == before
+
+    def build(*a, **k):
+        signal.raise_signal(signal.SIGINT)
+        return real_build(*a, **k)
+
+    monkeypatch.setattr(splits, "build_entry", build)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    args[args.index("--output-dir") + 1] = str(tmp_path / "run2")
+    assert main(args) == 75
+    assert "stopped by SIGINT during setup, before the first step; nothing was trained" in capsys.readouterr().err
+    assert not (tmp_path / "run2").exists() and list((tmp_path / "tmp").iterdir()) == []

@@ -51,6 +51,6 @@ def test_callback_writes_the_card_at_train_end(tiny_dpo_run, tmp_path):
     assert card.data.base_model == "org/base"
     assert "| loss | 0.5 |" in card.text and "loaded 3 pairs" in card.text and "- rows: 3" in card.text
     (final / "README.md").unlink()
-    state.interrupted = True
+    state.interrupted, state.final_dir = True, None  # stopped before final/: no card (after it: final/ is whole)
     ModelCardCallback().on_train_end(state)
     assert not (final / "README.md").exists()

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 
 from preftune.cli import main
-from preftune.outputs.report import ReportCallback, find_problems, write_report
+from preftune.outputs.report import ReportCallback, find_problems, read_rows, render_html, write_report
 
 pytestmark = pytest.mark.report  # these tests read the report train() writes
 
@@ -62,6 +62,7 @@ def test_report_of_a_run_embeds_every_image(tiny_dpo_run, tmp_path, capsys):
 def test_report_while_the_run_is_going(tiny_dpo_run, tmp_path):
     run = tmp_path / "run"
     run.mkdir()
+    shutil.copy(tiny_dpo_run / ".preftune-run.json", run)  # a running run's folder carries its mark
     lines = (tiny_dpo_run / "metrics.jsonl").read_text().splitlines()
     (run / "metrics.jsonl").write_text("\n".join(lines[:6]) + "\n" + lines[6][:17])  # a line being written
     report = write_report(run)
@@ -115,3 +116,52 @@ def test_report_callback_on_train_end(tiny_dpo_run, tmp_path, capsys):
 def test_report_bad_folder_is_one_sentence(args, capsys):
     assert main(args) == 2
     assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_values_from_files_are_escaped_odd_lines_left_out_and_links_refused(tiny_dpo_run, tmp_path):
+    """A <script> as a step, as a metric's name and in eval.json never reaches the page as a tag; the lines that
+    are not metrics rows (a list, no step, a text step, a bool step, a bare string: 5; a non-UTF-8 value in a
+    real row stays) are counted as one problem; an odd eval.json and a YAML alias bomb as config.yaml draw
+    nothing from them and raise nothing; a link planted at RUN/report is refused and its target untouched; a
+    run without evaluations has no eval column."""
+    from preftune.errors import PreftuneError
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_dpo_run, run)
+    with open(run / "metrics.jsonl", "ab") as f:
+        f.write(b'{"step": "<script>alert(1)</script>", "split": "train", "loss": 1}\n[1, 2]\n'
+                b'{"split": "train", "loss": 1}\n{"step": true, "split": "train"}\n"text"\n'
+                b'{"step": 25, "split": "train", "<script>k</script>": 1, "note": "\xff"}\n')
+    (run / "eval.json").write_text(json.dumps({"model": "<script>m</script>", "preference": [1], "kl": "x",
+                                               "judge": {"ci95": 5}, "side_by_side": [1, {"prompt": None}]}))
+    (run / "config.yaml").write_text("a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{k}: &{k} [{', '.join(['*' + p] * 10)}]\n" for p, k in zip("abcdef", "bcdefg")) + "model: *g\n")
+    report = write_report(run)
+    page = report.html.read_text()
+    assert "<script>" not in page and "&lt;script&gt;k&lt;/script&gt;" in page and "&lt;script&gt;m" in page
+    assert report.problems[-1].startswith("5 line(s) of metrics.jsonl are not metrics rows")
+    assert "<th>train (step 25)</th><th>eval (step 24)</th>" in page
+    train_rows = [r for r in read_rows(run) if r["split"] == "train"]
+    page = render_html(run, train_rows, {}, [], [], None)
+    assert "<th>train (step 25)</th></tr>" in page and "eval (step" not in page
+    target = tmp_path / "elsewhere"
+    target.mkdir()
+    shutil.rmtree(run / "report")
+    (run / "report").symlink_to(target)
+    with pytest.raises(PreftuneError, match="report is a symbolic link"):
+        write_report(run)
+    assert list(target.iterdir()) == []
+    with pytest.raises(PreftuneError, match="run_dir must be a folder path, got int"):
+        write_report(5)
+
+
+def test_the_step_axis_has_whole_number_ticks():
+    from preftune.outputs.report import _figure, _step_axis
+
+    fig = _figure()
+    ax = fig.add_subplot(1, 1, 1)
+    ax.plot([1, 2, 3], [0.5, 0.4, 0.3])
+    _step_axis(ax)
+    fig.canvas.draw()
+    ticks = [t for t in ax.get_xticks() if 1 <= t <= 3]
+    assert ticks and all(float(t).is_integer() for t in ticks)

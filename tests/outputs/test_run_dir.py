@@ -308,3 +308,68 @@ def test_hostile_cases_change_nothing_outside_the_run_folder(done_run, tiny_mode
     with pytest.raises(PreftuneError):
         train(_cfg(tiny_model_dir, pairs_file, out, resume=True, max_steps=4))
     assert _tree_hash(mine) == before
+
+
+# --- issue 26: the folder's record, a finished run, a folder gone mid-run -------------------------------------
+
+def test_config_paths_are_absolute_and_the_models_loaded_are_recorded(tmp_path, monkeypatch):
+    """config.yaml holds every local path absolute (a later `eval RUN/final` from another directory finds the same
+    model), a hub name and a glob of local files as meant; the mark keeps the models' identities; data_cache_dir
+    inside the run folder is refused before anything is written."""
+    import yaml
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "base").mkdir()
+    (tmp_path / "d.jsonl").write_text("")
+    run = RunDir.plan("out", resume=None, overwrite=False)
+    run.create(clear=False, say=lambda s: None)
+    try:
+        run.write_config({"model": "base", "data": ["d.jsonl", "org/dataset"], "eval_data": "*.jsonl",
+                          "reference_model": None, "output_dir": "out", "beta": 0.1}, {"model": "ID"}, "loaded")
+    finally:
+        run.release()
+    assert yaml.safe_load((tmp_path / "out" / "config.yaml").read_text()) == {
+        "model": str(tmp_path / "base"), "data": [str(tmp_path / "d.jsonl"), "org/dataset"],
+        "eval_data": str(tmp_path / "*.jsonl"), "reference_model": None, "output_dir": str(tmp_path / "out"),
+        "beta": 0.1}
+    assert run.recorded("models") == {"model": {"path": str(tmp_path / "base"), "identity": "ID"},
+                                      "reference_model": None}
+    with pytest.raises(PreftuneError, match="data_cache_dir new/cache is inside output_dir new; leave"):
+        RunDir.plan("new", resume=None, overwrite=False, cache="new/cache")
+    assert not (tmp_path / "new").exists()
+
+
+def test_which_resume_has_nothing_to_do(tmp_path):
+    """A finished run (a whole final/, the step it was written at in the mark): --resume auto has nothing to do
+    unless a checkpoint is newer (a run trained on from it and stopped); --resume true has nothing to do when
+    there is no checkpoint to continue from; no --resume, or a checkpoint path, always trains."""
+    run, said = RunDir(tmp_path), []
+    assert not run.finished("auto", said.append)  # no final/
+    (tmp_path / "final").mkdir()
+    (tmp_path / MARK).write_text(json.dumps({"names": [], "finished_step": 4}))
+    assert run.finished("auto", said.append) and run.finished(True, said.append)
+    assert said[0] == (f"output_dir {tmp_path} holds a finished run (final/ of step 4): nothing to resume; pass "
+                       "--overwrite to train again from the start, or another --output-dir.")
+    assert not any(run.finished(r, said.append) for r in (None, False, str(tmp_path / "checkpoints" / "x")))
+    (tmp_path / "checkpoints" / "step-0000004").mkdir(parents=True)
+    assert run.finished("auto", said.append) and not run.finished(True, said.append)
+    (tmp_path / "checkpoints" / "step-0000006").mkdir()
+    assert not run.finished("auto", said.append)
+
+
+def test_a_run_folder_deleted_during_the_run_is_not_made_again(tiny_model_dir, pairs_file, tmp_path):
+    """`rm -rf RUN` while the run trains: the next write finds its lock gone and stops in one sentence; nothing
+    recreates a partial folder without its mark."""
+    import shutil
+
+    from preftune.callbacks import Callback
+
+    out = tmp_path / "run"
+
+    class Remove(Callback):
+        def on_step_end(self, state):
+            shutil.rmtree(out)
+
+    with pytest.raises(PreftuneError, match="was deleted or moved away while the run was using it"):
+        train(_cfg(tiny_model_dir, pairs_file, out, max_steps=3, save_steps=1), callbacks=[Remove()])
+    assert not out.exists()
