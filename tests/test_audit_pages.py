@@ -49,7 +49,8 @@ def scroll_widths(pages: dict, widths: tuple[int, ...], tmp_path) -> dict:
 
 def test_audit_and_report_pages_fit_1280_and_390_px(tmp_path, tiny_model_dir, tiny_dpo_run):
     """The audit page with long unbroken words, a long path, examples and model margins; the run report of the
-    shared tiny run. Both fit 1280 px; at 390 px the audit page fits (its wide tables scroll inside their own box)."""
+    shared tiny run. Both fit 1280 px and 390 px (the audit page's wide tables scroll inside their own box; the
+    report's long paths wrap)."""
     from preftune.modeling.load import load_model_and_tokenizer
 
     rows = make_pairs(24)
@@ -63,5 +64,5 @@ def test_audit_and_report_pages_fit_1280_and_390_px(tmp_path, tiny_model_dir, ti
     sizes = scroll_widths(pages, (1280, 390), tmp_path)
     for name in pages:
         assert sizes[name, 1280][0] <= sizes[name, 1280][1], sizes
-    assert sizes["audit", 390][0] <= sizes["audit", 390][1], sizes
-    assert sizes["audit", 390][1] >= 370, sizes  # the viewport really was a phone's (390 px less a scrollbar)
+        assert sizes[name, 390][0] <= sizes[name, 390][1], sizes
+        assert sizes[name, 390][1] >= 370, sizes  # the viewport really was a phone's (390 px less a scrollbar)

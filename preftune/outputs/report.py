@@ -365,12 +365,16 @@ def render_html(run: Path, rows: list[dict], cfg: dict, problems: list[str],
     summary = _read_text(run / "data_summary.txt") if (run / "data_summary.txt").is_file() else ""
     probs = "".join(f"<li class='bad'>{esc(p)}</li>" for p in problems) or "<li>none found</li>"
     parts = [
-        "<!doctype html><html><head><meta charset='utf-8'><title>preftune run report</title>",
-        "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}table{border-collapse:collapse;"
-        "margin:0.5em 0}td,th{border:1px solid #ccc;padding:2px 8px;text-align:left;vertical-align:top}"
+        "<!doctype html><html><head><meta charset='utf-8'><title>preftune run report</title>"
+        # a phone shows the page at its own width, and a long path in a table cell wraps instead of widening it
+        "<meta name='viewport' content='width=device-width, initial-scale=1'>",
+        "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 0.5em;color:#222}"
+        "table{border-collapse:collapse;margin:0.5em 0}td,th{border:1px solid #ccc;padding:2px 8px;text-align:left;"
+        "vertical-align:top;overflow-wrap:anywhere}h1{overflow-wrap:anywhere}"
         "pre{background:#f6f6f6;padding:1em;white-space:pre-wrap}.bad{color:#a00}img{width:100%}"
         ".figs{display:flex;flex-wrap:wrap;gap:1em}.figs figure{flex:0 1 calc(50% - 0.5em);margin:0}.figs figure.wide{flex-basis:100%}"
-        "figcaption{font-size:0.85em;color:#555}</style></head><body>",
+        "figcaption{font-size:0.85em;color:#555}@media(max-width:600px){.figs figure{flex-basis:100%}}</style>"
+        "</head><body>",
         f"<h1>Run report: {esc(str(run))}</h1>",
         f"<p>{esc(status)}; {len(train)} training and {len(evals)} eval rows, last step {esc(_fmt(last_step))}.</p>",
         f"<h2>Problems</h2><ul>{probs}</ul>",
