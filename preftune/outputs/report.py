@@ -81,20 +81,30 @@ def _ends(values: list[float]) -> tuple[float, float]:
     return sum(values[:k]) / k, sum(values[-k:]) / k
 
 
+def likelihood_displacement(rows: list[dict[str, Any]]) -> tuple[float, float, float, float] | None:
+    """(chosen, chosen, rejected, rejected) mean log-probs of the first and last tenth of the logged training steps
+    when both fell, the chosen one by more than DISPLACEMENT_NATS and DISPLACEMENT_SHARE of its size (see the
+    module docstring); None otherwise. `preftune iterate`'s collapse check reads the same rule."""
+    _, chosen = _series(rows, "train", "logps/chosen")
+    _, rejected = _series(rows, "train", "logps/rejected")
+    if len(chosen) < 2 or len(rejected) != len(chosen):
+        return None
+    (c0, c1), (r0, r1) = _ends(chosen), _ends(rejected)
+    fell = c0 - c1 > max(DISPLACEMENT_NATS, DISPLACEMENT_SHARE * abs(c0)) and r1 < r0
+    return (c0, c1, r0, r1) if fell else None
+
+
 def find_problems(rows: list[dict[str, Any]]) -> list[str]:
     """Sentences naming what went wrong in the logged metrics (see the module docstring)."""
     problems = []
-    _, chosen = _series(rows, "train", "logps/chosen")
-    _, rejected = _series(rows, "train", "logps/rejected")
-    if len(chosen) >= 2 and len(rejected) == len(chosen):
-        (c0, c1), (r0, r1) = _ends(chosen), _ends(rejected)
-        if c0 - c1 > max(DISPLACEMENT_NATS, DISPLACEMENT_SHARE * abs(c0)) and r1 < r0:
-            problems.append(
-                f"chosen and rejected log-probs fell together (chosen {c0:.2f} → {c1:.2f}, rejected {r0:.2f} → "
-                f"{r1:.2f} nats per answer, first vs last tenth of the run): the margin grew by pushing both "
-                "answers down, so probability went to text in neither set, a known DPO failure (likelihood "
-                "displacement); a larger beta, a lower learning rate, an SFT term (sft_weight) or DPOP "
-                "(loss dpop) keep the chosen answers likely.")
+    if (fell := likelihood_displacement(rows)) is not None:
+        c0, c1, r0, r1 = fell
+        problems.append(
+            f"chosen and rejected log-probs fell together (chosen {c0:.2f} → {c1:.2f}, rejected {r0:.2f} → "
+            f"{r1:.2f} nats per answer, first vs last tenth of the run): the margin grew by pushing both "
+            "answers down, so probability went to text in neither set, a known DPO failure (likelihood "
+            "displacement); a larger beta, a lower learning rate, an SFT term (sft_weight) or DPOP "
+            "(loss dpop) keep the chosen answers likely.")
     bad = sorted({r["step"] for r in rows for k, v in r.items() if v is None and k not in ("step", "split")})
     if bad:
         problems.append(f"non-finite values were logged at step{'s' if len(bad) > 1 else ''} "
@@ -256,6 +266,8 @@ def write_report(run_dir: str | Path, output_dir: str | Path | None = None) -> R
     run = Path(run_dir).expanduser()
     if not run.is_dir():
         raise PreftuneError(f"run folder {run} does not exist; pass the output_dir of a training run.")
+    if not (run / "metrics.jsonl").is_file() and (rounds := _read_json(run / "rounds.json")) is not None:
+        return _write_rounds_page(run, Path(output_dir).expanduser() if output_dir else run / "report", rounds)
     rows, bad = _read_rows(run)
     if output_dir is None:  # the run's own report/: refused before anything is drawn
         owner = RunDir.existing(run, "report", "pass --output-dir to write the report elsewhere")
@@ -400,6 +412,27 @@ def render_html(run: Path, rows: list[dict], cfg: dict, problems: list[str],
         parts.append(f"<pre>{esc(summary)}</pre>")
     parts.append("</body></html>")
     return "\n".join(parts)
+
+
+def _write_rounds_page(run: Path, out: Path, rounds: dict) -> Report:
+    """The page of a `preftune iterate` folder: its table of rounds (rounds.json's cells, as iterate printed
+    them) and a link to each round's own training report."""
+    esc = html.escape
+    table = rounds.get("table") or {}
+    head = "".join(f"<th>{esc(str(c))}</th>" for c in table.get("columns", []))
+    body = "".join("<tr>" + "".join(f"<td>{esc(str(c))}</td>" for c in r) + "</tr>" for r in table.get("rows", []))
+    links = "".join(f"<li><a href='../{p.parent.parent.parent.name}/train/report/report.html'>"
+                    f"{esc(p.parent.parent.parent.name)}</a></li>"
+                    for p in sorted(run.glob("round-*/train/report/report.html")))
+    stopped = f"<p class='bad'>stopped: {esc(str(rounds['stopped']))}</p>" if rounds.get("stopped") else ""
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>preftune iterate report</title><style>"
+            "body{font-family:sans-serif;max-width:1300px;margin:2em auto;color:#222}table{border-collapse:collapse}"
+            "td,th{border:1px solid #ccc;padding:2px 8px;text-align:left}.bad{color:#a00}</style></head><body>"
+            f"<h1>Rounds of preftune iterate: {esc(str(run))}</h1><p>result: {esc(str(rounds.get('result')))}</p>"
+            f"{stopped}<table><tr>{head}</tr>{body}</table><h2>Each round's training report</h2>"
+            f"<ul>{links or '<li>none yet</li>'}</ul></body></html>")
+    # The folder is one `preftune iterate` made (its rounds.json); written like every run file (outputs/files.py).
+    return Report(write_output(out / "report.html", page, "the report", "--output-dir"))
 
 
 class ReportCallback(Callback):
