@@ -19,6 +19,7 @@ from typing import Any
 from preftune.config import TrainConfig, read_yaml
 from preftune.onpolicy.config import PairsConfig
 from preftune.options import (
+    JUDGE_OPTIONS,
     MODEL,
     Option,
     check_keys,
@@ -37,7 +38,10 @@ PAIRS_SET_PER_ROUND = ("model", "prompts", "output", "base_model")
 TRAIN_SET_PER_ROUND = ("model", "data", "output_dir", "eval_data", "eval_fraction", "reference_model", "resume",
                        "resume_force", "overwrite", "push_to_hub", "hub_private", "eval_steps", "eval_batch_size",
                        "format", "chosen_field", "rejected_field", "completion_field", "prompt_template",
-                       "skip_invalid", "data_cache_dir")
+                       "skip_invalid", "data_cache_dir", "split", "eval_split", "ranked", "prompt_field",
+                       # online DPO's (the sampling and judge options a round has are pairs')
+                       "online", "prompts", "max_new_tokens", "temperature", "top_p", "top_k", "missing_eos_penalty",
+                       *JUDGE_OPTIONS)
 RENAMED = {"batch_size": "sample_batch_size"}  # pairs' name → iterate's (train keeps batch_size)
 # Defaults chosen by measurement (BENCHMARKS.md, "iterate: defaults"); the rest are pairs' and train's own.
 DEFAULTS: dict[str, Any] = {"beta": 0.5, "sft_weight": 1.0, "learning_rate": 3e-4, "samples": 4,
@@ -128,10 +132,10 @@ class IterateConfig:
         self.train_config(self.model, "pairs.jsonl", "train", reference_model=None)
 
     def pairs_config(self, model: str, prompts: str, output: str, *, seed: int, **changes: Any) -> PairsConfig:
-        """A round's `pairs` options."""
+        """A round's `pairs` options (its prompts are a file iterate wrote, with a "prompt" field)."""
         values = {theirs: getattr(self, mine) for mine, theirs in PAIRS_NAMES.items()}
         return PairsConfig(**{**values, "model": model, "prompts": prompts, "output": output, "seed": seed,
-                              **changes})
+                              "prompt_field": "prompt", **changes})
 
     def train_config(self, model: str, data: str, output_dir: str, *, reference_model: str | None,
                      **changes: Any) -> TrainConfig:
