@@ -26,7 +26,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path[:0] = [str(HERE), str(ROOT)]
 
-# name → the settings it changes from the candidate defaults (iterate's own)
+# name → the settings it changes from the candidate (iterate's defaults at the demo's learning rate 3e-4)
 SETTINGS: dict[str, dict] = {
     "candidate": {},
     "plain-dpo": {"beta": 0.1, "sft_weight": 0.0, "learning_rate": 1e-4},
@@ -39,9 +39,12 @@ SETTINGS: dict[str, dict] = {
     "candidate-2epochs": {"num_epochs": 2.0},
     "candidate-fixed": {"reference_mode": "fixed"},
     "candidate-seed1": {"seed": 1},
+    "candidate-again": {},  # the candidate once more, uninterrupted, for its seconds per phase
+    # a learning rate far too high for plain DPO: what the collapse check sees (the run rolls round 1 back)
+    "forced-collapse": {"beta": 0.1, "sft_weight": 0.0, "learning_rate": 1e-2},
 }
 COMMON = dict(model=str(ROOT / "examples/news_demo/assets/base"), judge=str(HERE / "news_graded_judge.py") + ":score",
-              good_score=1.0, max_new_tokens=64, max_length=256, max_prompt_length=224, progress=False,
+              learning_rate=3e-4, good_score=1.0, max_new_tokens=64, max_length=256, max_prompt_length=224, progress=False,
               device="cpu")
 
 
