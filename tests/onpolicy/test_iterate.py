@@ -151,20 +151,21 @@ def test_a_run_killed_during_pairs_and_during_training_continues_to_the_same_res
             torch.testing.assert_close(ours[k], theirs[k], rtol=1e-6, atol=1e-7)
 
 
-def test_a_round_forced_to_collapse_is_rolled_back(files, tiny_model_dir):
-    """A learning rate of 3 wrecks the tiny model in 4 steps: the round is rolled back with one line saying why,
-    the first model stays the result and round 2 never starts."""
-    said: list[str] = []
+def test_a_round_forced_to_collapse_is_rolled_back(files, tiny_model_dir, capsys):
+    """A learning rate of 3 wrecks the tiny model in 4 steps (from the command line): the round is rolled back
+    with one line saying why, the first model stays the result and round 2 never starts."""
     out = files / "collapse"
-    result = iterate(**_options(files, tiny_model_dir, out, learning_rate=3.0, max_steps=4, eval_fraction=0.5),
-                     say=said.append)
-    assert result.model == str(tiny_model_dir) and not (out / "round-2").exists()
-    assert result.stopped.startswith("round 1 collapsed: ") and result.stopped.endswith(
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in _options(files, tiny_model_dir, out, learning_rate=3.0,
+                                                                   max_steps=4, eval_fraction=0.5).items()]
+    assert main(["iterate", *flags]) == 0
+    table = json.loads((out / "rounds.json").read_text())
+    assert table["result"] == str(tiny_model_dir) and not (out / "round-2").exists()
+    assert table["stopped"].startswith("round 1 collapsed: ") and table["stopped"].endswith(
         "; rolled back, the first model is the result")
-    row = json.loads((out / "rounds.json").read_text())["rounds"][1]
+    row = table["rounds"][1]
     assert row["status"] == "collapsed: rolled back"
     assert "judged" in row["signals"] or {"displacement", "kl"} <= set(row["signals"])
-    assert f"stopped: {result.stopped}" in said
+    assert f"stopped: {table['stopped']}\n" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(("flags", "sentence"), [

@@ -88,8 +88,8 @@ def test_each_step_trains_on_pairs_sampled_and_judged_then(whole, files, tiny_mo
 
 
 def test_a_stopped_online_run_resumes_to_the_same_weights(whole, files, tiny_model_dir):
-    """SIGTERM during step 3: the run checkpoints at step 3 and stops; resumed, it samples steps 4's pairs from
-    the same weights with the same streams and ends where the uninterrupted run did."""
+    """SIGTERM during step 3: the run checkpoints at step 3 and stops; resumed (from the command line), it samples
+    step 4's pairs from the same weights with the same streams and ends where the uninterrupted run did."""
     class Stop(Callback):
         def on_step_end(self, state):
             if state.step == 3:
@@ -98,7 +98,9 @@ def test_a_stopped_online_run_resumes_to_the_same_weights(whole, files, tiny_mod
     out = files / "cut"
     first = train(_cfg(files, tiny_model_dir, out), callbacks=[Stop()])
     assert first.interrupted and first.steps == 3
-    train(_cfg(files, tiny_model_dir, out, resume=True))
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in _cfg(files, tiny_model_dir, out).to_dict().items()
+             if k in {*SETTINGS, "model", "prompts", "judge", "output_dir"}]
+    assert main(["train", *flags, "--resume"]) == 0  # the command line, resumed
     timing = ("pairs_per_s", "tokens_per_s", "online/sample_s", "online/judge_s")
     assert [{k: v for k, v in r.items() if k not in timing} for r in _rows(out)] == \
         [{k: v for k, v in r.items() if k not in timing} for r in _rows(whole.output_dir)]
