@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from preftune import TrainConfig, train
 from preftune.callbacks import Callback
 from preftune.cli import main
-from preftune.data.sampler import micro_batches
+from preftune.data.batching import micro_batches
 from preftune.data.tokenize import TokenizedPair
 from preftune.generate import Sampling, encode_prompt, load_model_for_generation, sample_completions
 from preftune.scoring import score_ids
