@@ -33,6 +33,7 @@ from preftune.config import read_yaml
 from preftune.errors import PreftuneError
 from preftune.outputs.files import write_output
 from preftune.outputs.metrics import metric_rows
+from preftune.outputs.rounds_page import write_rounds_page
 from preftune.outputs.run_dir import RunDir
 
 # (file stem, title, [(metric key, label)], y label): one figure each, drawn when the run logged any key.
@@ -267,7 +268,7 @@ def write_report(run_dir: str | Path, output_dir: str | Path | None = None) -> R
     if not run.is_dir():
         raise PreftuneError(f"run folder {run} does not exist; pass the output_dir of a training run.")
     if not (run / "metrics.jsonl").is_file() and (rounds := _read_json(run / "rounds.json")) is not None:
-        return _write_rounds_page(run, Path(output_dir).expanduser() if output_dir else run / "report", rounds)
+        return Report(write_rounds_page(run, Path(output_dir).expanduser() if output_dir else run / "report", rounds))
     rows, bad = _read_rows(run)
     if output_dir is None:  # the run's own report/: refused before anything is drawn
         owner = RunDir.existing(run, "report", "pass --output-dir to write the report elsewhere")
@@ -412,27 +413,6 @@ def render_html(run: Path, rows: list[dict], cfg: dict, problems: list[str],
         parts.append(f"<pre>{esc(summary)}</pre>")
     parts.append("</body></html>")
     return "\n".join(parts)
-
-
-def _write_rounds_page(run: Path, out: Path, rounds: dict) -> Report:
-    """The page of a `preftune iterate` folder: its table of rounds (rounds.json's cells, as iterate printed
-    them) and a link to each round's own training report."""
-    esc = html.escape
-    table = rounds.get("table") or {}
-    head = "".join(f"<th>{esc(str(c))}</th>" for c in table.get("columns", []))
-    body = "".join("<tr>" + "".join(f"<td>{esc(str(c))}</td>" for c in r) + "</tr>" for r in table.get("rows", []))
-    links = "".join(f"<li><a href='../{p.parent.parent.parent.name}/train/report/report.html'>"
-                    f"{esc(p.parent.parent.parent.name)}</a></li>"
-                    for p in sorted(run.glob("round-*/train/report/report.html")))
-    stopped = f"<p class='bad'>stopped: {esc(str(rounds['stopped']))}</p>" if rounds.get("stopped") else ""
-    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>preftune iterate report</title><style>"
-            "body{font-family:sans-serif;max-width:1300px;margin:2em auto;color:#222}table{border-collapse:collapse}"
-            "td,th{border:1px solid #ccc;padding:2px 8px;text-align:left}.bad{color:#a00}</style></head><body>"
-            f"<h1>Rounds of preftune iterate: {esc(str(run))}</h1><p>result: {esc(str(rounds.get('result')))}</p>"
-            f"{stopped}<table><tr>{head}</tr>{body}</table><h2>Each round's training report</h2>"
-            f"<ul>{links or '<li>none yet</li>'}</ul></body></html>")
-    # The folder is one `preftune iterate` made (its rounds.json); written like every run file (outputs/files.py).
-    return Report(write_output(out / "report.html", page, "the report", "--output-dir"))
 
 
 class ReportCallback(Callback):
