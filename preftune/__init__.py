@@ -12,7 +12,7 @@ from preftune.config import TrainConfig
 from preftune.errors import PreftuneError
 from preftune.version import __version__
 
-__all__ = ["PreftuneError", "RunResult", "TrainConfig", "__version__", "sft", "train"]
+__all__ = ["PreftuneError", "RunResult", "TrainConfig", "__version__", "iterate", "sft", "train"]
 
 
 def __getattr__(name: str) -> Any:
@@ -21,4 +21,8 @@ def __getattr__(name: str) -> Any:
         from preftune import recipe
 
         return getattr(recipe, name)
+    if name == "iterate":
+        from preftune.onpolicy.iterate_run import iterate
+
+        return iterate
     raise AttributeError(f"module 'preftune' has no attribute {name!r}")

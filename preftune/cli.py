@@ -29,6 +29,7 @@ from preftune.config import TrainConfig, flag_value, read_yaml
 from preftune.errors import PreftuneError
 from preftune.launch import shutdown
 from preftune.onpolicy.config import PairsConfig
+from preftune.onpolicy.iterate_config import IterateConfig
 from preftune.options import options_of
 from preftune.version import __version__
 
@@ -48,8 +49,10 @@ COMMANDS: dict[str, tuple[type, str]] = {
     "push": (PushOptions, "Upload a run's final model (and model card) to the Hugging Face Hub."),
     "pairs": (PairsConfig, "On-policy preference pairs: K answers per prompt from the model, scored by a judge, a "
               "clearly better and a clearly worse one kept (JSONL that train reads)."),
+    "iterate": (IterateConfig, "Rounds of iterative DPO: on-policy pairs from the round's model, DPO from it, a "
+                "judged held-out evaluation; a table of rounds, collapse caught and rolled back."),
 }
-CONFIG_FILES = (TrainConfig, PairsConfig)  # the commands that also read a YAML file of their options
+CONFIG_FILES = (TrainConfig, PairsConfig, IterateConfig)  # the commands that also read a YAML file of their options
 
 
 class _Parser(argparse.ArgumentParser):
@@ -168,6 +171,15 @@ def _run(argv: Sequence[str] | None, callbacks: Sequence[Any]) -> int:
         from preftune.onpolicy.pairs import make_pairs
 
         make_pairs(opts)
+        return 0
+    if args.command == "iterate":
+        from preftune.onpolicy.iterate_run import iterate
+
+        result = iterate(opts, callbacks=list(callbacks))
+        if result.interrupted:
+            print(f"preftune: stopped during a round's training; resumable: run the same command with --resume "
+                  f"(exit status {EXIT_RESUMABLE})", file=sys.stderr)
+            return EXIT_RESUMABLE
         return 0
     return _run_eval_command(args.command, opts)
 

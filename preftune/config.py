@@ -31,6 +31,7 @@ from preftune.options import (
     MAX_PROMPT_LENGTH,
     MIXED_PRECISIONS,
     MODEL,
+    ONLINE_OPTIONS,
     PROMPT_FIELD,
     PROMPT_TEMPLATE,
     RANKED,
@@ -42,6 +43,7 @@ from preftune.options import (
     include_options,
     names,
     need,
+    online_rules,
     option,
     option_named,
     paths,
@@ -101,6 +103,7 @@ def _repo_id(name: str, v: Any) -> Any:
 
 @dataclass
 @include_options(LOSS_OPTIONS, after="loss_weights")
+@include_options(ONLINE_OPTIONS, after="data_cache_dir")  # online DPO's: options.ONLINE_OPTIONS
 class TrainConfig:
     """Everything a `preftune train` (DPO family) or `preftune sft` run needs."""
 
@@ -234,6 +237,11 @@ class TrainConfig:
              "eval_split and eval_fraction both choose the eval data; give one of them.")
         need(not (self.reference == "lora_disabled" and not self.lora),
              "reference 'lora_disabled' needs lora: true (it reuses the base weights under the adapters).")
+        if self.online:
+            online_rules(self)
+        else:
+            need(self.prompts is None and self.judge is None and self.judge_url is None,
+                 "--prompts and --judge are for online DPO; add --online, or train on pairs with --data.")
         # Building the loss config checks the loss names, their weights and which settings they use.
         self.loss_config().check_reference(self.reference, self.reference_model, lora=self.lora)
 

@@ -295,6 +295,69 @@ TEMPERATURE = Option(0.0, "0 = greedy decoding (default).", range="[0, inf)")
 TOP_P = Option(1.0, "Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p.",
                range="(0, 1]")
 
+# The judge of sampled answers (`preftune pairs`, `iterate`, `train --online`; preftune/onpolicy/judges.py says what
+# each kind is): PairsConfig and TrainConfig both hold these (`include_options`).
+JUDGE_TYPES = ("auto", "pointwise", "pairwise")
+JUDGE_OPTIONS: dict[str, Option] = {
+    "judge": Option(None, "Judge: module:function or file.py:function (pointwise score(prompt, answer) or pairwise "
+                    "judge(prompt, a, b)), or a reward-model folder.", text=True, may_change=True, kind="Any"),
+    "judge_type": Option("auto", "auto (from the function's arguments), pointwise or pairwise.", choices=JUDGE_TYPES),
+    "judge_url": Option(None, "OpenAI-compatible endpoint to judge with instead (e.g. http://127.0.0.1:8000/v1).",
+                        may_change=True, kind="str | None"),
+    "judge_model": Option(None, "Model name the endpoint serves (with judge_url).", may_change=True,
+                          kind="str | None"),
+    "judge_template": Option(None, "Endpoint prompt with {prompt} and {answer}, or a file holding it (default: a "
+                             "1-10 score, see the README).", may_change=True, kind="str | None"),
+    "judge_timeout": Option(60.0, "Seconds one judge call may take (0 = no limit).", range="[0, inf)", may_change=True),
+    "judge_retries": Option(3, "Retries of an endpoint call that failed (timeout, refused, HTTP 408/429/5xx).",
+                            range="[0, inf)", may_change=True),
+    "judge_backoff": Option(1.0, "Seconds before the first retry; doubled each time.", range="[0, inf)",
+                            may_change=True),
+    "judge_concurrency": Option(4, "Endpoint requests in flight at once.", range="[1, inf)", may_change=True),
+    "judge_batch_size": Option(16, "Texts per forward of a reward-model judge.", range="[1, inf)", may_change=True),
+    "judge_api_key_env": Option("OPENAI_API_KEY", "Environment variable holding the endpoint's API key (sent as a "
+                                "bearer token when set).", may_change=True),
+}
+MISSING_EOS_PENALTY = Option(None, "Subtract this from the score of an answer cut at max_new_tokens (TRL's "
+                             "missing_eos_penalty; default: none).", range="[0, inf)", kind="float | None")
+TOP_K = Option(0, "Keep the k most likely tokens (0 = off).", range="[0, inf)")
+
+# Online DPO (`preftune train --online`, TRL's OnlineDPOTrainer; preftune/onpolicy/online.py): TrainConfig holds these
+# after data_cache_dir. Its pairs depend on its judge: a resume may change how the judge is called, not which it is.
+ONLINE_OPTIONS: dict[str, Option] = {
+    "online": Option(False, "Online DPO: at every step sample two answers per prompt of --prompts from the current "
+                     "policy, judge them (--judge) and train on the pair; no --data."),
+    "prompts": Option(None, "Prompts of an --online run: any file `preftune pairs` reads (a prompt field, chat "
+                      "messages, the prompts of a pairs file, or a .txt file with one prompt a line).", text=True,
+                      path=True, check=paths(allow_empty=False), may_change=True, kind="Any"),  # compared by ids
+    "max_new_tokens": dataclasses.replace(MAX_NEW_TOKENS, default=64, help="--online: longest sampled answer in "
+                                          "tokens (TRL's default 64)."),
+    "temperature": dataclasses.replace(TEMPERATURE, default=0.9, range="(0, inf)", why="two greedy answers are one",
+                                       help="--online: sampling temperature (TRL's default 0.9)."),
+    "top_p": dataclasses.replace(TOP_P, help="--online: nucleus sampling (1 = off)."),
+    "top_k": dataclasses.replace(TOP_K, help="--online: keep the k most likely tokens (0 = off)."),
+    "missing_eos_penalty": MISSING_EOS_PENALTY,
+    **{name: dataclasses.replace(opt, may_change=False) if name in ("judge", "judge_url", "judge_model",
+                                                                    "judge_template") else opt
+       for name, opt in JUDGE_OPTIONS.items()},
+}
+
+
+def online_rules(cfg: Any) -> None:
+    """The rules between a TrainConfig's options when `online` is on (one sentence each)."""
+    need(bool(cfg.prompts), "--online samples its pairs from prompts; pass --prompts FILE.")
+    need(not cfg.data and not cfg.eval_data and not cfg.eval_fraction, "--online trains on pairs it samples and "
+         "judges every step; pass --prompts, not --data, --eval-data or --eval-fraction.")
+    need((cfg.judge is None) != (cfg.judge_url is None), "--online needs one judge: --judge (a function or a "
+         "reward-model folder) or --judge-url with --judge-model.")
+    need(cfg.reference != "precomputed", "an --online run's pairs are new every step, so its reference is scored "
+         "live; use --reference auto, copy or lora_disabled, not precomputed.")
+    need(cfg.max_new_tokens <= cfg.max_length - cfg.max_prompt_length,
+         f"--max-new-tokens {cfg.max_new_tokens} does not fit after a prompt of max_prompt_length "
+         f"{cfg.max_prompt_length} within max_length {cfg.max_length}; lower it or raise max_length.")
+    if cfg.reference == "auto":  # live: the starting weights, a copy (or the base under LoRA adapters)
+        cfg.reference = "lora_disabled" if cfg.lora else "copy"
+
 # The loss hyper-parameters: TrainConfig and LossConfig both hold each of these (`include_options`), and a
 # loss reads them in its registry adapter (losses/__init__.py). A new one is one line here.
 F_DIVERGENCES: tuple[str, ...] = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")

@@ -237,7 +237,7 @@ class Recipe:
         window = Window()
         self.skipped = 0
         for step in range(st.step, st.total_steps):
-            self.train_step(step, self.order.share(step), window)
+            self.train_step(step, self.step_batch(step), window)
             st.step = done = step + 1
             self.callbacks.on_step_end(st)
             if done % cfg.logging_steps == 0 or done == st.total_steps:
@@ -254,9 +254,16 @@ class Recipe:
                                   "with --resume")
                 return
 
-    def train_step(self, step: int, share: Share, window: Window) -> None:
-        """One optimizer step over this process's micro-batches of one global batch."""
-        engine, pairs, n_proc = self.engine, self.train_split.pairs, self.engine.num_processes
+    def step_batch(self, step: int) -> tuple[Any, Share]:
+        """A step's pairs and this process's share of them: the data's, or for an online run new pairs sampled from
+        the policy as it is now and judged (onpolicy/online.py; its prompts stand in for the data)."""
+        if self.cfg.online:
+            return self.train_split.step_pairs(self.model, step, self.order.share(step))
+        return self.train_split.pairs, self.order.share(step)
+
+    def train_step(self, step: int, batch: tuple[Any, Share], window: Window) -> None:
+        """One optimizer step over this process's micro-batches of one global batch (`step_batch`)."""
+        (pairs, share), engine, n_proc = batch, self.engine, self.engine.num_processes
         micro = share.batches
         self.objective.begin_step(step)  # KTO: its reference point, from the whole global batch
         # Normalise by the whole global batch (all micro-batches, all processes): accumulation then gives the
@@ -285,7 +292,7 @@ class Recipe:
                 engine.backward(loss)
         grad_norm = engine.clip_grad_norm(self.params, self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else 1e12,
                                           self.optimizer)
-        bad = self._nonfinite_reason(step, micro, losses, grad_norm)
+        bad = self._nonfinite_reason(step, pairs, micro, losses, grad_norm)
         if bad is not None:
             if self.cfg.on_nonfinite == "stop":
                 last = "; the last checkpoint is intact" if self.cfg.save_steps else ""
@@ -305,10 +312,9 @@ class Recipe:
             self.threads.update()
         self.optimizer.zero_grad(set_to_none=True)
 
-    def _nonfinite_reason(self, step: int, micro: list[list[int]], losses: list[torch.Tensor],
+    def _nonfinite_reason(self, step: int, pairs: Any, micro: list[list[int]], losses: list[torch.Tensor],
                           grad_norm: torch.Tensor) -> str | None:
         """Why this step must not update the weights, or None; the same answer on every process."""
-        pairs = self.train_split.pairs
         values = torch.stack(losses).float().cpu().tolist() if losses else []  # one device sync per step
         local = next((k for k, v in enumerate(values) if not math.isfinite(v)), None)
         if self.engine.reduce_sum([float(local is not None)])[0] == 0 and torch.isfinite(torch.as_tensor(grad_norm)):
@@ -328,6 +334,7 @@ class Recipe:
                "tokens_per_s": sums.get("tokens", 0.0) / seconds, "epoch": round((step + 1) / self.state.steps_per_epoch, 4)}
         if self.skipped:
             row["skipped_steps"] = self.skipped
+        row.update(self.train_split.metrics() if self.cfg.online else {})  # sampled and judged pairs, their seconds
         self.state.train_metrics = self._log("train", row)
 
     def evaluate(self, stop: StopRequest) -> dict[str, Any]:

@@ -26,17 +26,22 @@ from preftune.modeling.load import (
     load_tokenizer,
     prepare_for_training,
 )
+from preftune.onpolicy.online import OnlineBatches
 from preftune.optim import build_optimizer
 
 
 def load_data(cfg: TrainConfig, task: str, model_path: str, engine: Engine,
-              cache_dir: Path) -> tuple[TrainConfig, Any, Split, Split | None]:
+              cache_dir: Path) -> tuple[TrainConfig, Any, Split | OnlineBatches, Split | None]:
     """(the config with max_length capped at the model's context, the tokenizer, the train split, the eval split
     or None): validated and tokenized before the (expensive) model load; the lines worth reading are printed."""
     tokenizer = load_tokenizer(model_path, trust_remote_code=cfg.trust_remote_code)
     capped, note = cfg.fit_to_context(context_length(model_path, trust_remote_code=cfg.trust_remote_code))
     if note:
         engine.print(note)
+    if cfg.online:  # pairs sampled and judged at every step: its prompts stand in for the data (onpolicy/online.py)
+        online = OnlineBatches(capped, tokenizer, task=task, engine=engine)
+        engine.print(online.summary)
+        return capped, tokenizer, online, None
     # A shared cache: one process per machine tokenizes, the others read (a setting: the same on every process)
     with engine.local_main_first(bool(cfg.data_cache_dir)):
         train, held = load_splits(DataSettings.of(capped), tokenizer, task, cache_dir=cache_dir)

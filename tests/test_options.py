@@ -117,4 +117,7 @@ def test_what_a_resume_may_change_is_read_from_the_options():
         "eval_batch_size", "eval_data", "eval_split", "progress", "resume", "resume_force", "overwrite", "output_dir", "model",
         "data", "reference_model", "skip_invalid", "trust_remote_code", "allow_pickle", "attn_implementation",
         "gradient_checkpointing", "prefix_sharing", "logits_chunk_size", "on_nonfinite", "merge_lora",
-        "data_cache_dir", "report_to", "push_to_hub", "hub_private", "batch_size", "gradient_accumulation_steps"}
+        "data_cache_dir", "report_to", "push_to_hub", "hub_private", "batch_size", "gradient_accumulation_steps",
+        # online DPO: its prompts (compared by token ids) and how its judge is called, not which judge it is
+        "prompts", "judge_timeout", "judge_retries", "judge_backoff", "judge_concurrency", "judge_batch_size",
+        "judge_api_key_env"}

@@ -13,19 +13,22 @@ from dataclasses import dataclass
 from typing import Any
 
 from preftune.command_options import BASE_MODEL
-from preftune.onpolicy.judges import JUDGE_TYPES
 from preftune.onpolicy.select import RULES
 from preftune.options import (
     BATCH_SIZE,
     DEVICE,
     DTYPE,
+    JUDGE_OPTIONS,
     MAX_NEW_TOKENS,
+    MISSING_EOS_PENALTY,
     MODEL,
     PROMPT_FIELD,
     SEED,
     TEMPERATURE,
+    TOP_K,
     TOP_P,
     check_keys,
+    include_options,
     need,
     option,
     options_of,
@@ -36,7 +39,10 @@ from preftune.options import (
 _f = option
 
 
+# The judge's options follow batch_size; a rerun compares the judge by what it is (a function's source file, a reward
+# model's weights, an endpoint's model and template), not by its options' spelling.
 @dataclass
+@include_options(JUDGE_OPTIONS, after="batch_size")
 class PairsConfig:
     """Everything a `preftune pairs` run needs."""
 
@@ -60,33 +66,15 @@ class PairsConfig:
     temperature: float = TEMPERATURE.field(default=1.0, help="Sampling temperature (1 samples the policy's own distribution, which on-policy DPO assumes).",
                                            range="(0, inf)", why="greedy decoding gives every sample the same answer")
     top_p: float = TOP_P.field()
-    top_k: int = _f(0, "Keep the k most likely tokens (0 = off).", range="[0, inf)")
+    top_k: int = TOP_K.field()
     seed: int = SEED.field(default=0, help="Seed of every answer's own random stream (and of the pairwise coin and best-random's draw).")
     batch_size: int = BATCH_SIZE.field(default=32, help="Answers decoded together (batch_size // samples prompts at a time); the rows do not depend on it.")
-
-    # --- the judge (compared by what it is: a function's source file, a reward model's weights, an endpoint's model and template)
-    judge: Any = _f(None, "Judge: module:function or file.py:function (pointwise score(prompt, answer) or pairwise judge(prompt, a, b)), or a reward-model folder.",
-                    text=True, may_change=True)
-    judge_type: str = _f("auto", "auto (from the function's arguments), pointwise or pairwise.", choices=JUDGE_TYPES)
-    judge_url: str | None = _f(None, "OpenAI-compatible endpoint to judge with instead (e.g. http://127.0.0.1:8000/v1).", may_change=True)
-    judge_model: str | None = _f(None, "Model name the endpoint serves (with judge_url).", may_change=True)
-    judge_template: str | None = _f(None, "Endpoint prompt with {prompt} and {answer}, or a file holding it (default: a 1-10 score, see the README).",
-                                    may_change=True)
-    judge_timeout: float = _f(60.0, "Seconds one judge call may take (0 = no limit).", range="[0, inf)", may_change=True)
-    judge_retries: int = _f(3, "Retries of an endpoint call that failed (timeout, refused, HTTP 408/429/5xx).", range="[0, inf)",
-                            may_change=True)
-    judge_backoff: float = _f(1.0, "Seconds before the first retry; doubled each time.", range="[0, inf)", may_change=True)
-    judge_concurrency: int = _f(4, "Endpoint requests in flight at once.", range="[1, inf)", may_change=True)
-    judge_batch_size: int = _f(16, "Texts per forward of a reward-model judge.", range="[1, inf)", may_change=True)
-    judge_api_key_env: str = _f("OPENAI_API_KEY", "Environment variable holding the endpoint's API key (sent as a bearer token when set).",
-                                may_change=True)
 
     # --- selection
     select: str = _f("best-worst", "Which answers make pairs: best-worst, best-random (seeded) or all-pairs.", choices=RULES)
     min_gap: float = _f(0.0, "Drop a pair whose chosen-minus-rejected score is below this (ties are always dropped).", range="[0, inf)")
     max_pairs_per_prompt: int = _f(0, "At most this many pairs per prompt with all-pairs, largest gaps first (0 = all).", range="[0, inf)")
-    missing_eos_penalty: float | None = _f(None, "Subtract this from the score of an answer cut at max_new_tokens (TRL's missing_eos_penalty; default: none).",
-                                           range="[0, inf)")
+    missing_eos_penalty: float | None = MISSING_EOS_PENALTY.field()
 
     # --- running
     trust_remote_code: bool = _f(False, "Allow model code shipped inside the model folders to run. Only for folders you trust.", may_change=True)

@@ -46,8 +46,9 @@ from typing import Any
 
 from preftune.errors import PreftuneError
 from preftune.judging import error_text, function_name, import_function, read_verdict, short
+from preftune.options import JUDGE_TYPES
 
-JUDGE_TYPES = ("auto", "pointwise", "pairwise")
+__all__ = ["JUDGE_TYPES", "Group", "Judge", "PairwiseJudge", "PointwiseJudge", "coin", "function_judge"]
 
 
 @dataclass

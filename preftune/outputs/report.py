@@ -33,6 +33,7 @@ from preftune.config import read_yaml
 from preftune.errors import PreftuneError
 from preftune.outputs.files import write_output
 from preftune.outputs.metrics import metric_rows
+from preftune.outputs.rounds_page import write_rounds_page
 from preftune.outputs.run_dir import RunDir
 
 # (file stem, title, [(metric key, label)], y label): one figure each, drawn when the run logged any key.
@@ -81,20 +82,30 @@ def _ends(values: list[float]) -> tuple[float, float]:
     return sum(values[:k]) / k, sum(values[-k:]) / k
 
 
+def likelihood_displacement(rows: list[dict[str, Any]]) -> tuple[float, float, float, float] | None:
+    """(chosen, chosen, rejected, rejected) mean log-probs of the first and last tenth of the logged training steps
+    when both fell, the chosen one by more than DISPLACEMENT_NATS and DISPLACEMENT_SHARE of its size (see the
+    module docstring); None otherwise. `preftune iterate`'s collapse check reads the same rule."""
+    _, chosen = _series(rows, "train", "logps/chosen")
+    _, rejected = _series(rows, "train", "logps/rejected")
+    if len(chosen) < 2 or len(rejected) != len(chosen):
+        return None
+    (c0, c1), (r0, r1) = _ends(chosen), _ends(rejected)
+    fell = c0 - c1 > max(DISPLACEMENT_NATS, DISPLACEMENT_SHARE * abs(c0)) and r1 < r0
+    return (c0, c1, r0, r1) if fell else None
+
+
 def find_problems(rows: list[dict[str, Any]]) -> list[str]:
     """Sentences naming what went wrong in the logged metrics (see the module docstring)."""
     problems = []
-    _, chosen = _series(rows, "train", "logps/chosen")
-    _, rejected = _series(rows, "train", "logps/rejected")
-    if len(chosen) >= 2 and len(rejected) == len(chosen):
-        (c0, c1), (r0, r1) = _ends(chosen), _ends(rejected)
-        if c0 - c1 > max(DISPLACEMENT_NATS, DISPLACEMENT_SHARE * abs(c0)) and r1 < r0:
-            problems.append(
-                f"chosen and rejected log-probs fell together (chosen {c0:.2f} → {c1:.2f}, rejected {r0:.2f} → "
-                f"{r1:.2f} nats per answer, first vs last tenth of the run): the margin grew by pushing both "
-                "answers down, so probability went to text in neither set, a known DPO failure (likelihood "
-                "displacement); a larger beta, a lower learning rate, an SFT term (sft_weight) or DPOP "
-                "(loss dpop) keep the chosen answers likely.")
+    if (fell := likelihood_displacement(rows)) is not None:
+        c0, c1, r0, r1 = fell
+        problems.append(
+            f"chosen and rejected log-probs fell together (chosen {c0:.2f} → {c1:.2f}, rejected {r0:.2f} → "
+            f"{r1:.2f} nats per answer, first vs last tenth of the run): the margin grew by pushing both "
+            "answers down, so probability went to text in neither set, a known DPO failure (likelihood "
+            "displacement); a larger beta, a lower learning rate, an SFT term (sft_weight) or DPOP "
+            "(loss dpop) keep the chosen answers likely.")
     bad = sorted({r["step"] for r in rows for k, v in r.items() if v is None and k not in ("step", "split")})
     if bad:
         problems.append(f"non-finite values were logged at step{'s' if len(bad) > 1 else ''} "
@@ -256,6 +267,8 @@ def write_report(run_dir: str | Path, output_dir: str | Path | None = None) -> R
     run = Path(run_dir).expanduser()
     if not run.is_dir():
         raise PreftuneError(f"run folder {run} does not exist; pass the output_dir of a training run.")
+    if not (run / "metrics.jsonl").is_file() and (rounds := _read_json(run / "rounds.json")) is not None:
+        return Report(write_rounds_page(run, Path(output_dir).expanduser() if output_dir else run / "report", rounds))
     rows, bad = _read_rows(run)
     if output_dir is None:  # the run's own report/: refused before anything is drawn
         owner = RunDir.existing(run, "report", "pass --output-dir to write the report elsewhere")
