@@ -1,6 +1,7 @@
 """The judge's scores in a file of on-policy pairs (`preftune pairs` writes `score_chosen`, `score_rejected`, `gap`
 and `source` beside prompt/chosen/rejected), for `preftune inspect`: the gap's distribution and histogram, how
-often the chosen answer is the longer one, and the pairs with the smallest gaps (the weakest signal for DPO).
+often the chosen answer is the longer one, and the pairs with the smallest gaps (the weakest signal for DPO), each
+shown from where its two answers first differ.
 
 The loader keeps only prompt/chosen/rejected, so the scores are read from the same rows again, matched by their
 place in the file (`origins`); a file none of whose first rows has a score is not read again. A row's gap is its
@@ -66,6 +67,17 @@ def _snippet(value: Any) -> str:
     return text[:SNIPPET] + ("..." if len(text) > SNIPPET else "")
 
 
+def _differing(chosen: Any, rejected: Any) -> tuple[str, str]:
+    """Snippets of the two answers from a little before where they first differ: pairs with a small gap often
+    share a long beginning, and the difference is what a reader needs to see."""
+    c, r = (" ".join(_text(v).split()) for v in (chosen, rejected))
+    same = next((i for i, (a, b) in enumerate(zip(c, r)) if a != b), min(len(c), len(r)))
+    start = max(0, same - SNIPPET // 4)
+    if start < SNIPPET // 2:
+        return _snippet(c), _snippet(r)
+    return "..." + _snippet(c[start:]), "..." + _snippet(r[start:])
+
+
 def _tokens(row: dict) -> tuple[int, int] | None:
     src = row.get("source")
     if not isinstance(src, dict):
@@ -97,11 +109,11 @@ def gap_report(records: Sequence[dict], origins: Sequence[str], sources: Sequenc
     for j in order:
         where, obj, gap = scored[j]
         rec = records[index[where]]
+        chosen, rejected = _differing(rec["chosen"], rec["rejected"])
         smallest.append({"where": where, "gap": compact_number(gap),
                          "score_chosen": _number(obj.get("score_chosen")),
                          "score_rejected": _number(obj.get("score_rejected")),
-                         "prompt": _snippet(rec["prompt"]), "chosen": _snippet(rec["chosen"]),
-                         "rejected": _snippet(rec["rejected"])})
+                         "prompt": _snippet(rec["prompt"]), "chosen": chosen, "rejected": rejected})
     sources_of = Counter(str(obj["source"].get("judge")) for _, obj, _ in scored
                          if isinstance(obj.get("source"), dict) and "judge" in obj["source"])
     return {

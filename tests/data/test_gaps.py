@@ -59,8 +59,8 @@ def test_terminal_text_and_html_page_show_the_gaps(tmp_path, capsys):
     write_audit(audit(str(path)), tmp_path / "report.json", tmp_path / "report.html")
     assert json.loads((tmp_path / "report.json").read_text())["gaps"]["histogram"]["counts"] == [2, 1, 2, 0, 1]
     page = (tmp_path / "report.html").read_text()
-    assert "<h2>Judge's scores: 6 scored pairs</h2>" in page and page.count("<td>judge.py") == 0
-    assert page.count(f"<td>{path} line ") == 6
+    assert "<h2>Judge's scores (6 scored pairs)</h2>" in page and "judge&#x27;s gap" in page  # section, figure
+    assert page.count("<div class='where'>line ") == 6  # the smallest gaps: all six here
 
 
 def test_sampled_token_counts_and_scores_without_a_gap_field(tmp_path):
@@ -79,6 +79,16 @@ def test_sampled_token_counts_and_scores_without_a_gap_field(tmp_path):
     assert sum(g["histogram"]["counts"]) == 2 and g["histogram"]["edges"][1] == 0.6375
 
 
+def test_smallest_gaps_show_the_answers_from_where_they_differ(tmp_path):
+    """Answers sharing 20 words (100 characters) are shown from 15 characters before the first difference (at
+    character 100), so that the difference is on screen."""
+    shared = "same " * 20
+    path = write_rows(tmp_path / "p.jsonl", [{"prompt": "q", "chosen": shared + "ends here.",
+                                              "rejected": shared + "goes on and on.", "gap": 1}])
+    item = audit(str(path))["gaps"]["smallest"][0]
+    assert (item["chosen"], item["rejected"]) == ("...same same same ends here.", "...same same same goes on and on.")
+
+
 def test_swapped_and_mixed_files_are_warned_about_and_plain_data_has_no_section(tmp_path):
     mixed = write_rows(tmp_path / "mixed.jsonl", [
         {"prompt": "q1", "chosen": "a", "rejected": "b", "gap": -2},
@@ -87,7 +97,7 @@ def test_swapped_and_mixed_files_are_warned_about_and_plain_data_has_no_section(
         {"prompt": "q4", "chosen": "a", "rejected": "b"}])
     report = audit(str(mixed))
     assert (report["gaps"]["pairs"], report["gaps"]["not_positive"], report["gaps"]["without_score"]) == (2, 2, 2)
-    assert "2 pairs have a gap <= 0 (the chosen answer was not scored above the rejected one)" in report["warnings"][0]
+    assert "2 pairs have a gap <= 0 (the chosen answer was not scored above the rejected one)" in " ".join(report["warnings"])
     assert "2 pairs carry no judge's score beside the 2 that do" in " ".join(report["warnings"])
     plain = write_rows(tmp_path / "plain.jsonl", [{"prompt": "q", "chosen": "a", "rejected": "b"}])
     report = audit(str(plain))
