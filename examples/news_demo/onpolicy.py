@@ -48,6 +48,7 @@ from preftune.errors import PreftuneError
 from preftune.judging import wilson_interval
 from preftune.modeling.load import load_model_and_tokenizer
 from preftune.onpolicy import PairsConfig, make_pairs
+from preftune.onpolicy.judges import function_judge
 
 # The graded judge in the form a user passes to `preftune pairs --judge` (a file and a function).
 PAIRS_JUDGE = f"{Path(judge_module.__file__).resolve()}:score"
@@ -80,13 +81,16 @@ class OnPolicySettings:
     gap_steps: int = 40
     gap_recipes: tuple[GapRecipe, ...] = (GapRecipe("beta 0.1", 0.1, 1e-4),
                                           GapRecipe("beta 0.5 + NLL 1", 0.5, 3e-4, 1.0))
+    rounds: int = 3                # of `preftune iterate` from the SFT model, with its own (measured) defaults...
+    round_batch_size: int | None = None        # ...unless these are set
+    round_learning_rate: float | None = None
     demo: DemoSettings = field(default_factory=DemoSettings)  # the hand-made DPO; generation and length limits
 
     @classmethod
     def quick(cls) -> OnPolicySettings:
         demo = DemoSettings(n_pairs=64, dpo_steps=4, batch_size=8, learning_rate=1e-3)
-        return cls(n_articles=40, dpo_steps=4, gap_steps=3, learning_rate=1e-3, demo=demo,
-                   gap_recipes=(GapRecipe("beta 0.1", 0.1, 1e-3),))
+        return cls(n_articles=40, dpo_steps=4, gap_steps=3, learning_rate=1e-3, demo=demo, rounds=1,
+                   round_batch_size=8, round_learning_rate=1e-3, gap_recipes=(GapRecipe("beta 0.1", 0.1, 1e-3),))
 
 
 def run_onpolicy_demo(output_dir: str | Path = "runs/demo-onpolicy", *, from_scratch: bool = False,
@@ -104,30 +108,35 @@ def run_onpolicy_demo(output_dir: str | Path = "runs/demo-onpolicy", *, from_scr
     if n_eval < 1:
         raise PreftuneError(f"n_eval must be at least 1 held-out article, got {n_eval}.")
     judge_fn = load_judge(judge)
+    pairs_judge = pairs_judge or PAIRS_JUDGE
+    if isinstance(pairs_judge, str) and ":" in pairs_judge:
+        function_judge(pairs_judge)  # a judge that cannot be imported is refused before anything is written
     names = FILES + (DEMO_FILES[4:] if from_scratch else ())
     out = prepare_output_dir(Path(output_dir), names, overwrite)
     stages = _Stages()
     _say(f"preftune on-policy demo → {out}   (pairs sampled from the SFT model and judged, against hand-made ones)")
     with stages("base"):
         sft_dir = _sft_model(out, settings.demo, from_scratch=from_scratch, base_dir=base_dir, seed=seed,
-                             progress=progress)
+                             progress=progress, step="[1/7]")
     with stages("data"):
         prompts_file, handmade_file, held = _write_data(out / "data", settings, n_eval=n_eval, seed=seed)
     with stages("pairs"):
         pairs = _sample_pairs(sft_dir, prompts_file, out / "data" / "onpolicy_pairs.jsonl", settings,
-                              judge=pairs_judge or PAIRS_JUDGE, seed=seed, progress=progress)
+                              judge=pairs_judge, seed=seed, progress=progress)
     models: dict[str, dict[str, Any]] = {"sft": {"label": "SFT (the starting point)", "dir": str(sft_dir)}}
     with stages("dpo"):
         _train_main(models, sft_dir, out, settings, handmade_file, pairs, seed=seed, progress=progress)
     with stages("gap"):
         gap = _gap_experiment(models, sft_dir, out, settings, pairs, seed=seed, progress=progress)
+    rounds: dict[str, Any] = {}  # `preftune iterate`'s rounds: added once preftune has it
     with stages("evaluate"):
-        _say(f"[6/6] greedy summaries of the {len(held)} held-out articles by each of the {len(models)} models, "
+        _say(f"[7/7] greedy summaries of the {len(held)} held-out articles by each of the {len(models)} models, "
              "judged")
         rows = evaluate_models(models, held, settings.demo, judge_fn)
     stages.timings["total"] = round(time.time() - t_start, 1)
     result = _result(out, models, pairs, gap, settings, judge_fn, n_eval=len(held), seed=seed, quick=quick,
                      timings=stages.timings)
+    result["iterate"] = rounds
     write_jsonl(out / "summaries.jsonl", rows)
     (out / "onpolicy.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     _say(render_table(result))
@@ -147,7 +156,8 @@ def _write_data(data_dir: Path, settings: OnPolicySettings, *, n_eval: int,
                                                            for r in handmade))
     held = news.generate_articles(n_eval, seed=seed, split="heldout")
     write_jsonl(data_dir / "heldout_articles.jsonl", (a.to_dict() for a in held))
-    _say(f"[1/6] data: {settings.n_articles:,} training articles to sample from; {len(handmade):,} hand-made pairs "
+    write_jsonl(data_dir / "heldout_prompts.jsonl", ({"prompt": news.make_prompt(a)} for a in held))
+    _say(f"[2/7] data: {settings.n_articles:,} training articles to sample from; {len(handmade):,} hand-made pairs "
          f"(the demo's); {len(held)} held-out articles (the demo's)")
     return prompts, handmade_file, held
 
@@ -155,7 +165,7 @@ def _write_data(data_dir: Path, settings: OnPolicySettings, *, n_eval: int,
 def _sample_pairs(sft_dir: Path, prompts: Path, output: Path, settings: OnPolicySettings, *, judge: Any, seed: int,
                   progress: bool) -> dict[str, Any]:
     """`preftune pairs`: K summaries per prompt from the SFT model, scored by `judge`, best against worst."""
-    _say(f"[2/6] preftune pairs: {settings.samples} summaries of each of {settings.n_articles:,} articles from the "
+    _say(f"[3/7] preftune pairs: {settings.samples} summaries of each of {settings.n_articles:,} articles from the "
          f"SFT model (temperature {settings.temperature:g}), scored by the graded judge, best vs worst")
     res = make_pairs(PairsConfig(model=str(sft_dir), prompts=str(prompts), output=str(output), judge=judge,
                                  samples=settings.samples, temperature=settings.temperature,
@@ -169,7 +179,7 @@ def _train_main(models: dict, sft_dir: Path, out: Path, settings: OnPolicySettin
                 pairs: dict[str, Any], *, seed: int, progress: bool) -> None:
     """DPO on the demo's hand-made pairs (its settings) and on the on-policy pairs."""
     d = settings.demo
-    _say(f"[3/6] DPO on the {d.n_pairs:,} hand-made pairs ({d.dpo_steps} steps of {d.batch_size}, beta {d.beta:g}, "
+    _say(f"[4/7] DPO on the {d.n_pairs:,} hand-made pairs ({d.dpo_steps} steps of {d.batch_size}, beta {d.beta:g}, "
          f"lr {d.learning_rate:g}: the demo's) and on the {len(pairs['rows']):,} on-policy pairs "
          f"({settings.dpo_steps} steps, beta {settings.beta:g}, lr {settings.learning_rate:g})")
     res = train_dpo(sft_dir, handmade, out / "dpo", d, seed=seed, progress=progress)
@@ -205,14 +215,14 @@ def _gap_experiment(models: dict, sft_dir: Path, out: Path, settings: OnPolicySe
            "available": {"small": sum(r["gap"] <= settings.small_gap for r in pairs["rows"]),
                          "large": sum(r["gap"] >= settings.large_gap for r in pairs["rows"])}}
     if not n:
-        _say(f"[4/6] gap experiment skipped: no pairs with gap <= {settings.small_gap:g} or none >= "
+        _say(f"[5/7] gap experiment skipped: no pairs with gap <= {settings.small_gap:g} or none >= "
              f"{settings.large_gap:g}")
         return gap
     files = {}
     for name, side in (("small", small), ("large", large)):
         files[name] = write_jsonl(out / "data" / f"gap_{name}.jsonl", side)
         gap[f"{name}_gap_median"] = _median([r["gap"] for r in side])
-    _say(f"[4/6] gap experiment: {n} pairs with gap <= {settings.small_gap:g} against {n} with gap >= "
+    _say(f"[5/7] gap experiment: {n} pairs with gap <= {settings.small_gap:g} against {n} with gap >= "
          f"{settings.large_gap:g}, DPO {settings.gap_steps} steps on each, "
          f"{len(settings.gap_recipes)} setting(s)")
     for i, recipe in enumerate(settings.gap_recipes):
@@ -285,8 +295,7 @@ def render_table(result: dict) -> str:
         lines.append(f"{m['label']:<58} {m.get('pairs', '-'):>5} {gap:>4}  {pct(x['good_rate'])}  "
                      f"{pct(lo)} .. {pct(hi)} {pct(x['factual_rate']):>7} {pct(x['concise_rate']):>7} "
                      f"{x['mean_words']:5.1f} {x['mean_score']:5.2f}")
-    s = result["pairs_summary"]
-    t = result["timings_s"]
+    s, t = result["pairs_summary"], result["timings_s"]
     lines += ["(gap: the pairs' median chosen − rejected score; score: the graded judge's mean on the held-out "
               "summaries, 6 = the reference)",
               f"pairs: {s['pairs']:,} from {s['prompts']:,} prompts × {result['settings']['samples']} samples; "

@@ -174,13 +174,13 @@ class _Stages:
 
 
 def _sft_model(out: Path, settings: DemoSettings, *, from_scratch: bool, base_dir: str | Path | None, seed: int,
-               progress: bool) -> Path:
+               progress: bool, step: str = "[1/5]") -> Path:
     """Stage 1: the committed SFT base (or `base_dir`), or one built from scratch into OUTPUT_DIR/base."""
     if not from_scratch:
         sft_dir = check_base(base_dir if base_dir is not None else ASSETS_BASE)
-        _say(f"[1/5] SFT model: {sft_dir} (build one from scratch with --from-scratch)")
+        _say(f"{step} SFT model: {sft_dir} (build one from scratch with --from-scratch)")
         return sft_dir
-    _say("[1/5] building the SFT base from scratch: tokenizer + tiny Llama + preftune sft on good and bad summaries")
+    _say(f"{step} building the SFT base from scratch: tokenizer + tiny Llama + preftune sft on good and bad summaries")
     recipe = settings.base if seed == settings.base.seed else BaseRecipe(**{**asdict(settings.base), "seed": seed})
     return build_base(out / "base", recipe, work_dir=out / "base_work", progress=progress, say=_say)
 

@@ -12,6 +12,7 @@ from examples.news_demo.judge import graded_score, judge_summary, score
 from examples.news_demo.onpolicy import run_onpolicy_demo, split_by_gap
 from examples.news_demo.pipeline import MANIFEST
 from preftune.audit import audit
+from preftune.errors import PreftuneError
 from preftune.judging import wilson_interval
 
 N_EVAL = 16
@@ -86,3 +87,11 @@ def test_inspect_reads_the_pairs_file(story):
     assert g["pairs"] == sum(g["histogram"]["counts"]) == len(rows)
     assert g["length_unit"] == "tokens as sampled" and g["chosen_longer"] == round(longer / len(rows), 4)
     assert g["smallest"][0]["gap"] == min(r["gap"] for r in rows)
+
+
+def test_bad_input_is_refused_before_anything_is_written(tmp_path):
+    with pytest.raises(PreftuneError, match="the judge file .*nope.py does not exist"):
+        run_onpolicy_demo(tmp_path / "a", pairs_judge=str(tmp_path / "nope.py") + ":score")
+    with pytest.raises(PreftuneError, match="n_eval must be at least 1"):
+        run_onpolicy_demo(tmp_path / "b", n_eval=0)
+    assert list(tmp_path.iterdir()) == []
