@@ -47,7 +47,7 @@ from preftune.data.stats import quantile
 from preftune.errors import PreftuneError
 from preftune.judging import wilson_interval
 from preftune.modeling.load import load_model_and_tokenizer
-from preftune.onpolicy import PairsConfig, make_pairs
+from preftune.onpolicy import IterateConfig, PairsConfig, iterate, make_pairs
 from preftune.onpolicy.judges import function_judge
 
 # The graded judge in the form a user passes to `preftune pairs --judge` (a file and a function).
@@ -88,8 +88,8 @@ class OnPolicySettings:
 
     @classmethod
     def quick(cls) -> OnPolicySettings:
-        demo = DemoSettings(n_pairs=64, dpo_steps=4, batch_size=8, learning_rate=1e-3)
-        return cls(n_articles=40, dpo_steps=4, gap_steps=3, learning_rate=1e-3, demo=demo, rounds=1,
+        demo = DemoSettings(n_pairs=32, dpo_steps=3, batch_size=8, learning_rate=1e-3)
+        return cls(n_articles=32, dpo_steps=3, gap_steps=2, learning_rate=1e-3, demo=demo, rounds=1,
                    round_batch_size=8, round_learning_rate=1e-3, gap_recipes=(GapRecipe("beta 0.1", 0.1, 1e-3),))
 
 
@@ -128,7 +128,9 @@ def run_onpolicy_demo(output_dir: str | Path = "runs/demo-onpolicy", *, from_scr
         _train_main(models, sft_dir, out, settings, handmade_file, pairs, seed=seed, progress=progress)
     with stages("gap"):
         gap = _gap_experiment(models, sft_dir, out, settings, pairs, seed=seed, progress=progress)
-    rounds: dict[str, Any] = {}  # `preftune iterate`'s rounds: added once preftune has it
+    with stages("iterate"):
+        rounds = _iterate(models, sft_dir, out, settings, prompts_file, judge=pairs_judge, seed=seed,
+                          progress=progress)
     with stages("evaluate"):
         _say(f"[7/7] greedy summaries of the {len(held)} held-out articles by each of the {len(models)} models, "
              "judged")
@@ -238,6 +240,34 @@ def _gap_experiment(models: dict, sft_dir: Path, out: Path, settings: OnPolicySe
     return gap
 
 
+def _iterate(models: dict, sft_dir: Path, out: Path, settings: OnPolicySettings, prompts: Path, *, judge: Any,
+             seed: int, progress: bool) -> dict[str, Any]:
+    """`preftune iterate` from the SFT model on the same prompts and judge: each round samples pairs from the
+    round's model and trains DPO from it (its reference), with iterate's defaults; its own evaluation runs on the
+    held-out articles' prompts, a score of 6 (every fact, concise, nothing wrong) counting as good."""
+    if not settings.rounds:
+        return {}
+    _say(f"[6/7] preftune iterate: {settings.rounds} round(s) of pairs → DPO from the round's model, the same "
+         "prompts and judge")
+    d = settings.demo
+    given = {k: v for k, v in (("batch_size", settings.round_batch_size),
+                               ("learning_rate", settings.round_learning_rate)) if v is not None}
+    cfg = IterateConfig(
+        model=str(sft_dir), prompts=str(prompts), output_dir=str(out / "iterate"), judge=judge, rounds=settings.rounds,
+        eval_prompts=str(out / "data" / "heldout_prompts.jsonl"), good_score=6.0, samples=settings.samples,
+        temperature=settings.temperature, max_new_tokens=d.max_new_tokens, sample_batch_size=settings.sample_batch_size,
+        max_length=d.max_length, max_prompt_length=d.max_prompt_length, seed=seed, device="cpu", progress=progress,
+        **given)
+    res = iterate(cfg, say=_say)
+    how = f"beta {cfg.beta:g} + NLL {cfg.sft_weight:g}, lr {cfg.learning_rate:g}"
+    for row in res.rounds[1:]:
+        if row.get("status", "").startswith("kept") and row.get("pairs"):
+            models[f"round_{row['round']}"] = {
+                "label": f"iterate round {row['round']} ({how})", "dir": row["model"], "pairs": row["pairs"],
+                "gap_median": row.get("gap_median"), "steps": row.get("steps")}
+    return {"result": res.model, "stopped": res.stopped, "rounds": res.rounds}
+
+
 def evaluate_models(models: dict, held: list[news.Article], settings: DemoSettings, judge_fn: Any) -> list[dict]:
     """Each model's greedy summaries of the held-out articles, judged; its metrics into `models`. Returns the
     rows of summaries.jsonl (one per article: every model's summary and verdict)."""
@@ -284,6 +314,10 @@ def render_table(result: dict) -> str:
              f"{'model':<58} {'pairs':>5} {'gap':>4}  {'good':>6}  {'95% Wilson':<16} {'factual':>7} "
              f"{'concise':>7} {'words':>5} {'score':>5}"]
     for key, m in models.items():
+        if key == "round_1":
+            it = result["iterate"]
+            lines.append(f"preftune iterate: {len(it['rounds']) - 1} round(s) from the SFT model"
+                         + (f"; stopped: {it['stopped']}" if it.get("stopped") else ""))
         if key == "gap_small_0":
             g = result["gap_experiment"]
             lines.append(f"gap experiment: {g['pairs_each']} pairs each (of {g['available']['small']} with gap <= "

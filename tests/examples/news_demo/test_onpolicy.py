@@ -15,7 +15,7 @@ from preftune.audit import audit
 from preftune.errors import PreftuneError
 from preftune.judging import wilson_interval
 
-N_EVAL = 16
+N_EVAL = 12
 
 
 def jsonl(path):
@@ -54,7 +54,7 @@ def test_gap_split_has_equal_numbers_on_either_side_of_the_thresholds(story):
     assert all(r["gap"] <= 3 for r in small) and all(r["gap"] >= 5 for r in large)
     assert all(r in rows for r in small + large)
     assert (small, large) == split_by_gap(rows, 3, 5, seed=0)  # seeded: the same split again
-    assert [k for k in res["models"]] == ["sft", "handmade", "onpolicy", "gap_small_0", "gap_large_0"]
+    assert [k for k in res["models"]] == ["sft", "handmade", "onpolicy", "gap_small_0", "gap_large_0", "round_1"]
 
 
 def test_every_models_figures_are_its_judged_summaries(story):
@@ -74,7 +74,7 @@ def test_every_models_figures_are_its_judged_summaries(story):
         assert x["good_ci95"] == [round(b, 4) for b in wilson_interval(good, N_EVAL)]
         assert x["mean_score"] == round(sum(graded_score(a, r[key]) for a, r in zip(held, rows)) / N_EVAL, 3)
     assert json.loads((out / "onpolicy.json").read_text()) == json.loads(json.dumps(res))
-    assert {p.name for p in out.iterdir()} - {MANIFEST} <= set(json.loads((out / MANIFEST).read_text())["entries"])
+    assert set(json.loads((out / MANIFEST).read_text())["entries"]) == {p.name for p in out.iterdir()} - {MANIFEST}
 
 
 def test_inspect_reads_the_pairs_file(story):
@@ -87,6 +87,23 @@ def test_inspect_reads_the_pairs_file(story):
     assert g["pairs"] == sum(g["histogram"]["counts"]) == len(rows)
     assert g["length_unit"] == "tokens as sampled" and g["chosen_longer"] == round(longer / len(rows), 4)
     assert g["smallest"][0]["gap"] == min(r["gap"] for r in rows)
+
+
+def test_iterate_round_one_is_the_storys_pairs_and_its_evaluation_agrees(story):
+    """Round 1 of `preftune iterate` samples from the SFT model with the story's seed, prompts and judge: the same
+    pairs as `pairs` made. Its held-out evaluation judges the same greedy summaries with the graded score, where
+    a 6 is exactly the demo's "good": its good shares are the story's good rates for SFT and for round 1's model."""
+    out, res = story
+    it = res["iterate"]
+    key = lambda r: (r["prompt"], r["chosen"], r["rejected"], r["gap"])  # noqa: E731
+    story_pairs = [key(r) for r in jsonl(out / "data" / "onpolicy_pairs.jsonl")]
+    assert [key(r) for r in jsonl(out / "iterate" / "round-1" / "pairs.jsonl")] == story_pairs
+    assert [r["round"] for r in it["rounds"]] == [0, 1] and it["rounds"][1]["pairs"] == len(story_pairs)
+    for row, model in zip(it["rounds"], ("sft", "round_1")):
+        m = res["models"][model]["metrics"]
+        assert row["good_share"] == pytest.approx(m["good_rate"], abs=1e-4)
+        assert row["score_mean"] == pytest.approx(m["mean_score"], abs=1e-3)
+    assert res["models"]["round_1"]["dir"] == it["result"] == it["rounds"][1]["model"]
 
 
 def test_bad_input_is_refused_before_anything_is_written(tmp_path):
