@@ -81,9 +81,11 @@ class OnPolicySettings:
     gap_steps: int = 40
     gap_recipes: tuple[GapRecipe, ...] = (GapRecipe("beta 0.1", 0.1, 1e-4),
                                           GapRecipe("beta 0.5 + NLL 1", 0.5, 3e-4, 1.0))
-    rounds: int = 3                # of `preftune iterate` from the SFT model, with its own (measured) defaults...
-    round_batch_size: int | None = None        # ...unless these are set
-    round_learning_rate: float | None = None
+    rounds: int = 3                # of `preftune iterate` from the SFT model, with its own defaults (beta 0.5 + NLL)
+    round_batch_size: int | None = None  # None: iterate's
+    # iterate keeps train's 1e-6, which is for large models: this 0.4M-parameter one learns at 3e-4 (BENCHMARKS.md,
+    # "iterate: defaults chosen by measurement")
+    round_learning_rate: float | None = 3e-4
     demo: DemoSettings = field(default_factory=DemoSettings)  # the hand-made DPO; generation and length limits
 
     @classmethod
