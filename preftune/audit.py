@@ -32,6 +32,7 @@ import numpy as np
 from preftune.command_options import InspectOptions
 from preftune.data.encode import BatchEncoder
 from preftune.data.examples import examples_from_records, render_record
+from preftune.data.gaps import gap_report, gap_warnings
 from preftune.data.limits import Limits, effective_limits
 from preftune.data.load import LoadedData, load_records
 from preftune.data.stats import compact_number as _num
@@ -132,12 +133,13 @@ def audit(
     }
     report["truncation"] = _truncation(lengths, limits)
     report["length_bias"] = length_bias(lengths)
+    report["gaps"] = gap_report(records, origins, data.sources)  # the judge's scores of a `preftune pairs` file
     report["model"] = None
     if model is not None:
         report["model"] = _model_margins(
             model, tokenizer, records, origins, limits.max_length, limits.max_prompt_length, batch_size
         )
-    report["warnings"] = _warnings(report)
+    report["warnings"] = _warnings(report) + gap_warnings(report["gaps"])
     return report
 
 

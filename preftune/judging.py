@@ -75,6 +75,7 @@ def _import(module_name: str, what: str):
             raise PreftuneError(f"the {what} file {path} does not exist.")
         spec = importlib.util.spec_from_file_location(f"preftune_judge_{path.stem}", path)
         module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # as importlib's own recipe does: a dataclass in the file looks it up
         loader = spec.loader
     else:
         # The console script does not put the current directory on sys.path; `python -m` does. A judge module

@@ -22,7 +22,15 @@ class _Parser(argparse.ArgumentParser):
 def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     p = _Parser(prog=prog, allow_abbrev=False,
                 description="The news-summary demo on a CPU: SFT model → DPO with preftune → judged before/after.")
-    p.add_argument("--output-dir", default="runs/demo", help="Folder for the demo's files (default runs/demo).")
+    p.add_argument("--output-dir", default=None,
+                   help="Folder for the demo's files (default runs/demo; with --on-policy runs/demo-onpolicy).")
+    p.add_argument("--on-policy", action="store_true",
+                   help="The second story: pairs sampled from the SFT model and scored by the graded judge "
+                        "(preftune pairs), DPO on them against the hand-made pairs, and equal numbers of small-gap "
+                        "and large-gap pairs (examples/news_demo/onpolicy.py).")
+    p.add_argument("--pairs-judge", metavar="MODULE:FUNCTION",
+                   help="With --on-policy: the pointwise score(prompt, answer) -> float that scores the sampled "
+                        "summaries (default examples/news_demo/judge.py:score).")
     p.add_argument("--from-scratch", action="store_true", help="Also build the tiny base model (tokenizer, SFT).")
     p.add_argument("--eval-articles", type=int, default=200, help="Held-out articles to generate and judge.")
     p.add_argument("--judge", metavar="MODULE:FUNCTION",
@@ -40,11 +48,21 @@ def main(argv: Sequence[str] | None = None, *, prog: str = PROG) -> int:
     """Run the demo with command-line flags; 0 when it finished, 2 with one sentence on bad input."""
     try:
         args = build_parser(prog).parse_args(argv)
+        common = dict(from_scratch=args.from_scratch, n_eval=args.eval_articles, judge=args.judge, seed=args.seed,
+                      quick=args.quick, overwrite=args.overwrite)
         # Imported here so that --help and flag errors do not wait for torch.
-        from examples.news_demo.pipeline import run_demo
+        if args.on_policy:
+            from examples.news_demo.onpolicy import run_onpolicy_demo
 
-        run_demo(output_dir=args.output_dir, from_scratch=args.from_scratch, n_eval=args.eval_articles,
-                 judge=args.judge, seed=args.seed, quick=args.quick, overwrite=args.overwrite)
+            run_onpolicy_demo(output_dir=args.output_dir or "runs/demo-onpolicy", pairs_judge=args.pairs_judge,
+                              **common)
+        else:
+            if args.pairs_judge:
+                raise PreftuneError("--pairs-judge scores the sampled summaries of the on-policy story; pass it "
+                                    "with --on-policy.")
+            from examples.news_demo.pipeline import run_demo
+
+            run_demo(output_dir=args.output_dir or "runs/demo", **common)
     except PreftuneError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2

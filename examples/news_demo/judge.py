@@ -13,6 +13,10 @@ Replace it with your own by passing ``module:function`` (`load_judge`), e.g. a f
 larger model. It has the same pointwise protocol, ``judge(article: news.Article, summary: str)``, and may
 return a `JudgeResult` or a mapping with the keys "factual", "concise" and "good" (and optionally "reasons").
 
+`score(prompt, answer) -> float` is the graded, pointwise judge `preftune pairs` takes (`--judge
+examples/news_demo/judge.py:score`): key facts present, plus one if concise, minus two per wrong fact
+(`graded_score`), with the facts read back from the prompt alone.
+
 `PairwiseJudge` turns a pointwise judge into preftune's pairwise protocol (`preftune.judging`:
 ``judge(prompt, answer_a, answer_b) -> "a" | "b" | "tie"``), so the demo also reports the library's win
 rate of DPO over SFT with its 95% Wilson interval.
@@ -20,13 +24,38 @@ rate of DPO over SFT with its 95% Wilson interval.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import re
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
-from examples.news_demo.news import MONTHS, ORGS, PLACES, Article, count_words, make_prompt
+try:
+    from examples.news_demo.news import (
+        MONTHS,
+        ORGS,
+        PLACES,
+        Article,
+        article_from_prompt,
+        count_words,
+        make_prompt,
+    )
+except ModuleNotFoundError:
+    # Loaded as a file (`preftune pairs --judge examples/news_demo/judge.py:score`) by a process whose path lacks
+    # the repository root (the `preftune` console script does not put the current directory on it).
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    from examples.news_demo.news import (
+        MONTHS,
+        ORGS,
+        PLACES,
+        Article,
+        article_from_prompt,
+        count_words,
+        make_prompt,
+    )
 from preftune.errors import PreftuneError
 from preftune.judging import import_function
 
@@ -54,23 +83,24 @@ def _mentions(text: str, phrase: str) -> bool:
     return re.search(rf"(?<![\w]){re.escape(phrase)}(?![\w])", text, flags=re.IGNORECASE) is not None
 
 
+def check_facts(article: Article, summary: str) -> tuple[list[str], list[str]]:
+    """(missing, wrong): each key fact the summary lacks and each wrong fact it states, as reasons."""
+    f = article.facts
+    missing = [f"missing {key} {f[key]!r}" for key in ("org", "number", "what", "place")
+               if not _mentions(summary, f[key])]
+    if not re.search(rf"\b{re.escape(f['month'])}\s+{f['day']}\b", summary, flags=re.IGNORECASE):
+        missing.append(f"missing date {f['date']!r}")
+    allowed_numbers = {f["number"], f["day"]}
+    wrong = [f"wrong number {num!r}" for num in re.findall(r"\d+", summary) if num not in allowed_numbers]
+    for key, known in (("org", ORGS), ("place", PLACES), ("month", MONTHS)):
+        wrong += [f"wrong {key} {name!r}" for name in known if name != f[key] and _mentions(summary, name)]
+    return missing, wrong
+
+
 def judge_summary(article: Article, summary: str) -> JudgeResult:
     """Judge `summary` of `article`: factual, concise, and good = both (see the module docstring)."""
-    f = article.facts
-    reasons: list[str] = []
-    for key in ("org", "number", "what", "place"):
-        if not _mentions(summary, f[key]):
-            reasons.append(f"missing {key} {f[key]!r}")
-    if not re.search(rf"\b{re.escape(f['month'])}\s+{f['day']}\b", summary, flags=re.IGNORECASE):
-        reasons.append(f"missing date {f['date']!r}")
-    allowed_numbers = {f["number"], f["day"]}
-    for num in re.findall(r"\d+", summary):
-        if num not in allowed_numbers:
-            reasons.append(f"wrong number {num!r}")
-    for key, known in (("org", ORGS), ("place", PLACES), ("month", MONTHS)):
-        for name in known:
-            if name != f[key] and _mentions(summary, name):
-                reasons.append(f"wrong {key} {name!r}")
+    missing, wrong = check_facts(article, summary)
+    reasons = missing + wrong
     factual = not reasons
     lo, hi = article.length_range
     n_words = count_words(summary)
@@ -78,6 +108,41 @@ def judge_summary(article: Article, summary: str) -> JudgeResult:
     if not concise:
         reasons.append(f"{n_words} words, outside {lo}..{hi}")
     return JudgeResult(factual=factual, concise=concise, good=factual and concise, reasons=tuple(reasons))
+
+
+KEY_FACTS = 5  # org, number, what, place, date
+WRONG_FACT_PENALTY = 2
+
+
+def graded_score(article: Article, summary: str) -> float:
+    """The graded score of `summary`: key facts present (0-5) + 1 if concise − 2 per wrong fact stated.
+
+    The reference scores 6, and so does every good summary; a verbose one 5; a wrong number (4 facts, concise,
+    one wrong) 3; a vague one 1; the copied filler sentence (no key fact, one wrong number) −1. A wrong fact
+    costs twice a missing one: stating a wrong number is worse than leaving it out."""
+    missing, wrong = check_facts(article, summary)
+    lo, hi = article.length_range
+    concise = lo <= count_words(summary) <= hi
+    return float(KEY_FACTS - len(missing) + concise - WRONG_FACT_PENALTY * len(wrong))
+
+
+@functools.lru_cache(maxsize=4096)
+def _article(prompt: str) -> Article:
+    return article_from_prompt(prompt)  # parsed once per prompt, not once per answer
+
+
+def score(prompt: str | list[dict], answer: str) -> float:
+    """`graded_score` of `answer` to a demo prompt: the pointwise judge protocol of `preftune pairs`,
+
+        preftune pairs --model examples/news_demo/assets/base --prompts prompts.jsonl \\
+          --judge examples/news_demo/judge.py:score --samples 4 --output pairs.jsonl
+
+    The article's facts are read back from the prompt (`news.article_from_prompt`); chat messages are
+    judged by their last user turn. A prompt that holds no demo article raises, which `pairs` reports
+    with the prompt's line."""
+    if isinstance(prompt, list):
+        prompt = next(m["content"] for m in reversed(prompt) if m.get("role") == "user")
+    return graded_score(_article(prompt), answer.strip())
 
 
 def as_judge_result(value: Any) -> JudgeResult:

@@ -374,3 +374,41 @@ def build_preference_records(articles: list[Article], seed: int = 0) -> list[dic
         records.append({"prompt": make_prompt(art), "chosen": " " + art.reference,
                         "rejected": " " + bad_summary(art, kind, rng), "kind": kind})
     return records
+
+
+def _alternatives(names) -> str:
+    # Longest first, so that a name is never matched by a shorter one it starts with.
+    return "|".join(re.escape(n) for n in sorted(names, key=len, reverse=True))
+
+
+_SLOTS = {"org": f"(?P<org>{_alternatives(ORGS)})", "place": f"(?P<place>{_alternatives(PLACES)})",
+          "date": rf"(?P<month>{_alternatives(MONTHS)}) (?P<day>\d+)", "number": r"(?P<number>\d+)",
+          "verb": f"(?P<verb>{_alternatives({v for acts in TOPICS.values() for v, _ in acts})})",
+          "what": f"(?P<what>{_alternatives({w for acts in TOPICS.values() for _, w in acts})})"}
+_LEAD_PATTERNS = tuple(re.compile("Article: " + "".join(_SLOTS[p] if i % 2 else re.escape(p)
+                                                        for i, p in enumerate(re.split(r"\{(\w+)\}", lead))))
+                       for lead in _LEADS)
+
+
+def article_from_prompt(prompt: str) -> Article:
+    """The article behind a demo prompt (`make_prompt`), its facts read back from the lead sentence: what a judge
+    that is shown only the prompt, as `preftune pairs` shows it, needs to check a summary.
+
+    The lead is one of the generator's three templates with known names in its slots, so reading it back is
+    exact; the distractors are the filler's number and the place it names besides the key place. ValueError for a
+    prompt that holds no demo article (a judge's error, which `preftune pairs` reports with the prompt's line)."""
+    match = next((m for m in (p.search(prompt) for p in _LEAD_PATTERNS) if m), None)
+    if match is None:
+        raise ValueError("no news demo article in the prompt (no lead sentence the demo's generator writes)")
+    facts = match.groupdict()
+    facts["date"] = f"{facts['month']} {facts['day']}"
+    facts["topic"] = next(t for t, acts in TOPICS.items() if (facts["verb"], facts["what"]) in acts)
+    text = prompt[match.start() + len("Article: "):].rsplit("\n\nSummary:", 1)[0]
+    rest = prompt[match.end():].rsplit("\n\nSummary:", 1)[0]
+    filler = tuple(s for para in rest.split("\n\n") if para.strip() for s in re.split(r"(?<=\.) ", para.strip()))
+    numbers = re.findall(r"\b\d+\b", rest)
+    places = [p for p in PLACES if p != facts["place"] and re.search(rf"\b{re.escape(p)}\b", rest)]
+    facts["distractor_number"] = numbers[0] if numbers else ""
+    facts["distractor_place"] = places[0] if places else ""
+    return Article(id="from-prompt", split=split_of(facts["org"], facts["place"]), text=text, facts=facts,
+                   reference=_REFERENCE.format(**facts), filler=filler)

@@ -43,6 +43,8 @@ from preftune.errors import PreftuneError
 
 # Files and folders a demo run writes into OUTPUT_DIR (the last two only with from_scratch).
 DEMO_FILES = ("demo.json", "summaries.jsonl", "data", "dpo", "base", "base_work")
+# What the on-policy story (`--on-policy`, onpolicy.py) writes besides data/, dpo/ and summaries.jsonl.
+ONPOLICY_FILES = ("onpolicy.json", "dpo_onpolicy", "dpo_gap", "iterate")
 # Written into OUTPUT_DIR before anything else: the names this run creates there. overwrite=True deletes only
 # names a manifest lists, so a user's own data/ or base/ in the folder is never taken for an earlier demo's.
 MANIFEST = "demo_manifest.json"
@@ -172,13 +174,13 @@ class _Stages:
 
 
 def _sft_model(out: Path, settings: DemoSettings, *, from_scratch: bool, base_dir: str | Path | None, seed: int,
-               progress: bool) -> Path:
+               progress: bool, step: str = "[1/5]") -> Path:
     """Stage 1: the committed SFT base (or `base_dir`), or one built from scratch into OUTPUT_DIR/base."""
     if not from_scratch:
         sft_dir = check_base(base_dir if base_dir is not None else ASSETS_BASE)
-        _say(f"[1/5] SFT model: {sft_dir} (build one from scratch with --from-scratch)")
+        _say(f"{step} SFT model: {sft_dir} (build one from scratch with --from-scratch)")
         return sft_dir
-    _say("[1/5] building the SFT base from scratch: tokenizer + tiny Llama + preftune sft on good and bad summaries")
+    _say(f"{step} building the SFT base from scratch: tokenizer + tiny Llama + preftune sft on good and bad summaries")
     recipe = settings.base if seed == settings.base.seed else BaseRecipe(**{**asdict(settings.base), "seed": seed})
     return build_base(out / "base", recipe, work_dir=out / "base_work", progress=progress, say=_say)
 
@@ -201,18 +203,28 @@ def _write_data(data_dir: Path, settings: DemoSettings, *, n_eval: int,
 def _train_dpo(sft_dir: Path, pairs_file: Path, run_dir: Path, settings: DemoSettings, *, seed: int,
                progress: bool):
     """Stage 3: `preftune.train` (DPO, sigmoid loss) from the SFT model, which is also the frozen reference."""
-    from preftune import TrainConfig, train
-
     _say(f"[3/5] DPO: preftune train, {settings.dpo_steps} steps of {settings.batch_size} pairs, "
          f"beta {settings.beta}, the SFT model as the frozen reference")
+    return train_dpo(sft_dir, pairs_file, run_dir, settings, seed=seed, progress=progress)
+
+
+def train_dpo(sft_dir: Path, pairs_file: Path, run_dir: Path, settings: DemoSettings, *, seed: int, progress: bool,
+              steps: int | None = None, learning_rate: float | None = None, beta: float | None = None,
+              sft_weight: float = 0.0):
+    """`preftune.train` (DPO, sigmoid loss, cosine schedule) from the SFT model, also the frozen reference; the
+    hyperparameters are `settings`' unless given (`sft_weight`: an NLL term on the chosen answer)."""
+    from preftune import TrainConfig, train
+
+    steps = settings.dpo_steps if steps is None else steps
     res = train(TrainConfig(
-        model=str(sft_dir), data=str(pairs_file), output_dir=str(run_dir), max_steps=settings.dpo_steps,
-        batch_size=settings.batch_size, learning_rate=settings.learning_rate, lr_scheduler="cosine",
-        warmup_ratio=0.1, beta=settings.beta, loss="sigmoid", max_length=settings.max_length,
+        model=str(sft_dir), data=str(pairs_file), output_dir=str(run_dir), max_steps=steps,
+        batch_size=settings.batch_size, lr_scheduler="cosine", warmup_ratio=0.1, loss="sigmoid",
+        learning_rate=settings.learning_rate if learning_rate is None else learning_rate,
+        beta=settings.beta if beta is None else beta, sft_weight=sft_weight, max_length=settings.max_length,
         max_prompt_length=settings.max_prompt_length, seed=seed,
-        logging_steps=max(1, settings.dpo_steps // 5), progress=progress, overwrite=True))
+        logging_steps=max(1, steps // 5), progress=progress, overwrite=True))
     if res.interrupted:
-        raise PreftuneError(f"DPO was stopped after {res.steps} of {settings.dpo_steps} steps; run the demo again.")
+        raise PreftuneError(f"DPO was stopped after {res.steps} of {steps} steps; run the demo again.")
     return res
 
 
@@ -255,7 +267,7 @@ def _read_manifest(out: Path) -> set[str]:
         if path.is_symlink():
             raise ValueError("it is a symlink")
         entries = json.loads(path.read_text(encoding="utf-8"))["entries"]
-        if not isinstance(entries, list) or not set(entries) <= set(DEMO_FILES):
+        if not isinstance(entries, list) or not set(entries) <= set(DEMO_FILES + ONPOLICY_FILES):
             raise ValueError(f"it lists names the demo never writes: {entries!r}")
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise PreftuneError(f"the demo manifest {path} cannot be trusted ({e}), so nothing in {out} is "

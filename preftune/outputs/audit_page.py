@@ -83,6 +83,7 @@ def format_audit(report: dict) -> str:
             f"{100 * lb['chosen_shorter']:.1f}%, equal in {100 * lb['equal']:.1f}%; mean chosen - rejected "
             f"{lb['mean_difference']:+.2f}"
         )
+    lines.extend(format_gaps(report.get("gaps")))
     m = report.get("model")
     if m and m.get("scored"):
         add(
@@ -107,12 +108,45 @@ def format_audit(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _bin_label(edges: list[float], i: int) -> str:
+    lo, hi = edges[i], edges[i + 1]
+    if hi - lo == 1 and (lo + 0.5).is_integer():  # one bin per integer value (`histogram`): the value itself
+        return f"{lo + 0.5:g}"
+    return f"{lo:.3g} .. {hi:.3g}"
+
+
+def format_gaps(g: dict | None, width: int = 40) -> list[str]:
+    """The judge's scores of a `preftune pairs` file: gap quantiles, a text histogram, the length share and the
+    pairs with the smallest gaps (nothing for other data)."""
+    if not g:
+        return []
+    judges = ", ".join(g["judges"]) or "not recorded"
+    lines = [f"judge's scores (gap = score chosen - score rejected; judge {judges}): {g['pairs']:,} scored pairs",
+             f"  gap: {_fmt_stats(g['gap'])}"]
+    counts, edges = g["histogram"]["counts"], g["histogram"]["edges"]
+    labels = [_bin_label(edges, i) for i in range(len(counts))]
+    pad, top = max(map(len, labels), default=0), max(counts, default=0)
+    for label, count in zip(labels, counts):
+        bar = "#" * (round(width * count / top) if top else 0)
+        lines.append(f"    {label:>{pad}} | {bar} {count:,}")
+    among = g["chosen_longer_among_unequal"]
+    lines.append(f"  chosen is the longer answer ({g['length_unit']}) in {100 * g['chosen_longer']:.1f}% of pairs"
+                 + (f", {100 * among:.1f}% of the {g['pairs_with_unequal_lengths']:,} whose lengths differ"
+                    if among is not None else ""))
+    lines.append(f"  smallest gaps (the weakest signal for DPO; first {len(g['smallest'])}):")
+    for item in g["smallest"]:
+        lines.append(f"    {item['gap']:>7g}  {item['where']}: chosen {item['chosen']!r} | rejected {item['rejected']!r}")
+    return lines
+
+
 def _panels(report: dict) -> list[tuple[str, dict]]:
     hists = report["lengths"]["histograms"]
     panels = [(f"{part} length ({report['lengths']['unit']})", hists[part]) for part in ("prompt", "chosen", "rejected")]
     m = report.get("model")
     if m and m.get("scored"):
         panels.append(("margin log p(chosen) - log p(rejected)", m["histogram"]))
+    if report.get("gaps"):
+        panels.append(("judge's gap (score chosen - score rejected)", report["gaps"]["histogram"]))
     return panels
 
 
@@ -263,6 +297,23 @@ def _margins(report: dict) -> str:
             f"<div class='box'><table>{head}{body}</table></div>")
 
 
+def _gaps(report: dict) -> str:
+    """The judge's scores of a `preftune pairs` file: the smallest-gap pairs (the histogram is a figure above)."""
+    g, esc, src = report.get("gaps"), html.escape, report["sources"]
+    if not g:
+        return ""
+    head = "<tr><th>gap<br>(chosen, rejected)</th><th>pair</th></tr>"
+    body = "".join(
+        f"<tr><td class='n'>{_n(it['gap'])}<br>({_n(it['score_chosen'])}, {_n(it['score_rejected'])})</td>"
+        f"<td><div class='where'>{esc(_shorten(it['where'], src))}</div>"
+        f"<b>prompt</b> {esc(it['prompt'])}<br><b>chosen</b> {esc(it['chosen'])}<br>"
+        f"<b>rejected</b> {esc(it['rejected'])}</td></tr>" for it in g["smallest"])
+    return (f"<h2>Judge's scores ({_n(g['pairs'])} scored pairs)</h2><p>gap median {_n(g['gap'].get('median'))}, "
+            f"mean {_n(g['gap'].get('mean'))}; chosen is the longer answer ({esc(g['length_unit'])}) in "
+            f"{_pct(g['chosen_longer'])} of pairs.</p><h3>Smallest gaps</h3>"
+            f"<div class='box'><table>{head}{body}</table></div>")
+
+
 def _tokens(pieces: list[str]) -> str:
     return "".join(f"<span class='tok'>{html.escape(p)}</span>" for p in pieces)
 
@@ -310,6 +361,7 @@ def audit_html(report: dict, pngs: list[tuple[str, bytes]], text: str) -> str:
         f"max_prompt_length {_n(tr['max_prompt_length'])}" + (f" ({esc(note)})" if note else "") + ".</p>",
         f"<div class='figs'>{figs}</div>{_lengths_table(report)}",
         _margins(report),
+        _gaps(report),
     ]
     if report.get("examples"):
         body.append("<h2>Examples as training sees them</h2>")

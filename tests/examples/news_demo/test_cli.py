@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+import examples.news_demo.onpolicy as onpolicy
 import examples.news_demo.pipeline as pipeline
 from examples.news_demo import cli as demo_cli
 from preftune import cli
@@ -38,13 +39,28 @@ def test_every_flag_reaches_run_demo(main, calls):
                                     quick=False, overwrite=False)]
 
 
+@pytest.mark.parametrize("main", [demo_cli.main, lambda argv: cli.main(["demo", *argv])],
+                         ids=["python -m examples.news_demo", "preftune demo"])
+def test_on_policy_runs_the_second_story_with_its_own_default_folder(main, calls, monkeypatch):
+    seen: list[dict] = []
+    monkeypatch.setattr(onpolicy, "run_onpolicy_demo", lambda **kw: seen.append(kw))
+    assert main(["--on-policy", "--pairs-judge", "m:score", "--quick"]) == 0
+    assert main(["--on-policy", *ALL_FLAGS]) == 0
+    assert seen == [dict(output_dir="runs/demo-onpolicy", pairs_judge="m:score", from_scratch=False, n_eval=200,
+                         judge=None, seed=0, quick=True, overwrite=False), dict(EXPECTED, pairs_judge=None)]
+    assert calls == []
+
+
 def test_bad_flags_are_one_sentence_and_exit_2(capsys, calls):
     assert demo_cli.main(["--eval-articles", "many"]) == 2
     assert cli.main(["demo", "--bogus"]) == 2
+    assert demo_cli.main(["--pairs-judge", "m:score"]) == 2
     err = capsys.readouterr().err.splitlines()
     assert err[0].startswith("python -m examples.news_demo: error: argument --eval-articles: invalid int")
     assert err[1] == ("preftune demo: error: unrecognized arguments: --bogus (see `preftune demo --help`)")
-    assert len(err) == 2 and calls == []
+    assert err[2] == ("python -m examples.news_demo: error: --pairs-judge scores the sampled summaries of the "
+                      "on-policy story; pass it with --on-policy.")
+    assert len(err) == 3 and calls == []
 
 
 def test_a_run_error_is_one_sentence_through_either_entry(capsys, tmp_path):
@@ -59,6 +75,7 @@ def test_preftune_demo_help_is_the_examples_help(capsys):
     assert e.value.code == 0
     out = capsys.readouterr().out
     assert out.startswith("usage: preftune demo") and "--from-scratch" in out and "--overwrite" in out
+    assert "--on-policy" in out and "--pairs-judge" in out
 
 
 def test_library_cli_keeps_no_demo_flags():

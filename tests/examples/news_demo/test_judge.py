@@ -168,3 +168,41 @@ def test_pairwise_judge_with_preftune_judging_gives_the_hand_counted_win_rate():
     assert sorted(calls) == sorted([GOOD, BAD])
     assert pairwise.verdict(ARTICLE, GOOD).good and not pairwise.verdict(ARTICLE, BAD).good
     assert len(calls) == 2
+
+
+@pytest.mark.parametrize("summary, expected", [
+    (GOOD, 6.0),                  # 5 facts + concise
+    (VERBOSE, 5.0),               # 5 facts, 30 words > 21
+    (BAD, 1.0),                   # no fact, concise
+    ("Redfern Company will open 460 sports halls in Krakow, it said on March 12.", 3.0),   # 4 + 1 − 2·1
+    ("Redfern Company will open 460 sports halls in Tallinn, it said on March 12.", 0.0),  # 3 + 1 − 2·2
+    ("Coaches said 460 children had joined waiting lists for local teams.", -1.0),         # 0 + 1 − 2·1
+    ("Redfern Company in Krakow.", 2.0),                                                   # 2 + 0 (4 words < 8)
+])
+def test_graded_score_counts_facts_concision_and_wrong_facts(summary, expected):
+    """score = key facts present (of 5) + 1 if concise − 2 per wrong fact, from the prompt alone; the same as
+    graded_score on the article itself."""
+    from examples.news_demo.judge import graded_score, score
+
+    assert graded_score(ARTICLE, summary) == expected
+    assert score(make_prompt(ARTICLE), " " + summary) == expected  # answers are stripped, as sampled ones start
+    assert score([{"role": "system", "content": "be brief"}, {"role": "user", "content": make_prompt(ARTICLE)}],
+                 summary) == expected
+
+
+def test_score_loads_as_a_file_judge_for_preftune_pairs():
+    """`--judge examples/news_demo/judge.py:score` (the file form, imported under another module name; its
+    dataclasses need the module registered) gives a pointwise judge; a prompt of no demo article is the judge's
+    one-sentence error naming the prompt's line."""
+    from pathlib import Path
+
+    from examples.news_demo import judge as judge_module
+    from preftune.onpolicy.judges import Group, function_judge
+
+    judge = function_judge(f"{Path(judge_module.__file__)}:score")
+    assert judge.kind == "pointwise"
+    assert judge.score([Group(make_prompt(ARTICLE), [GOOD, BAD], "p.jsonl line 1", 0)]) == [[6.0, 1.0]]
+    with pytest.raises(PreftuneError, match=r"judge.py:score raised ValueError: no news demo article in the prompt "
+                                            r"\(no lead sentence the demo's generator writes\) on the prompt at "
+                                            r"p.jsonl line 2.$"):
+        judge.score([Group("Summarize: nothing.", [GOOD, BAD], "p.jsonl line 2", 1)])

@@ -119,3 +119,18 @@ def test_lexicon_covers_every_word_the_generator_writes():
     for art in news.generate_articles(300, seed=4) + news.generate_articles(100, seed=4, split="heldout"):
         for text in [news.make_prompt(art), art.reference] + [news.bad_summary(art, k, rng) for k in news.BAD_KINDS]:
             assert set(re.findall(r"\w+|[^\w\s]+", text)) <= words
+
+
+def test_article_from_prompt_reads_back_every_fact_of_every_lead_template():
+    """A judge shown only the prompt (as `preftune pairs` shows it) gets the article back exactly: its facts
+    (distractors included), reference, filler and split, for 225 articles of both splits (all three lead
+    templates); anything else is a ValueError."""
+    articles = news.generate_articles(150, seed=11, split="train") + news.generate_articles(75, seed=12,
+                                                                                            split="heldout")
+    leads = Counter(a.text.split("\n\n")[0].split(" ")[0] == "On" for a in articles)
+    assert leads[True] > 40 and leads[False] > 100  # "On {date}, ..." and the two templates starting with {org}
+    for a in articles:
+        back = news.article_from_prompt(news.make_prompt(a))
+        assert {**back.to_dict(), "id": a.id} == a.to_dict()
+    with pytest.raises(ValueError, match="no news demo article in the prompt"):
+        news.article_from_prompt("Summarize this: the cat sat on the mat.")
