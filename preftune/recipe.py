@@ -34,7 +34,7 @@ from preftune.errors import PreftuneError
 from preftune.hub import HubCallback
 from preftune.logprobs import LogpsModel, inference, unwrap_handle
 from preftune.modeling.load import resolve_model_path
-from preftune.modeling.reference import Placement, build_reference
+from preftune.modeling.reference import Placement, ReferenceSettings, build_reference
 from preftune.objectives import make_objective
 from preftune.optim import lr_schedule, warmup_steps
 from preftune.outputs.checkpoint import load_checkpoint, pick_checkpoint, save_checkpoint, save_final
@@ -153,7 +153,7 @@ class Recipe:
             self.cfg, self.tokenizer, self.train_split, self.eval_split = load_data(
                 cfg, self.objective.name, self.model_path, engine, self.run_dir.data_cache)  # unpaired data for KTO
         # what every checkpoint records, and a resume must match: before the model loads, so a refusal is quick
-        self.identity = run_identity(self.cfg, self.task, self.model_path, self.train_split.pairs)
+        self.identity = run_identity(self.cfg.to_dict(), self.task, self.model_path, self.train_split.pairs)
         if checkpoint is not None:
             check_resume(checkpoint, self.identity, force=cfg.resume_force, say=engine.print, launch=launch)
         with self.callbacks.phase(self.state, "model"):
@@ -208,11 +208,12 @@ class Recipe:
                                      sharded=engine.sharded, training=False)  # a separate reference_model's plan
         with self.run_dir.saving("the reference log-probs cache", "nothing else was changed"):
             self.reference = build_reference(
-                cfg, policy=handle, model_path=self.model_path, needs_reference=self.objective.needs_reference,
+                ReferenceSettings.of(cfg), policy=handle, model_path=self.model_path,
+                needs_reference=self.objective.needs_reference,
                 splits={"train": self.train_split.pairs, "eval": self.eval_split.pairs if self.eval_split else None},
-                cache_path=self.run_dir.reference_cache, pad_id=self.tokenizer.pad_token_id, device=engine.device,
+                cache_path=self.run_dir.reference_cache, pad_id=self.tokenizer.pad_token_id, placement=placement,
                 plan_for=plan_for, autocast=engine.autocast, is_main_process=engine.is_main_process,
-                say=engine.print, placement=placement, checkpoint=checkpoint,
+                say=engine.print, checkpoint=checkpoint,
                 # the order is known up front: only the pairs the steps use are scored (and KTO's mismatched pairs)
                 order=self.order, steps=self.state.total_steps, mismatched=self.objective.needs_mismatched)
         self.objective.bind(self.reference)  # KTO's reference point and TR-DPO's moving reference use it

@@ -7,6 +7,7 @@ test (pytest does not collect it): a record, re-run by hand when that code chang
 tests/HOSTILE_CASES.md.
 
     PYTHONPATH=$PWD:$PWD/tests .venv/bin/python tools/hostile_cases.py > /tmp/cases.md
+    PYTHONPATH=$PWD:$PWD/tests .venv/bin/python tools/hostile_cases.py --only onpolicy   # pairs' and iterate's rows
 
 Works in /tmp/rfcases (deleted first; $RFCASES to use another folder). The full-disk cases mount a 32 MiB tmpfs, so they need root; without it
 they are skipped.
@@ -122,6 +123,129 @@ def link(path: Path, target: Path) -> None:
         shutil.rmtree(path)
     path.symlink_to(target)
 
+
+def print_table(before: str) -> None:
+    after = tree_hash(MINE)
+    print("| class | case | exit | message (first line of stderr; / the telling stdout line) | holds |")
+    print("|---|---|---|---|---|")
+    for r in ROWS:
+        print("| " + " | ".join((*r, "")[:5]) + " |")
+    print(f"\nsibling folder {MINE}: sha256 of names+contents before {before[:16]}, after {after[:16]}: "
+          f"{'unchanged' if before == after else 'CHANGED'}")
+    print(f"issue 26 rows: {sum(HELD)} of {len(HELD)} hold")
+
+
+def onpolicy_writes() -> None:
+    """Issue 26: `preftune pairs` and `preftune iterate` write like a run folder. A link planted at a name they
+    write (pairs' OUT.jsonl, its summary, its state folder, the verdict cache; iterate's rounds.json, a round
+    folder, report/) is refused in one sentence, and the link's target in the user's folder is untouched."""
+    import http.server
+    import threading
+
+    prompts = ROOT / "prompts.txt"
+    prompts.write_text("".join(f"{p['prompt']}\n" for p in make_pairs(12, seed=7)))
+    (ROOT / "score.py").write_text("def score(prompt, answer):\n    words = answer.split()\n"
+                                   "    return float(len(set(words))) - 0.1 * len(words)\n")
+    judge = ["--judge", f"{ROOT / 'score.py'}:score"]
+
+    def pairs(out, *extra, with_judge=judge):
+        return ["pairs", "--model", str(MODEL), "--prompts", str(prompts), *with_judge, "--output", str(out),
+                "--samples", "3", "--max-new-tokens", "3", "--batch-size", "6", "--progress", "false",
+                "--device", "cpu", *extra]
+
+    def untouched(note: str = "") -> None:
+        ok = ROWS[-1][2] == "2" and "symbolic link" in ROWS[-1][3] and tree_hash(MINE) == start
+        holds(ok, f"{note}{'; ' if note else ''}user's folder unchanged: {tree_hash(MINE) == start}")
+
+    start = tree_hash(MINE)
+    run("writes (26)", "pairs --output OUT.jsonl, a dangling link to the user's folder", pairs(_planted(
+        ROOT / "pl-out" / "pairs.jsonl", MINE / "new-pairs.jsonl")))
+    untouched(f"link target created: {(MINE / 'new-pairs.jsonl').exists()}")
+    (MINE / "new-pairs.jsonl").unlink(missing_ok=True)
+    start = tree_hash(MINE)
+    run("writes (26)", "pairs with OUT.state/ a link to the user's folder", pairs(_planted(
+        ROOT / "pl-state" / "pairs.state", MINE / "folder").with_name("pairs.jsonl")))
+    untouched()
+    done = ROOT / "pl-done" / "pairs.jsonl"
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(pairs(done)) == 0
+    _planted(done.with_name("pairs.summary.json"), MINE / "notes.txt")
+    start = tree_hash(MINE)
+    run("writes (26)", "pairs rerun with a link at OUT.summary.json", pairs(done))
+    untouched(f"the link still there: {done.with_name('pairs.summary.json').is_symlink()}")
+
+    class Endpoint(http.server.BaseHTTPRequestHandler):
+        """An OpenAI-compatible judge: the score is the answer's count of distinct words; HTTP 404 once `fail`
+        requests were answered (a server going away)."""
+        served, fail = 0, None
+
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            Endpoint.served += 1
+            if Endpoint.fail is not None and Endpoint.served > Endpoint.fail:
+                self.send_response(404)
+                self.end_headers()
+                return
+            answer = body["messages"][0]["content"].rsplit("Answer:\n", 1)[-1]
+            reply = json.dumps({"choices": [{"message": {"content": str(len(set(answer.split())))}}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(reply)))
+            self.end_headers()
+            self.wfile.write(reply)
+
+        def log_message(self, *a):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Endpoint)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = ["--judge-url", f"http://127.0.0.1:{server.server_address[1]}/v1", "--judge-model", "m",
+           "--judge-concurrency", "1", "--judge-retries", "0"]
+    cut = ROOT / "pl-cache" / "pairs.jsonl"
+    Endpoint.fail = 8  # the first run stops at the 9th verdict: 8 are in the cache
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        main(pairs(cut, with_judge=url))
+    Endpoint.fail = None
+    _planted(cut.with_name("pairs.state") / "judge-cache-0.jsonl", MINE / "notes.txt")
+    start = tree_hash(MINE)
+    run("writes (26)", "pairs rerun (endpoint judge) with a link at the verdict cache OUT.state/judge-cache-0.jsonl",
+        pairs(cut, with_judge=url))
+    untouched()
+    server.shutdown()
+
+    def iterate(out, *extra):
+        return ["iterate", "--model", str(MODEL), "--prompts", str(prompts), *judge, "--output-dir", str(out),
+                "--rounds", "1", "--max-new-tokens", "4", "--max-steps", "2", "--batch-size", "4", "--max-length",
+                "64", "--max-prompt-length", "32", "--eval-fraction", "0.25", "--sample-batch-size", "8",
+                "--progress", "false", "--device", "cpu", *extra]
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(iterate(ROOT / "it-base")) == 0
+    for name, target, case in (("rounds.json", MINE / "notes.txt", "iterate --resume --rounds 2 with a link at rounds.json"),
+                               ("round-2", MINE / "folder", "iterate --resume --rounds 2 with round-2/ a link to the "
+                                                            "user's folder"),
+                               ("report", MINE / "folder", "iterate --resume --rounds 2 with report/ a link to the "
+                                                           "user's folder")):
+        out = ROOT / f"it-{name}"
+        shutil.copytree(ROOT / "it-base", out, symlinks=True)
+        _planted(out / name, target)
+        start = tree_hash(MINE)
+        run("writes (26)", case, iterate(out, "--resume", "true", "--rounds", "2"))
+        untouched()
+
+
+def _planted(path: Path, target: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    link(path, target)
+    return path
+
+
+if "--only" in sys.argv:  # one class of rows alone (after a change to the code it is about)
+    assert sys.argv[sys.argv.index("--only") + 1] == "onpolicy", "--only takes: onpolicy"
+    before = tree_hash(MINE)
+    onpolicy_writes()
+    print_table(before)
+    raise SystemExit(0)
 
 before = tree_hash(MINE)
 with contextlib.redirect_stdout(io.StringIO()):
@@ -743,11 +867,5 @@ first = (code, out.exists())
 code = run("messages (26)", "… then the same folder without it", argv(out), look_for="done")
 holds(first == (2, False) and code == 0, f"first: exit {first[0]}, folder made {first[1]}")
 
-after = tree_hash(MINE)
-print("| class | case | exit | message (first line of stderr; / the telling stdout line) | holds |")
-print("|---|---|---|---|---|")
-for r in ROWS:
-    print("| " + " | ".join((*r, "")[:5]) + " |")
-print(f"\nsibling folder {MINE}: sha256 of names+contents before {before[:16]}, after {after[:16]}: "
-      f"{'unchanged' if before == after else 'CHANGED'}")
-print(f"issue 26 rows: {sum(HELD)} of {len(HELD)} hold")
+onpolicy_writes()
+print_table(before)

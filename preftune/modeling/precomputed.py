@@ -97,14 +97,14 @@ def cache_key(model_id: str, pairs: Sequence[TokenizedPair], extra: dict) -> str
     return h.hexdigest()[:20]
 
 
-def cache_settings(cfg: Any, plan: ForwardPlan) -> dict[str, Any]:
+def cache_settings(plan: ForwardPlan, *, dtype: str, mixed_precision: str, trust_remote_code: bool) -> dict[str, Any]:
     """The settings of a reference pass that change its values: dtype, mixed precision, remote model code, and
     in half precision (bf16/fp16 weights or autocast) the forward path, whose different summation orders then
     differ by up to 2.3e-2 per sequence (KV cache vs packed, bf16): a cache from another path would make the
     step-1 rewards non-zero. In fp32 the paths agree to ~1e-6, and a resume that changes the path reuses the
     cache."""
-    extra = {"dtype": cfg.dtype, "mixed_precision": cfg.mixed_precision, "trust_remote_code": cfg.trust_remote_code}
-    if cfg.dtype in ("bfloat16", "float16") or cfg.mixed_precision in ("bf16", "fp16"):
+    extra = {"dtype": dtype, "mixed_precision": mixed_precision, "trust_remote_code": trust_remote_code}
+    if dtype in ("bfloat16", "float16") or mixed_precision in ("bf16", "fp16"):
         extra["forward"] = plan.values_key()
     return extra
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +90,44 @@ class DisabledAdapters(Reference):
             return self.handle(batch)
 
 
+@dataclass(frozen=True)
+class ReferenceSettings:
+    """What building the reference reads of a run's settings (the TrainConfig keys of the same names), and nothing
+    else of the run."""
+
+    reference: str  # auto, copy, lora_disabled, precomputed or none
+    reference_model: str | None  # a different model as the reference (None: the starting model)
+    # loading a separate reference model, and the precision a precomputed cache is keyed by
+    dtype: str
+    mixed_precision: str
+    attn_implementation: str | None
+    trust_remote_code: bool
+    allow_pickle: bool
+    # scoring passes
+    batch_size: int
+    eval_batch_size: int  # 0: 2 × batch_size
+    max_length: int  # KTO's mismatched pairs are cut to it
+    progress: bool
+    # TR-DPO: the copy moves toward the policy
+    sync_ref_model: bool
+    ref_model_sync_steps: int
+    ref_model_mixup_alpha: float
+
+    @classmethod
+    def of(cls, cfg: Any) -> ReferenceSettings:
+        """The reference settings of a TrainConfig (or of anything with these attributes)."""
+        return cls(**{f.name: getattr(cfg, f.name) for f in fields(cls)})
+
+    @property
+    def scoring_batch_size(self) -> int:
+        return self.eval_batch_size or 2 * self.batch_size
+
+    def cache_settings(self, plan: ForwardPlan) -> dict[str, Any]:
+        """What keys a precomputed cache besides the model and the pairs (precomputed.cache_settings)."""
+        return cache_settings(plan, dtype=self.dtype, mixed_precision=self.mixed_precision,
+                              trust_remote_code=self.trust_remote_code)
+
+
 @dataclass
 class ReferenceSetup:
     """The chosen strategy and what gives reference log-probs for the train and eval splits."""
@@ -121,28 +159,26 @@ def choose_strategy(requested: str, *, needs_reference: bool, moving: bool = Fal
     return requested
 
 
-def build_reference(cfg: Any, *, policy: torch.nn.Module, model_path: str, needs_reference: bool,
+def build_reference(settings: ReferenceSettings, *, policy: torch.nn.Module, model_path: str, needs_reference: bool,
                     splits: dict[str, Sequence[TokenizedPair] | None], cache_path: Callable[[str, str], Path],
-                    pad_id: int, device: torch.device, plan_for: Callable[[torch.nn.Module], ForwardPlan],
+                    pad_id: int, placement: Placement, plan_for: Callable[[torch.nn.Module], ForwardPlan],
                     autocast=None, is_main_process: bool = True, say: Callable[[str], None] = print,
-                    placement: Placement | None = None, order: TrainOrder | None = None, steps: int = 0,
-                    checkpoint: Path | None = None, mismatched: bool = False) -> ReferenceSetup:
-    """Build the reference `cfg.reference` asks for (a TrainConfig's reference, reference_model, dtype,
-    mixed_precision, eval_batch_size, batch_size, progress, ... are read).
+                    order: TrainOrder | None = None, steps: int = 0, checkpoint: Path | None = None,
+                    mismatched: bool = False) -> ReferenceSetup:
+    """Build the reference `settings.reference` asks for.
 
     `policy` is the policy's handle as it will be trained (its model a PeftModel when LoRA is on: the base
     weights are the reference; under a sharded engine the handle the engine wrapped, so call this after the
     engine's prepare). `plan_for(model)` decides the forward plan of a separately loaded reference model.
     `splits` maps "train"/"eval" to their tokenized pairs (eval may be None); `cache_path(split, key)` names the
-    precomputed cache file of a split; `placement` says how the launch split the work (one process when None).
+    precomputed cache file of a split; `placement` says how the launch split the work and on which device.
     `order` gives the run's `steps` (known up front): only the pairs they use are precomputed (all of a split
-    without it). With `cfg.sync_ref_model` (TR-DPO) the copy moves toward the policy
+    without it). With `settings.sync_ref_model` (TR-DPO) the copy moves toward the policy
     (`end_step`), and a resumed run (`checkpoint`) starts from the reference that checkpoint saved. With
     `mismatched` (KTO) the setup also scores mismatched pairs (`ReferenceSetup.mismatched`).
     """
-    placement = placement or Placement(device=device)
-    moving = bool(getattr(cfg, "sync_ref_model", False))
-    strategy = choose_strategy(cfg.reference, needs_reference=needs_reference, moving=moving)
+    moving = settings.sync_ref_model
+    strategy = choose_strategy(settings.reference, needs_reference=needs_reference, moving=moving)
     if strategy == "none":
         return ReferenceSetup(strategy)
     handle = policy
@@ -154,47 +190,47 @@ def build_reference(cfg: Any, *, policy: torch.nn.Module, model_path: str, needs
             raise PreftuneError("sync_ref_model (TR-DPO) is not supported under FSDP2 or ZeRO-3 yet (no process "
                                 "holds whole models to mix); train on one process or under DDP, or drop "
                                 "sync_ref_model.")
-        if cfg.reference_model or (placement.sharded and strategy == "copy"):
+        if settings.reference_model or (placement.sharded and strategy == "copy"):
             # Under sharding no process holds the whole policy to copy, so the copy comes from disk.
-            handle = _load_reference(cfg, cfg.reference_model or model_path, plan_for, placement, device)
+            handle = _load_reference(settings, settings.reference_model or model_path, plan_for, placement)
         kw = dict(cache_path=cache_path, is_main_process=is_main_process, say=say)
-        setup = (_copy(cfg, policy, handle, checkpoint, **kw) if strategy == "copy" else
-                 _precomputed(cfg, handle, model_path, splits, order.used(steps) if order else None, pad_id=pad_id,
+        setup = (_copy(settings, policy, handle, checkpoint, **kw) if strategy == "copy" else
+                 _precomputed(settings, handle, model_path, splits, order.used(steps) if order else None, pad_id=pad_id,
                               autocast=autocast, placement=placement, **kw))
     if mismatched:
         assert order is not None
-        setup.mismatched = _mismatched(cfg, setup, policy, handle, splits, order, steps, model_path, cache_path=cache_path,
-                                       pad_id=pad_id, autocast=autocast, placement=placement, say=say,
-                                       is_main_process=is_main_process)
+        setup.mismatched = _mismatched(settings, setup, policy, handle, splits, order, steps, model_path,
+                                       cache_path=cache_path, pad_id=pad_id, autocast=autocast, placement=placement,
+                                       say=say, is_main_process=is_main_process)
     return setup
 
 
-def _copy(cfg: Any, policy: torch.nn.Module, handle: torch.nn.Module, checkpoint: Path | None, *,
+def _copy(settings: ReferenceSettings, policy: torch.nn.Module, handle: torch.nn.Module, checkpoint: Path | None, *,
           cache_path: Callable[[str, str], Path], is_main_process: bool, say: Callable[[str], None]) -> ReferenceSetup:
     """A frozen copy of the starting model (or the loaded reference_model), moving under TR-DPO."""
     if handle is policy:
         handle = LogpsModel(copy.deepcopy(handle_model(policy)), _plan_of(policy))
     ref = FrozenModel(handle)
     setup = ReferenceSetup("copy", ref, ref)
-    if getattr(cfg, "sync_ref_model", False):
-        say(f"reference: a copy of the {'reference_model' if cfg.reference_model else 'starting model'}, moved "
-            f"toward the policy every {cfg.ref_model_sync_steps} steps by α = {cfg.ref_model_mixup_alpha:g} "
-            "(TR-DPO)")
-        setup.sync = ReferenceSync(handle_model(handle), handle_model(policy), alpha=cfg.ref_model_mixup_alpha,
-                                   every=cfg.ref_model_sync_steps, weights_file=cache_path("tr_dpo", "reference"),
+    if settings.sync_ref_model:
+        say(f"reference: a copy of the {'reference_model' if settings.reference_model else 'starting model'}, "
+            f"moved toward the policy every {settings.ref_model_sync_steps} steps by α = "
+            f"{settings.ref_model_mixup_alpha:g} (TR-DPO)")
+        setup.sync = ReferenceSync(handle_model(handle), handle_model(policy), alpha=settings.ref_model_mixup_alpha,
+                                   every=settings.ref_model_sync_steps, weights_file=cache_path("tr_dpo", "reference"),
                                    is_main_process=is_main_process)
         if checkpoint is not None:
             setup.sync.load(checkpoint)
     return setup
 
 
-def _precomputed(cfg: Any, handle: torch.nn.Module, model_path: str, splits: dict[str, Sequence[TokenizedPair] | None],
-                 used: np.ndarray | None, *, pad_id: int, autocast: Any, placement: Placement,
+def _precomputed(settings: ReferenceSettings, handle: torch.nn.Module, model_path: str,
+                 splits: dict[str, Sequence[TokenizedPair] | None], used: np.ndarray | None, *, pad_id: int, autocast: Any, placement: Placement,
                  cache_path: Callable[[str, str], Path], is_main_process: bool,
                  say: Callable[[str], None]) -> ReferenceSetup:
     """Each split's reference log-probs, scored once (of the train pairs, only those at `used` positions)."""
-    ident = model_identity(cfg.reference_model or model_path)
-    extra = cache_settings(cfg, _plan_of(handle))
+    ident = model_identity(settings.reference_model or model_path)
+    extra = settings.cache_settings(_plan_of(handle))
     setup = ReferenceSetup("precomputed")
     for name, pairs in splits.items():
         if pairs is None:
@@ -205,8 +241,8 @@ def _precomputed(cfg: Any, handle: torch.nn.Module, model_path: str, splits: dic
         noun = "pairs" if pairs[0].rejected_ids is not None else "examples"
         say(f"reference log-probs for {count} {name} {noun} → {cache_file.parent.name}/{cache_file.name}")
         ref = precompute(handle, pairs, cache_file=cache_file, pad_id=pad_id,
-                         batch_size=cfg.eval_batch_size or 2 * cfg.batch_size, autocast=autocast,
-                         progress=cfg.progress, save=is_main_process, say=say, placement=placement,
+                         batch_size=settings.scoring_batch_size, autocast=autocast,
+                         progress=settings.progress, save=is_main_process, say=say, placement=placement,
                          positions=positions)
         setattr(setup, name, ref)
         if name == "train":
@@ -214,27 +250,28 @@ def _precomputed(cfg: Any, handle: torch.nn.Module, model_path: str, splits: dic
     return setup
 
 
-def _mismatched(cfg: Any, setup: ReferenceSetup, policy: torch.nn.Module, handle: torch.nn.Module,
+def _mismatched(settings: ReferenceSettings, setup: ReferenceSetup, policy: torch.nn.Module, handle: torch.nn.Module,
                 splits: dict[str, Sequence[TokenizedPair] | None], order: TrainOrder, steps: int, model_path: str, *,
                 cache_path: Callable[[str, str], Path], pad_id: int, autocast: Any, placement: Placement,
                 say: Callable[[str], None], is_main_process: bool) -> MismatchedPairs:
     """KTO's mismatched pairs scored under the policy and the reference: a precomputed reference scores every
     pair the run's steps (and the eval split) will use now, a live one when asked."""
-    score_kw = dict(pad_id=pad_id, batch_size=cfg.eval_batch_size or 2 * cfg.batch_size, autocast=autocast)
+    score_kw = dict(pad_id=pad_id, batch_size=settings.scoring_batch_size, autocast=autocast)
     tables: dict[str, PrecomputedPairs] = {}
     if setup.strategy == "precomputed":
-        ident, extra = model_identity(cfg.reference_model or model_path), cache_settings(cfg, _plan_of(handle))
+        ident, extra = model_identity(settings.reference_model or model_path), settings.cache_settings(_plan_of(handle))
         for name, pairs in splits.items():
             if pairs is None:
                 continue
             which = range(steps) if name == "train" else [None]
             positions = np.concatenate([MismatchedPairs.positions_of(pairs, order, name, s) for s in which])
-            key = cache_key(ident, pairs, {**extra, "max_length": cfg.max_length,
+            key = cache_key(ident, pairs, {**extra, "max_length": settings.max_length,
                                            "order": order.settings() if name == "train" else None})
             cache_file = cache_path(f"{name}_mismatched", key)
             say(f"reference log-probs of {len(np.unique(positions, axis=0)):,} mismatched {name} pairs (KTO's "
                 f"reference point) → {cache_file.parent.name}/{cache_file.name}")
-            tables[name] = precompute_pairs(handle, pairs, positions, cache_file=cache_file, max_length=cfg.max_length,
+            tables[name] = precompute_pairs(handle, pairs, positions, cache_file=cache_file,
+                                            max_length=settings.max_length,
                                             save=is_main_process, placement=placement, say=say, **score_kw)
 
     def reference(split: str, positions: np.ndarray, examples: list[TokenizedPair]) -> torch.Tensor:
@@ -246,21 +283,21 @@ def _mismatched(cfg: Any, setup: ReferenceSetup, policy: torch.nn.Module, handle
     def scored(examples: list[TokenizedPair]) -> torch.Tensor:
         return score_answers(policy, examples, reference=False, placement=placement, **score_kw)
 
-    return MismatchedPairs(splits, order, max_length=cfg.max_length, policy=scored, reference=reference)
+    return MismatchedPairs(splits, order, max_length=settings.max_length, policy=scored, reference=reference)
 
 
 def _plan_of(handle: torch.nn.Module) -> ForwardPlan:
     return unwrap_handle(handle).plan
 
 
-def _load_reference(cfg: Any, path: str, plan_for: Callable[[torch.nn.Module], ForwardPlan], placement: Placement,
-                    device: torch.device) -> torch.nn.Module:
+def _load_reference(settings: ReferenceSettings, path: str, plan_for: Callable[[torch.nn.Module], ForwardPlan],
+                    placement: Placement) -> torch.nn.Module:
     """A reference model from disk as a handle: its own forward plan, placed like the policy."""
-    source = load_model(resolve_model_path(path, cfg.allow_pickle), dtype=cfg.dtype,
-                        attn_implementation=cfg.attn_implementation, trust_remote_code=cfg.trust_remote_code,
-                        allow_pickle=cfg.allow_pickle)
+    source = load_model(resolve_model_path(path, settings.allow_pickle), dtype=settings.dtype,
+                        attn_implementation=settings.attn_implementation,
+                        trust_remote_code=settings.trust_remote_code, allow_pickle=settings.allow_pickle)
     if not placement.sharded:
-        source = source.to(device)
+        source = source.to(placement.device)
     handle = LogpsModel(source, plan_for(source))
     if not placement.sharded:
         return handle

@@ -12,7 +12,8 @@ names) is sent as a bearer token when set. Each request gets `timeout` seconds; 
 HTTP 408/429/5xx are retried `retries` times with exponential backoff (Retry-After honoured, at most 60 s); other
 HTTP errors and unreadable replies stop the run with one sentence. `concurrency` requests are in flight at once.
 Every score is appended to a cache file (JSON Lines, keyed by a hash of model, template and texts) as soon as it
-arrives, so a rerun after a crash or a kill pays for no request twice.
+arrives, so a rerun after a crash or a kill pays for no request twice; appended like every file preftune writes
+(outputs/files.py: never through a link at its name, a failed append cut back to whole lines).
 
 HTTP is the standard library's urllib: one JSON POST per call needs no client library, and preftune declares
 none (huggingface_hub's httpx is an implementation detail of that package, not an API of ours).
@@ -39,6 +40,7 @@ from typing import Any
 from preftune.errors import PreftuneError
 from preftune.judging import short
 from preftune.onpolicy.judges import Group, Judge
+from preftune.outputs.files import append_text, writing
 
 DEFAULT_TEMPLATE = """Rate how well the answer responds to the request below, on a scale of 1 to 10 (10 = a
 correct, complete, clear and concise answer; 1 = wrong, off-topic or unreadable).
@@ -160,8 +162,10 @@ class EndpointJudge(Judge):
         with self._lock:
             self._cache[key] = score
             if self._cache_file is not None:
-                with self._cache_file.open("a", encoding="utf-8") as f:
-                    f.write(json.dumps({"key": key, "score": score, "reply": reply[:200]}, ensure_ascii=False) + "\n")
+                line = json.dumps({"key": key, "score": score, "reply": reply[:200]}, ensure_ascii=False) + "\n"
+                with writing(f"the judge's verdict cache {self._cache_file}", self._cache_file.parent,
+                             "run the same command again (the verdicts cached so far are kept)"):
+                    append_text(self._cache_file, line, "pass another --output (pairs) or --output-dir (iterate)")
         return score
 
     def _post(self, body: dict, where: str) -> str:

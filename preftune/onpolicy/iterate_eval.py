@@ -25,6 +25,7 @@ import torch
 from preftune.evaluate import kl_metrics
 from preftune.generate import Sampling, load_model_for_generation, sample_completions
 from preftune.judging import win_rate
+from preftune.onpolicy.iterate_config import IterateConfig
 from preftune.onpolicy.judges import Group, Judge
 from preftune.onpolicy.pairs import encode_prompts
 from preftune.onpolicy.prompts import Prompt
@@ -36,7 +37,7 @@ def pointwise(judge: Judge) -> bool:
     return judge.kind != "pairwise"
 
 
-def _load(path: str, cfg: Any, device: str):
+def _load(path: str, cfg: IterateConfig, device: str):
     return load_model_for_generation(path, dtype=cfg.dtype, device=device, trust_remote_code=cfg.trust_remote_code,
                                      allow_pickle=cfg.allow_pickle)
 
@@ -48,7 +49,7 @@ def _free(model) -> None:
         torch.cuda.empty_cache()
 
 
-def evaluate_answers(model_path: str, prompts: Sequence[Prompt], judge: Judge, cfg: Any, *, device: str,
+def evaluate_answers(model_path: str, prompts: Sequence[Prompt], judge: Judge, cfg: IterateConfig, *, device: str,
                      kl_to: dict[str, str] | None = None) -> dict[str, Any]:
     """Greedy and sampled answers of `model_path` to `prompts`, judged, and KL to each model in `kl_to` (name →
     path); see the module docstring. One model is in memory at a time."""

@@ -142,6 +142,7 @@ class _Run:
         timings: dict[str, float] = {}
         self.say(f"round {r}/{cfg.rounds}: pairs from {start}")
         prompts = round_prompts(self.train_prompts, cfg.prompts_per_round, r, cfg.seed)
+        folder.make(folder.round_dir(r))  # (never through a link: pairs and train write inside it)
         prompt_file = (folder.write_prompts(folder.round_dir(r) / "prompts.jsonl", prompts) if cfg.prompts_per_round
                        else folder.path / "prompts" / "train.jsonl")
         t0 = time.perf_counter()

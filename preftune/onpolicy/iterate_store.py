@@ -1,6 +1,7 @@
 """The folder of a `preftune iterate` run, and how a stopped run continues where it stopped.
 
     OUT/
+      .preftune-run.json    preftune's mark (as in a training run folder, naming the command iterate)
       iterate.json          what the rounds depend on (settings, the first model's and the prompts' content, the
                             judge): a resumed run must match it
       .preftune.lock        present while a run uses the folder (outputs/lock.py)
@@ -23,6 +24,8 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -33,10 +36,15 @@ from preftune.onpolicy.iterate_config import IterateConfig
 from preftune.onpolicy.judges import Judge
 from preftune.onpolicy.prompts import Prompt, Prompts, load_prompts
 from preftune.options import may_change
-from preftune.outputs.files import replace_text
-from preftune.outputs.lock import RunLock
+from preftune.outputs.files import TMP, link_error, replace_text, writing
+from preftune.outputs.lock import LOCK, RunLock
+from preftune.outputs.run_dir import MARK
 
 SETTINGS = "iterate.json"
+ROUNDS = "rounds.json"
+JUDGE_CACHE = "judge-cache.jsonl"
+NAMES = (MARK, LOCK, SETTINGS, ROUNDS, JUDGE_CACHE, "prompts", "report")  # what the run writes in its folder
+_ROUND = re.compile(r"round-\d+$")
 MAY_CHANGE = may_change(IterateConfig)
 
 
@@ -61,9 +69,14 @@ def settings(cfg: IterateConfig, judge: Judge) -> dict[str, Any]:
 
 
 class IterateFolder:
+    """The run folder of `preftune iterate`, owned like a training run's (outputs/run_dir.py): preftune's mark
+    (.preftune-run.json, naming the command), its lock while a run uses it, every file written whole and never
+    through a link, and a folder deleted or moved away mid-run not recreated. Each round's train/ is a training
+    run folder of its own (RunDir); each round's pairs.state/ is checked by the pairs store."""
+
     def __init__(self, path: str | Path):
         self.path = Path(path).expanduser()
-        self.lock = RunLock(self.path / ".preftune.lock")
+        self.lock = RunLock(self.path / LOCK)
 
     def round_dir(self, r: int) -> Path:
         return self.path / f"round-{r}"
@@ -79,55 +92,120 @@ class IterateFolder:
 
     @property
     def rounds_file(self) -> Path:
-        return self.path / "rounds.json"
+        return self.path / ROUNDS
 
     @property
     def judge_cache(self) -> Path:
-        return self.path / "judge-cache.jsonl"
+        return self.path / JUDGE_CACHE
 
+    # --- checks
+    def _read_mark(self) -> dict | None:
+        try:
+            mark = json.loads((self.path / MARK).read_text(encoding="utf-8")[:1 << 20])
+        except (OSError, ValueError):
+            return None
+        return mark if isinstance(mark, dict) and mark.get("command") == "iterate" else None
+
+    def check_links(self) -> None:
+        """Refuse a symbolic link at any name the run writes: in the folder (its files, prompts/, report/,
+        round-N/ and their temporary names) and anything inside prompts/, report/ and round-N/ (iterate's own
+        folders) but train/'s and pairs.state/'s contents, which train and pairs check."""
+        if not self.path.is_dir():
+            return
+        for p in self.path.iterdir():
+            name = p.name.removeprefix(TMP)
+            ours = name in NAMES or _ROUND.match(name) or p.name.startswith(TMP + "lock-")
+            if ours and p.is_symlink():
+                raise link_error(p)
+            if p.is_dir() and not p.is_symlink() and (p.name in ("prompts", "report") or _ROUND.match(p.name)):
+                for q in p.iterdir():
+                    if q.is_symlink():
+                        raise link_error(q)
+
+    def check_present(self) -> None:
+        """While this run holds the folder: refuse to write on when it was deleted or moved away (its lock is gone)."""
+        if self.lock.token is not None and not self.lock.held():
+            raise PreftuneError(f"--output-dir {self.path} was deleted or moved away while the run was using it (its "
+                                f"{LOCK} is gone), so the run stops instead of writing a partial folder there; continue "
+                                "wherever the folder went with --resume, or start again.")
+
+    # --- opening
     def open(self, values: dict[str, Any], *, resume: bool, say=print) -> bool:
         """Check the folder (a new one, or this run's when resuming), take its lock and record `values`; returns
         whether an earlier run's files are there."""
         saved_file = self.path / SETTINGS
-        entries = [p.name for p in self.path.iterdir()] if self.path.is_dir() else []
+        if self.path.is_symlink() and not self.path.exists():
+            raise PreftuneError(f"--output-dir {self.path} is a link to a missing folder; pass a folder path.")
         if self.path.exists() and not self.path.is_dir():
             raise PreftuneError(f"--output-dir {self.path} is a file; pass a folder.")
-        if entries and not saved_file.is_file():
-            raise PreftuneError(f"{self.path} is not empty and no preftune iterate run wrote it ({SETTINGS} is "
-                                "missing); pass another --output-dir (nothing was changed).")
+        entries = [p.name for p in self.path.iterdir() if p.name != LOCK] if self.path.is_dir() else []
+        # (a folder an iterate run made before the mark existed is known by its iterate.json)
+        if entries and not (self._read_mark() or (saved_file.is_file() and MARK not in entries)):
+            raise PreftuneError(f"{self.path} is not empty and no preftune iterate run made it (it has no {MARK} "
+                                "naming iterate); pass another --output-dir (nothing was changed).")
         if entries and not resume:
             raise PreftuneError(f"{self.path} holds a preftune iterate run; pass --resume to continue it, or another "
                                 "--output-dir (nothing was changed).")
         if entries:
-            saved = json.loads(saved_file.read_text(encoding="utf-8"))
+            saved = self.read_json(saved_file) or {}
             diff = _differences(saved, values)
             if diff:
                 raise PreftuneError(f"{self.path} was made with other settings ({'; '.join(diff[:3])}); resume with "
-                                    "the same ones, or pass another --output-dir.")
-        try:
+                                    "the same ones, or pass another --output-dir (nothing was changed).")
+        self.check_links()
+        with writing(str(self.path), self.path.parent, "pass a folder you can write to as --output-dir"):
             self.path.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise PreftuneError(f"cannot create {self.path} ({e.strerror or e}).") from None
-        self.lock.acquire(say)
-        if not entries:
-            self.write_json(saved_file, values)
+            self.lock.acquire(say)
+        try:
+            self.check_links()  # again under the lock: the folder may have changed while the judge loaded
+            if self._read_mark() is None:
+                self._write(self.path / MARK, json.dumps({"made_by": "preftune", "command": "iterate",
+                                                          "names": [*NAMES, "round-N"], "created": _now()}) + "\n")
+            if not entries:
+                self.write_json(saved_file, values)
+        except BaseException:
+            self.release()
+            raise
         return bool(entries)
 
     def release(self) -> None:
         self.lock.release()
 
+    # --- writing
+    def make(self, folder: Path) -> Path:
+        """Folder `folder` inside the run folder, each missing level made (never through a link)."""
+        here = self.path
+        for part in folder.relative_to(self.path).parts:
+            here = here / part
+            if here.is_symlink():
+                raise link_error(here)
+            if not here.is_dir():
+                with writing(str(here), self.path, "run the same command with --resume to continue"):
+                    here.mkdir()
+        return folder
+
+    def _write(self, path: Path, text: str) -> None:
+        """A whole file of the run, written atomically and never through a link (outputs/files.py)."""
+        self.check_present()
+        self.check_links()
+        self.make(path.parent)
+        with writing(str(path), self.path, "run the same command with --resume to continue"):
+            replace_text(path, text)
+
     def write_json(self, path: Path, value: Any) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        replace_text(path, json.dumps(value, indent=1, ensure_ascii=False, default=str) + "\n")
+        self._write(path, json.dumps(value, indent=1, ensure_ascii=False, default=str) + "\n")
 
     def read_json(self, path: Path) -> Any:
         return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
     def write_prompts(self, path: Path, prompts: list[Prompt]) -> Path:
         if not path.is_file():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            replace_text(path, "".join(json.dumps({"prompt": p.value}, ensure_ascii=False) + "\n" for p in prompts))
+            self._write(path, "".join(json.dumps({"prompt": p.value}, ensure_ascii=False) + "\n" for p in prompts))
         return path
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S")
 
 
 def split_prompts(cfg: IterateConfig) -> tuple[Prompts, list[Prompt]]:

@@ -29,6 +29,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from preftune.config import TrainConfig
 from preftune.data.batching import Share
 from preftune.data.tokenize import TokenizedPair
 from preftune.errors import PreftuneError
@@ -45,7 +46,7 @@ class OnlineBatches:
 
     example = entry = None  # a split's fields (data/splits.Split): no example to show, no cache entry to keep
 
-    def __init__(self, cfg: Any, tokenizer, *, task: str, engine: Any):
+    def __init__(self, cfg: TrainConfig, tokenizer, *, task: str, engine: Any):
         if task == "sft":
             raise PreftuneError("--online samples preference pairs; it is an option of `preftune train`, not sft.")
         if task != "dpo":

@@ -213,8 +213,9 @@ def make_pairs(cfg: PairsConfig | None = None, *, judge: Judge | Callable[..., A
         say(f"waiting for the other {world - 1} process(es) to finish their prompts")
     done = store.wait_for(len(prompts.prompts))
     n_rows = store.gather(done)
-    summary = summarize(list(done.values()), prompts=len(prompts.prompts), repeated=prompts.repeated, cfg=cfg,
-                        judge=judge_obj.name, timing=timing, output=str(store.output))
+    summary = summarize(list(done.values()), prompts=len(prompts.prompts), repeated=prompts.repeated,
+                        model=cfg.model, judge=judge_obj.name, select=cfg.select, min_gap=cfg.min_gap,
+                        max_new_tokens=cfg.max_new_tokens, timing=timing, output=str(store.output))
     store.write_summary(summary)
     say(format_summary(summary))
     return PairsResult(store.output, summary, n_rows)

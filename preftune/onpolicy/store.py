@@ -17,12 +17,18 @@ own random streams, so the rerun writes the same ones). Prompts go to processes
 by index (prompt i to process i mod world), skipping done ones, so a rerun may use another number of processes.
 When every prompt is done, process 0 gathers the rows, sorted by prompt index, into pairs.jsonl (one atomic
 replace) and writes the summary: the same bytes however many processes ran and however often it was killed.
+
+Every write goes through preftune's one writer (outputs/files.py), as a run folder's files do: whole files
+replaced atomically (and on disk first), appends opened without following a link, and a symbolic link at any name
+the run writes (the output, its summary, the state folder and anything in it) refused with one sentence before
+anything is written. The state folder is preftune's (settings.json marks it): an existing folder without it is
+refused. No lock: the processes of one launch share these files (each writes its own), and pairs has no
+process group in which the first could tell the others a folder is taken.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections import Counter
 from collections.abc import Iterable
@@ -30,6 +36,10 @@ from pathlib import Path
 from typing import Any
 
 from preftune.errors import PreftuneError
+from preftune.outputs.files import TMP, append_text, link_error, replace_text, writing
+
+FIX = "pass another --output"  # how a refused link or folder is avoided
+CONTINUE = "run the same command again to continue from what was written"
 
 
 def _jsonl(path: Path) -> list[dict]:
@@ -47,13 +57,10 @@ def _jsonl(path: Path) -> list[dict]:
     return out
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def _write_atomic(path: Path, text: str, *, unique: bool = False) -> None:
+    """A whole file replaced atomically, on disk first, never through a link (outputs/files.py)."""
+    with writing(str(path), path.parent, CONTINUE):
+        replace_text(path, text, FIX, durable=True, unique=unique)
 
 
 def _lines(rows: Iterable[dict]) -> str:
@@ -91,19 +98,36 @@ class PairsStore:
 
     # ------------------------------------------------------------------------------------------------ opening
 
+    def check_links(self) -> None:
+        """Refuse a symbolic link at any name this run writes: the output, its summary (and their temporary
+        names), the state folder and anything in it."""
+        names = [self.output, self.summary_path, self.state, *(p.with_name(TMP + p.name)
+                                                               for p in (self.output, self.summary_path))]
+        names += list(self.state.iterdir()) if self.state.is_dir() and not self.state.is_symlink() else []
+        for path in names:
+            if path.is_symlink():
+                raise link_error(path, FIX)
+
     def open(self, settings: dict[str, Any]) -> dict[int, dict]:
         """Check `settings` against a run already in these files (or record them), make this process's files
         consistent, and return every prompt already done (index → its done line)."""
+        self.check_links()
         saved_file = self.state / "settings.json"
+        if self.state.exists() and not self.state.is_dir():
+            raise PreftuneError(f"{self.state} is a file, where `preftune pairs` keeps its state; {FIX} (nothing was "
+                                "changed).")
         if not saved_file.is_file():
             if self.output.exists():
                 raise PreftuneError(f"{self.output} exists and no {self.state.name}/ folder beside it says a `preftune "
                                     "pairs` run wrote it; pass another --output (nothing was changed).")
-            try:
+            # (another process of this launch may be writing settings.json: its temporary file is not foreign)
+            if self.state.is_dir() and any(not p.name.startswith(TMP) for p in self.state.iterdir()):
+                raise PreftuneError(f"{self.state} holds files no `preftune pairs` run wrote (it has no settings.json); "
+                                    f"move them away or {FIX} (nothing was changed).")
+            with writing(str(self.state), self.state.parent, f"{FIX} (nothing else was changed)"):
                 self.state.mkdir(parents=True, exist_ok=True)
-                _write_atomic(saved_file, json.dumps(settings, indent=1, sort_keys=True, default=str) + "\n")
-            except OSError as e:
-                raise PreftuneError(f"cannot write {self.state} ({e.strerror or e}).") from None
+            # every process of a launch writes the same settings at once: each through a temporary name of its own
+            _write_atomic(saved_file, json.dumps(settings, indent=1, sort_keys=True, default=str) + "\n", unique=True)
         saved = json.loads(saved_file.read_text(encoding="utf-8"))
         diff = _differences(saved, json.loads(json.dumps(settings, default=str)))
         if diff:
@@ -143,16 +167,9 @@ class PairsStore:
     def append(self, rows: list[dict], done: list[dict]) -> None:
         """One batch: its pairs (flushed to disk), then the done lines of its prompts."""
         for path, lines in ((self.rows_path(self.rank), rows), (self.done_path(self.rank), done)):
-            if not lines:
-                continue
-            try:
-                with path.open("a", encoding="utf-8") as f:
-                    f.write(_lines(lines))
-                    f.flush()
-                    os.fsync(f.fileno())
-            except OSError as e:
-                raise PreftuneError(f"cannot write {path} ({e.strerror or e}); what was written before is kept and "
-                                    "the same command continues from there.") from None
+            if lines:
+                with writing(str(path), path.parent, CONTINUE):
+                    append_text(path, _lines(lines), FIX, durable=True)  # never through a link, whole lines
 
     # -------------------------------------------------------------------------------------------- finishing
 

@@ -12,9 +12,10 @@ LONGER_MIN_PAIRS = 10  # fewer pairs say nothing about a bias
 GAP_QUANTILES = (("p5", 0.05), ("p25", 0.25), ("median", 0.5), ("p75", 0.75), ("p95", 0.95))
 
 
-def summarize(done: list[dict], *, prompts: int, repeated: int, cfg: Any, judge: str,
-              timing: dict[str, float] | None = None, output: str = "") -> dict[str, Any]:
-    """Counts, the gap distribution and the length bias of the kept pairs, from every prompt's done line."""
+def summarize(done: list[dict], *, prompts: int, repeated: int, model: str, judge: str, select: str, min_gap: float,
+              max_new_tokens: int, timing: dict[str, float] | None = None, output: str = "") -> dict[str, Any]:
+    """Counts, the gap distribution and the length bias of the kept pairs, from every prompt's done line; `model`,
+    `judge`, `select`, `min_gap` and `max_new_tokens` are the run's, shown with them."""
     sampled = [d for d in done if "skip" not in d]
     pairs = [p for d in sampled for p in d["pairs"]]
     gaps = [p[0] for p in pairs]
@@ -22,7 +23,7 @@ def summarize(done: list[dict], *, prompts: int, repeated: int, cfg: Any, judge:
     unequal = sum(c != r for _, c, r in pairs)
     share = longer / unequal if unequal else None
     summary: dict[str, Any] = {
-        "output": output, "model": cfg.model, "judge": judge, "select": cfg.select, "min_gap": cfg.min_gap,
+        "output": output, "model": model, "judge": judge, "select": select, "min_gap": min_gap,
         "prompts": prompts, "prompts_repeated_in_file": repeated,
         "prompts_too_long": len(done) - len(sampled),
         "samples": sum(d["k"] for d in sampled),
@@ -49,7 +50,7 @@ def summarize(done: list[dict], *, prompts: int, repeated: int, cfg: Any, judge:
     cut = summary["answers_cut"]
     if summary["samples"] and cut / summary["samples"] > 0.5:
         summary["warnings"].append(f"{cut:,} of {summary['samples']:,} answers were cut at --max-new-tokens "
-                                   f"{cfg.max_new_tokens}: raise it, or pass --missing-eos-penalty")
+                                   f"{max_new_tokens}: raise it, or pass --missing-eos-penalty")
     if timing and timing.get("sample_s"):
         summary["this_run"] = {"samples": timing["samples"], "tokens": timing["tokens"],
                                "sample_seconds": round(timing["sample_s"], 2),

@@ -10,6 +10,7 @@ import contextlib
 import errno
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 from preftune.errors import PreftuneError
@@ -51,11 +52,15 @@ def write_failure(exc: BaseException, folder: Path) -> tuple[str, str] | None:
     return None
 
 
-def replace_text(path: Path, text: str | bytes, fix: str = "choose another --output-dir") -> None:
-    """Write a whole file atomically (readers see the old or the new content), never through a link."""
+def replace_text(path: Path, text: str | bytes, fix: str = "choose another --output-dir", *, durable: bool = False,
+                 unique: bool = False) -> None:
+    """Write a whole file atomically (readers see the old or the new content), never through a link. `durable`:
+    on disk before it replaces the old file (fsync: a file the next write builds on, such as pairs' rows);
+    `unique`: a temporary name of this process's own, for a file several processes of one launch write at once
+    with the same content."""
     if path.is_symlink():
         raise link_error(path, fix)
-    tmp = path.with_name(TMP + path.name)
+    tmp = path.with_name(TMP + path.name + (f"-{os.getpid()}" if unique else ""))
     if tmp.is_symlink():
         raise link_error(tmp, fix)
     tmp.unlink(missing_ok=True)  # a leftover of a crash
@@ -63,6 +68,9 @@ def replace_text(path: Path, text: str | bytes, fix: str = "choose another --out
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(text.encode("utf-8") if isinstance(text, str) else text)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -89,12 +97,35 @@ def write_output(path: str | Path, data: str | bytes, what: str, flag: str = "--
     return path
 
 
-def append_text(path: Path, text: str) -> None:
-    """Append to a file (never through a link); a failed append is cut back, so the file keeps whole lines."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | _NOFOLLOW, 0o644)
+@contextlib.contextmanager
+def writing(what: str, folder: Path, then: str) -> Iterator[None]:
+    """Around a command's writes: an OSError (a full disk, a quota, a read-only or unwritable folder, or another
+    reason) becomes one sentence saying what was being written, why it failed and `then` (what to do)."""
+    try:
+        yield
+    except OSError as e:
+        failure = write_failure(e, folder)
+        why = failure[0] if failure else (e.strerror or str(e))
+        raise PreftuneError(f"cannot write {what}: {why}; {failure[1] + ' and ' if failure else ''}{then}.") from None
+
+
+def append_text(path: Path, text: str, fix: str = "choose another --output-dir", *, durable: bool = False) -> None:
+    """Append to a file, never through a link (O_NOFOLLOW: a link at the name, even a dangling one, is refused,
+    naming it); a failed append is cut back, so the file keeps whole lines. `durable`: on disk before this
+    returns (fsync)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | _NOFOLLOW, 0o644)
+    except OSError as e:
+        if e.errno == errno.ELOOP or path.is_symlink():
+            raise link_error(path, fix) from None
+        raise
     size = os.fstat(fd).st_size
     try:
-        os.write(fd, text.encode("utf-8"))
+        data = text.encode("utf-8")
+        while data:  # (a regular file takes a write whole unless the disk fills, which raises)
+            data = data[os.write(fd, data):]
+        if durable:
+            os.fsync(fd)
     except BaseException:
         with contextlib.suppress(OSError):
             os.ftruncate(fd, size)

@@ -28,12 +28,14 @@ from preftune.options import may_change
 MAY_CHANGE = may_change(TrainConfig)
 
 
-def run_identity(cfg: Any, task: str, model_path: str, pairs: Sequence) -> dict[str, Any]:
-    """What a checkpoint of this run must match (plain JSON values)."""
-    config = {k: v for k, v in cfg.to_dict().items() if k not in MAY_CHANGE}
+def run_identity(config: dict[str, Any], task: str, model_path: str, pairs: Sequence) -> dict[str, Any]:
+    """What a checkpoint of this run must match (plain JSON values), from the run's `config` (TrainConfig.to_dict:
+    every option but those that MAY_CHANGE, and the reference model's identity)."""
+    reference_model = config.get("reference_model")
+    config = {k: v for k, v in config.items() if k not in MAY_CHANGE}
     return json.loads(json.dumps({
         "task": task, "model": model_identity(model_path),
-        "reference_model": model_identity(cfg.reference_model) if cfg.reference_model else None,
+        "reference_model": model_identity(reference_model) if reference_model else None,
         "data": {"pairs": len(pairs), "sha256": pairs_digest(pairs)},
         "config": config}, default=str))
 

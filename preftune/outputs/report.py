@@ -24,6 +24,7 @@ import io
 import json
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -267,20 +268,11 @@ def write_report(run_dir: str | Path, output_dir: str | Path | None = None) -> R
     run = Path(run_dir).expanduser()
     if not run.is_dir():
         raise PreftuneError(f"run folder {run} does not exist; pass the output_dir of a training run.")
-    if not (run / "metrics.jsonl").is_file() and (rounds := _read_json(run / "rounds.json")) is not None:
-        return Report(write_rounds_page(run, Path(output_dir).expanduser() if output_dir else run / "report", rounds))
+    rounds = _read_json(run / "rounds.json") if not (run / "metrics.jsonl").is_file() else None
+    out, put = _destination(run, output_dir)  # the run's own report/ is refused before anything is drawn
+    if rounds is not None:  # a `preftune iterate` folder
+        return Report(write_rounds_page(run, out, rounds, put))
     rows, bad = _read_rows(run)
-    if output_dir is None:  # the run's own report/: refused before anything is drawn
-        owner = RunDir.existing(run, "report", "pass --output-dir to write the report elsewhere")
-        out = run / "report"
-
-        def put(path: Path, data: bytes) -> None:
-            owner.write_text(path, data)
-    else:
-        out = Path(output_dir).expanduser()
-
-        def put(path: Path, data: bytes) -> None:
-            write_output(path, data, "the report", "--output-dir")
     cfg = _read_config(run)
     eval_result = _read_json(run / "eval.json") if (run / "eval.json").is_file() else None
     problems = find_problems(rows)
@@ -301,17 +293,26 @@ def write_report(run_dir: str | Path, output_dir: str | Path | None = None) -> R
             figures.append((stem, title, png))
     if eval_result and (png := _margin_histogram(eval_result)):
         figures.append(("eval_margins", "Held-out reward margins (preftune eval)", png))
-    if output_dir is None:
-        with owner.saving("report/"):
-            if out.exists() and not out.is_dir():
-                raise PreftuneError(f"{out} is a file; move it away so that the report folder can be written.")
-            out.mkdir(exist_ok=True)
     pngs = []
     for stem, _, data in figures:
         pngs.append(out / f"{stem}.png")
         put(pngs[-1], data)
     put(out / "report.html", render_html(run, rows, cfg, problems, figures, eval_result).encode("utf-8"))
     return Report(out / "report.html", pngs, problems)
+
+
+def _destination(run: Path, output_dir: str | Path | None) -> tuple[Path, Callable[[Path, bytes], None]]:
+    """Where the report goes and how each of its files is written: the run's own report/ like every run file
+    (only in a folder preftune made, atomically, never through a link), or `output_dir` as a command's output."""
+    if output_dir is not None:
+        return Path(output_dir).expanduser(), lambda path, data: write_output(path, data, "the report", "--output-dir")
+    owner = RunDir.existing(run, "report", "pass --output-dir to write the report elsewhere")
+    out = run / "report"
+    with owner.saving("report/"):
+        if out.exists() and not out.is_dir():
+            raise PreftuneError(f"{out} is a file; move it away so that the report folder can be written.")
+        out.mkdir(exist_ok=True)
+    return out, owner.write_text
 
 
 def _fmt(v: Any) -> str:

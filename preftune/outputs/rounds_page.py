@@ -4,14 +4,16 @@ table of rounds as iterate printed it (rounds.json's cells) and a link to each r
 from __future__ import annotations
 
 import html
+from collections.abc import Callable
 from pathlib import Path
 
 from preftune.outputs.files import write_output
 
 
-def write_rounds_page(run: Path, out: Path, rounds: dict) -> Path:
+def write_rounds_page(run: Path, out: Path, rounds: dict, put: Callable[[Path, bytes], None] | None = None) -> Path:
     """The page of a `preftune iterate` folder: its table of rounds (rounds.json's cells, as iterate printed
-    them) and a link to each round's own training report."""
+    them) and a link to each round's own training report, written to `out`/report.html by `put` (report.py: the
+    folder's own report/ like every run file) or as a command's output file."""
     esc = html.escape
     table = rounds.get("table") if isinstance(rounds.get("table"), dict) else {}
     columns, rows = (v if isinstance(v, list) else [] for v in (table.get("columns"), table.get("rows")))
@@ -30,5 +32,7 @@ def write_rounds_page(run: Path, out: Path, rounds: dict) -> Path:
             f"<h1>Rounds of preftune iterate: {esc(str(run))}</h1><p>result: {esc(str(rounds.get('result')))}</p>"
             f"{stopped}<div class='wide'><table><tr>{head}</tr>{body}</table></div><h2>Each round's training report</h2>"
             f"<ul>{links or '<li>none yet</li>'}</ul></body></html>")
-    # The folder is one `preftune iterate` made (its rounds.json); written like every run file (outputs/files.py).
-    return write_output(out / "report.html", page, "the report", "--output-dir")
+    if put is None:
+        return write_output(out / "report.html", page, "the report", "--output-dir")
+    put(out / "report.html", page.encode("utf-8"))
+    return out / "report.html"

@@ -242,6 +242,9 @@ class RunDir:
         if mark is None:
             raise PreftuneError(f"output_dir {self.path} was not made by preftune (it has no {MARK}), so --resume "
                                 "and --overwrite will not write into it; choose a new or empty --output-dir.")
+        if mark.get("command") not in (None, "train"):  # e.g. a `preftune iterate` folder: not a training run's
+            raise PreftuneError(f"output_dir {self.path} holds a `preftune {mark['command']}` run, not a training "
+                                "run; choose a new or empty --output-dir.")
         foreign = [n for n in OWNED if (self.path / n).exists() and n not in mark["names"]]
         if self.checkpoints.is_dir():
             foreign += [f"{CHECKPOINTS}/{c.name}" for c in sorted(self.checkpoints.iterdir())

@@ -15,7 +15,7 @@ from preftune import TrainConfig, train
 from preftune.data.tokenize import TokenizedPair
 from preftune.errors import PreftuneError
 from preftune.logprobs import ForwardPlan
-from preftune.modeling.reference import cache_key, cache_problem, cache_settings
+from preftune.modeling.reference import ReferenceSettings, cache_key, cache_problem, cache_settings
 from preftune.outputs.metrics import read_metrics
 
 N = 4
@@ -68,10 +68,12 @@ def test_cache_settings_name_the_forward_path_only_in_half_precision(dtype, mixe
     """In bf16 the KV-cache and packed paths differ by up to 2.3e-2 per sequence (a cache from the other path
     makes step-1 rewards non-zero), so the path is part of the key there; in fp32 they agree to ~1e-6 and a
     resume that changes --prefix-sharing reuses the cache."""
-    cfg = TrainConfig(dtype=dtype, mixed_precision=mixed_precision)
+    settings = ReferenceSettings.of(TrainConfig(dtype=dtype, mixed_precision=mixed_precision))
     cache, packed = ForwardPlan("cache"), ForwardPlan("packed", attention="sdpa")
-    assert (cache_settings(cfg, cache) != cache_settings(cfg, packed)) is by_path
-    assert cache_settings(cfg, packed) == cache_settings(cfg, ForwardPlan("packed", chunk_size=64, attention="sdpa"))
+    assert (settings.cache_settings(cache) != settings.cache_settings(packed)) is by_path
+    assert settings.cache_settings(packed) == cache_settings(ForwardPlan("packed", chunk_size=64, attention="sdpa"),
+                                                             dtype=dtype, mixed_precision=mixed_precision,
+                                                             trust_remote_code=False)
 
 
 def _cfg(model, data, out, **kw) -> TrainConfig:

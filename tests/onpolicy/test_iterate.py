@@ -69,10 +69,21 @@ def _options(files: Path, model: Path, out: Path, **changes) -> dict:
             "judge": f"{files / 'judge.py'}:score", "output_dir": str(out), **changes}
 
 
+def _snapshot(*roots: Path) -> dict[Path, tuple[int, int]]:
+    return {p: (p.stat().st_size, p.stat().st_mtime_ns) for root in roots for p in root.rglob("*")
+            if "__pycache__" not in p.parts}  # (Python's own cache of the imported judge.py)
+
+
 @pytest.fixture(scope="module")
 def whole(files, tiny_model_dir):
-    """An uninterrupted two-round run."""
-    return iterate(**_options(files, tiny_model_dir, files / "whole"), say=lambda _: None)
+    """An uninterrupted two-round run; `outside`: what it changed beside its output folder (the prompts' and the
+    judge's folder, the model's)."""
+    before = _snapshot(files, tiny_model_dir)
+    result = iterate(**_options(files, tiny_model_dir, files / "whole"), say=lambda _: None)
+    after = _snapshot(files, tiny_model_dir)
+    result.outside = sorted(str(p) for p in after.keys() | before.keys() if before.get(p) != after.get(p)
+                            and result.output_dir not in (p, *p.parents))
+    return result
 
 
 def _metrics(run: Path) -> list[dict]:
@@ -82,6 +93,8 @@ def _metrics(run: Path) -> list[dict]:
 def test_every_round_starts_at_ln2_and_the_table_is_what_its_files_say(whole, files, tiny_model_dir):
     out = whole.output_dir
     assert whole.model == str(out / "round-2" / "train" / "final") and whole.stopped is None
+    assert whole.outside == []  # nothing written outside its folder (issue 26)
+    assert json.loads((out / ".preftune-run.json").read_text())["command"] == "iterate"
     for r in (1, 2):
         first = next(m for m in _metrics(out / f"round-{r}" / "train") if m["split"] == "train")
         # The reference is the round's start, so before the first update every margin is 0: −log σ(0) = ln 2.
