@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from preftune.errors import PreftuneError
-from preftune.onpolicy.collapse import check_round, no_gain
+from preftune.onpolicy.collapse import check_round, no_gain, unmoved
 from preftune.onpolicy.iterate_config import IterateConfig
 from preftune.onpolicy.iterate_eval import compare, evaluate_answers
 from preftune.onpolicy.iterate_store import IterateFolder, round_prompts, settings, split_prompts
@@ -173,6 +173,10 @@ class _Run:
         row["signals"] = verdict.signals
         row["status"] = "kept"
         self.say(round_line(row))
+        note = unmoved(ev, self.evals[-2], learning_rate=cfg.learning_rate)
+        if note:
+            row["note"] = note
+            self.say(f"note: round {r}: {note}")
         return row, verdict
 
     def _evaluate(self, r: int, model: str, start: str | None) -> dict[str, Any]:
@@ -202,4 +206,7 @@ class _Run:
         self.say("\n".join(["rounds:", *lines]))
         if result.stopped:
             self.say(f"stopped: {result.stopped}")
+        for row in self.rows:
+            if row.get("note"):
+                self.say(f"note: round {row['round']}: {row['note']}")
         self.say(f"result: {result.model}; table in {self.folder.rounds_file}; report: {report.html}")

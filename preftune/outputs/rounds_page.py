@@ -24,6 +24,9 @@ def write_rounds_page(run: Path, out: Path, rounds: dict, put: Callable[[Path, b
                     f"{esc(p.parent.parent.parent.name)}</a></li>"
                     for p in sorted(run.glob("round-*/train/report/report.html")))
     stopped = f"<p class='bad'>stopped: {esc(str(rounds['stopped']))}</p>" if rounds.get("stopped") else ""
+    detail = rounds.get("rounds") if isinstance(rounds.get("rounds"), list) else []
+    stopped += "".join(f"<p class='bad'>note: round {esc(str(r.get('round')))}: {esc(str(r['note']))}</p>"
+                       for r in detail if isinstance(r, dict) and r.get("note"))
     page = ("<!doctype html><html><head><meta charset='utf-8'><meta name='viewport' content='width=device-width, "
             "initial-scale=1'><title>preftune iterate report</title><style>body{font-family:sans-serif;"
             "max-width:1300px;margin:2em auto;padding:0 1em;color:#222;overflow-wrap:anywhere}.wide{overflow-x:auto}"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from preftune.judging import win_rate
-from preftune.onpolicy.collapse import check_round, no_gain
+from preftune.onpolicy.collapse import check_round, no_gain, unmoved
 
 
 def rows(chosen: tuple[float, float], rejected: tuple[float, float], n: int = 10) -> list[dict]:
@@ -62,3 +62,18 @@ def test_no_gain_is_a_win_rate_interval_that_includes_one_half():
     assert not no_gain(win_rate(["model"] * 18 + ["reference"] * 2))
     assert not no_gain(win_rate(["model"] * 2 + ["reference"] * 18))
     assert no_gain(None)
+
+
+def _answers(texts: list[str]) -> dict:
+    return {"greedy": {"texts": texts}}
+
+
+def test_a_round_whose_greedy_answers_did_not_change_names_the_learning_rate():
+    """19 of 20 answers unchanged = 95% ≥ the 95% share: a note naming the rate; 18 of 20 = 90%: none; a missing or
+    mismatched evaluation: none."""
+    start = [f"answer {i}" for i in range(20)]
+    note = unmoved(_answers(start[:19] + ["new"]), _answers(start), learning_rate=1e-6)
+    assert note is not None and note.startswith("19 of 20 held-out greedy answers") and "now 1e-06" in note
+    assert unmoved(_answers(start[:18] + ["new", "new"]), _answers(start), learning_rate=1e-6) is None
+    assert unmoved(_answers(start), _answers(start[:10]), learning_rate=1e-6) is None
+    assert unmoved({}, _answers(start), learning_rate=1e-6) is None
