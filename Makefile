@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 demo: install
 	$(BIN)/python -m examples.news_demo $(DEMO_ARGS)
 
-# Two pytest workers (pytest-xdist): on this project's 2-core machines the suite takes ~105 s instead of ~165 s;
+# Two pytest workers (pytest-xdist): on this project's 2-core machines the suite took 104-130 s in fresh clones instead of 163 s serially;
 # a single file or test runs alone with `.venv/bin/python -m pytest tests/FILE`.
 test: install
 	$(BIN)/ruff check preftune tests bench examples tools
