@@ -64,16 +64,21 @@ def test_no_gain_is_a_win_rate_interval_that_includes_one_half():
     assert no_gain(None)
 
 
-def _answers(texts: list[str]) -> dict:
-    return {"greedy": {"texts": texts}}
+def _answers(texts: list[str], kl: float | None = 2e-5) -> dict:
+    return {"greedy": {"texts": texts}, "kl_start": {"per_token": kl}}
 
 
 def test_a_round_whose_greedy_answers_did_not_change_names_the_learning_rate():
-    """19 of 20 answers unchanged = 95% ≥ the 95% share: a note naming the rate; 18 of 20 = 90%: none; a missing or
-    mismatched evaluation: none."""
+    """19 of 20 answers unchanged = 95% ≥ the 95% share and |KL| 2e-5 < 1e-3: a note naming the rate; 18 of 20 =
+    90%: none; KL 0.007 (the news demo's third round, 193 of 200 unchanged, near its ceiling) or -2e-3: none; no KL,
+    a missing or mismatched evaluation: none."""
     start = [f"answer {i}" for i in range(20)]
     note = unmoved(_answers(start[:19] + ["new"]), _answers(start), learning_rate=1e-6)
-    assert note is not None and note.startswith("19 of 20 held-out greedy answers") and "now 1e-06" in note
+    assert note is not None and note.startswith("19 of 20 held-out greedy answers") and "2.0e-05" in note
+    assert "now 1e-06" in note
+    assert unmoved(_answers(start[:19] + ["new"], kl=-2e-5), _answers(start), learning_rate=1e-6) is not None
     assert unmoved(_answers(start[:18] + ["new", "new"]), _answers(start), learning_rate=1e-6) is None
+    for kl in (0.007, -2e-3, None):
+        assert unmoved(_answers(start, kl=kl), _answers(start), learning_rate=1e-6) is None
     assert unmoved(_answers(start), _answers(start[:10]), learning_rate=1e-6) is None
     assert unmoved({}, _answers(start), learning_rate=1e-6) is None
