@@ -49,7 +49,11 @@ def round_row(r: int, model: str, start: str | None, pairs_summary: dict[str, An
 
 
 def _num(x: Any, fmt: str = "{:.3g}") -> str:
-    return "-" if x is None else fmt.format(x)
+    if x is None:
+        return "-"
+    text = fmt.format(x)
+    # A sampled KL estimate a hair below 0 would print as "-0.000", which reads as a bug: it is 0 at this precision.
+    return text[1:] if text.startswith("-") and float(text.replace(",", "").rstrip("%")) == 0 else text
 
 
 def _span(pair: list | None, fmt: str = "{:.2f}") -> str:
