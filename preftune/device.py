@@ -319,7 +319,7 @@ def forward_handle(model: torch.nn.Module, device: torch.device | str | None = N
 
 
 def describe(plan: ForwardPlan, checkpointing: bool, device: torch.device, sft: bool = False) -> str:
-    """The run's "speed:" line; `sft`: for examples with one answer, which no prompt is shared by."""
+    """The run's "speed:" line; `sft`: for examples with one answer (SFT's, KTO's), which no prompt is shared by."""
     rows = ("the micro-batch in one row, FlexAttention block mask" if plan.rows == "packed"
             else f"one {'example' if sft else 'pair'} per row, {plan.attention} 4D mask")
     if sft:

@@ -158,7 +158,7 @@ class Recipe:
             check_resume(checkpoint, self.identity, force=cfg.resume_force, say=engine.print, launch=launch)
         with self.callbacks.phase(self.state, "model"):
             splits = [self.train_split.pairs, *([self.eval_split.pairs] if self.eval_split else [])]
-            model, plan = load_policy(self.cfg, self.task, self.model_path, self.tokenizer, splits, engine)
+            model, plan = load_policy(self.cfg, self.objective.name, self.model_path, self.tokenizer, splits, engine)
             self.threads = cpu_threads() if engine.device.type == "cpu" else None
         # The run folder is written only once everything loaded; the main process locks it (a refusal stops all).
         fresh = checkpoint is None and (cfg.overwrite or cfg.resume == "auto")  # auto: a requeued job's first try

@@ -52,7 +52,7 @@ def load_data(cfg: TrainConfig, task: str, model_path: str, engine: Engine,
 def load_policy(cfg: TrainConfig, task: str, model_path: str, tokenizer: Any,
                 pair_sets: Sequence[Sequence[TokenizedPair]], engine: Engine) -> tuple[torch.nn.Module, ForwardPlan]:
     """The model, checked against the tokenizer and every split's ids (`pair_sets`), ready for training on its
-    device, and its forward plan."""
+    device, and its forward plan. `task`: the objective's name (dpo, sft, or unpaired for KTO's examples)."""
     model = load_model(model_path, dtype=cfg.dtype, attn_implementation=cfg.attn_implementation,
                        trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle, say=engine.print)
     check_vocabulary(model, tokenizer, *pair_sets)
@@ -62,7 +62,7 @@ def load_policy(cfg: TrainConfig, task: str, model_path: str, tokenizer: Any,
     # The fastest exact forward (device.py), decided once before any sharding; every forward runs it.
     plan = plan_forward(model, engine.device, options=ForwardOptions.of(cfg), sharded=engine.sharded,
                         checkpointing=cfg.gradient_checkpointing or engine.activation_checkpointing,
-                        autocast=engine.autocast, sft=task == "sft")
+                        autocast=engine.autocast, sft=task in ("sft", "unpaired"))  # one answer a row
     return model, plan
 
 

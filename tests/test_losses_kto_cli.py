@@ -49,6 +49,8 @@ def test_kto_step_1_is_half_the_weights(tmp_path, tiny_model_dir, capsys):
                 "--batch-size", "8", "--desirable-weight", "1.5", "--undesirable-weight", "0.7") == 0
     printed = capsys.readouterr().out
     assert "(6 desirable, 2 undesirable)" in printed
+    # one answer a row, as SFT's examples (it said "prompt·chosen·rejected as one sequence" before)
+    assert "speed: packed rows (prompt·completion as one sequence, one example per row" in printed
     assert "label balance: 6 desirable vs 2 undesirable examples give desirable_weight·n_D / (undesirable_weight·n_U)" \
            " = 6.43" in printed
     first = _train_rows(out)[0]

@@ -7,7 +7,8 @@ Adding a loss is one function in formulas.py (the formula, with paper and shapes
 `register` call in registry.py that says which statistics it reads and what it needs (a reference, lengths,
 label smoothing, the BCO reward shift, f-divergence support); config validation, `needs_reference` and the
 dispatch all read the registry. transforms.py holds what changes the statistics before a loss reads them
-(f-DPO's scores; LD-DPO and WPO, not wired yet), unpaired.py KTO's formulas (not wired yet).
+(f-DPO's scores, LD-DPO's desensitised log-probs, WPO's weights), unpaired.py the formulas over unpaired examples
+(KTO, APO-zero's unpaired form) with KTO's reference point.
 
 Inputs (all float tensors of shape [B], B = number of preference pairs):
 
