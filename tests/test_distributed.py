@@ -235,3 +235,29 @@ def test_what_launchers_set_is_accepted():
     check_environment(torchrun)
     check_environment({})
     assert launcher_precision(torchrun) == "bf16" and launcher_precision({}) is None
+
+
+@needs_torchrun
+def test_kto_two_processes_equal_one_process(tiny_model_dir, script, tmp_path):
+    """KTO's reference point is one estimate per global batch (the README's convention), so 2 processes × 2
+    unpaired examples train like one process with 4: 3 steps at lr 1e-2 (kl grows from 0 to ~1 by step 3), the same
+    losses, kl and gradient norms at the suite's 1e-5 for fp32 sums taken in another order."""
+    from helpers import make_pairs, write_jsonl
+
+    rows = [{"prompt": p["prompt"], "completion": p[k], "label": k == "chosen"}
+            for p in make_pairs(8, seed=5) for k in ("chosen", "rejected")]
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    kw = dict(loss="kto", beta=0.5, max_steps=3, learning_rate=1e-2, eval_fraction=0.0)
+    one = tmp_path / "one"
+    train(TrainConfig(model=str(tiny_model_dir), data=str(data), output_dir=str(one), batch_size=4,
+                      **{**ARGS, **kw}))
+    res = _torchrun(script, tiny_model_dir, data, tmp_path / "two", {}, batch_size=2, **kw)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "engine: DDP over 2 processes; global batch 4 = 2 per device × 2 processes × 1" in res.stdout
+    a, b = ([r for r in read_metrics(run) if r["split"] == "train"] for run in (one, tmp_path / "two"))
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3]
+    assert a[2]["kl"] > 0.1  # the policy moved: the reference point is not the clamped 0 of step 1
+    for x, y in zip(a, b):
+        for key in ("loss", "kl", "rewards/chosen"):
+            assert y[key] == pytest.approx(x[key], abs=1e-5), (x["step"], key)
+        assert y["grad_norm"] == pytest.approx(x["grad_norm"], rel=1e-4), x["step"]
