@@ -335,7 +335,7 @@ class Recipe:
                "tokens_per_s": sums.get("tokens", 0.0) / seconds, "epoch": round((step + 1) / self.state.steps_per_epoch, 4)}
         if self.skipped:
             row["skipped_steps"] = self.skipped
-        row.update(self.train_split.metrics() if self.cfg.online else {})  # sampled and judged pairs, their seconds
+        row.update(self.train_split.metrics(self.engine.reduce_sum) if self.cfg.online else {})  # sampled, judged pairs
         self.state.train_metrics = self._log("train", row)
 
     def evaluate(self, stop: StopRequest) -> dict[str, Any]:

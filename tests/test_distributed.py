@@ -10,6 +10,7 @@ numbers in another order (measured gaps: losses ≤ 2.4e-6, weights ≤ 7.3e-7).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -21,6 +22,7 @@ import torch
 from safetensors.torch import load_file
 
 from preftune import TrainConfig, train
+from preftune.cli import main
 from preftune.outputs.checkpoint import list_checkpoints
 from preftune.outputs.metrics import read_metrics
 
@@ -260,4 +262,36 @@ def test_kto_two_processes_equal_one_process(tiny_model_dir, script, tmp_path):
     for x, y in zip(a, b):
         for key in ("loss", "kl", "rewards/chosen"):
             assert y[key] == pytest.approx(x[key], abs=1e-5), (x["step"], key)
+        assert y["grad_norm"] == pytest.approx(x["grad_norm"], rel=1e-4), x["step"]
+
+
+@needs_torchrun
+def test_online_dpo_two_processes_equal_one_process(tiny_model_dir, script, tmp_path):
+    """train --online under 2 DDP processes: each samples and judges its own micro-batch of the step's prompts, and
+    answer j of a prompt at step s comes from a stream keyed by (seed, s, prompt), so 2 processes × 2 prompts draw
+    the answers one process draws for 4, and train the same: losses and gradient norms at 1e-5, and the logged
+    pair and tie counts are the global batch's (rank 0's alone were logged before: 2 pairs where one process
+    logged 4)."""
+    from helpers import make_pairs
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p["prompt"]}) + "\n" for p in make_pairs(12, seed=5)))
+    judge = tmp_path / "judge.py"
+    judge.write_text("def score(prompt, answer):\n    return float(sum(map(ord, answer)) % 101)\n")
+    kw = dict(online="true", max_steps=3, max_new_tokens=8, learning_rate=1e-3, lr_scheduler="constant",
+              warmup_ratio=0.0, beta=0.1, max_length=64, max_prompt_length=32, seed=3, progress="false")
+    one = tmp_path / "one"
+    assert main(["train", "--model", str(tiny_model_dir), "--prompts", str(prompts), "--judge", f"{judge}:score",
+                 "--output-dir", str(one), "--batch-size", "4", *_flags(kw)]) == 0
+    cmd = [str(TORCHRUN if TORCHRUN.exists() else "torchrun"), "--standalone", "--nproc_per_node", "2", str(script),
+           "train", "--model", str(tiny_model_dir), "--prompts", str(prompts), "--judge", f"{judge}:score",
+           "--output-dir", str(tmp_path / "two"), "--batch-size", "2", *_flags(kw)]
+    res = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    a, b = ([r for r in read_metrics(run) if r["split"] == "train"] for run in (one, tmp_path / "two"))
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3]
+    for x, y in zip(a, b):
+        assert y["online/pairs"] == x["online/pairs"] and y["online/ties"] == x["online/ties"], x["step"]
+        assert y["loss"] == pytest.approx(x["loss"], abs=1e-5), x["step"]
         assert y["grad_norm"] == pytest.approx(x["grad_norm"], rel=1e-4), x["step"]

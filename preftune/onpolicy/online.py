@@ -19,14 +19,15 @@ pair runs as a filler (its loss times 0), so every process still runs the same f
 The answers are trained on as the exact token ids drawn (EOS last when the answer stopped), after the prompt as
 training encodes it, cut from the left to max_prompt_length. The reference is the starting model, scored live
 (a frozen copy, or the base under LoRA adapters): precomputed log-probs cannot exist for pairs that are new
-each step. Each logged line adds `online/pairs`, `online/ties`, `online/sample_s` and `online/judge_s` (this
-process's, over the logging window).
+each step. Each logged line adds `online/pairs` and `online/ties` (the global batch's, summed over the processes
+like every logged figure) and `online/sample_s` and `online/judge_s` (seconds over the logging window, the mean
+of the processes, which sample and judge their shares side by side).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from preftune.config import TrainConfig
@@ -118,7 +119,12 @@ class OnlineBatches:
         out.append(TokenizedPair(self.ids[i], [self.eos], [self.eos], self.prompts[i].index))
         return [len(out) - 1]
 
-    def metrics(self) -> dict[str, float]:
-        """The logging window's counts and seconds (then reset)."""
-        row, self.window = dict(self.window), {k: type(v)() for k, v in self.window.items()}
-        return row
+    def metrics(self, reduce_sum: Callable[[list[float]], list[float]]) -> dict[str, float]:
+        """The logging window's counts summed over the processes and its seconds averaged over them (then reset);
+        `reduce_sum`: Engine.reduce_sum (collective: every process calls it at the same step)."""
+        pairs, ties, sample_s, judge_s, processes = reduce_sum([
+            float(self.window["online/pairs"]), float(self.window["online/ties"]), self.window["online/sample_s"],
+            self.window["online/judge_s"], 1.0])
+        self.window = {k: type(v)() for k, v in self.window.items()}
+        return {"online/pairs": int(pairs), "online/ties": int(ties), "online/sample_s": sample_s / processes,
+                "online/judge_s": judge_s / processes}
