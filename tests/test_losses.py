@@ -37,7 +37,6 @@ from preftune.losses import (
     hinge_loss,
     ipo_loss,
     nca_pair_loss,
-    nll_loss,
     orpo_loss,
     preference_loss,
     robust_loss,
@@ -248,21 +247,27 @@ def test_bco_pair_with_shift():
     close(out.losses, [0.820075])
 
 
+def _fold(shift: RewardShift, *rewards: torch.Tensor) -> None:
+    """One step's rewards into the shift, as the objective adds them (their float64 sum and count)."""
+    for r in rewards:
+        shift.add(float(r.double().sum()), r.numel())
+
+
 def test_reward_shift_running_mean_and_resume():
-    """update([1,2],[3,6]) → 12/4 = 3;  update([0],[-4]) → 8/6 = 1.333333.  Empty → 0."""
+    """add [1,2],[3,6] → 12/4 = 3;  add [0],[-4] → 8/6 = 1.333333.  Empty → 0."""
     shift = RewardShift()
     assert shift.value == 0.0
-    shift.update(t(1.0, 2.0), t(3.0, 6.0))
+    _fold(shift, t(1.0, 2.0), t(3.0, 6.0))
     assert shift.value == pytest.approx(3.0)
-    shift.update(t(0.0), t(-4.0))
+    _fold(shift, t(0.0), t(-4.0))
     assert shift.value == pytest.approx(8.0 / 6.0)
-    assert shift.count == 6
+    assert shift.state_dict() == {"sum": 8.0, "count": 6}
 
     resumed = RewardShift()
     resumed.load_state_dict(shift.state_dict())
     assert resumed.value == shift.value
-    shift.update(t(10.0), t(0.5))
-    resumed.update(t(10.0), t(0.5))
+    _fold(shift, t(10.0), t(0.5))
+    _fold(resumed, t(10.0), t(0.5))
     assert resumed.state_dict() == shift.state_dict()
     assert resumed.value == pytest.approx((8.0 + 10.5) / 8.0)
 
@@ -274,8 +279,8 @@ def test_reward_shift_equals_plain_mean_over_all_elements():
     for n in (3, 1, 7, 4, 8):
         c = torch.randn(n, generator=gen) * 5 + 1
         r = torch.randn(n, generator=gen) * 5 - 1
-        shift.update(c.requires_grad_(), r)  # must detach by itself
-        seen += [c.detach(), r]
+        _fold(shift, c, r)
+        seen += [c, r]
     assert shift.value == pytest.approx(torch.cat(seen).double().mean().item(), abs=1e-12)
 
 
@@ -404,14 +409,6 @@ def test_sft_weight_adds_per_token_nll():
     close(sft_loss(pc, lc), [2.0, 0.25])
     out = run(LossConfig(beta=1.0, sft_weight=0.5), pc, pr, pc.clone(), pr.clone(), lc=lc)
     close(out.losses, [1.693147, 0.818147])
-
-
-def test_nll_loss_token_level_mean():
-    """logps=[-6, -2], lengths=[3, 1] → -(-8)/4 = 2 (mean of per-sequence means would be 2 too, so add
-    a third: logps=-1, length=4 → 9/8 = 1.125, whereas the mean of means is (2+2+0.25)/3 = 1.416667)."""
-    out = nll_loss(t(-6.0, -2.0, -1.0), t(3.0, 1.0, 4.0))
-    assert out.shape == ()
-    close(out, torch.tensor(1.125, dtype=torch.float64))
 
 
 # --------------------------------------------------------------------------------------------- combination
@@ -572,12 +569,6 @@ def test_robust_refuses_eps_outside_0_to_half(eps):
     """1 - 2ε would be 0 (a division by zero) or negative (a sign flip)."""
     with pytest.raises(ValueError, match="0 <= label_smoothing < 0.5"):
         robust_loss(t(1.0), t(0.0), beta=1.0, label_smoothing=eps)
-
-
-def test_nll_loss_of_a_single_token():
-    """One sequence of one token with log-prob -3: NLL 3 (the clamp only guards an empty batch → 0, not NaN)."""
-    close(nll_loss(t(-3.0), t(1.0)), torch.tensor(3.0, dtype=torch.float64))
-    close(nll_loss(t(0.0), t(0.0)), torch.tensor(0.0, dtype=torch.float64))
 
 
 @pytest.mark.parametrize("bad", range(6))

@@ -12,7 +12,6 @@ import torch
 from independent import numpy_losses
 
 from preftune.losses import (
-    LABEL_SMOOTHING_LOSSES,
     LOSS_TYPES,
     LOSSES,
     REFERENCE_FREE,
@@ -50,7 +49,7 @@ def test_each_loss_equals_numpy(name, seed):
     penalty does not swamp the rest, τ=0.3 for DiscoPOP, α=0.6 for CPO's NLL), per pair, to 1e-10 (both float64;
     the formulas differ only in rounding)."""
     pc, pr, rc, rr, lc, lr = _inputs(seed)
-    eps = 0.2 if name in LABEL_SMOOTHING_LOSSES else 0.0
+    eps = 0.2 if LOSSES[name].label_smoothing else 0.0
     out = preference_loss(*_torch(pc, pr, rc, rr, lc, lr), _config(name, eps), reward_shift=0.7)
     want = numpy_losses(name, pc, pr, rc, rr, lc, lr, eps=eps, **OPTIONS)
     np.testing.assert_allclose(out.losses.numpy(), want, rtol=1e-10, atol=1e-10, err_msg=f"{name} seed={seed}")
@@ -77,7 +76,7 @@ def test_f_divergences_equal_numpy(divergence, seed):
     log u; α = 0.3 (not TRL's default 0.5, where α and 1 - α coincide), all to 1e-10."""
     pc, pr, rc, rr, lc, lr = _small_logratio_inputs(seed)
     for name in F_LOSSES:
-        eps = 0.2 if name in LABEL_SMOOTHING_LOSSES else 0.0
+        eps = 0.2 if LOSSES[name].label_smoothing else 0.0
         cfg = _config(name, eps, f_divergence_type=divergence, f_alpha_divergence_coef=0.3)
         out = preference_loss(*_torch(pc, pr, rc, rr, lc, lr), cfg)
         want = numpy_losses(name, pc, pr, rc, rr, lc, lr, eps=eps, divergence=divergence, alpha=0.3, **OPTIONS)
@@ -110,7 +109,7 @@ def _numeric_grad(f, x: np.ndarray, h: float = 1e-6) -> np.ndarray:
 
 def _check_gradients(name: str, seed: int, inputs, **config_extra) -> None:
     pc, pr, rc, rr, lc, lr = inputs
-    eps = 0.1 if name in LABEL_SMOOTHING_LOSSES else 0.0
+    eps = 0.1 if LOSSES[name].label_smoothing else 0.0
     kw = dict(eps=eps, **OPTIONS)
     cfg = _config(name, eps, **config_extra)
     if "f_divergence_type" in config_extra:

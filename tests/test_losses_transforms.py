@@ -16,7 +16,7 @@ import torch
 from independent import numpy_ld_logps, numpy_losses, numpy_wpo_weight
 
 from preftune.errors import PreftuneError
-from preftune.losses import LABEL_SMOOTHING_LOSSES, LOSSES, LossConfig, preference_loss
+from preftune.losses import LOSSES, LossConfig, preference_loss
 
 LD_LOSSES = [n for n, spec in LOSSES.items() if not spec.nll and not spec.unpaired]
 WPO_LOSSES = [n for n, spec in LOSSES.items() if not spec.sorts_batch and not spec.unpaired]
@@ -73,7 +73,7 @@ def _call(cfg, sums, firsts, aligned, lc, lr, grad=False):
 
 
 def _config(name, **extra):
-    eps = 0.2 if name in LABEL_SMOOTHING_LOSSES else 0.0
+    eps = 0.2 if LOSSES[name].label_smoothing else 0.0
     o = OPTIONS
     return LossConfig(loss_types=(name,), beta=o["beta"], label_smoothing=eps, simpo_gamma=o["gamma"],
                       dpop_lambda=o["lam"], discopop_tau=o["tau"], cpo_alpha=o["cpo_alpha"], **extra), eps

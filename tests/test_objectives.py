@@ -132,19 +132,19 @@ def test_bco_shift_moves_once_per_step_and_not_after_a_skipped_step():
     assert obj.reward_shift.value == 0.0  # not yet: the step is not over
     add(t(3), t(1))
     obj.end_step(lambda values: values)
-    assert obj.reward_shift.value == pytest.approx(1.0) and obj.reward_shift.count == 6
+    assert obj.reward_shift.value == pytest.approx(1.0) and obj.reward_shift.state_dict()["count"] == 6
     add(t(100, 100), zero)
     obj.end_step(lambda values: values, skipped=True)
-    assert obj.reward_shift.value == pytest.approx(1.0) and obj.reward_shift.count == 6
+    assert obj.reward_shift.value == pytest.approx(1.0) and obj.reward_shift.state_dict()["count"] == 6
     add(t(4), t(2))  # the step after a skipped one counts again: (6 + 4 + 2) / 8 = 1.5
     obj.end_step(lambda values: values)
-    assert obj.reward_shift.value == pytest.approx(1.5) and obj.reward_shift.count == 8
+    assert obj.reward_shift.value == pytest.approx(1.5) and obj.reward_shift.state_dict()["count"] == 8
     resumed = PreferenceObjective(LossConfig(loss_types=("bco_pair",), beta=1.0))
     resumed.load_state_dict(obj.state_dict())
     assert resumed.reward_shift.state_dict() == obj.reward_shift.state_dict()
     obj.loss(SequenceLogps(t(50), t(1), t(50), t(1)), SequenceLogps(t(0), t(1), t(0), t(1)), training=False)
     obj.end_step(lambda values: values)  # evaluation rewards never feed the shift
-    assert obj.reward_shift.value == pytest.approx(1.5) and obj.reward_shift.count == 8
+    assert obj.reward_shift.value == pytest.approx(1.5) and obj.reward_shift.state_dict()["count"] == 8
 
 
 class _Mismatched:

@@ -59,7 +59,6 @@ from preftune.losses.formulas import (
     hinge_loss,
     ipo_loss,
     nca_pair_loss,
-    nll_loss,
     odds_ratio_loss,
     orpo_loss,
     per_token,
@@ -77,12 +76,12 @@ from preftune.losses.unpaired import ExampleStats, apo_zero_unpaired_loss, kto_l
 from preftune.options import LOSS_OPTIONS, include_options, need, validate
 
 __all__ = [
-    "LOSSES", "LOSS_TYPES", "LossSpec", "PairStats", "register", "REFERENCE_FREE", "LABEL_SMOOTHING_LOSSES",
+    "LOSSES", "LOSS_TYPES", "LossSpec", "PairStats", "register", "REFERENCE_FREE",
     "F_DIVERGENCES", "LossConfig", "LossOutput", "RewardShift", "preference_loss",
     "sigmoid_loss", "robust_loss", "ipo_loss", "hinge_loss", "sigmoid_norm_loss", "simpo_loss", "apo_zero_loss",
     "apo_down_loss", "nca_pair_loss", "bco_pair_loss", "dpop_loss", "exo_pair_loss", "sppo_hard_loss", "aot_loss",
     "aot_unpaired_loss", "discopop_loss", "odds_ratio_loss", "orpo_loss", "cpo_loss", "f_divergence_scores",
-    "sft_loss", "nll_loss", "ExampleStats", "kto_loss", "apo_zero_unpaired_loss", "kto_reference_point",
+    "sft_loss", "ExampleStats", "kto_loss", "apo_zero_unpaired_loss", "kto_reference_point",
     "unpaired_loss",
 ]
 
@@ -92,8 +91,6 @@ LOSS_TYPES: tuple[str, ...] = tuple(LOSSES)
 REFERENCE_FREE: frozenset[str] = frozenset(n for n, spec in LOSSES.items() if spec.reference_free)
 """Losses that never look at the reference model's log-probabilities."""
 
-LABEL_SMOOTHING_LOSSES: frozenset[str] = frozenset(n for n, spec in LOSSES.items() if spec.label_smoothing)
-"""Losses whose formula has a label-smoothing term ε."""
 
 
 # ---------------------------------------------------------------------------------------------

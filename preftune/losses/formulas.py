@@ -391,12 +391,3 @@ def cpo_loss(
     """
     contrast = _smoothed_neg_logsigmoid(beta * (policy_chosen_logps - policy_rejected_logps), label_smoothing)
     return contrast + nll_weight * sft_loss(policy_chosen_logps, chosen_lengths)
-
-
-def nll_loss(logps: Tensor, lengths: Tensor) -> Tensor:
-    """Token-level mean NLL for the SFT task: -sum(logps) / sum(lengths).
-
-    Every token in the batch weighs the same (unlike the mean of per-sequence means).
-    Shapes: logps [N] summed log-probs per sequence, lengths [N] token counts -> scalar [].
-    """
-    return -logps.sum() / lengths.sum().clamp_min(1.0)

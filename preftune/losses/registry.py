@@ -70,7 +70,6 @@ class LossSpec:
     compute: Callable[[PairStats, LossConfig], Tensor]
     reference_free: bool = False  # never reads the reference log-probs (no reference model is loaded)
     label_smoothing: bool = False  # has an ε term (`label_smoothing`)
-    uses_lengths: bool = False  # reads the answers' token counts
     uses_reward_shift: bool = False  # reads BCO's running reward mean, which the objective updates per step
     f_divergence: bool = False  # a function of the chosen-minus-rejected reward gap: f-DPO may replace log π/π_ref
     sorts_batch: bool = False  # entry i is the batch's i-th quantile, not pair i (no per-pair weight applies)
@@ -97,14 +96,14 @@ register("sigmoid", lambda s, c: sigmoid_loss(s.chosen_scores, s.rejected_scores
 register("robust", lambda s, c: robust_loss(s.chosen_scores, s.rejected_scores, c.beta, c.label_smoothing),
          label_smoothing=True, f_divergence=True)
 register("ipo", lambda s, c: ipo_loss(s.chosen_scores, s.rejected_scores, s.chosen_lengths, s.rejected_lengths,
-                                      c.beta), uses_lengths=True, f_divergence=True)
+                                      c.beta), f_divergence=True)
 register("hinge", lambda s, c: hinge_loss(s.chosen_scores, s.rejected_scores, c.beta), f_divergence=True)
 register("sigmoid_norm", lambda s, c: sigmoid_norm_loss(s.chosen_scores, s.rejected_scores, s.chosen_lengths,
                                                         s.rejected_lengths, c.beta, c.label_smoothing),
-         label_smoothing=True, uses_lengths=True, f_divergence=True)
+         label_smoothing=True, f_divergence=True)
 register("simpo", lambda s, c: simpo_loss(s.policy_chosen_logps, s.policy_rejected_logps, s.chosen_lengths,
                                           s.rejected_lengths, c.beta, c.simpo_gamma, c.label_smoothing),
-         reference_free=True, label_smoothing=True, uses_lengths=True)
+         reference_free=True, label_smoothing=True)
 register("apo_zero", lambda s, c: apo_zero_loss(s.chosen_logratios, s.rejected_logratios, c.beta))
 register("apo_down", lambda s, c: apo_down_loss(s.chosen_logratios, s.rejected_logratios, c.beta))
 register("nca_pair", lambda s, c: nca_pair_loss(s.chosen_logratios, s.rejected_logratios, c.beta))
@@ -123,10 +122,10 @@ register("discopop", lambda s, c: discopop_loss(s.chosen_scores, s.rejected_scor
          f_divergence=True)
 # ORPO's λ is `beta`, as in TRL's ORPOConfig (its docstring: "denoted by λ in the paper").
 register("orpo", lambda s, c: orpo_loss(s.policy_chosen_logps, s.policy_rejected_logps, s.chosen_lengths,
-                                        s.rejected_lengths, c.beta), reference_free=True, uses_lengths=True, nll=True)
+                                        s.rejected_lengths, c.beta), reference_free=True, nll=True)
 register("cpo", lambda s, c: cpo_loss(s.policy_chosen_logps, s.policy_rejected_logps, s.chosen_lengths, c.beta,
                                       c.cpo_alpha, c.label_smoothing),
-         reference_free=True, label_smoothing=True, uses_lengths=True, nll=True)
+         reference_free=True, label_smoothing=True, nll=True)
 # Unpaired examples (preftune.data.unpaired): `s` is an unpaired.ExampleStats.
 register("kto", lambda s, c: kto_loss(s.logratios, s.desirable, s.reference_point, c.beta, c.desirable_weight,
                                       c.undesirable_weight), unpaired=True)

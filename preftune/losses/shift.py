@@ -5,18 +5,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import torch
-from torch import Tensor
-
 
 class RewardShift:
     """Running mean δ of all BCO rewards (r_c and r_r) seen so far.
 
     Kept as an exact float64 sum and an integer count, so `value` equals the plain mean over
-    every element ever passed to `update` (up to float64 summation order) and a run resumed from
-    `state_dict()` continues bit-for-bit. Call `update` after each optimiser step with the step's
-    detached rewards (or `add` their sum and count, summed over all processes, so every process
-    holds the same δ). Before the first update δ = 0.
+    every reward ever added (up to float64 summation order) and a run resumed from `state_dict()`
+    continues bit-for-bit. After each optimiser step, `add` the step's rewards' sum and count, summed
+    over all processes, so every process holds the same δ. Before the first step δ = 0.
     """
 
     def __init__(self) -> None:
@@ -26,16 +22,6 @@ class RewardShift:
     @property
     def value(self) -> float:
         return self._sum / self._count if self._count else 0.0
-
-    @property
-    def count(self) -> int:
-        return self._count
-
-    def update(self, chosen_rewards: Tensor, rejected_rewards: Tensor) -> None:
-        """Fold one step's rewards (any shape, usually [B] each) into the running mean."""
-        for rewards in (chosen_rewards, rejected_rewards):
-            flat = rewards.detach().reshape(-1)
-            self.add(float(flat.to(torch.float64).sum().item()), int(flat.numel()))
 
     def add(self, total: float, count: int) -> None:
         """Fold a sum of `count` rewards into the running mean (a step's rewards summed over processes)."""

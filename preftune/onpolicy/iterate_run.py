@@ -42,7 +42,7 @@ from preftune.onpolicy.judges import Judge
 from preftune.onpolicy.pairs import make_pairs, open_judge
 from preftune.onpolicy.prompts import Prompt, load_prompts
 from preftune.options import MAX_SEED
-from preftune.outputs.report import read_rows, write_report
+from preftune.outputs.report import run_metric_rows, write_report
 from preftune.recipe import train
 
 
@@ -167,7 +167,7 @@ class _Run:
         ev = self._evaluate(r, str(final), start)
         timings["eval_s"] = time.perf_counter() - t0
         self.evals.append(ev)
-        rows = read_rows(folder.train_dir(r))
+        rows = run_metric_rows(folder.train_dir(r))
         verdict = check_round(rows, ev, kl_limit=cfg.collapse_kl)
         row = round_row(r, str(final), start, pairs.summary, rows, ev, timings)
         row["signals"] = verdict.signals

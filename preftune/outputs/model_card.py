@@ -183,9 +183,9 @@ def write_model_card_for_run(run_dir: str | Path) -> Path:
     config = read_yaml(run / "config.yaml")  # bounded like any config (a YAML alias bomb is refused)
     rows = []
     if (run / "metrics.jsonl").is_file():
-        from preftune.outputs.report import read_rows
+        from preftune.outputs.report import run_metric_rows
 
-        rows = read_rows(run)
+        rows = run_metric_rows(run)
     last = {s: next((r for r in reversed(rows) if r.get("split") == s), None) for s in ("train", "eval")}
     task = "dpo" if any("rewards/margins" in r for r in rows) or not rows else "sft"
     summary = ((run / "data_summary.txt").read_bytes()[:200_000].decode("utf-8", errors="replace")

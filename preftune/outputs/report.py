@@ -58,8 +58,8 @@ class Report:
     problems: list[str] = field(default_factory=list)
 
 
-def read_rows(run_dir: str | Path) -> list[dict[str, Any]]:
-    """metrics.jsonl's rows (outputs/metrics.py: read_rows)."""
+def run_metric_rows(run_dir: str | Path) -> list[dict[str, Any]]:
+    """A run folder's metrics.jsonl rows, read as a report reads them (outputs/metrics.py: metric_rows)."""
     return _read_rows(Path(run_dir))[0]
 
 
@@ -372,7 +372,7 @@ def render_html(run: Path, rows: list[dict], cfg: dict, problems: list[str],
     esc = html.escape
     train = [r for r in rows if r.get("split") == "train"]
     evals = [r for r in rows if r.get("split") == "eval"]
-    last_step = max((r["step"] for r in rows), default=0)  # numbers only (read_rows)
+    last_step = max((r["step"] for r in rows), default=0)  # numbers only (metric_rows)
     finished = (run / "final").is_dir()
     status = (f"finished: final model in {run / 'final'}" if finished else
               "in progress or stopped (no final/ yet): this page shows the metrics logged so far")

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 
 from preftune.cli import main
-from preftune.outputs.report import ReportCallback, find_problems, read_rows, render_html, write_report
+from preftune.outputs.report import ReportCallback, find_problems, render_html, run_metric_rows, write_report
 
 pytestmark = pytest.mark.report  # these tests read the report train() writes
 
@@ -141,7 +141,7 @@ def test_values_from_files_are_escaped_odd_lines_left_out_and_links_refused(tiny
     assert "<script>" not in page and "&lt;script&gt;k&lt;/script&gt;" in page and "&lt;script&gt;m" in page
     assert report.problems[-1].startswith("5 line(s) of metrics.jsonl are not metrics rows")
     assert "<th>train (step 25)</th><th>eval (step 24)</th>" in page
-    train_rows = [r for r in read_rows(run) if r["split"] == "train"]
+    train_rows = [r for r in run_metric_rows(run) if r["split"] == "train"]
     page = render_html(run, train_rows, {}, [], [], None)
     assert "<th>train (step 25)</th></tr>" in page and "eval (step" not in page
     target = tmp_path / "elsewhere"
