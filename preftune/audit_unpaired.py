@@ -4,12 +4,13 @@ train on, read with the same loader and tokenization.
 It counts desirable and undesirable examples and says when their balance is outside the KTO paper's rule (with
 the weights that would fix it), lists invalid rows, exact duplicates (and the same prompt and answer labelled
 both ways), the prompt and completion lengths of each label (tokens with a tokenizer, else words) and how many
-examples `max_length` would cut, and shows the first examples as training sees them.
+examples `max_length` would cut, and shows the first examples as training sees them. With --output it writes
+the JSON report, its length histograms as a PNG and the HTML page (outputs/audit_page.py), as inspect does for
+pairs.
 """
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -21,8 +22,10 @@ from preftune.data.limits import Limits, effective_limits
 from preftune.data.load import LoadedData, load_records
 from preftune.data.rows import CHUNK_ROWS, Bad
 from preftune.data.sources import iter_rows, resolve
-from preftune.data.stats import describe, value_key
+from preftune.data.stats import describe, histogram, value_key
 from preftune.data.unpaired import LABEL, weight_suggestion
+from preftune.errors import PreftuneError
+from preftune.outputs.audit_page import write_unpaired_files
 
 
 def looks_unpaired(source: Any, split: str | None = None) -> bool:
@@ -63,7 +66,12 @@ def audit_unpaired(source: Any, *, tokenizer: Any, limits: Limits, show: int, **
         "kind": "unpaired", "sources": list(data.sources), "summary": data.summary(), "examples_count": len(records),
         "desirable": n_good, "undesirable": n_bad, "invalid": [str(r) for r in data.invalid],
         "duplicates": sum(n - 1 for n in seen.values()), "labelled_both_ways": len(both),
-        "lengths": {"unit": unit, "prompt": describe(prompts), "completion": describe(answers)},
+        "lengths": {"unit": unit, "prompt": describe(prompts), "completion": describe(answers),
+                    "desirable": describe([n for n, r in zip(answers, records) if r[LABEL]]),
+                    "undesirable": describe([n for n, r in zip(answers, records) if not r[LABEL]]),
+                    "histograms": {"prompt": histogram(prompts),
+                                   "desirable": histogram([n for n, r in zip(answers, records) if r[LABEL]]),
+                                   "undesirable": histogram([n for n, r in zip(answers, records) if not r[LABEL]])}},
         "cut_by_limits": cut, "limits": {"max_length": limits.max_length, "max_prompt_length": limits.max_prompt_length},
         "examples": examples_from_records(records, origins, show, tokenizer=tokenizer, max_length=limits.max_length,
                                           max_prompt_length=limits.max_prompt_length),
@@ -109,9 +117,6 @@ def format_unpaired(report: dict, show: int) -> str:
     return "\n".join(lines)
 
 
-def write_unpaired(report: dict, out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1, ensure_ascii=False, default=str), encoding="utf-8")
 
 
 
@@ -128,11 +133,15 @@ def run_inspect(args: Any) -> int:
 
         tokenizer, context = load_tokenizer(args.model or args.tokenizer), context_length(args.model or args.tokenizer)
     limits = effective_limits(args.max_length, args.max_prompt_length, context)
-    report = audit_unpaired(data, tokenizer=tokenizer, limits=limits, show=args.show, split=args.split,
+    if args.output and Path(args.output).suffix.lower() in (".png", ".html", ".htm"):
+        raise PreftuneError(f"--output takes the JSON file name ({args.output} given); the PNG and HTML go beside it")
+    show = max(args.show, audit.PAGE_EXAMPLES) if args.output else args.show  # the page shows a few more
+    report = audit_unpaired(data, tokenizer=tokenizer, limits=limits, show=show, split=args.split,
                             format=args.format, prompt_field=args.prompt_field, prompt_template=args.prompt_template)
-    print(format_unpaired(report, args.show))
+    text = format_unpaired(report, args.show)
+    print(text)
     if args.output:
         out = Path(args.output) if Path(args.output).suffix else Path(args.output).with_suffix(".json")
-        write_unpaired(report, out)
-        print(f"wrote {out} (unpaired data: the JSON report; the PNG and HTML pages are drawn for pairs)")
+        png, page = write_unpaired_files(report, text, out)
+        print(f"wrote {out}, {png} and {page}")
     return 0

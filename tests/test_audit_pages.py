@@ -13,6 +13,9 @@ import pytest
 from helpers import make_pairs  # tests/ is on sys.path (conftest.py)
 
 from preftune.audit import audit, write_audit
+from preftune.audit_unpaired import audit_unpaired, format_unpaired
+from preftune.data.limits import Limits
+from preftune.outputs.audit_page import write_unpaired_files
 from preftune.outputs.report import write_report
 
 BROWSER = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
@@ -48,8 +51,8 @@ def scroll_widths(pages: dict, widths: tuple[int, ...], tmp_path) -> dict:
 
 
 def test_audit_and_report_pages_fit_1280_and_390_px(tmp_path, tiny_model_dir, tiny_dpo_run):
-    """The audit page with long unbroken words, a long path, examples and model margins; the run report of the
-    shared tiny run. Both fit 1280 px and 390 px (the audit page's wide tables scroll inside their own box; the
+    """The audit page with long unbroken words, a long path, examples and model margins; the unpaired (KTO) audit
+    page of the same rows; the run report of the shared tiny run. All three fit 1280 px and 390 px (the audit page's wide tables scroll inside their own box; the
     report's long paths wrap)."""
     from preftune.modeling.load import load_model_and_tokenizer
 
@@ -60,7 +63,14 @@ def test_audit_and_report_pages_fit_1280_and_390_px(tmp_path, tiny_model_dir, ti
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     model, tok = load_model_and_tokenizer(str(tiny_model_dir))
     write_audit(audit(data, tokenizer=tok, model=model.eval(), show=2), tmp_path / "a.json", tmp_path / "a.html")
-    pages = {"audit": tmp_path / "a.html", "report": write_report(tiny_dpo_run, tmp_path / "report").html}
+    unpaired = [{"prompt": r["prompt"], "completion": r[k], "label": k == "chosen"} for r in rows for k in
+                ("chosen", "rejected")]
+    kto = data.with_name("kto.jsonl")
+    kto.write_text("".join(json.dumps(r) + "\n" for r in unpaired))
+    report = audit_unpaired(kto, tokenizer=tok, limits=Limits(64, 32), show=3)
+    write_unpaired_files(report, format_unpaired(report, 3), tmp_path / "u.json")
+    pages = {"audit": tmp_path / "a.html", "report": write_report(tiny_dpo_run, tmp_path / "report").html,
+             "unpaired": tmp_path / "u.html"}
     sizes = scroll_widths(pages, (1280, 390), tmp_path)
     for name in pages:
         assert sizes[name, 1280][0] <= sizes[name, 1280][1], sizes

@@ -144,3 +144,28 @@ def test_inspect_counts_the_labels(tmp_path, tiny_model_dir, capsys):
     assert "warning: labels are imbalanced (4 desirable vs 1 undesirable): the KTO paper keeps" in printed
     report = json.loads((tmp_path / "r.json").read_text())
     assert (report["desirable"], report["undesirable"], report["lengths"]["unit"]) == (4, 1, "tokens")
+    assert (report["lengths"]["desirable"]["count"], report["lengths"]["undesirable"]["count"]) == (4, 1)
+    assert sum(report["lengths"]["histograms"]["desirable"]["counts"]) == 4
+    assert (tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    page = (tmp_path / "r.html").read_text()
+    assert "<th>desirable</th><td class='n'>4 of 5 (80.0%)</td>" in page and "labels are imbalanced" in page
+    assert "wrote " + str(tmp_path / "r.json") in printed
+
+
+def test_inspect_page_of_unpaired_data_escapes_and_never_writes_through_a_link(tmp_path, tiny_model_dir, capsys):
+    """A completion holding markup is shown as text on the page; a link planted where the page goes is refused
+    in one sentence (exit 2) and its target keeps its bytes."""
+    rows = _examples(2, 2)
+    rows[0]["completion"] = "<script>alert(1)</script>"
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    assert main(["inspect", str(data), "--output", str(tmp_path / "r.json")]) == 0
+    page = (tmp_path / "r.html").read_text()
+    assert "<script>alert" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    mine = tmp_path / "mine.txt"
+    mine.write_text("keep")
+    (tmp_path / "s.html").symlink_to(mine)
+    capsys.readouterr()
+    assert main(["inspect", str(data), "--output", str(tmp_path / "s.json")]) == 2
+    err = capsys.readouterr().err
+    assert "symbolic link" in err and "Traceback" not in err, err
+    assert mine.read_text() == "keep"

@@ -1,7 +1,9 @@
 """The audit report rendered: terminal text (`format_audit`), its figure (length and margin histograms), and the
 self-contained HTML page: readable at 1280 px and on a 390 px phone without scrolling the page sideways (wide tables
 scroll in their own box), the data's paths once at the top, numbers formatted, examples as prompt / chosen /
-rejected blocks with their real line breaks and the token pieces on each side of the prompt/answer boundary."""
+rejected blocks with their real line breaks and the token pieces on each side of the prompt/answer boundary.
+Unpaired (KTO) data gets its own page in the same style (`write_unpaired_files`): label counts, lengths per label,
+warnings, examples."""
 
 from __future__ import annotations
 
@@ -150,8 +152,9 @@ def _panels(report: dict) -> list[tuple[str, dict]]:
     return panels
 
 
-def _figure_png(panels: list[tuple[str, dict]], columns: int | None = None) -> bytes:
-    """The histograms side by side (`columns` per row; all in one row by default) as one PNG."""
+def _figure_png(panels: list[tuple[str, dict]], columns: int | None = None, counted: str = "pairs") -> bytes:
+    """The histograms side by side (`columns` per row; all in one row by default) as one PNG; `counted`: what
+    the y axis counts."""
     # The object-oriented API with an explicit Agg canvas: no pyplot, so no global backend is switched for
     # the process that imports us (a notebook keeps its own backend).
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -168,7 +171,7 @@ def _figure_png(panels: list[tuple[str, dict]], columns: int | None = None) -> b
         if title.startswith("margin"):
             ax.axvline(0.0, color="black", linewidth=1)
         ax.set_title(title, fontsize=9)
-        ax.set_ylabel("pairs", fontsize=8)
+        ax.set_ylabel(counted, fontsize=8)
         ax.tick_params(labelsize=7)
     fig.tight_layout()
     buf = io.BytesIO()
@@ -245,6 +248,14 @@ def _shorten(text: str, sources: list[str]) -> str:
     """`text` with the data's paths left out (they are shown once at the top): "line 7", or "b.jsonl line 7"."""
     for src in sorted(sources, key=len, reverse=True):
         text = text.replace(f"{src} ", "" if len(sources) == 1 else f"{Path(src).name} ").replace(src, Path(src).name)
+    return text
+
+
+def _named(text: str, sources: list[str]) -> str:
+    """`text` with each data path as its file name (a sentence such as "loaded 40 pairs from PATH (...)" keeps
+    its object; the full paths are at the top)."""
+    for src in sorted(sources, key=len, reverse=True):
+        text = text.replace(src, Path(src).name)
     return text
 
 
@@ -354,7 +365,7 @@ def audit_html(report: dict, pngs: list[tuple[str, bytes]], text: str) -> str:
         f"<title>preftune data audit</title><style>{_STYLE}</style></head><body>",
         "<h1>Data audit</h1>",
         "<p class='paths'>" + "<br>".join(esc(s) for s in src) + "</p>",
-        f"<p>{esc(_shorten(report['summary'], src))}</p>",
+        f"<p>{esc(_named(report['summary'], src))}</p>",
         f"<h2>Overview</h2>{_overview(report)}",
         f"<h2>Warnings</h2><ul>{warnings}</ul>",
         f"<h2>Lengths</h2><p>{esc(report['lengths']['note'])}; truncation at max_length {_n(tr['max_length'])} / "
@@ -368,3 +379,67 @@ def audit_html(report: dict, pngs: list[tuple[str, bytes]], text: str) -> str:
         body += [_example(i, ex, src) for i, ex in enumerate(report["examples"], start=1)]
     body.append(f"<details><summary>Full report (text)</summary><pre>{esc(text)}</pre></details></body></html>")
     return "\n".join(body)
+
+
+# ---------------------------------------------------------------------------------------------- unpaired data
+
+
+def _unpaired_panels(report: dict) -> list[tuple[str, dict]]:
+    hists, unit = report["lengths"]["histograms"], report["lengths"]["unit"]
+    return [(f"prompt length ({unit})", hists["prompt"]),
+            (f"desirable completion length ({unit})", hists["desirable"]),
+            (f"undesirable completion length ({unit})", hists["undesirable"])]
+
+
+def unpaired_html(report: dict, pngs: list[tuple[str, bytes]], text: str) -> str:
+    """The page of an unpaired audit (audit_unpaired.py): overview, warnings, length histograms and table per
+    label, examples with their label, the full text."""
+    esc, src = html.escape, report["sources"]
+    n = report["examples_count"]
+    items = [("examples", n), ("desirable", share_text(report["desirable"], n)),
+             ("undesirable", share_text(report["undesirable"], n)), ("invalid rows", len(report["invalid"])),
+             ("exact duplicates", report["duplicates"]), ("labelled both ways", report["labelled_both_ways"]),
+             ("cut or dropped by the limits", share_text(report["cut_by_limits"], n))]
+    warnings = "".join(f"<li>{esc(_shorten(w, src))}</li>" for w in report["warnings"]) or "<li>none</li>"
+    figs = "".join(f"<img alt='{esc(title)}' src='data:image/png;base64,{base64.b64encode(png).decode('ascii')}'>"
+                   for title, png in pngs)
+    ln, keys = report["lengths"], ("count", "min", "median", "p95", "max", "mean")
+    head = "<tr><th></th>" + "".join(f"<th>{k}</th>" for k in keys) + "</tr>"
+    table = "".join(f"<tr><th>{name}</th>" + "".join(f"<td class='n'>{_n(ln[part].get(k))}</td>" for k in keys)
+                    + "</tr>" for name, part in (("prompt", "prompt"), ("desirable completion", "desirable"),
+                                                 ("undesirable completion", "undesirable")))
+    limits = report["limits"]
+    invalid = "".join(f"<li>{esc(_shorten(r, src))}</li>" for r in report["invalid"][:20])
+    body = [
+        "<!doctype html><html><head><meta charset='utf-8'>",
+        "<meta name='viewport' content='width=device-width, initial-scale=1'>",
+        f"<title>preftune data audit (unpaired)</title><style>{_STYLE}</style></head><body>",
+        "<h1>Data audit: unpaired examples</h1>",
+        "<p class='paths'>" + "<br>".join(esc(s) for s in src) + "</p>",
+        f"<p>{esc(_named(report['summary'], src))}</p>",
+        f"<h2>Overview</h2><div class='box'><table>{_rows(items)}</table></div>",
+        f"<h2>Warnings</h2><ul>{warnings}</ul>",
+        f"<h2>Lengths</h2><p>{esc(ln['unit'])}; limits max_length {_n(limits['max_length'])} / max_prompt_length "
+        f"{_n(limits['max_prompt_length'])}.</p>",
+        f"<div class='figs'>{figs}</div><div class='box'><table>{head}{table}</table></div>",
+    ]
+    if invalid:
+        body.append(f"<h2>Invalid rows</h2><ul>{invalid}</ul>")
+    if report.get("examples"):
+        body.append("<h2>Examples as training sees them</h2>")
+        body += [_example(i, {**ex, "where": f"{ex['where']}, {'desirable' if ex.get('label') else 'undesirable'}"},
+                          src) for i, ex in enumerate(report["examples"], start=1)]
+    body.append(f"<details><summary>Full report (text)</summary><pre>{esc(text)}</pre></details></body></html>")
+    return "\n".join(body)
+
+
+def write_unpaired_files(report: dict, text: str, output_json: Path) -> tuple[Path, Path]:
+    """The unpaired audit's JSON, PNG (its length histograms) and HTML page beside it, each written whole and
+    never through a link (outputs/files.py). Returns the PNG's and the page's paths."""
+    png, page = output_json.with_suffix(".png"), output_json.with_suffix(".html")
+    write_output(output_json, json.dumps(report, indent=2, ensure_ascii=False, default=str) + "\n", "the audit")
+    panels = _unpaired_panels(report)
+    write_output(png, _figure_png(panels, counted="examples"), "the audit figure")
+    pngs = [(title, _figure_png([(title, hist)], counted="examples")) for title, hist in panels]
+    write_output(page, unpaired_html(report, pngs, text), "the audit page")
+    return png, page
