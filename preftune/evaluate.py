@@ -34,11 +34,20 @@ from typing import Any
 import torch
 
 from preftune.config import read_yaml
+from preftune.data.load import load_records
+from preftune.data.render import render_texts
 from preftune.data.stats import histogram
+from preftune.device import forward_handle
 from preftune.errors import PreftuneError
+from preftune.generate import encode_prompt, generate_ids, load_model_for_generation
+from preftune.generate import generate as sample
+from preftune.judging import judge_pairs, load_judge, wilson_interval, win_rate
+from preftune.modeling.load import resolve_model_path
+from preftune.modeling.reference import model_identity
 from preftune.options import BETA, check_value
 from preftune.outputs.files import write_output
 from preftune.outputs.run_dir import RunDir
+from preftune.scoring import score_ids, score_records
 
 QUANTILES = (("p5", 0.05), ("p25", 0.25), ("median", 0.5), ("p75", 0.75), ("p95", 0.95))
 
@@ -55,8 +64,6 @@ def describe(values: Sequence[float]) -> dict[str, float]:
 
 def preference_metrics(model_scores: dict, reference_scores: dict, beta: float) -> dict[str, Any]:
     """Implicit-reward accuracy and margins from `score_records` outputs of M and R on the same pairs."""
-    from preftune.judging import wilson_interval
-
     mc, mr = model_scores["chosen_logps"].double(), model_scores["rejected_logps"].double()
     rc, rr = reference_scores["chosen_logps"].double(), reference_scores["rejected_logps"].double()
     chosen_reward, rejected_reward = beta * (mc - rc), beta * (mr - rr)
@@ -121,13 +128,6 @@ def evaluate(model, tokenizer, records: Sequence[dict], *, reference=None, beta:
     `kl_samples`: prompts M samples once each for the KL estimate (0: none); `temperature` and `top_p`
     decode the side-by-side answers (0 = greedy).
     """
-    from preftune.data.render import render_texts
-    from preftune.device import forward_handle
-    from preftune.generate import encode_prompt, generate_ids
-    from preftune.generate import generate as sample
-    from preftune.judging import judge_pairs, load_judge, win_rate
-    from preftune.scoring import score_ids, score_records
-
     beta = check_value("beta", "float", BETA, beta)  # the schema's check, as for `train --beta`
     judge_fn = load_judge(judge) if judge is not None else None
     if judge_fn is not None and generate < 1:
@@ -205,9 +205,6 @@ def check_run_model(run_dir: Path, key: str, path: str, flag: str) -> None:
     """`path`, taken from the run's config (`key`: model or reference_model), must still hold the model the run
     loaded under that name (its identity, recorded in the run folder's mark): else the implicit reward would
     compare against another model. Runs that recorded nothing are not checked."""
-    from preftune.modeling.load import resolve_model_path
-    from preftune.modeling.reference import model_identity
-
     recorded = RunDir(run_dir).recorded("models")
     was = recorded.get(key) if isinstance(recorded, dict) else None
     if not isinstance(was, dict) or not isinstance(was.get("identity"), str):
@@ -236,9 +233,6 @@ def run_eval(model: str, data: Any, *, reference: str | None = None, base_model:
     For a run's final/ folder the defaults come from the run: reference = its reference_model or starting
     model (the base under the adapters for a LoRA run), β = its beta, output = RUN/eval.json.
     """
-    from preftune.data.load import load_records
-    from preftune.generate import load_model_for_generation
-
     for name, value in (("model", model), ("reference", reference), ("base_model", base_model), ("output", output)):
         if not isinstance(value, (str, os.PathLike)) and (value is not None or name == "model"):
             raise PreftuneError(f"run_eval: {name} must be a path or a hub name, got {type(value).__name__}.")

@@ -45,8 +45,10 @@ from typing import Any
 
 import torch
 
+from preftune.data.tokenize import check_tokenizer, tokenize_texts
 from preftune.errors import PreftuneError
 from preftune.logprobs import _cache_kwarg, causal_lm
+from preftune.modeling.load import load_for_inference
 from preftune.outputs.files import write_output
 
 # Logits processors a model's generation config may switch on; `pure` sampling sets each to its neutral value.
@@ -76,8 +78,6 @@ def load_model_for_generation(name: str, *, base_model: str | None = None, dtype
                               allow_pickle: bool = False):
     """(model, tokenizer) in eval mode on `device` (default: CUDA when present); LoRA adapter folders load
     onto their base model (`base_model` overrides the base named in adapter_config.json)."""
-    from preftune.modeling.load import load_for_inference
-
     model, tokenizer = load_for_inference(name, base_model=base_model, dtype=dtype,
                                           trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
     model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -104,8 +104,6 @@ def prompt_text(tokenizer, prompt: str | list[dict], *, chat: bool = False) -> s
 
 def encode_prompt(tokenizer, text: str) -> list[int]:
     """Prompt ids exactly as training sees the prompt (joint tokenization with an empty answer)."""
-    from preftune.data.tokenize import check_tokenizer, tokenize_texts
-
     check_tokenizer(tokenizer)
     ids, _ = tokenize_texts(tokenizer, text, [""])
     return ids or [tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id]

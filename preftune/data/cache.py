@@ -39,6 +39,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from preftune.data.readers import load_hub_dataset
+from preftune.data.sources import resolve
 from preftune.errors import PreftuneError
 
 STORE_VERSION = 1
@@ -54,8 +56,6 @@ def _sha256_file(path: Path) -> str:
 
 def source_fingerprint(source: Any, split: str = "train") -> list:
     """What identifies the data `source` (as `load_records` takes it): per input, its name and a content hash."""
-    from preftune.data.sources import resolve
-
     out = []
     for inp in resolve(source):
         if inp.how == "file":
@@ -69,8 +69,6 @@ def source_fingerprint(source: Any, split: str = "train") -> list:
             stat = [[str(p.relative_to(inp.path)), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
             out.append([inp.name, split, small, stat])
         else:
-            from preftune.data.readers import load_hub_dataset
-
             out.append([inp.name, split, getattr(load_hub_dataset(inp, split), "_fingerprint", None)])
     return out
 

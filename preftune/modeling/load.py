@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from preftune.data.store import largest_id
+from preftune.data.tokenize import check_tokenizer
 from preftune.errors import PreftuneError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -160,7 +162,6 @@ def _memory_bytes() -> int | None:
 def load_tokenizer(name: str, *, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
-    from preftune.data.tokenize import check_tokenizer
 
     try:
         tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
@@ -233,8 +234,6 @@ def check_vocabulary(model: torch.nn.Module, tokenizer, *pair_sets) -> None:
     """Every token id the data (each a sequence of TokenizedPairs) or the tokenizer's special tokens use must
     have a row in the model's input and output embeddings (a smaller vocabulary fails deep inside the forward,
     on a GPU as an opaque device assert)."""
-    from preftune.data.store import largest_id
-
     largest = max((largest_id(pairs) for pairs in pair_sets), default=0)
     rows = [m.weight.shape[0] for m in (model.get_input_embeddings(), model.get_output_embeddings())
             if m is not None and getattr(m, "weight", None) is not None]

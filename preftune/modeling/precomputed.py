@@ -25,6 +25,7 @@ from preftune.data.store import pairs_digest
 from preftune.data.tokenize import TokenizedPair
 from preftune.errors import PreftuneError
 from preftune.logprobs import ForwardPlan, SequenceLogps, handle_model, statistics_only, unwrap_handle
+from preftune.scoring import score
 
 # What a reference pass computes beyond the sums: LD-DPO's shared-length sums when the plan asks; never WPO's
 # statistic, which weighs pairs by the policy alone.
@@ -240,7 +241,6 @@ def precompute(handle: torch.nn.Module, pairs: Sequence[TokenizedPair], *, cache
     missing = want[~cached.scored[want]]
     if not len(missing):
         return cached
-    from preftune.scoring import score
 
     todo = missing.tolist()
     subset = pairs.subset(todo) if hasattr(pairs, "subset") else [pairs[i] for i in todo]

@@ -13,6 +13,7 @@ command that reproduces the run (the resolved config is embedded as YAML).
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata as md
 import json
 import re
 import shlex
@@ -26,6 +27,8 @@ from preftune.callbacks import Callback
 from preftune.config import read_yaml
 from preftune.errors import PreftuneError
 from preftune.outputs.files import replace_text, write_failure
+from preftune.outputs.report import run_metric_rows
+from preftune.version import __version__
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 HYPER_PARAMETERS = ("loss", "loss_weights", "beta", "label_smoothing", "sft_weight", "learning_rate", "lr_scheduler",
@@ -81,10 +84,6 @@ def _data_info(config: dict, data_info: dict | None) -> dict[str, Any]:
 
 
 def _versions() -> dict[str, str]:
-    import importlib.metadata as md
-
-    from preftune.version import __version__
-
     out = {"preftune": __version__}
     for name in ("torch", "transformers", "peft", "accelerate"):
         try:
@@ -183,8 +182,6 @@ def write_model_card_for_run(run_dir: str | Path) -> Path:
     config = read_yaml(run / "config.yaml")  # bounded like any config (a YAML alias bomb is refused)
     rows = []
     if (run / "metrics.jsonl").is_file():
-        from preftune.outputs.report import run_metric_rows
-
         rows = run_metric_rows(run)
     last = {s: next((r for r in reversed(rows) if r.get("split") == s), None) for s in ("train", "eval")}
     task = "dpo" if any("rewards/margins" in r for r in rows) or not rows else "sft"

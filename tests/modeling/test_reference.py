@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import preftune.modeling.precomputed as precomputed
 import preftune.scoring as scoring
 from preftune import TrainConfig, train
 from preftune.data.batching import used_positions
@@ -38,7 +39,7 @@ def scored_counts(monkeypatch):
         counts.append(len(pairs))
         return real(model, pairs, **kw)
 
-    monkeypatch.setattr(scoring, "score", spy)
+    monkeypatch.setattr(precomputed, "score", spy)
     return counts
 
 

@@ -107,6 +107,7 @@ def test_impossible_cache_is_recomputed(tiny_model_dir, pairs_file, tmp_path, ca
 
 
 def test_non_finite_reference_is_refused_not_stored(tiny_model_dir, pairs_file, tmp_path, monkeypatch):
+    import preftune.modeling.precomputed as precomputed
     import preftune.scoring as scoring
 
     real = scoring.score
@@ -117,7 +118,7 @@ def test_non_finite_reference_is_refused_not_stored(tiny_model_dir, pairs_file, 
         out.rejected_logps[3] = float("nan")
         return out
 
-    monkeypatch.setattr(scoring, "score", nan_score)
+    monkeypatch.setattr(precomputed, "score", nan_score)
     with pytest.raises(PreftuneError, match=r"non-finite log-probs for 1 pairs \(e.g. examples \[\d+\]\); load it in "
                                             r"float32 or bfloat16"):
         train(_cfg(tiny_model_dir, pairs_file, tmp_path / "run"))

@@ -57,8 +57,8 @@ def test_precomputed_looks_up_by_dataset_position():
 def test_cache_of_another_size_is_recomputed(tmp_path, monkeypatch):
     """A cache file written for 1 pair is not reused for 2 pairs; one of the right size is read back, not
     scored again. The scorer is a stub giving each answer -(its token count): -3, -1 / -2, -2."""
-    from preftune import scoring
     from preftune.logprobs import SequenceLogps
+    from preftune.modeling import precomputed
 
     calls = []
 
@@ -68,7 +68,7 @@ def test_cache_of_another_size_is_recomputed(tmp_path, monkeypatch):
         r = torch.tensor([float(len(p.rejected_ids)) for p in pairs])
         return SequenceLogps(-n, n, -r, r)
 
-    monkeypatch.setattr(scoring, "score", fake_score)
+    monkeypatch.setattr(precomputed, "score", fake_score)
     cache = tmp_path / "run" / "ref" / "train-key.safetensors"  # folders made as needed
     one = [TokenizedPair([1], [2, 3, 4], [5, 6], 0)]
     two = one + [TokenizedPair([1], [7], [8, 9], 1)]
