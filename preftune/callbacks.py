@@ -46,6 +46,7 @@ class TrainState:
     num_processes: int = 1
     device: Any = None
     model: Any = None  # the module being trained (unwrapped; a PeftModel with LoRA)
+    plan: Any = None  # the ForwardPlan every forward of the policy runs (device.plan_forward), as the engine wrapped it
     tokenizer: Any = None
     data_summary: str = ""
     data_info: dict[str, Any] = field(default_factory=dict)

@@ -166,6 +166,7 @@ class Recipe:
         self.metrics = MetricsWriter(self.run_dir.metrics)
         with self.callbacks.phase(self.state, "prepare"):
             model = self._setup_training(model, plan)
+        plan = self.state.plan  # the one the engine's handle runs (tests/test_distributed.py checks it after wrapping)
         for line in [engine.describe(cfg.batch_size, cfg.gradient_accumulation_steps), plan.description, *notes,
                      *engine.notes, *self.objective.notes]:
             engine.print(line)
@@ -195,7 +196,8 @@ class Recipe:
         vars(self.state).update(  # in place: callbacks may hold it since the first phase
             config=cfg, total_steps=total_steps, steps_per_epoch=steps_per_epoch, is_main_process=engine.is_main_process,
             num_processes=engine.num_processes, device=engine.device, model=model, tokenizer=self.tokenizer,
-            data_summary=self.train_split.summary, data_info=dict(self.train_split.info))
+            data_summary=self.train_split.summary, data_info=dict(self.train_split.info),
+            plan=unwrap_handle(self.policy).plan)
         return model
 
     def _setup_reference(self, model: torch.nn.Module, plan: Any, checkpoint: Path | None = None) -> None:

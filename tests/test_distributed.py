@@ -45,6 +45,7 @@ class Probe(Callback):
     def on_train_begin(self, state):
         layer = state.model.model.layers[0]
         print("WRAPPER", type(layer).__name__, type(layer.mlp.up_proj.weight).__name__, flush=True)
+        print("PLAN", state.plan.path, state.plan.rows, flush=True)  # the plan the wrapped handle runs
 
     def on_log(self, state, row):
         if row["split"] == "train" and row["step"] >= int(os.environ.get("KILL_AFTER", "1000000")):
@@ -110,6 +111,8 @@ def test_ddp_two_processes_equal_one_process(tiny_model_dir, pairs_file, one_pro
     assert [p.name.startswith(".tmp") for p in (tmp_path / "cache").iterdir()] == [False]  # one entry, no leftovers
     assert res.stdout.count("done: 3 steps") == 1  # one summary line per job
     assert "engine: DDP over 2 processes; global batch 16 = 8 per device × 2 processes × 1" in res.stdout
+    # the plan the DDP-wrapped handle runs is the one decided before wrapping, on both processes
+    assert "speed: packed prefix sharing" in res.stdout and res.stdout.count("PLAN packed pair") == 2
     _same_run(one_process, tmp_path / "ddp")
 
 
@@ -128,6 +131,7 @@ def test_fsdp2_killed_and_resumed_equals_one_process(tiny_model_dir, pairs_file,
     assert killed.returncode != 0 and not (out / "final").exists(), killed.stderr[-3000:]
     # Really sharded: decoder layers are FSDP modules holding DTensor shards, not DDP replicas.
     assert "WRAPPER FSDPCheckpointWrapper DTensor" in killed.stdout, killed.stdout[-2000:]
+    assert killed.stdout.count("PLAN packed pair") == 2  # the plan decided before sharding, still in force after
     assert [p.name for p in list_checkpoints(out)] == ["step-0000001"]
     assert len(list((out / "checkpoints" / "step-0000001" / "state").glob("*.distcp"))) == 2  # one per process
 

@@ -89,3 +89,19 @@ def test_one_cli_step_with_dropout_rates_gives_ln2_and_zero_rewards(folders, tmp
     for key in ("rewards/chosen", "rewards/rejected", "kl"):
         assert first[key] == pytest.approx(0.0, abs=1e-5), key
     assert first["lr"] == 0.0
+
+
+def test_disable_dropout_false_keeps_the_rates_through_the_cli(folders, tmp_path):
+    """`--disable-dropout false` reaches the forward plan: the same 1-step run as above on the Llama with rates 0.5,
+    now with dropout kept, scores a policy that drops units against a precomputed reference (eval mode) that does
+    not, so step 1's rewards leave 0 by far more than the fp32 noise of the run above (~1e-7): measured
+    rewards/chosen -4.4e-3, rewards/rejected -3.4e-3 (β 0.1), loss 0.693689 against ln 2 = 0.693147. Before this
+    test, a plan that always disabled dropout passed every test (planted by hand)."""
+    paths, data = folders
+    out = tmp_path / "run"
+    assert main(["train", "--model", str(paths["llama"]), "--data", str(data), "--output-dir", str(out),
+                 "--max-steps", "1", "--batch-size", "8", "--max-length", "64", "--max-prompt-length", "32",
+                 "--progress", "false", "--disable-dropout", "false"]) == 0
+    first = read_metrics(out)[0]
+    assert min(abs(first["rewards/chosen"]), abs(first["rewards/rejected"])) > 1e-3, first
+    assert abs(first["loss"] - math.log(2)) > 1e-4, first

@@ -38,14 +38,16 @@ def test_checkpoint_restores_python_numpy_and_torch_rng(tmp_path):
 
 
 def test_resume_with_dropout_equals_the_uninterrupted_run(tiny_model_dir, pairs_file, tmp_path):
-    """LoRA dropout 0.3 draws a fresh mask from torch's RNG at every training forward. Run 4 steps with a
+    """LoRA dropout 0.3, kept (`disable_dropout=False`: by default preftune turns every rate off, LoRA's too, and
+    then no mask is drawn and this test would hold without the RNG restore), draws a fresh mask from torch's RNG
+    at every training forward. Run 4 steps with a
     checkpoint at step 2; copy the run folder, remove what steps 3-4 wrote and resume from step 2: the final
     adapters must be bit-identical (same machine, same code path), which needs the RNG state of step 2 back.
     Without it, steps 3-4 reuse the masks drawn from the seed at the start and the adapters differ (measured:
     every element, by up to 9e-3)."""
     cfg = dict(model=str(tiny_model_dir), data=str(pairs_file), max_steps=4, batch_size=4, learning_rate=1e-2,
                warmup_ratio=0.0, progress=False, seed=7, max_length=64, max_prompt_length=32, lora=True, lora_r=4,
-               lora_dropout=0.3, save_steps=2, save_total_limit=2)
+               lora_dropout=0.3, disable_dropout=False, save_steps=2, save_total_limit=2)
     full = train(TrainConfig(output_dir=str(tmp_path / "full"), **cfg))
 
     resumed_dir = tmp_path / "resumed"
