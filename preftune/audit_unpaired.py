@@ -59,6 +59,8 @@ def audit_unpaired(source: Any, *, tokenizer: Any, limits: Limits, show: int, **
     n_good = sum(bool(r[LABEL]) for r in records)
     n_bad = len(records) - n_good
     prompts, answers, cut, unit = _lengths(records, tokenizer, limits)
+    by_label = {"desirable": [n for n, r in zip(answers, records) if r[LABEL]],
+                "undesirable": [n for n, r in zip(answers, records) if not r[LABEL]]}
     seen: Counter[tuple[str, str, bool]] = Counter((value_key(r["prompt"]), value_key(r["completion"]), r[LABEL])
                                                    for r in records)
     both = {(p, c) for p, c, lab in seen if (p, c, not lab) in seen}
@@ -67,11 +69,9 @@ def audit_unpaired(source: Any, *, tokenizer: Any, limits: Limits, show: int, **
         "desirable": n_good, "undesirable": n_bad, "invalid": [str(r) for r in data.invalid],
         "duplicates": sum(n - 1 for n in seen.values()), "labelled_both_ways": len(both),
         "lengths": {"unit": unit, "prompt": describe(prompts), "completion": describe(answers),
-                    "desirable": describe([n for n, r in zip(answers, records) if r[LABEL]]),
-                    "undesirable": describe([n for n, r in zip(answers, records) if not r[LABEL]]),
+                    **{label: describe(lengths) for label, lengths in by_label.items()},
                     "histograms": {"prompt": histogram(prompts),
-                                   "desirable": histogram([n for n, r in zip(answers, records) if r[LABEL]]),
-                                   "undesirable": histogram([n for n, r in zip(answers, records) if not r[LABEL]])}},
+                                   **{label: histogram(lengths) for label, lengths in by_label.items()}}},
         "cut_by_limits": cut, "limits": {"max_length": limits.max_length, "max_prompt_length": limits.max_prompt_length},
         "examples": examples_from_records(records, origins, show, tokenizer=tokenizer, max_length=limits.max_length,
                                           max_prompt_length=limits.max_prompt_length),
@@ -117,9 +117,6 @@ def format_unpaired(report: dict, show: int) -> str:
     return "\n".join(lines)
 
 
-
-
-
 def run_inspect(args: Any) -> int:
     """`preftune inspect`: unpaired (KTO) data gets this module's audit (label counts and balance, lengths,
     examples; the JSON report with --output), pairs `preftune.audit.run_inspect`'s. Returns the exit status."""
@@ -127,14 +124,14 @@ def run_inspect(args: Any) -> int:
     data = data[0] if isinstance(data, list) and len(data) == 1 else data  # one argument may be a glob or a folder
     if not looks_unpaired(data, args.split):
         return audit.run_inspect(args)
+    if args.output and Path(args.output).suffix.lower() in (".png", ".html", ".htm"):
+        raise PreftuneError(f"--output takes the JSON file name ({args.output} given); the PNG and HTML go beside it")
     tokenizer, context = None, None
     if args.model or args.tokenizer:
         from preftune.modeling.load import context_length, load_tokenizer  # transformers only when asked for
 
         tokenizer, context = load_tokenizer(args.model or args.tokenizer), context_length(args.model or args.tokenizer)
     limits = effective_limits(args.max_length, args.max_prompt_length, context)
-    if args.output and Path(args.output).suffix.lower() in (".png", ".html", ".htm"):
-        raise PreftuneError(f"--output takes the JSON file name ({args.output} given); the PNG and HTML go beside it")
     show = max(args.show, audit.PAGE_EXAMPLES) if args.output else args.show  # the page shows a few more
     report = audit_unpaired(data, tokenizer=tokenizer, limits=limits, show=show, split=args.split,
                             format=args.format, prompt_field=args.prompt_field, prompt_template=args.prompt_template)
