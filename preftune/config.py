@@ -65,9 +65,10 @@ def _prompt_template(name: str, v: Any) -> Any:
 
 
 def _resume(name: str, v: Any) -> Any:
-    """true/false however written (YAML, a flag, Python), "auto", or a checkpoint path."""
+    """true/false however written (YAML, a flag, Python; "latest" is true), "auto", or a checkpoint path: the one
+    place resume's spellings are read (RunDir.finished and pick_checkpoint take these values)."""
     need(v is None or isinstance(v, (bool, str)), f"resume must be true, false or a checkpoint path, got {v!r}.")
-    return {"true": True, "True": True, "false": False, "False": False, "": False}.get(v, v) \
+    return {"true": True, "True": True, "latest": True, "false": False, "False": False, "": False}.get(v, v) \
         if isinstance(v, str) else v
 
 

@@ -202,13 +202,13 @@ def save_checkpoint(run_dir: Path, step: int, *, model: torch.nn.Module, optimiz
 
 def pick_checkpoint(run_dir: Path, resume: Any, say: Callable[[str], None] = print) -> Path | None:
     """The checkpoint `resume` (TrainConfig.resume, its spellings already read there) asks for, verified against
-    its manifest: true/"latest" → the newest intact one in the run folder (damaged newer ones are named in one
+    its manifest: true → the newest intact one in the run folder (damaged newer ones are named in one
     line); "auto" → the same, or None (start afresh) when the folder has no checkpoint at all; a path → that
     checkpoint if intact, else refused; false/None → None."""
     if not resume:
         return None
     root = run_dir / CHECKPOINTS
-    if resume is True or resume in ("latest", "auto"):
+    if resume is True or resume == "auto":
         candidates = step_folders(root)
         if not candidates:
             if resume == "auto":

@@ -169,7 +169,7 @@ class RunDir:
         """Whether `resume` has nothing to do here (said in one sentence): the folder holds a finished run (a
         whole final/, no checkpoint newer than it) and resume is "auto", or true with no checkpoint to continue
         from. So a finished run's final/ is never deleted by a rerun of its command."""
-        if resume in (None, False, "", "false", "False") or not self.final.is_dir() or self.final.is_symlink():
+        if not resume or not self.final.is_dir() or self.final.is_symlink():  # (TrainConfig.resume's values)
             return False
         step = self.recorded("finished_step")
         steps = [int(m.group(2)) for p in (self.checkpoints.iterdir() if self.checkpoints.is_dir() else ())
@@ -178,7 +178,7 @@ class RunDir:
         if resume == "auto":
             if newest is not None and (not isinstance(step, int) or newest > step):
                 return False  # stopped while training on after a finish: continue from the checkpoint
-        elif resume not in (True, "true", "True", "latest") or newest is not None:
+        elif resume is not True or newest is not None:
             return False
         at = f" of step {step}" if isinstance(step, int) else ""
         more = (f"; to train on, pass --resume with a larger --max-steps (from step-{newest:07d})"

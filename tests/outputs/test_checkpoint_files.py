@@ -63,7 +63,7 @@ def test_keeps_the_last_k_and_zero_keeps_all(tmp_path):
 
 
 def test_pick_checkpoint(tmp_path):
-    """No resume → None; True/'latest' → the newest whole one (a half-written folder is named and passed over); a
+    """No resume → None; True → the newest whole one (a half-written folder is named and passed over); a
     path → that folder; no checkpoint or a folder that is not one → one sentence. The spellings YAML and flags
     may hand over are read once, by the config."""
     run = tmp_path / "run"
@@ -75,11 +75,11 @@ def test_pick_checkpoint(tmp_path):
     newest = _save(run, 12, model, opt, sched)
     (run / "checkpoints" / "step-0000099").mkdir()  # no manifest: a half-written folder
     said: list[str] = []
-    assert pick_checkpoint(run, True, said.append) == newest and pick_checkpoint(run, "latest", said.append) == newest
+    assert pick_checkpoint(run, True, said.append) == newest
     assert said[0].startswith("resuming from step-0000012") and "step-0000099 is damaged" in said[0]
-    resume = [TrainConfig(resume=v).resume for v in ("true", "True", "", "false", "False")]
-    assert resume == [True, True, False, False, False]
-    assert [pick_checkpoint(run, v, said.append) for v in resume] == [newest, newest, None, None, None]
+    resume = [TrainConfig(resume=v).resume for v in ("true", "True", "latest", "", "false", "False")]
+    assert resume == [True, True, True, False, False, False]
+    assert [pick_checkpoint(run, v, said.append) for v in resume] == [newest, newest, newest, None, None, None]
     assert pick_checkpoint(run, str(first)) == first
     with pytest.raises(PreftuneError, match="not a preftune checkpoint"):
         pick_checkpoint(run, str(tmp_path))
