@@ -133,7 +133,7 @@ class Recipe:
         transformers.utils.logging.set_verbosity_error()
         cfg = self.cfg
         self.objective = make_objective(self.task, cfg.loss_config(), cfg.reference)
-        self.run_dir = RunDir.plan(cfg.output_dir, resume=cfg.resume, overwrite=cfg.overwrite,  # checks only
+        self.run_dir = RunDir.checked(cfg.output_dir, resume=cfg.resume, overwrite=cfg.overwrite,  # checks only
                                    cache=cfg.data_cache_dir)
         self.state = TrainState(config=cfg, task=self.task, output_dir=self.run_dir.path)
         self.model_path = resolve_model_path(cfg.model, cfg.allow_pickle)

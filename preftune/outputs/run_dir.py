@@ -13,7 +13,7 @@ through here (or is wrapped by `RunDir.saving`).
       final/               the trained model (or adapters)
 
 The folder is the user's data. The rules:
-- `RunDir.plan` only checks (nothing is written until the data, tokenizer and model have loaded, so bad input
+- `RunDir.checked` only checks (nothing is written until the data, tokenizer and model have loaded, so bad input
   leaves nothing behind).
 - Ownership: a folder that is not empty is reused (--resume, --overwrite) only if it carries preftune's mark and
   every run file in it is one the mark lists; --overwrite then deletes the listed run files and nothing else (a
@@ -95,7 +95,7 @@ class RunDir:
         self.rerun = "run the same command again"
 
     @classmethod
-    def plan(cls, output_dir: str, *, resume: object, overwrite: bool, cache: str | None = None) -> RunDir:
+    def checked(cls, output_dir: str, *, resume: object, overwrite: bool, cache: str | None = None) -> RunDir:
         """Refuse a folder this run must not write to (`cache`: the data_cache_dir setting); checks only, writes
         nothing."""
         if not output_dir:

@@ -131,7 +131,7 @@ def test_iterate_folder_is_marked_owned_and_not_recreated(tmp_path, mine):
     mark = json.loads((out / MARK).read_text())
     assert (mark["made_by"], mark["command"]) == ("preftune", "iterate")
     with pytest.raises(PreftuneError, match="holds a `preftune iterate` run, not a training run"):
-        RunDir.plan(str(out), resume=True, overwrite=False)
+        RunDir.checked(str(out), resume=True, overwrite=False)
     (out / "report").symlink_to(mine / "folder")  # `preftune report OUT` writes like a run file
     with pytest.raises(PreftuneError, match="report is a symbolic link"):
         write_report(out)

@@ -181,10 +181,10 @@ def test_output_dir_itself_may_be_a_link(tiny_model_dir, pairs_file, tmp_path):
 def test_uncreatable_output_dir_is_one_sentence_before_loading(tiny_model_dir, pairs_file, tmp_path):
     (tmp_path / "afile").write_text("x")
     with pytest.raises(PreftuneError, match="cannot create output_dir .*afile is a file, not a folder"):
-        RunDir.plan(str(tmp_path / "afile" / "sub" / "run"), resume=None, overwrite=False)
+        RunDir.checked(str(tmp_path / "afile" / "sub" / "run"), resume=None, overwrite=False)
     (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
     with pytest.raises(PreftuneError, match="is a link to a missing folder"):
-        RunDir.plan(str(tmp_path / "dangling"), resume=None, overwrite=False)
+        RunDir.checked(str(tmp_path / "dangling"), resume=None, overwrite=False)
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
@@ -192,7 +192,7 @@ def test_unwritable_parent_is_refused(tmp_path):
     ro = tmp_path / "ro"
     ro.mkdir(mode=0o500)
     with pytest.raises(PreftuneError, match="is not writable"):
-        RunDir.plan(str(ro / "run"), resume=None, overwrite=False)
+        RunDir.checked(str(ro / "run"), resume=None, overwrite=False)
 
 
 def test_mkdir_failure_is_one_sentence(tmp_path, monkeypatch):
@@ -202,7 +202,7 @@ def test_mkdir_failure_is_one_sentence(tmp_path, monkeypatch):
     def denied(*a, **k):
         raise PermissionError(errno.EACCES, "Permission denied")
 
-    run = RunDir.plan(str(tmp_path / "run"), resume=None, overwrite=False)
+    run = RunDir.checked(str(tmp_path / "run"), resume=None, overwrite=False)
     monkeypatch.setattr(Path, "mkdir", denied)
     with pytest.raises(PreftuneError, match="cannot create output_dir .*Permission denied"):
         run.create(clear=False)
@@ -321,7 +321,7 @@ def test_config_paths_are_absolute_and_the_models_loaded_are_recorded(tmp_path, 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "base").mkdir()
     (tmp_path / "d.jsonl").write_text("")
-    run = RunDir.plan("out", resume=None, overwrite=False)
+    run = RunDir.checked("out", resume=None, overwrite=False)
     run.create(clear=False, say=lambda s: None)
     try:
         run.write_config({"model": "base", "data": ["d.jsonl", "org/dataset"], "eval_data": "*.jsonl",
@@ -335,7 +335,7 @@ def test_config_paths_are_absolute_and_the_models_loaded_are_recorded(tmp_path, 
     assert run.recorded("models") == {"model": {"path": str(tmp_path / "base"), "identity": "ID"},
                                       "reference_model": None}
     with pytest.raises(PreftuneError, match="data_cache_dir new/cache is inside output_dir new; leave"):
-        RunDir.plan("new", resume=None, overwrite=False, cache="new/cache")
+        RunDir.checked("new", resume=None, overwrite=False, cache="new/cache")
     assert not (tmp_path / "new").exists()
 
 
