@@ -352,33 +352,49 @@ def _example(i: int, ex: dict, sources: list[str]) -> str:
     return "".join(out) + "</div>"
 
 
-def audit_html(report: dict, pngs: list[tuple[str, bytes]], text: str) -> str:
-    """The self-contained page: overview, warnings, histograms, lengths, model margins, examples, full text."""
+def _figs(pngs: list[tuple[str, bytes]]) -> str:
+    return "".join(f"<img alt='{html.escape(title)}' src='data:image/png;base64,"
+                   f"{base64.b64encode(png).decode('ascii')}'>" for title, png in pngs)
+
+
+def _warnings(report: dict) -> str:
+    src = report["sources"]
+    return "".join(f"<li>{html.escape(_shorten(w, src))}</li>" for w in report["warnings"]) or "<li>none</li>"
+
+
+def _page(title: str, heading: str, report: dict, sections: list[str], text: str) -> str:
+    """An audit page around its `sections`: the head, the data's paths once, the summary line, the examples as
+    training sees them, the full text folded at the end."""
     esc, src = html.escape, report["sources"]
-    warnings = "".join(f"<li>{esc(_shorten(w, src))}</li>" for w in report["warnings"]) or "<li>none</li>"
-    figs = "".join(f"<img alt='{esc(title)}' src='data:image/png;base64,{base64.b64encode(png).decode('ascii')}'>"
-                   for title, png in pngs)
-    tr, note = report["truncation"], report.get("limits", {}).get("note")
     body = [
         "<!doctype html><html><head><meta charset='utf-8'>",
         "<meta name='viewport' content='width=device-width, initial-scale=1'>",
-        f"<title>preftune data audit</title><style>{_STYLE}</style></head><body>",
-        "<h1>Data audit</h1>",
+        f"<title>{title}</title><style>{_STYLE}</style></head><body>",
+        f"<h1>{heading}</h1>",
         "<p class='paths'>" + "<br>".join(esc(s) for s in src) + "</p>",
         f"<p>{esc(_named(report['summary'], src))}</p>",
-        f"<h2>Overview</h2>{_overview(report)}",
-        f"<h2>Warnings</h2><ul>{warnings}</ul>",
-        f"<h2>Lengths</h2><p>{esc(report['lengths']['note'])}; truncation at max_length {_n(tr['max_length'])} / "
-        f"max_prompt_length {_n(tr['max_prompt_length'])}" + (f" ({esc(note)})" if note else "") + ".</p>",
-        f"<div class='figs'>{figs}</div>{_lengths_table(report)}",
-        _margins(report),
-        _gaps(report),
+        *sections,
     ]
     if report.get("examples"):
         body.append("<h2>Examples as training sees them</h2>")
         body += [_example(i, ex, src) for i, ex in enumerate(report["examples"], start=1)]
     body.append(f"<details><summary>Full report (text)</summary><pre>{esc(text)}</pre></details></body></html>")
     return "\n".join(body)
+
+
+def audit_html(report: dict, pngs: list[tuple[str, bytes]], text: str) -> str:
+    """The self-contained page: overview, warnings, histograms, lengths, model margins, examples, full text."""
+    esc = html.escape
+    tr, note = report["truncation"], report.get("limits", {}).get("note")
+    return _page("preftune data audit", "Data audit", report, [
+        f"<h2>Overview</h2>{_overview(report)}",
+        f"<h2>Warnings</h2><ul>{_warnings(report)}</ul>",
+        f"<h2>Lengths</h2><p>{esc(report['lengths']['note'])}; truncation at max_length {_n(tr['max_length'])} / "
+        f"max_prompt_length {_n(tr['max_prompt_length'])}" + (f" ({esc(note)})" if note else "") + ".</p>",
+        f"<div class='figs'>{_figs(pngs)}</div>{_lengths_table(report)}",
+        _margins(report),
+        _gaps(report),
+    ], text)
 
 
 # ---------------------------------------------------------------------------------------------- unpaired data
@@ -393,16 +409,13 @@ def _unpaired_panels(report: dict) -> list[tuple[str, dict]]:
 
 def unpaired_html(report: dict, pngs: list[tuple[str, bytes]], text: str) -> str:
     """The page of an unpaired audit (audit_unpaired.py): overview, warnings, length histograms and table per
-    label, examples with their label, the full text."""
+    label, invalid rows, examples with their label, the full text."""
     esc, src = html.escape, report["sources"]
     n = report["examples_count"]
     items = [("examples", n), ("desirable", share_text(report["desirable"], n)),
              ("undesirable", share_text(report["undesirable"], n)), ("invalid rows", len(report["invalid"])),
              ("exact duplicates", report["duplicates"]), ("labelled both ways", report["labelled_both_ways"]),
              ("cut or dropped by the limits", share_text(report["cut_by_limits"], n))]
-    warnings = "".join(f"<li>{esc(_shorten(w, src))}</li>" for w in report["warnings"]) or "<li>none</li>"
-    figs = "".join(f"<img alt='{esc(title)}' src='data:image/png;base64,{base64.b64encode(png).decode('ascii')}'>"
-                   for title, png in pngs)
     ln, keys = report["lengths"], ("count", "min", "median", "p95", "max", "mean")
     head = "<tr><th></th>" + "".join(f"<th>{k}</th>" for k in keys) + "</tr>"
     table = "".join(f"<tr><th>{name}</th>" + "".join(f"<td class='n'>{_n(ln[part].get(k))}</td>" for k in keys)
@@ -410,27 +423,17 @@ def unpaired_html(report: dict, pngs: list[tuple[str, bytes]], text: str) -> str
                                                  ("undesirable completion", "undesirable")))
     limits = report["limits"]
     invalid = "".join(f"<li>{esc(_shorten(r, src))}</li>" for r in report["invalid"][:20])
-    body = [
-        "<!doctype html><html><head><meta charset='utf-8'>",
-        "<meta name='viewport' content='width=device-width, initial-scale=1'>",
-        f"<title>preftune data audit (unpaired)</title><style>{_STYLE}</style></head><body>",
-        "<h1>Data audit: unpaired examples</h1>",
-        "<p class='paths'>" + "<br>".join(esc(s) for s in src) + "</p>",
-        f"<p>{esc(_named(report['summary'], src))}</p>",
+    labelled = {**report, "examples": [
+        {**ex, "where": f"{ex['where']}, {'desirable' if ex.get('label') else 'undesirable'}"}
+        for ex in report.get("examples") or []]}
+    return _page("preftune data audit (unpaired)", "Data audit: unpaired examples", labelled, [
         f"<h2>Overview</h2><div class='box'><table>{_rows(items)}</table></div>",
-        f"<h2>Warnings</h2><ul>{warnings}</ul>",
+        f"<h2>Warnings</h2><ul>{_warnings(report)}</ul>",
         f"<h2>Lengths</h2><p>{esc(ln['unit'])}; limits max_length {_n(limits['max_length'])} / max_prompt_length "
         f"{_n(limits['max_prompt_length'])}.</p>",
-        f"<div class='figs'>{figs}</div><div class='box'><table>{head}{table}</table></div>",
-    ]
-    if invalid:
-        body.append(f"<h2>Invalid rows</h2><ul>{invalid}</ul>")
-    if report.get("examples"):
-        body.append("<h2>Examples as training sees them</h2>")
-        body += [_example(i, {**ex, "where": f"{ex['where']}, {'desirable' if ex.get('label') else 'undesirable'}"},
-                          src) for i, ex in enumerate(report["examples"], start=1)]
-    body.append(f"<details><summary>Full report (text)</summary><pre>{esc(text)}</pre></details></body></html>")
-    return "\n".join(body)
+        f"<div class='figs'>{_figs(pngs)}</div><div class='box'><table>{head}{table}</table></div>",
+        f"<h2>Invalid rows</h2><ul>{invalid}</ul>" if invalid else "",
+    ], text)
 
 
 def write_unpaired_files(report: dict, text: str, output_json: Path) -> tuple[Path, Path]:
