@@ -59,13 +59,18 @@ def _flags(values: dict) -> list[str]:
     return [x for k, v in values.items() for x in ("--" + k.replace("_", "-"), str(v))]
 
 
-def _torchrun(script: Path, model: Path, data: Path, out: Path, env: dict, **kw) -> subprocess.CompletedProcess:
+def _launch(script: Path, argv: list[str], env: dict) -> subprocess.CompletedProcess:
+    """`script` (the CLI with the Probe callback) under torchrun with 2 processes, given the CLI's `argv`."""
     cmd = [str(TORCHRUN if TORCHRUN.exists() else "torchrun"), "--standalone", "--nproc_per_node", "2",
-           str(script), "train", "--model", str(model), "--data", str(data), "--output-dir", str(out),
-           *_flags({**ARGS, **kw})]
+           str(script), *argv]
     # PYTHONFAULTHANDLER: a process that dies of a signal prints every thread's Python stack in stderr
     return subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1", **env},
                           capture_output=True, text=True, timeout=300)
+
+
+def _torchrun(script: Path, model: Path, data: Path, out: Path, env: dict, **kw) -> subprocess.CompletedProcess:
+    return _launch(script, ["train", "--model", str(model), "--data", str(data), "--output-dir", str(out),
+                            *_flags({**ARGS, **kw})], env)
 
 
 @pytest.fixture(scope="module")
@@ -284,16 +289,13 @@ def test_online_dpo_two_processes_equal_one_process(tiny_model_dir, script, tmp_
     judge.write_text("def score(prompt, answer):\n    return float(sum(map(ord, answer)) % 101)\n")
     kw = dict(online="true", max_steps=3, max_new_tokens=8, learning_rate=1e-3, lr_scheduler="constant",
               warmup_ratio=0.0, beta=0.1, max_length=64, max_prompt_length=32, seed=3, progress="false")
-    one = tmp_path / "one"
-    assert main(["train", "--model", str(tiny_model_dir), "--prompts", str(prompts), "--judge", f"{judge}:score",
-                 "--output-dir", str(one), "--batch-size", "4", *_flags(kw)]) == 0
-    cmd = [str(TORCHRUN if TORCHRUN.exists() else "torchrun"), "--standalone", "--nproc_per_node", "2", str(script),
-           "train", "--model", str(tiny_model_dir), "--prompts", str(prompts), "--judge", f"{judge}:score",
-           "--output-dir", str(tmp_path / "two"), "--batch-size", "2", *_flags(kw)]
-    res = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                         timeout=300)
+    one, two = tmp_path / "one", tmp_path / "two"
+    argv = ["train", "--model", str(tiny_model_dir), "--prompts", str(prompts), "--judge", f"{judge}:score",
+            *_flags(kw)]
+    assert main([*argv, "--output-dir", str(one), "--batch-size", "4"]) == 0
+    res = _launch(script, [*argv, "--output-dir", str(two), "--batch-size", "2"], {})
     assert res.returncode == 0, res.stderr[-3000:]
-    a, b = ([r for r in read_metrics(run) if r["split"] == "train"] for run in (one, tmp_path / "two"))
+    a, b = ([r for r in read_metrics(run) if r["split"] == "train"] for run in (one, two))
     assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3]
     for x, y in zip(a, b):
         assert y["online/pairs"] == x["online/pairs"] and y["online/ties"] == x["online/ties"], x["step"]
