@@ -150,3 +150,14 @@ def numpy_wpo_weight(chosen_probs_rows, chosen_ids, rejected_probs_rows, rejecte
         rows = np.asarray(rows, dtype=float)
         return np.exp(np.mean([np.log(r[i] / np.sum(r ** 2)) for r, i in zip(rows, ids)]))
     return w(chosen_probs_rows, chosen_ids) * w(rejected_probs_rows, rejected_ids)
+
+
+def numeric_grad(f, x: np.ndarray, h: float = 1e-6) -> np.ndarray:
+    """Central differences of the scalar function `f` at `x`, one entry at a time (float64)."""
+    g = np.zeros_like(x)
+    for i in range(x.size):
+        up, down = x.copy(), x.copy()
+        up[i] += h
+        down[i] -= h
+        g[i] = (f(up) - f(down)) / (2 * h)
+    return g

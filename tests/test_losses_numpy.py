@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from independent import numpy_losses
+from independent import numeric_grad, numpy_losses
 
 from preftune.losses import (
     LOSS_TYPES,
@@ -97,16 +97,6 @@ def test_weighted_combination_plus_sft_equals_numpy(seed):
     np.testing.assert_allclose(out.losses.numpy(), want, rtol=1e-10, atol=1e-10, err_msg=f"seed={seed}")
 
 
-def _numeric_grad(f, x: np.ndarray, h: float = 1e-6) -> np.ndarray:
-    g = np.zeros_like(x)
-    for i in range(x.size):
-        up, down = x.copy(), x.copy()
-        up[i] += h
-        down[i] -= h
-        g[i] = (f(up) - f(down)) / (2 * h)
-    return g
-
-
 def _check_gradients(name: str, seed: int, inputs, **config_extra) -> None:
     pc, pr, rc, rr, lc, lr = inputs
     eps = 0.1 if LOSSES[name].label_smoothing else 0.0
@@ -118,8 +108,8 @@ def _check_gradients(name: str, seed: int, inputs, **config_extra) -> None:
     tpc.requires_grad_()
     tpr.requires_grad_()
     preference_loss(tpc, tpr, trc, trr, tlc, tlr, cfg, reward_shift=0.7).losses.sum().backward()
-    gc = _numeric_grad(lambda x: numpy_losses(name, x, pr, rc, rr, lc, lr, **kw).sum(), pc)
-    gr = _numeric_grad(lambda x: numpy_losses(name, pc, x, rc, rr, lc, lr, **kw).sum(), pr)
+    gc = numeric_grad(lambda x: numpy_losses(name, x, pr, rc, rr, lc, lr, **kw).sum(), pc)
+    gr = numeric_grad(lambda x: numpy_losses(name, pc, x, rc, rr, lc, lr, **kw).sum(), pr)
     np.testing.assert_allclose(tpc.grad.numpy(), gc, atol=1e-6, rtol=1e-6, err_msg=f"{name} chosen seed={seed}")
     np.testing.assert_allclose(tpr.grad.numpy(), gr, atol=1e-6, rtol=1e-6, err_msg=f"{name} rejected seed={seed}")
 

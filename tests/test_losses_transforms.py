@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from independent import numpy_ld_logps, numpy_losses, numpy_wpo_weight
+from independent import numeric_grad, numpy_ld_logps, numpy_losses, numpy_wpo_weight
 
 from preftune.errors import PreftuneError
 from preftune.losses import LOSSES, LossConfig, preference_loss
@@ -109,16 +109,6 @@ def test_ld_and_wpo_equal_numpy(seed):
             np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-10, err_msg=f"{name} {alpha} {weighted} {seed}")
 
 
-def _numeric(f, x: np.ndarray, h: float = 1e-6) -> np.ndarray:
-    g = np.zeros_like(x)
-    for i in range(x.size):
-        up, down = x.copy(), x.copy()
-        up[i] += h
-        down[i] -= h
-        g[i] = (f(up) - f(down)) / (2 * h)
-    return g
-
-
 def _check_gradients(name: str, seed: int) -> None:
     d, lc, lr = _draw(seed)
     sums, firsts, aligned = _statistics(d, lc, lr)
@@ -136,7 +126,7 @@ def _check_gradients(name: str, seed: int) -> None:
 
     for key, tensor, base in (("pc", args["pc"], sums["pc"]), ("pr", args["pr"], sums["pr"]),
                               ("first_pc", shared["pc"], firsts["pc"]), ("first_pr", shared["pr"], firsts["pr"])):
-        np.testing.assert_allclose(tensor.grad.numpy(), _numeric(lambda x, k=key: f(k, x), base), atol=1e-6,
+        np.testing.assert_allclose(tensor.grad.numpy(), numeric_grad(lambda x, k=key: f(k, x), base), atol=1e-6,
                                    rtol=1e-6, err_msg=f"{name} {key} seed={seed}")
 
 
