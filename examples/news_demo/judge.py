@@ -34,28 +34,20 @@ from pathlib import Path
 from typing import Any
 
 try:
-    from examples.news_demo.news import (
-        MONTHS,
-        ORGS,
-        PLACES,
-        Article,
-        article_from_prompt,
-        count_words,
-        make_prompt,
-    )
+    import examples.news_demo.news  # noqa: F401
 except ModuleNotFoundError:
     # Loaded as a file (`preftune pairs --judge examples/news_demo/judge.py:score`) by a process whose path lacks
     # the repository root (the `preftune` console script does not put the current directory on it).
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-    from examples.news_demo.news import (
-        MONTHS,
-        ORGS,
-        PLACES,
-        Article,
-        article_from_prompt,
-        count_words,
-        make_prompt,
-    )
+from examples.news_demo.news import (
+    MONTHS,
+    ORGS,
+    PLACES,
+    Article,
+    article_from_prompt,
+    count_words,
+    make_prompt,
+)
 from preftune.errors import PreftuneError
 from preftune.judging import import_function
 
